@@ -1,0 +1,84 @@
+"""
+The HTTP connection manager (Envoy's name): what an HTTP listener knows
+between config versions -- its route table, its filter chain, its clusters --
+and the place codecs get new streams from.
+
+A listener's factory holds one manager and swaps it on reload; a stream
+keeps the manager it started with, so in-flight requests finish on the
+config they began on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from txmesh.config.model import ListenerConfig, NodeConfig
+from txmesh.filters.chain import FilterChain, ResponseWriter
+from txmesh.proxy.router import RouteTable
+
+
+def new_request_id() -> bytes:
+    """
+    @return: a random UUID (version 4) as C{bytes}, for C{x-request-id}.
+    """
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex().encode("ascii")
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
+
+@attrs.frozen
+class ProxyContext:
+    """
+    Proxy-wide services that filters may use through C{stream.proxy}.
+
+    @ivar node: who this proxy is.
+    @ivar metrics: the proxy's metrics (L{txmesh.observability.metrics.ProxyMetrics}), or C{None}.
+    @ivar clock: the proxy's C{IReactorTime}.
+    """
+
+    node: NodeConfig
+    clock: Any
+    metrics: Any = None
+
+
+class HTTPConnectionManager:
+    """
+    One HTTP listener's current config, compiled.
+    """
+
+    def __init__(self, listener: ListenerConfig, clusters: Any, proxy: ProxyContext):
+        """
+        @param listener: the listener's config.
+        @param clusters: the L{txmesh.proxy.cluster.ClusterSet} to route to.
+        @param proxy: proxy-wide services.
+        """
+        self.listener = listener
+        self.routes = RouteTable(listener.virtual_hosts)
+        self.clusters = clusters
+        self.proxy = proxy
+        self.clock = proxy.clock
+        self._filters = listener.http_filters
+
+    def new_stream(self, writer: ResponseWriter, downstream_address: Any, request_id: bytes) -> FilterChain:
+        """
+        Start a stream for a codec.
+
+        @param writer: the codec's downstream half for this stream.
+        """
+        stream = FilterChain(
+            writer,
+            self.clock,
+            self.listener.name,
+            downstream_address,
+            request_id,
+            self.routes.match,
+            self.clusters,
+            self._filters,
+        )
+        stream.proxy = self.proxy
+        return stream

@@ -1,0 +1,527 @@
+"""
+The HTTP/1.1 codec, sans-IO, on httptools (llhttp).
+
+L{RequestParser} (the server half) and L{ResponseParser} (the client half)
+are fed bytes and call methods on a sink with protocol-neutral values from
+L{txmesh.proxy.stream}.  The C{encode_*} functions turn those values back
+into bytes.  No sockets, no clocks: the Twisted protocols in
+L{txmesh.proxy.http1_server} and L{txmesh.proxy.http1_client} wrap these.
+
+llhttp is strict by default and rejects the classic smuggling vectors
+(C{Content-Length} with C{Transfer-Encoding}, duplicate C{Content-Length},
+obs-fold, whitespace before the colon, bare LF, NUL in values, invalid
+chunk sizes); L{ProtocolError} carries the status to answer with.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Optional, Protocol
+
+import httptools
+
+from txmesh.proxy.stream import Headers, RequestHead, ResponseHead
+
+# Connection-specific headers (RFC 9110 7.6.1): meaningful for one hop only,
+# so never forwarded.  "te" is handled separately: "te: trailers" survives
+# because gRPC depends on it.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+    }
+)
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+
+class ProtocolError(Exception):
+    """
+    The peer sent something that is not acceptable HTTP/1.1.
+
+    @ivar status: the status a server should answer with (400, 413, 431, ...).
+    @ivar reason: a short human-readable explanation.
+    """
+
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status} {reason}")
+
+
+class RequestSink(Protocol):
+    """
+    Receives the events of L{RequestParser}.
+    """
+
+    def request_head(self, head: RequestHead, end_stream: bool, keep_alive: bool) -> None: ...
+
+    def request_data(self, data: bytes) -> None: ...
+
+    def request_end(self, trailers: Optional[Headers]) -> None: ...
+
+
+class ResponseSink(Protocol):
+    """
+    Receives the events of L{ResponseParser}.
+    """
+
+    def response_informational(self, head: ResponseHead) -> None: ...
+
+    def response_head(self, head: ResponseHead, end_stream: bool) -> None: ...
+
+    def response_data(self, data: bytes) -> None: ...
+
+    def response_end(self, trailers: Optional[Headers]) -> None: ...
+
+
+def _connection_tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+class RequestParser:
+    """
+    Parses a stream of HTTP/1.x requests (keep-alive and pipelined) from a
+    client.
+
+    Events go to the sink as they are parsed: C{request_head} (with
+    C{end_stream} true when no body follows), then C{request_data}s and
+    C{request_end} for requests with a body.  C{host} and hop-by-hop headers
+    are taken out of the header list: C{host} becomes C{head.authority}, and
+    C{head.upgrade} tells an upgrade request (its C{upgrade} header is kept
+    so the upstream hop can be asked to upgrade too).
+
+    @ivar upgraded: true once an C{Upgrade}/C{CONNECT} request has been
+        parsed; every byte after it belongs to the tunnel, and
+        L{receive_data} returns those bytes instead of parsing them.
+    """
+
+    __slots__ = (
+        "_sink", "_parser", "_max_head", "_head_bytes", "_headers", "_url",
+        "_in_head", "_trailers", "_has_body", "upgraded", "_scheme", "in_message",
+        "_default_authority",
+    )
+
+    def __init__(self, sink: RequestSink, max_head_bytes: int = 64 * 1024, scheme: bytes = b"http",
+                 default_authority: Optional[bytes] = None):
+        """
+        @param sink: receives parsed events.
+        @param max_head_bytes: request line plus headers beyond this is a 431.
+        @param scheme: the scheme the client used to reach us.
+        @param default_authority: used for HTTP/1.0 requests without C{Host}.
+        """
+        self._sink = sink
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_head = max_head_bytes
+        self._scheme = scheme
+        self._default_authority = default_authority
+        self._head_bytes = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._url = b""
+        self._in_head = False
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._has_body = False
+        self.upgraded = False
+        self.in_message = False
+
+    def receive_data(self, data: bytes) -> Optional[bytes]:
+        """
+        Parse C{data}.
+
+        @return: C{None}, or, once the request switched to a tunnel
+            (Upgrade or CONNECT), the bytes that followed its head.
+        @raise ProtocolError: on malformed or over-limit input; the
+            connection must then be answered and closed.
+        """
+        if self.upgraded:
+            return data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            return data[e.args[0]:]
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, ProtocolError):
+                raise cause from None
+            raise
+        except httptools.HttpParserError as e:
+            raise ProtocolError(400, str(e) or "malformed request") from None
+        return None
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._in_head = True
+        self._head_bytes = 0
+        self._headers = []
+        self._url = b""
+        self._trailers = None
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        if self._head_bytes > self._max_head:
+            raise ProtocolError(414, "request line too long")
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            raise ProtocolError(431, "request headers too large")
+        if self._in_head:
+            self._headers.append((name.lower(), value))
+        else:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        version = parser.get_http_version().encode("ascii")
+        method = parser.get_method()
+        url = self._url
+        authority = None
+        connection: list[bytes] = []
+        headers = []
+        content_length = None
+        chunked = False
+        upgrade = False
+        te_trailers = False
+        for name, value in self._headers:
+            if name == b"host":
+                if authority is not None:
+                    raise ProtocolError(400, "duplicate Host header")
+                authority = value
+            elif name in HOP_BY_HOP:
+                if name == b"connection":
+                    connection.extend(_connection_tokens(value))
+                elif name == b"transfer-encoding":
+                    chunked = True  # llhttp accepts only a final "chunked"
+                elif name == b"te":
+                    te_trailers = b"trailers" in _connection_tokens(value)
+                elif name == b"upgrade":
+                    upgrade = True
+                    headers.append((name, value))
+            else:
+                if name == b"content-length":
+                    content_length = value
+                headers.append((name, value))
+        if connection:
+            drop = frozenset(t for t in connection if t not in (b"close", b"keep-alive", b"upgrade"))
+            if drop:
+                headers = [(n, v) for n, v in headers if n not in drop or n == b"upgrade"]
+        if te_trailers:
+            headers.append((b"te", b"trailers"))
+        if upgrade and b"upgrade" not in connection:
+            # An Upgrade header not named in Connection is not a request to
+            # upgrade (RFC 9110 7.8); llhttp agrees and will not switch.
+            headers = [(n, v) for n, v in headers if n != b"upgrade"]
+            upgrade = False
+        if url[:1] != b"/":
+            if method == b"OPTIONS" and url == b"*":
+                pass
+            elif method == b"CONNECT":
+                authority = authority or url
+            else:
+                # Absolute-form belongs to forward proxies; a reverse proxy
+                # that accepted it would route by a host the client chose.
+                raise ProtocolError(400, "absolute-form request target not accepted here")
+        if authority is None:
+            if version == b"1.1":
+                raise ProtocolError(400, "missing Host header")
+            authority = self._default_authority or b""
+        self._has_body = chunked or (content_length is not None and content_length != b"0")
+        end_stream = not self._has_body and not upgrade and method != b"CONNECT"
+        head = RequestHead(method, url, authority, Headers(headers), self._scheme, version)
+        self._sink.request_head(head, end_stream, parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        self._sink.request_data(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        if self._has_body:
+            self._has_body = False
+            trailers = self._trailers
+            self._sink.request_end(Headers(trailers) if trailers else None)
+
+
+class ResponseParser:
+    """
+    Parses the responses on one upstream connection, one per request sent.
+
+    Call L{expect_response} before each request's response: it says whether
+    the request was a C{HEAD} (whose response carries no body whatever its
+    headers say) and resets the parser if the previous message needs it.
+    """
+
+    __slots__ = (
+        "_sink", "_parser", "_headers", "_in_head", "_trailers", "_head_request",
+        "_close_delimited", "_head_done", "_done", "upgraded", "_has_body", "_max_head", "_head_bytes",
+        "_stale",
+    )
+
+    def __init__(self, sink: ResponseSink, max_head_bytes: int = 64 * 1024):
+        self._sink = sink
+        self._max_head = max_head_bytes
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_request = False
+        self._done = False
+        self._stale = False
+        self._reset_message()
+        self.upgraded = False
+
+    def _reset_message(self) -> None:
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._in_head = True
+        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._close_delimited = False
+        self._head_done = False
+        self._has_body = False
+        self._head_bytes = 0
+
+    def expect_response(self, head_request: bool) -> None:
+        """
+        Prepare for the response to the next request.
+
+        @param head_request: the request was C{HEAD}.
+        """
+        if self._stale:
+            # llhttp cannot be told a response belongs to HEAD, so after one
+            # it still expects a body: start afresh.
+            self._parser = httptools.HttpResponseParser(self)
+            self._stale = False
+        self._done = False
+        self._head_request = head_request
+        self._reset_message()
+
+    @property
+    def keep_alive(self) -> bool:
+        """
+        Whether the connection may carry another request after this response.
+        """
+        return not self._close_delimited and self._parser.should_keep_alive()
+
+    @property
+    def close_delimited(self) -> bool:
+        """
+        Whether the current response's body ends when the connection closes.
+        """
+        return self._close_delimited
+
+    @property
+    def head_received(self) -> bool:
+        """
+        Whether the final (non-1xx) head of the current response has arrived.
+        """
+        return self._head_done
+
+    def receive_data(self, data: bytes) -> Optional[bytes]:
+        """
+        Parse C{data} from the upstream.
+
+        @return: C{None}, or after a C{101 Switching Protocols} the bytes
+            that followed its head (the start of the tunnel).
+        @raise ProtocolError: if the upstream's response is malformed.
+        """
+        if self.upgraded:
+            return data
+        if self._done:
+            if data:
+                raise ProtocolError(502, "upstream sent data after a complete response")
+            return None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            return data[e.args[0]:]
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, ProtocolError):
+                raise cause from None
+            raise
+        except httptools.HttpParserError as e:
+            raise ProtocolError(502, f"malformed upstream response: {e}") from None
+        return None
+
+    def connection_lost(self) -> bool:
+        """
+        The upstream closed the connection.
+
+        @return: C{True} if that cleanly ended a close-delimited response
+            (and C{response_end} was delivered); C{False} if a response was
+            cut short.
+        """
+        if self._close_delimited and self._head_done and not self._done:
+            self._done = True
+            self._sink.response_end(None)
+            return True
+        return False
+
+    def on_message_begin(self) -> None:
+        self._reset_message()
+
+    def on_status(self, status: bytes) -> None:
+        pass
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            raise ProtocolError(502, "upstream response headers too large")
+        if self._in_head:
+            self._headers.append((name.lower(), value))
+        else:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        status = parser.get_status_code()
+        headers = []
+        connection: list[bytes] = []
+        content_length = None
+        chunked = False
+        for name, value in self._headers:
+            if name in HOP_BY_HOP:
+                if name == b"connection":
+                    connection.extend(_connection_tokens(value))
+                elif name == b"transfer-encoding":
+                    chunked = True
+                elif name == b"upgrade" and status == 101:
+                    headers.append((name, value))
+            else:
+                if name == b"content-length":
+                    content_length = value
+                headers.append((name, value))
+        if connection:
+            drop = frozenset(t for t in connection if t not in (b"close", b"keep-alive", b"upgrade"))
+            if drop:
+                headers = [(n, v) for n, v in headers if n not in drop]
+        head = ResponseHead(status, Headers(headers), b"", parser.get_http_version().encode("ascii"))
+        if status < 200:
+            if status == 101:
+                self._head_done = True
+                self._done = True
+                self._sink.response_head(head, False)
+            else:
+                self._sink.response_informational(head)
+            return
+        self._head_done = True
+        if self._head_request or status in _NO_BODY_STATUSES:
+            self._done = True
+            self._stale = self._head_request
+            self._sink.response_head(head, True)
+            return
+        if chunked:
+            self._has_body = True
+        elif content_length is not None:
+            self._has_body = content_length != b"0"
+        else:
+            self._has_body = True
+            self._close_delimited = True
+        if not self._has_body:
+            self._done = True
+        self._sink.response_head(head, not self._has_body)
+
+    def on_body(self, body: bytes) -> None:
+        if not self._done:
+            self._sink.response_data(body)
+
+    def on_message_complete(self) -> None:
+        if not self._head_done:
+            return  # an informational (1xx) response
+        if self._done and not self._has_body:
+            return  # already ended at the head
+        self._done = True
+        trailers = self._trailers
+        self._sink.response_end(Headers(trailers) if trailers else None)
+
+
+def _encode_headers(parts: list[bytes], headers: Headers) -> None:
+    for name, value in headers.items():
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+
+
+def encode_request_head(head: RequestHead, chunked: bool, upgrade: bool = False) -> bytes:
+    """
+    Serialise a request head for an HTTP/1.1 upstream.
+
+    @param chunked: add C{Transfer-Encoding: chunked} (a body of unknown
+        length follows).
+    @param upgrade: add C{Connection: upgrade} (the head carries an
+        C{upgrade} header and the client asked to switch protocols).
+    """
+    parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nhost: ", head.authority, b"\r\n"]
+    _encode_headers(parts, head.headers)
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    if upgrade:
+        parts.append(b"connection: upgrade\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_response_head(
+    head: ResponseHead,
+    chunked: bool = False,
+    connection: Optional[bytes] = None,
+    extra: Optional[list[tuple[bytes, bytes]]] = None,
+) -> bytes:
+    """
+    Serialise a response head for an HTTP/1.x client.
+
+    @param chunked: add C{Transfer-Encoding: chunked}.
+    @param connection: a C{Connection} header value to add (C{b"close"},
+        C{b"keep-alive"} or C{b"upgrade"}), if any.
+    @param extra: more headers to append.
+    """
+    status = head.status
+    reason = head.reason or REASONS.get(status, b"Unknown")
+    parts = [b"HTTP/1.1 ", str(status).encode("ascii"), b" ", reason, b"\r\n"]
+    _encode_headers(parts, head.headers)
+    if extra:
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    if connection is not None:
+        parts += (b"connection: ", connection, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """
+    Frame C{data} as one chunk of a chunked body; empty data gives C{b""}
+    (an empty chunk would end the body).
+    """
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def encode_last_chunk(trailers: Optional[Headers] = None) -> bytes:
+    """
+    The end of a chunked body, with optional trailers.
+    """
+    if not trailers:
+        return b"0\r\n\r\n"
+    parts = [b"0\r\n"]
+    _encode_headers(parts, trailers)
+    parts.append(b"\r\n")
+    return b"".join(parts)

@@ -1,0 +1,427 @@
+"""
+The server half of HTTP/1.1: the Twisted protocol that accepts clients.
+
+A thin shell around L{txmesh.proxy.http1.RequestParser}: parsed events are
+queued, then dispatched one request at a time to a stream from the
+listener's L{HTTPConnectionManager}; pipelined requests wait their turn, so
+responses leave in request order.  The protocol is also each stream's
+L{ResponseWriter}: it frames the response for this client (content-length,
+chunked, or close-delimited for HTTP/1.0) and owns keep-alive.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txmesh.proxy.connection_manager import HTTPConnectionManager, new_request_id
+from txmesh.proxy.http1 import (
+    REASONS,
+    ProtocolError,
+    RequestParser,
+    encode_chunk,
+    encode_last_chunk,
+    encode_response_head,
+)
+from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag, ResponseHead
+
+log = Logger()
+
+_HEAD, _DATA, _END = 0, 1, 2
+
+# Pipelined requests and their bodies queued behind the active one; past
+# either limit the client is not read until the queue drains.
+QUEUE_EVENTS_LIMIT = 64
+QUEUE_BYTES_LIMIT = 1 << 20
+
+# Reasons (besides per-stream ones) for not reading from the client.
+_PIPELINE_FULL = "pipeline-full"
+
+
+@implementer(IPushProducer)
+class _RequestReading:
+    """
+    The client's request stream as a push producer, so an upstream
+    transport's full write buffer pauses reading from the client.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: "HTTP1ServerProtocol"):
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol.pause_reading(self)
+
+    def resumeProducing(self) -> None:
+        self._protocol.resume_reading(self)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class HTTP1ServerProtocol(Protocol):
+    """
+    One client connection speaking HTTP/1.x.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque = deque()
+        self._queued_bytes = 0
+        self._stream: Any = None
+        self._pause_reasons: set = set()
+        self._reading = _RequestReading(self)
+        self._response_producer: Any = None
+        self._draining = False
+        self._closing = False
+        self._pending_error: Optional[ProtocolError] = None
+        self._timer: Any = None
+        self._last_activity = 0.0
+        self._message_started = 0.0
+        # Per-stream state.
+        self._keep_alive = True
+        self._request_open = False
+        self._head_request = False
+        self._http10 = False
+        self._chunked = False
+        self._close_after = False
+        self._tunnel = False
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        manager: HTTPConnectionManager = self.factory.manager
+        listener = manager.listener
+        self._clock = manager.clock
+        self._peer = self.transport.getPeer()
+        self._peer_ip = getattr(self._peer, "host", "").encode("ascii")
+        self._parser = RequestParser(
+            self, listener.max_request_headers_bytes, listener.scheme, listener.default_host)
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP (tests, UNIX sockets)
+        self._last_activity = self._message_started = self._clock.seconds()
+        self._schedule_check(min(listener.idle_timeout, listener.request_headers_timeout))
+        self.factory.connection_opened(self)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._queue.clear()
+        stream = self._abandon_stream()
+        if stream is not None:
+            stream.downstream_reset()
+        self.factory.connection_closed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing or self._pending_error is not None:
+            return
+        now = self._clock.seconds()
+        self._last_activity = now
+        parser = self._parser
+        if not parser.in_message and not parser.upgraded:
+            self._message_started = now
+        try:
+            tail = parser.receive_data(data)
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return
+        if tail:
+            self._enqueue((_DATA, tail, False), len(tail))
+        self._drain()
+
+    # RequestSink: the parser's events are queued, then dispatched in order.
+
+    def request_head(self, head: RequestHead, end_stream: bool, keep_alive: bool) -> None:
+        self._queue.append((_HEAD, head, end_stream, keep_alive))
+
+    def request_data(self, data: bytes) -> None:
+        self._enqueue((_DATA, data, False), len(data))
+
+    def request_end(self, trailers: Optional[Headers]) -> None:
+        self._queue.append((_END, trailers))
+
+    def _enqueue(self, event: tuple, size: int) -> None:
+        self._queue.append(event)
+        self._queued_bytes += size
+
+    def _drain(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        queue = self._queue
+        try:
+            while queue and not self._closing:
+                event = queue[0]
+                kind = event[0]
+                if kind == _HEAD:
+                    if self._stream is not None:
+                        break  # pipelined: wait for the active response
+                    queue.popleft()
+                    self._start_stream(event[1], event[2], event[3])
+                elif kind == _DATA:
+                    queue.popleft()
+                    self._queued_bytes -= len(event[1])
+                    if self._stream is not None and self._request_open:
+                        self._stream.request_data(event[1], False)
+                else:
+                    queue.popleft()
+                    stream = self._stream
+                    if stream is not None and self._request_open:
+                        self._request_open = False
+                        if event[1]:
+                            stream.request_trailers(event[1])
+                        else:
+                            stream.request_data(b"", True)
+        finally:
+            self._draining = False
+        if len(queue) > QUEUE_EVENTS_LIMIT or self._queued_bytes > QUEUE_BYTES_LIMIT:
+            self.pause_reading(_PIPELINE_FULL)
+        elif _PIPELINE_FULL in self._pause_reasons:
+            self.resume_reading(_PIPELINE_FULL)
+
+    def _start_stream(self, head: RequestHead, end_stream: bool, keep_alive: bool) -> None:
+        manager: HTTPConnectionManager = self.factory.manager
+        self._keep_alive = keep_alive
+        self._request_open = not end_stream
+        self._head_request = head.method == b"HEAD"
+        self._http10 = head.version == b"1.0"
+        self._chunked = False
+        self._close_after = False
+        self._tunnel = False
+        headers = head.headers
+        items = headers.items()
+        request_id = None
+        xff_index = -1
+        for i, (name, value) in enumerate(items):
+            if name == b"x-request-id":
+                request_id = value
+            elif name == b"x-forwarded-for":
+                xff_index = i
+            elif name == b"x-forwarded-proto":
+                items[i] = (name, head.scheme)
+        if xff_index >= 0:
+            items[xff_index] = (b"x-forwarded-for", items[xff_index][1] + b", " + self._peer_ip)
+        else:
+            items.append((b"x-forwarded-for", self._peer_ip))
+        if not headers.get(b"x-forwarded-proto"):
+            items.append((b"x-forwarded-proto", head.scheme))
+        if request_id is None:
+            request_id = new_request_id()
+            items.append((b"x-request-id", request_id))
+        stream = manager.new_stream(self, self._peer, request_id)
+        self._stream = stream
+        stream.request_headers(head, end_stream)
+
+    # ResponseWriter, for the active stream
+
+    def write_informational(self, head: ResponseHead) -> None:
+        if not self._http10 and head.status != 101:
+            self.transport.write(encode_response_head(head))
+
+    def write_head(self, head: ResponseHead, end_stream: bool) -> None:
+        status = head.status
+        if status == 101:
+            self._tunnel = True
+            self._close_after = True
+            self.transport.write(encode_response_head(head, connection=b"upgrade"))
+            return
+        headers = head.headers
+        no_body = self._head_request or status in (204, 304) or status < 200
+        has_length = b"content-length" in headers
+        close = not self._keep_alive or self._pending_error is not None or self.factory.draining
+        chunked = False
+        if not no_body and not has_length:
+            if end_stream:
+                headers.add(b"content-length", b"0")
+            elif self._http10:
+                close = True  # the body ends when the connection does
+            else:
+                chunked = True
+        self._chunked = chunked
+        self._close_after = close
+        if close:
+            connection: Optional[bytes] = b"close"
+        elif self._http10:
+            connection = b"keep-alive"
+        else:
+            connection = None
+        self.transport.write(encode_response_head(head, chunked, connection))
+        if end_stream:
+            self._stream_done()
+
+    def write_data(self, data: bytes, end_stream: bool) -> None:
+        if self._head_request:
+            pass
+        elif self._chunked:
+            if data:
+                self.transport.write(encode_chunk(data))
+            if end_stream:
+                self.transport.write(encode_last_chunk())
+        elif data:
+            self.transport.write(data)
+        if end_stream:
+            self._stream_done()
+
+    def write_trailers(self, trailers: Headers) -> None:
+        if self._chunked and not self._head_request:
+            self.transport.write(encode_last_chunk(trailers))
+        self._stream_done()
+
+    def reset_stream(self) -> None:
+        # HTTP/1.1 has no stream reset: closing the connection is how a
+        # client learns the response is incomplete.
+        self._abandon_stream()
+        self._close()
+
+    def pause_reading(self, reason: object) -> None:
+        if not self._pause_reasons:
+            self.transport.pauseProducing()
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: object) -> None:
+        reasons = self._pause_reasons
+        if reason in reasons:
+            reasons.discard(reason)
+            if not reasons and not self._closing:
+                self.transport.resumeProducing()
+
+    def set_response_producer(self, producer: Any) -> None:
+        if self._response_producer is None:
+            self._response_producer = producer
+            self.transport.registerProducer(producer, True)
+
+    @property
+    def request_producer(self) -> _RequestReading:
+        return self._reading
+
+    def _stream_done(self) -> None:
+        stream = self._abandon_stream()
+        if stream is not None:
+            self.resume_reading(stream)
+        self.resume_reading(self._reading)
+        if self._close_after or self._request_open or not self._keep_alive or self.factory.draining:
+            self._close()
+            return
+        if self._pending_error is not None:
+            self._write_error(self._pending_error)
+            return
+        self._last_activity = self._clock.seconds()
+        if not self._draining:
+            self._drain()
+
+    def _close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._queue.clear()
+            self.transport.loseConnection()
+
+    # Errors and timers
+
+    def _protocol_error(self, error: ProtocolError) -> None:
+        log.info("bad request from {peer}: {reason}", peer=self._peer_ip.decode(), reason=error.reason)
+        self._pending_error = error
+        self.pause_reading(error)
+        queue = self._queue
+        heads = [i for i, e in enumerate(queue) if e[0] == _HEAD]
+        if heads:
+            # Requests parsed completely before the error are still
+            # answered; the one the error cut short is dropped, so nothing
+            # of it goes upstream.
+            first = heads[-1]
+            tail = list(queue)[first:]
+            if not (tail[0][2] or any(e[0] == _END for e in tail)):
+                for _ in range(len(queue) - first):
+                    queue.pop()
+        elif self._request_open and not any(e[0] == _END for e in queue):
+            # The active request's body is malformed: its stream cannot
+            # complete, and the upstream exchange is abandoned.
+            queue.clear()
+            stream = self._abandon_stream()
+            if stream is not None:
+                stream.add_response_flag(ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR)
+                started = stream.response_started
+                stream.downstream_reset()
+                if started:
+                    self._close()
+                    return
+        self._drain()
+        if self._stream is None and not self._closing:
+            self._write_error(error)
+
+    def _abandon_stream(self) -> Any:
+        stream, self._stream = self._stream, None
+        if self._response_producer is not None:
+            self._response_producer = None
+            self.transport.unregisterProducer()
+        return stream
+
+    def _write_error(self, error: ProtocolError) -> None:
+        body = error.reason.encode("utf-8", "replace") + b"\n"
+        head = ResponseHead(error.status, Headers([
+            (b"content-type", b"text/plain"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"x-txmesh-flags", ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR.encode("ascii")),
+        ]), REASONS.get(error.status, b"Bad Request"))
+        self.transport.write(encode_response_head(head, connection=b"close") + body)
+        self._close()
+
+    def _schedule_check(self, delay: float) -> None:
+        if delay > 0 and not self._closing:
+            self._timer = self._clock.callLater(delay, self._check_timeouts)
+
+    def _check_timeouts(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        listener = self.factory.manager.listener
+        now = self._clock.seconds()
+        if self._stream is None:
+            if self._parser.in_message:
+                waited = now - self._message_started
+                if waited >= listener.request_headers_timeout:
+                    self._protocol_error(ProtocolError(408, "request header read timeout"))
+                    return
+                self._schedule_check(listener.request_headers_timeout - waited)
+                return
+            idle = now - self._last_activity
+            if idle >= listener.idle_timeout:
+                self._close()
+                return
+            self._schedule_check(listener.idle_timeout - idle)
+            return
+        # A stream is in flight: its own timeouts govern it.
+        self._schedule_check(min(listener.idle_timeout, listener.request_headers_timeout))
+
+
+class HTTP1ServerFactory(Factory):
+    """
+    Accepts HTTP/1.x clients for one listener.
+
+    @ivar manager: the current L{HTTPConnectionManager}; replaced on reload.
+    @ivar draining: when true, responses carry C{Connection: close} and
+        connections end after their current response.
+    """
+
+    protocol = HTTP1ServerProtocol
+    noisy = False
+
+    def __init__(self, manager: HTTPConnectionManager):
+        self.manager = manager
+        self.draining = False
+        self.connections: set[HTTP1ServerProtocol] = set()
+
+    def connection_opened(self, protocol: HTTP1ServerProtocol) -> None:
+        self.connections.add(protocol)
+
+    def connection_closed(self, protocol: HTTP1ServerProtocol) -> None:
+        self.connections.discard(protocol)

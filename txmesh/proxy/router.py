@@ -1,0 +1,125 @@
+"""
+Route tables, pure: given a request head, find the route that takes it.
+
+Virtual hosts are matched by authority (exact, then suffix wildcards
+C{*.example.com} longest first, then prefix wildcards C{api.*}, then C{*}),
+as Envoy does; within a virtual host the first matching route wins.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from txmesh.config.model import HeaderMatch, Route, RouteMatch, VirtualHost
+from txmesh.proxy.stream import Headers, RequestHead
+
+
+def _strip_port(authority: bytes) -> bytes:
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        return authority[: end + 1] if end > 0 else authority
+    colon = authority.rfind(b":")
+    if colon >= 0 and authority[colon + 1:].isdigit():
+        return authority[:colon]
+    return authority
+
+
+def header_matches(m: HeaderMatch, headers: Headers) -> bool:
+    """
+    @return: whether C{headers} satisfy the condition C{m}.
+    """
+    value = headers.get(m.name)
+    if m.present is not None:
+        result = (value is not None) == m.present
+    elif value is None:
+        result = False
+    elif m.exact is not None:
+        result = value == m.exact
+    elif m.prefix is not None:
+        result = value.startswith(m.prefix)
+    elif m.regex is not None:
+        result = m.regex.fullmatch(value) is not None
+    else:
+        result = True
+    return result != m.invert
+
+
+def route_matches(match: RouteMatch, head: RequestHead) -> bool:
+    """
+    @return: whether C{head} satisfies every condition of C{match}.
+    """
+    if match.methods and head.method not in match.methods:
+        return False
+    path = head.path_only
+    if match.path is not None:
+        if path != match.path:
+            return False
+    elif match.regex is not None:
+        if match.regex.fullmatch(path) is None:
+            return False
+    elif match.prefix is not None and not path.startswith(match.prefix):
+        return False
+    for hm in match.headers:
+        if not header_matches(hm, head.headers):
+            return False
+    return True
+
+
+class RouteTable:
+    """
+    An immutable set of virtual hosts, compiled for lookup.
+    """
+
+    def __init__(self, virtual_hosts: Sequence[VirtualHost]):
+        self._exact: dict[bytes, VirtualHost] = {}
+        self._suffix: list[tuple[bytes, VirtualHost]] = []
+        self._prefix: list[tuple[bytes, VirtualHost]] = []
+        self._any: Optional[VirtualHost] = None
+        for vh in virtual_hosts:
+            for domain in vh.domains:
+                d = domain.lower().encode("idna" if not domain.isascii() else "ascii")
+                if d == b"*":
+                    self._any = self._any or vh
+                elif d.startswith(b"*"):
+                    self._suffix.append((d[1:], vh))
+                elif d.endswith(b"*"):
+                    self._prefix.append((d[:-1], vh))
+                else:
+                    self._exact.setdefault(d, vh)
+        self._suffix.sort(key=lambda e: -len(e[0]))
+        self._prefix.sort(key=lambda e: -len(e[0]))
+        self.virtual_hosts = tuple(virtual_hosts)
+
+    def virtual_host(self, authority: bytes) -> Optional[VirtualHost]:
+        """
+        @return: the virtual host for C{authority} (port optional), or C{None}.
+        """
+        host = authority.lower()
+        vh = self._exact.get(host)
+        if vh is not None:
+            return vh
+        bare = _strip_port(host)
+        if bare is not host:
+            vh = self._exact.get(bare)
+            if vh is not None:
+                return vh
+        for suffix, vh in self._suffix:
+            if bare.endswith(suffix) and len(bare) > len(suffix):
+                return vh
+        for prefix, vh in self._prefix:
+            if bare.startswith(prefix) and len(bare) > len(prefix):
+                return vh
+        return self._any
+
+    def match(self, head: RequestHead) -> Optional[Route]:
+        """
+        @return: the first route of the matching virtual host that takes
+            C{head}, or C{None} (no route: Envoy's C{NR}).
+        """
+        vh = self.virtual_host(head.authority)
+        if vh is None:
+            return None
+        for route in vh.routes:
+            if route_matches(route.match, head):
+                return route
+        return None

@@ -1,0 +1,325 @@
+"""
+L{ProxyService}: a running txmesh-proxy -- its listeners, clusters, admin
+endpoint and config reloads -- as a Twisted service.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from txmesh.config.errors import ConfigError
+from txmesh.config.loader import ConfigLoader
+from txmesh.config.model import ListenerConfig, ProxyConfig
+from txmesh.filters.registry import FilterRegistry
+from txmesh.observability.metrics import ProxyMetrics
+from txmesh.proxy.admin import AdminResource, AdminSite
+from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream
+from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
+from txmesh.proxy.http1_server import HTTP1ServerFactory
+from txmesh.proxy.tcp import TCPProxyFactory
+
+log = Logger()
+
+
+class _ListenerFactory(Factory):
+    """
+    The factory a port listens with; it hands each connection to the
+    listener's current inner factory, so a reload changes what new
+    connections get without closing the port.
+    """
+
+    noisy = False
+
+    def __init__(self, inner: Factory):
+        self.inner = inner
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.inner.buildProtocol(addr)
+
+
+class _Listener:
+    def __init__(self, config: ListenerConfig, factory: _ListenerFactory):
+        self.config = config
+        self.factory = factory
+        self.port: Any = None
+
+
+class ProxyService(Service):
+    """
+    txmesh-proxy running from a static config file.
+
+    @ivar config: the live L{ProxyConfig}.
+    @ivar version: increases with every config applied.
+    """
+
+    def __init__(
+        self,
+        config_path: str,
+        reactor: Any,
+        registry: Optional[FilterRegistry] = None,
+        watch_interval: float = 0.0,
+        drain_timeout: float = 5.0,
+    ):
+        """
+        @param config_path: the YAML file to run from.
+        @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
+        @param registry: filter factories (default: installed plugins).
+        @param watch_interval: seconds between checks of the file for
+            changes; 0 reloads only on C{SIGHUP} or L{reload}.
+        @param drain_timeout: seconds in-flight requests get at shutdown.
+        """
+        self._path = config_path
+        self._reactor = reactor
+        self._loader = ConfigLoader(registry or FilterRegistry.from_plugins())
+        self._watch_interval = watch_interval
+        self._drain_timeout = drain_timeout
+        self._clusters = ClusterManager(reactor)
+        self._listeners: dict[str, _Listener] = {}
+        self._admin_port: Any = None
+        self._watcher: Optional[LoopingCall] = None
+        self._mtime: Optional[float] = None
+        self._ready = False
+        self._old_sighup: Any = None
+        self.version = 0
+        self.loaded_at = 0.0
+        self.config: Optional[ProxyConfig] = None
+        self.metrics: Optional[ProxyMetrics] = None
+        self._cluster_set: Optional[ClusterSet] = None
+
+    def load_initial(self) -> ProxyConfig:
+        """
+        Load and validate the config before the service starts, so twistd
+        can refuse to start with a clear message.
+
+        @raise ConfigError: if the file is invalid.
+        """
+        self.config = self._loader.load_file(self._path)
+        self._mtime = self._file_mtime()
+        return self.config
+
+    @inlineCallbacks
+    def startService(self) -> Any:
+        Service.startService(self)
+        if self.config is None:
+            self.load_initial()
+        config = self.config
+        self.metrics = ProxyMetrics(config.node)
+        self._clusters.start()
+        self._apply_clusters(config)
+        for listener in config.listeners:
+            yield self._open_listener(listener)
+        if config.admin_address:
+            site = AdminSite(AdminResource(self))
+            self._admin_port = yield serverFromString(self._reactor, config.admin_address).listen(site)
+        self.version = 1
+        self.loaded_at = self._reactor.seconds()
+        self._ready = True
+        self._install_sighup()
+        if self._watch_interval > 0:
+            self._watcher = LoopingCall(self._check_file)
+            self._watcher.clock = self._reactor
+            self._watcher.start(self._watch_interval, now=False)
+        log.info("txmesh-proxy ready: {n} listener(s) from {path}", n=len(config.listeners), path=self._path)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        self._ready = False
+        if self._watcher is not None and self._watcher.running:
+            self._watcher.stop()
+        self._restore_sighup()
+        return self._drain()
+
+    @inlineCallbacks
+    def _drain(self) -> Any:
+        stops = [l.port.stopListening() for l in self._listeners.values() if l.port is not None]
+        if self._admin_port is not None:
+            stops.append(self._admin_port.stopListening())
+        yield DeferredList(stops)
+        http = [l.factory.inner for l in self._listeners.values()
+                if isinstance(l.factory.inner, HTTP1ServerFactory)]
+        for f in http:
+            f.draining = True
+            for conn in list(f.connections):
+                if conn._stream is None:
+                    conn.transport.loseConnection()
+        deadline = self._reactor.seconds() + self._drain_timeout
+        while any(f.connections for f in http) and self._reactor.seconds() < deadline:
+            d: Deferred = Deferred()
+            self._reactor.callLater(0.05, d.callback, None)
+            yield d
+        for f in http:
+            for conn in list(f.connections):
+                conn.transport.abortConnection()
+        self._clusters.stop()
+
+    # Config application
+
+    def _apply_clusters(self, config: ProxyConfig) -> None:
+        self._cluster_set = self._clusters.update(config.clusters)
+
+    def _proxy_context(self, config: ProxyConfig) -> ProxyContext:
+        return ProxyContext(config.node, self._reactor, self.metrics)
+
+    def _inner_factory(self, listener: ListenerConfig, config: ProxyConfig) -> Factory:
+        if listener.protocol == "tcp":
+            cluster = self._cluster_set.get(listener.cluster)
+            reactor = self._reactor
+            timeout = cluster.config.connect_timeout
+
+            def pick() -> Any:
+                try:
+                    return cluster.pick().endpoint
+                except NoHealthyUpstream:
+                    return None
+
+            return TCPProxyFactory(
+                listener_name=listener.name,
+                pick_endpoint=pick,
+                connector=lambda ep: TCP4ClientEndpoint(reactor, ep.host, ep.port, timeout=timeout),
+                clock=reactor,
+                idle_timeout=listener.idle_timeout,
+                filters=listener.network_filters,
+            )
+        return HTTP1ServerFactory(HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(config)))
+
+    @inlineCallbacks
+    def _open_listener(self, listener: ListenerConfig) -> Any:
+        entry = _Listener(listener, _ListenerFactory(self._inner_factory(listener, self.config)))
+        entry.port = yield serverFromString(self._reactor, listener.address).listen(entry.factory)
+        self._listeners[listener.name] = entry
+        log.info("listener {name} ({protocol}) on {address}", name=listener.name,
+                 protocol=listener.protocol, address=listener.address)
+
+    def reload(self) -> Deferred:
+        """
+        Re-read the config file and apply it if valid; if not, log why and
+        keep serving the current config.
+
+        @return: a L{Deferred} firing with C{True} if the new config was
+            applied, C{False} if it was refused.
+        """
+        return self._reload()
+
+    @inlineCallbacks
+    def _reload(self) -> Any:
+        self._mtime = self._file_mtime()
+        try:
+            new = self._loader.load_file(self._path)
+        except ConfigError as e:
+            log.error("config reload refused, still serving version {version}: {error}",
+                      version=self.version, error=str(e))
+            self.metrics.config_reloads.labels("rejected").inc()
+            return False
+        old = self.config
+        self.config = new
+        self._apply_clusters(new)
+        wanted = {l.name: l for l in new.listeners}
+        for name, entry in list(self._listeners.items()):
+            cfg = wanted.get(name)
+            if cfg is None or cfg.address != entry.config.address or cfg.protocol != entry.config.protocol:
+                del self._listeners[name]
+                yield entry.port.stopListening()
+        for listener in new.listeners:
+            entry = self._listeners.get(listener.name)
+            if entry is None:
+                try:
+                    yield self._open_listener(listener)
+                except Exception as e:
+                    log.error("listener {name} could not open on {address}: {error}",
+                              name=listener.name, address=listener.address, error=str(e))
+                continue
+            entry.config = listener
+            inner = entry.factory.inner
+            if isinstance(inner, HTTP1ServerFactory):
+                inner.manager = HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(new))
+            else:
+                entry.factory.inner = self._inner_factory(listener, new)
+        if old is not None and old.admin_address != new.admin_address:
+            log.warn("admin address changes need a restart; still on {address}", address=old.admin_address)
+        self.version += 1
+        self.loaded_at = self._reactor.seconds()
+        self.metrics.config_reloads.labels("applied").inc()
+        log.info("config version {version} applied from {path}", version=self.version, path=self._path)
+        return True
+
+    def _file_mtime(self) -> Optional[float]:
+        try:
+            return os.stat(self._path).st_mtime
+        except OSError:
+            return None
+
+    def _check_file(self) -> None:
+        mtime = self._file_mtime()
+        if mtime is not None and mtime != self._mtime:
+            self.reload()
+
+    def _install_sighup(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+            return
+        reactor = self._reactor
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload)
+
+        self._old_sighup = signal.signal(signal.SIGHUP, on_sighup)
+
+    def _restore_sighup(self) -> None:
+        if self._old_sighup is not None:
+            signal.signal(signal.SIGHUP, self._old_sighup)
+            self._old_sighup = None
+
+    # What the admin endpoint shows
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def listening_port(self, name: str) -> Any:
+        """
+        @return: the listening port object of listener C{name} (tests use
+            it to learn the port number when listening on port 0).
+        """
+        return self._listeners[name].port
+
+    def admin_port(self) -> Any:
+        return self._admin_port
+
+    def config_dump(self) -> dict:
+        return {
+            "version": self.version,
+            "source": self._path,
+            "loaded_at": self.loaded_at,
+            "config": self.config.raw if self.config is not None else None,
+        }
+
+    def clusters_dump(self) -> dict:
+        out = {}
+        for cluster in self._clusters.clusters():
+            out[cluster.name] = {
+                "lb_policy": cluster.config.lb_policy,
+                "upstream_requests": cluster.upstream_requests,
+                "endpoints": [
+                    {
+                        "address": str(pool.endpoint),
+                        "active_requests": pool.active_requests,
+                        "connections": pool.connections,
+                        "idle_connections": pool.idle_count,
+                        "total_connections": pool.total_connections,
+                        "connect_failures": pool.connect_failures,
+                    }
+                    for pool in cluster.pools()
+                ],
+            }
+        return out
+
+    def metrics_text(self) -> tuple[str, bytes]:
+        return self.metrics.exposition()
