@@ -5,6 +5,7 @@ seconds; as in Istio's and Envoy's YAML.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Union
 
@@ -20,6 +21,8 @@ def parse_duration(value: Union[str, int, float]) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '15s', got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
         if value < 0:
             raise ValueError(f"a duration cannot be negative: {value!r}")
         return float(value)

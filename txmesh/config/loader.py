@@ -112,6 +112,55 @@ def _bytes(value: Any) -> bytes:
     return _string(value).encode("latin-1")
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)}")
+    return value
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CTL = re.compile(rb"[\x00-\x1f\x7f]")
+_CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def _token(value: Any) -> bytes:
+    b = _bytes(value)
+    if _TOKEN.fullmatch(b) is None:
+        raise ValueError(f"not a valid HTTP token (header name or method): {value!r}")
+    return b
+
+
+def _header_value(value: Any) -> bytes:
+    b = _bytes(value)
+    if _CTL.search(b.replace(b"\t", b"")) is not None:
+        # CR or LF here would write extra headers into every request.
+        raise ValueError(f"control characters are not allowed in a header value: {value!r}")
+    return b
+
+
+def _no_space_or_ctl(value: Any) -> bytes:
+    b = _bytes(value)
+    if _CTL_OR_SPACE.search(b) is not None:
+        raise ValueError(f"spaces and control characters are not allowed here: {value!r}")
+    return b
+
+
+def _labels(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping of label name to value, got {_kind(value)}")
+    return tuple(sorted((str(k), str(x)) for k, x in value.items()))
+
+
+def _each(source: Optional[str], items: list[tuple[str, Any]], convert: Callable[[Any], T]) -> tuple[T, ...]:
+    out = []
+    for field, value in items:
+        try:
+            out.append(convert(value))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(source, field, str(e)) from None
+    return tuple(out)
+
+
 def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -151,7 +200,7 @@ def _server_endpoint(value: Any) -> str:
 def _header_pairs(value: Any) -> tuple[tuple[bytes, bytes], ...]:
     if not isinstance(value, Mapping):
         raise ValueError(f"expected a mapping of header name to value, got {_kind(value)}")
-    return tuple((_bytes(k).lower(), _bytes(v)) for k, v in value.items())
+    return tuple((_token(k).lower(), _header_value(v)) for k, v in value.items())
 
 
 def _endpoint(field: str, value: Any, source: Optional[str]) -> Endpoint:
@@ -163,7 +212,7 @@ def _endpoint(field: str, value: Any, source: Optional[str]) -> Endpoint:
     s = _Section(source, field, value)
     host = s.get("address", _string, required=True)
     port = s.get("port", _int_in(1, 65535), required=True)
-    labels = s.get("labels", lambda v: tuple(sorted((str(k), str(x)) for k, x in dict(v).items())), ())
+    labels = s.get("labels", _labels, ())
     s.done()
     return Endpoint(host, port, labels)
 
@@ -306,7 +355,7 @@ class ConfigLoader:
     def _vhost(self, field: str, value: Any, source: Optional[str], clusters: set[str]) -> VirtualHost:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
-        domains = tuple(_string(v) for _, v in s.items("domains", required=True))
+        domains = _each(source, s.items("domains", required=True), _string)
         routes = tuple(self._route(f, v, source, clusters) for f, v in s.items("routes", required=True))
         s.done()
         return VirtualHost(name, domains, routes)
@@ -342,8 +391,8 @@ class ConfigLoader:
             cluster=cluster,
             direct_response=direct,
             timeout=s.get("timeout", parse_duration, 15.0),
-            prefix_rewrite=s.get("prefix_rewrite", _bytes),
-            host_rewrite=s.get("host_rewrite", _bytes),
+            prefix_rewrite=s.get("prefix_rewrite", _no_space_or_ctl),
+            host_rewrite=s.get("host_rewrite", _no_space_or_ctl),
             request_headers_to_add=s.get("request_headers_to_add", _header_pairs, ()),
             response_headers_to_add=s.get("response_headers_to_add", _header_pairs, ()),
             filter_overrides=tuple(overrides),
@@ -364,13 +413,13 @@ class ConfigLoader:
         if not kinds:
             prefix = b"/"
         headers = tuple(self._header_match(f, v, s.source) for f, v in s.items("headers"))
-        methods = tuple(_bytes(v).upper() for _, v in s.items("methods"))
+        methods = tuple(m.upper() for m in _each(s.source, s.items("methods"), _token))
         s.done()
         return RouteMatch(prefix=prefix, path=path, regex=regex, headers=headers, methods=methods)
 
     def _header_match(self, field: str, value: Any, source: Optional[str]) -> HeaderMatch:
         s = _Section(source, field, value)
-        name = s.get("name", _bytes, required=True).lower()
+        name = s.get("name", _token, required=True).lower()
         kinds = [k for k in ("exact", "prefix", "regex", "present") if s.value.get(k) is not None]
         if len(kinds) > 1:
             raise s.error(f"set only one of exact, prefix, regex, present (got {', '.join(kinds)})",
@@ -380,8 +429,8 @@ class ConfigLoader:
             exact=s.get("exact", _bytes),
             prefix=s.get("prefix", _bytes),
             regex=s.get("regex", _regex),
-            present=s.get("present", lambda v: bool(v)) if kinds == ["present"] or not kinds else None,
-            invert=s.get("invert", lambda v: bool(v), False),
+            present=s.get("present", _bool) if kinds == ["present"] or not kinds else None,
+            invert=s.get("invert", _bool, False),
         )
         if not kinds:
             hm = HeaderMatch(name=name, present=True, invert=hm.invert)

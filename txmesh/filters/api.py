@@ -123,6 +123,12 @@ class IStreamContext(Interface):
         End the response with trailers (terminal filters only).
         """
 
+    def flush() -> None:
+        """
+        Send response bytes the codec holds back to coalesce small writes
+        (terminal filters call it after each batch of upstream input).
+        """
+
     def send_local_reply(reply: "LocalReply") -> None:
         """
         Answer now, from outside a hook (e.g. from a timer); in a hook, return

@@ -46,6 +46,8 @@ class ResponseWriter(Protocol):
 
     def reset_stream(self) -> None: ...
 
+    def flush(self) -> None: ...
+
     def pause_reading(self, reason: object) -> None: ...
 
     def resume_reading(self, reason: object) -> None: ...
@@ -89,26 +91,29 @@ class FilterChain:
         self.downstream_address = downstream_address
         self.request_id = request_id
         self.cluster_manager = cluster_manager
-        self.proxy: Any = None
         self.start_time = clock.seconds()
         self.response_flags: list[str] = []
-        self.upstream_host: Optional[str] = None
-        self.route: Any = None
-        self.request_head: Optional[RequestHead] = None
-        self.response_head: Optional[ResponseHead] = None
-        self.response_started = False
-        self.request_complete = False
-        self.complete = False
-        self.bytes_received = 0
-        self.bytes_sent = 0
         self._route_lookup = route_lookup
         self._filter_configs = filter_configs
         self._filters: list[Any] = []
-        self._req_paused = False
-        self._req_queue: deque = deque()
-        self._resp_paused = False
-        self._resp_queue: deque = deque()
-        self._resp_origin = 0
+
+    # Per-stream state with class-level defaults: set on the instance only
+    # when it changes, which keeps stream creation cheap.
+    proxy: Any = None
+    upstream_host: Any = None
+    route: Any = None
+    request_head: Optional[RequestHead] = None
+    response_head: Optional[ResponseHead] = None
+    response_started = False
+    request_complete = False
+    complete = False
+    bytes_received = 0
+    bytes_sent = 0
+    _req_paused = False
+    _req_queue: Any = None
+    _resp_paused = False
+    _resp_queue: Any = None
+    _resp_origin = 0
 
     # IStreamContext
 
@@ -145,7 +150,14 @@ class FilterChain:
         self._response(_TRAILERS, trailers, True, len(self._filters) - 1)
 
     def send_local_reply(self, reply: LocalReply) -> None:
-        self._local_reply(reply, len(self._filters))
+        # As if from the terminal filter (like encode_headers): its own
+        # response hooks never run -- the router's response_data and
+        # response_trailers are its upstream handler, and would loop.
+        self._local_reply(reply, len(self._filters) - 1)
+
+    def flush(self) -> None:
+        if not self.complete:
+            self._writer.flush()
 
     def reset(self) -> None:
         if not self.complete:
@@ -227,6 +239,8 @@ class FilterChain:
         if self.complete:
             return
         if self._req_paused:
+            if self._req_queue is None:
+                self._req_queue = deque()
             self._req_queue.append((kind, arg, end_stream))
             return
         self._run_request(kind, arg, end_stream, 0)
@@ -286,7 +300,7 @@ class FilterChain:
             self._internal_error(i)
             return
         if self._run_request(kind, arg, end_stream, i + 1):
-            queue = self._req_queue
+            queue = self._req_queue or ()
             while queue and not self._req_paused and not self.complete:
                 kind, arg, end_stream = queue.popleft()
                 self._run_request(kind, arg, end_stream, 0)
@@ -306,6 +320,8 @@ class FilterChain:
         if kind == _HEADERS:
             self._resp_origin = origin
         if self._resp_paused:
+            if self._resp_queue is None:
+                self._resp_queue = deque()
             self._resp_queue.append((kind, arg, end_stream))
             return
         self._run_response(kind, arg, end_stream, self._resp_origin - 1)
@@ -363,7 +379,7 @@ class FilterChain:
             self._internal_error(i)
             return
         self._run_response(kind, arg, end_stream, i - 1)
-        queue = self._resp_queue
+        queue = self._resp_queue or ()
         while queue and not self._resp_paused and not self.complete:
             kind, arg, end_stream = queue.popleft()
             self._run_response(kind, arg, end_stream, self._resp_origin - 1)
@@ -397,7 +413,7 @@ class FilterChain:
             return
         self.add_response_flag(reply.flag)
         # Whatever the request still sends is not wanted any more.
-        self._req_queue.clear()
+        self._req_queue = None
         self._req_paused = True
         head = ResponseHead(
             reply.status,
@@ -408,7 +424,7 @@ class FilterChain:
         )
         end = not reply.body
         self._resp_paused = False
-        self._resp_queue.clear()
+        self._resp_queue = None
         self._response(_HEADERS, head, end, origin)
         if not end:
             self._response(_DATA, reply.body, True, origin)

@@ -35,21 +35,24 @@ class RouterFilter(HTTPFilter):
     One stream's upstream exchange.
     """
 
+    # Per-request state lives in class-level defaults, overridden per
+    # instance only when it changes: most requests touch few of them.
+    _conn: Any = None
+    _pool: Any = None
+    _cluster: Any = None
+    _head: Optional[RequestHead] = None
+    _end_stream = False
+    _pending: Optional[list] = None
+    _pending_bytes = 0
+    _paused_client = False
+    _acquiring: Optional[Deferred] = None
+    _timer: Any = None
+    _body_sent = False
+    _finished = False
+    _counted = False
+
     def __init__(self, stream: Any):
         self._stream = stream
-        self._conn: Any = None
-        self._pool: Any = None
-        self._cluster: Any = None
-        self._head: Optional[RequestHead] = None
-        self._end_stream = False
-        self._pending: list[tuple[int, Any, bool]] = []
-        self._pending_bytes = 0
-        self._paused_client = False
-        self._acquiring: Optional[Deferred] = None
-        self._timer: Any = None
-        self._body_sent = False
-        self._finished = False
-        self._counted = False
 
     # Request path
 
@@ -106,6 +109,8 @@ class RouterFilter(HTTPFilter):
         return None
 
     def _buffer(self, event: tuple[int, Any, bool], size: int) -> None:
+        if self._pending is None:
+            self._pending = []
         self._pending.append(event)
         self._pending_bytes += size
         if self._pending_bytes > PENDING_BODY_LIMIT and not self._paused_client:
@@ -150,7 +155,7 @@ class RouterFilter(HTTPFilter):
             conn.set_request_producer(stream.request_producer)
         stream.set_response_producer(conn)
         if self._pending:
-            pending, self._pending = self._pending, []
+            pending, self._pending = self._pending, None
             self._pending_bytes = 0
             for kind, arg, end_stream in pending:
                 if self._conn is None:
@@ -192,6 +197,9 @@ class RouterFilter(HTTPFilter):
     def response_trailers(self, trailers: Headers) -> None:
         self._exchange_over()
         self._stream.encode_trailers(trailers)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
     def upstream_reset(self, flag: str, reason: str) -> None:
         conn, self._conn = self._conn, None

@@ -125,10 +125,15 @@ class EndpointPool:
     @ivar connections: open connections, idle or busy.
     """
 
-    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any):
+    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any, writes: Any = None):
+        """
+        @param writes: a L{WriteCoalescer} for the connections' writes, or
+            C{None} for plain C{transport.write}.
+        """
         self.endpoint = endpoint
         self._config = config
         self._reactor = reactor
+        self._writes = writes
         self._idle: deque[HTTP1ClientConnection] = deque()
         self.active_requests = 0
         self.connections = 0
@@ -172,6 +177,14 @@ class EndpointPool:
         self.connections -= 1
         self.connect_failures += 1
         return failure
+
+    def writer_for(self, transport: Any) -> Callable[[bytes], None]:
+        """
+        @return: how a connection of this pool writes to C{transport}.
+        """
+        if self._writes is None:
+            return transport.write
+        return self._writes.writer_for(transport)
 
     def release(self, conn: HTTP1ClientConnection) -> None:
         """
@@ -221,10 +234,11 @@ class Cluster:
     A cluster at run time: its config, its load balancer and its pools.
     """
 
-    def __init__(self, config: ClusterConfig, reactor: Any, rng: Optional[random.Random] = None):
+    def __init__(self, config: ClusterConfig, reactor: Any, rng: Optional[random.Random] = None,
+                 writes: Any = None):
         self.config = config
         self.name = config.name
-        self._pools = {ep: EndpointPool(ep, config, reactor) for ep in config.endpoints}
+        self._pools = {ep: EndpointPool(ep, config, reactor, writes) for ep in config.endpoints}
         self._lb = LOAD_BALANCERS[config.lb_policy](config.endpoints, rng)
         self.upstream_requests = 0
 
@@ -259,8 +273,12 @@ class ClusterManager:
     of clusters whose definition did not change.
     """
 
-    def __init__(self, reactor: Any, sweep_interval: float = 5.0):
+    def __init__(self, reactor: Any, sweep_interval: float = 5.0, writes: Any = None):
+        """
+        @param writes: a L{WriteCoalescer} shared by every upstream connection.
+        """
         self._reactor = reactor
+        self._writes = writes
         self._clusters: dict[str, Cluster] = {}
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
@@ -286,7 +304,8 @@ class ClusterManager:
         new: dict[str, Cluster] = {}
         for cfg in configs:
             old = self._clusters.get(cfg.name)
-            new[cfg.name] = old if old is not None and old.config == cfg else Cluster(cfg, self._reactor)
+            new[cfg.name] = (old if old is not None and old.config == cfg
+                             else Cluster(cfg, self._reactor, writes=self._writes))
         for name, old in self._clusters.items():
             if new.get(name) is not old:
                 old.close()

@@ -11,6 +11,7 @@ config they began on.
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import attrs
@@ -20,15 +21,19 @@ from txmesh.filters.chain import FilterChain, ResponseWriter
 from txmesh.proxy.router import RouteTable
 
 
-def new_request_id() -> bytes:
+# Request ids need uniqueness, not secrecy: a PRNG seeded from the OS
+# avoids a getrandom() system call per request.
+_ids = random.Random(os.urandom(32))
+_UUID4_MASK = ~(0xF << 76) & ~(0x3 << 62) & ((1 << 128) - 1)
+_UUID4_BITS = (0x4 << 76) | (0x2 << 62)
+
+
+def new_request_id(getrandbits=_ids.getrandbits) -> bytes:
     """
     @return: a random UUID (version 4) as C{bytes}, for C{x-request-id}.
     """
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex().encode("ascii")
-    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+    h = b"%032x" % ((getrandbits(128) & _UUID4_MASK) | _UUID4_BITS)
+    return b"%b-%b-%b-%b-%b" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 @attrs.frozen
@@ -39,11 +44,14 @@ class ProxyContext:
     @ivar node: who this proxy is.
     @ivar metrics: the proxy's metrics (L{txmesh.observability.metrics.ProxyMetrics}), or C{None}.
     @ivar clock: the proxy's C{IReactorTime}.
+    @ivar writes: the L{txmesh.proxy.write_coalescer.WriteCoalescer} codecs
+        write through, or C{None} for plain C{transport.write}.
     """
 
     node: NodeConfig
     clock: Any
     metrics: Any = None
+    writes: Any = None
 
 
 class HTTPConnectionManager:

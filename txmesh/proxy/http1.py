@@ -40,6 +40,14 @@ HOP_BY_HOP = frozenset(
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 
+_VERSIONS = frozenset({b"1.0", b"1.1"})
+_OWS = (b" ", b"\t")
+
+# What a Host value or a CONNECT target may hold (RFC 3986 reg-name,
+# IP-literal and port); anything else (space, "/", "@", ...) lets a client
+# make the router and the upstream disagree about the host.
+_AUTHORITY_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
+
 REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 
@@ -107,7 +115,7 @@ class RequestParser:
     __slots__ = (
         "_sink", "_parser", "_max_head", "_head_bytes", "_headers", "_url",
         "_in_head", "_trailers", "_has_body", "upgraded", "_scheme", "in_message",
-        "_default_authority",
+        "_default_authority", "_quiet", "_progress",
     )
 
     def __init__(self, sink: RequestSink, max_head_bytes: int = 64 * 1024, scheme: bytes = b"http",
@@ -131,6 +139,8 @@ class RequestParser:
         self._has_body = False
         self.upgraded = False
         self.in_message = False
+        self._quiet = 0
+        self._progress = False
 
     def receive_data(self, data: bytes) -> Optional[bytes]:
         """
@@ -143,6 +153,7 @@ class RequestParser:
         """
         if self.upgraded:
             return data
+        self._progress = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -155,11 +166,20 @@ class RequestParser:
             raise
         except httptools.HttpParserError as e:
             raise ProtocolError(400, str(e) or "malformed request") from None
+        if self._progress:
+            self._quiet = 0
+        else:
+            # httptools holds a header line back until it is complete, so
+            # one endless header would never reach on_header's limit.
+            self._quiet += len(data)
+            if self._quiet > self._max_head:
+                raise ProtocolError(431, "request headers too large")
         return None
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._progress = True
         self.in_message = True
         self._in_head = True
         self._head_bytes = 0
@@ -168,12 +188,16 @@ class RequestParser:
         self._trailers = None
 
     def on_url(self, url: bytes) -> None:
+        self._progress = True
         self._head_bytes += len(url)
         if self._head_bytes > self._max_head:
             raise ProtocolError(414, "request line too long")
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._progress = True
+        if value[-1:] in _OWS:
+            value = value.rstrip(b" \t")  # llhttp keeps trailing OWS in values
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
             raise ProtocolError(431, "request headers too large")
@@ -188,10 +212,13 @@ class RequestParser:
         self._in_head = False
         parser = self._parser
         version = parser.get_http_version().encode("ascii")
+        if version not in _VERSIONS:
+            raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         method = parser.get_method()
         url = self._url
         authority = None
         connection: list[bytes] = []
+        codings: list[bytes] = []
         headers = []
         content_length = None
         chunked = False
@@ -206,7 +233,7 @@ class RequestParser:
                 if name == b"connection":
                     connection.extend(_connection_tokens(value))
                 elif name == b"transfer-encoding":
-                    chunked = True  # llhttp accepts only a final "chunked"
+                    codings.extend(_connection_tokens(value))
                 elif name == b"te":
                     te_trailers = b"trailers" in _connection_tokens(value)
                 elif name == b"upgrade":
@@ -216,6 +243,14 @@ class RequestParser:
                 if name == b"content-length":
                     content_length = value
                 headers.append((name, value))
+        if codings:
+            # llhttp checks for a final "chunked" only after this callback,
+            # and codings are not forwarded: take "chunked" alone.
+            if codings[-1] != b"chunked":
+                raise ProtocolError(400, "Transfer-Encoding must end with chunked")
+            if len(codings) > 1:
+                raise ProtocolError(501, "transfer codings other than chunked are not supported")
+            chunked = True
         if connection:
             drop = frozenset(t for t in connection if t not in (b"close", b"keep-alive", b"upgrade"))
             if drop:
@@ -227,12 +262,13 @@ class RequestParser:
             # upgrade (RFC 9110 7.8); llhttp agrees and will not switch.
             headers = [(n, v) for n, v in headers if n != b"upgrade"]
             upgrade = False
-        if url[:1] != b"/":
-            if method == b"OPTIONS" and url == b"*":
-                pass
-            elif method == b"CONNECT":
-                authority = authority or url
-            else:
+        if method == b"CONNECT":
+            # The tunnel goes where the target says, whatever Host claims.
+            if url[:1] == b"/" or url == b"*":
+                raise ProtocolError(400, "CONNECT needs an authority-form target (host:port)")
+            authority = url
+        elif url[:1] != b"/":
+            if not (method == b"OPTIONS" and url == b"*"):
                 # Absolute-form belongs to forward proxies; a reverse proxy
                 # that accepted it would route by a host the client chose.
                 raise ProtocolError(400, "absolute-form request target not accepted here")
@@ -240,15 +276,24 @@ class RequestParser:
             if version == b"1.1":
                 raise ProtocolError(400, "missing Host header")
             authority = self._default_authority or b""
-        self._has_body = chunked or (content_length is not None and content_length != b"0")
-        end_stream = not self._has_body and not upgrade and method != b"CONNECT"
+        elif authority.translate(None, _AUTHORITY_CHARS):
+            raise ProtocolError(400, "invalid Host header")
+        tunnel = upgrade or method == b"CONNECT"
+        if tunnel and chunked:
+            raise ProtocolError(400, "an Upgrade or CONNECT request cannot have a chunked body")
+        # llhttp switches to the tunnel right after the head: a body declared
+        # with Content-Length is the tunnel's first bytes, not a request body.
+        self._has_body = not tunnel and (chunked or (content_length is not None and content_length != b"0"))
+        end_stream = not self._has_body and not tunnel
         head = RequestHead(method, url, authority, Headers(headers), self._scheme, version)
         self._sink.request_head(head, end_stream, parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
         self._sink.request_data(body)
 
     def on_message_complete(self) -> None:
+        self._progress = True
         self.in_message = False
         if self._has_body:
             self._has_body = False
@@ -268,7 +313,7 @@ class ResponseParser:
     __slots__ = (
         "_sink", "_parser", "_headers", "_in_head", "_trailers", "_head_request",
         "_close_delimited", "_head_done", "_done", "upgraded", "_has_body", "_max_head", "_head_bytes",
-        "_stale",
+        "_stale", "_keep_alive",
     )
 
     def __init__(self, sink: ResponseSink, max_head_bytes: int = 64 * 1024):
@@ -289,6 +334,7 @@ class ResponseParser:
         self._head_done = False
         self._has_body = False
         self._head_bytes = 0
+        self._keep_alive = False
 
     def expect_response(self, head_request: bool) -> None:
         """
@@ -310,7 +356,9 @@ class ResponseParser:
         """
         Whether the connection may carry another request after this response.
         """
-        return not self._close_delimited and self._parser.should_keep_alive()
+        # Latched at the head: llhttp forgets the message's flags once it
+        # is complete.
+        return not self._close_delimited and self._keep_alive
 
     @property
     def close_delimited(self) -> bool:
@@ -369,12 +417,18 @@ class ResponseParser:
         return False
 
     def on_message_begin(self) -> None:
+        if self._done:
+            # A second response to one request would be taken, on a pooled
+            # connection, as the answer to the next request.
+            raise ProtocolError(502, "upstream sent data after a complete response")
         self._reset_message()
 
     def on_status(self, status: bytes) -> None:
         pass
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if value[-1:] in _OWS:
+            value = value.rstrip(b" \t")  # llhttp keeps trailing OWS in values
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
             raise ProtocolError(502, "upstream response headers too large")
@@ -389,8 +443,12 @@ class ResponseParser:
         self._in_head = False
         parser = self._parser
         status = parser.get_status_code()
+        version = parser.get_http_version().encode("ascii")
+        if version not in _VERSIONS or status < 100:
+            raise ProtocolError(502, f"malformed upstream response: HTTP/{version.decode()} {status}")
         headers = []
         connection: list[bytes] = []
+        codings: list[bytes] = []
         content_length = None
         chunked = False
         for name, value in self._headers:
@@ -398,7 +456,7 @@ class ResponseParser:
                 if name == b"connection":
                     connection.extend(_connection_tokens(value))
                 elif name == b"transfer-encoding":
-                    chunked = True
+                    codings.extend(_connection_tokens(value))
                 elif name == b"upgrade" and status == 101:
                     headers.append((name, value))
             else:
@@ -409,7 +467,7 @@ class ResponseParser:
             drop = frozenset(t for t in connection if t not in (b"close", b"keep-alive", b"upgrade"))
             if drop:
                 headers = [(n, v) for n, v in headers if n not in drop]
-        head = ResponseHead(status, Headers(headers), b"", parser.get_http_version().encode("ascii"))
+        head = ResponseHead(status, Headers(headers), b"", version)
         if status < 200:
             if status == 101:
                 self._head_done = True
@@ -419,11 +477,18 @@ class ResponseParser:
                 self._sink.response_informational(head)
             return
         self._head_done = True
+        self._keep_alive = parser.should_keep_alive()
         if self._head_request or status in _NO_BODY_STATUSES:
             self._done = True
             self._stale = self._head_request
             self._sink.response_head(head, True)
             return
+        if codings:
+            # Codings are not forwarded, and without a final "chunked" llhttp
+            # would wait for a chunked body the upstream never frames.
+            if codings != [b"chunked"]:
+                raise ProtocolError(502, "upstream used a transfer coding other than chunked")
+            chunked = True
         if chunked:
             self._has_body = True
         elif content_length is not None:
@@ -436,8 +501,10 @@ class ResponseParser:
         self._sink.response_head(head, not self._has_body)
 
     def on_body(self, body: bytes) -> None:
-        if not self._done:
-            self._sink.response_data(body)
+        if self._done:
+            # Only after a HEAD response, which llhttp expects a body for.
+            raise ProtocolError(502, "upstream sent data after a complete response")
+        self._sink.response_data(body)
 
     def on_message_complete(self) -> None:
         if not self._head_done:

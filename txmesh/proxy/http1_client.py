@@ -45,6 +45,8 @@ class UpstreamResponseHandler(TypingProtocol):
 
     def upstream_reset(self, flag: str, reason: str) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 class ConnectionReleaser(TypingProtocol):
     """
@@ -54,6 +56,8 @@ class ConnectionReleaser(TypingProtocol):
     def release(self, connection: "HTTP1ClientConnection") -> None: ...
 
     def connection_lost(self, connection: "HTTP1ClientConnection") -> None: ...
+
+    def writer_for(self, transport: Any) -> Any: ...
 
 
 @implementer(IPushProducer)
@@ -89,6 +93,7 @@ class HTTP1ClientConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.transport.setTcpNoDelay(True)
+        self._write = self._pool.writer_for(self.transport)
         if self.factory is not None:
             self.factory.connected(self)
 
@@ -113,6 +118,8 @@ class HTTP1ClientConnection(Protocol):
             self._tunnel = True
             if tail:
                 self._handler.response_data(tail, False)
+        if self._handler is not None:
+            self._handler.flush()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -142,7 +149,7 @@ class HTTP1ClientConnection(Protocol):
         self._tunnel = False
         self._parser.expect_response(head.method == b"HEAD")
         self._chunked = not end_stream and not upgrade and b"content-length" not in head.headers
-        self.transport.write(encode_request_head(head, self._chunked, upgrade))
+        self._write(encode_request_head(head, self._chunked, upgrade))
 
     def send_data(self, data: bytes, end_stream: bool) -> None:
         """
@@ -152,7 +159,7 @@ class HTTP1ClientConnection(Protocol):
             return
         if end_stream:
             self._request_done = True
-        write = self.transport.write
+        write = self._write
         if self._chunked:
             if data:
                 write(encode_chunk(data))
@@ -173,7 +180,7 @@ class HTTP1ClientConnection(Protocol):
             return
         self._request_done = True
         if self._chunked:
-            self.transport.write(encode_last_chunk(trailers))
+            self._write(encode_last_chunk(trailers))
         self._maybe_done()
 
     def set_request_producer(self, producer: Any) -> None:
@@ -204,9 +211,10 @@ class HTTP1ClientConnection(Protocol):
             return
         if end_stream:
             self._response_done = True
-        handler.response_head(head, end_stream)
-        if end_stream:
+            # Pooled before the handler hears: it may start the next
+            # (pipelined) request at once, which should reuse this connection.
             self._maybe_done()
+        handler.response_head(head, end_stream)
 
     def response_data(self, data: bytes) -> None:
         if self._handler is not None:
@@ -215,12 +223,12 @@ class HTTP1ClientConnection(Protocol):
     def response_end(self, trailers: Optional[Headers]) -> None:
         handler = self._handler
         self._response_done = True
+        self._maybe_done()  # first, as in response_head
         if handler is not None:
             if trailers:
                 handler.response_trailers(trailers)
             else:
                 handler.response_data(b"", True)
-        self._maybe_done()
 
     def _maybe_done(self) -> None:
         if not self._response_done:

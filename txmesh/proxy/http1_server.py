@@ -92,6 +92,7 @@ class HTTP1ServerProtocol(Protocol):
         self._chunked = False
         self._close_after = False
         self._tunnel = False
+        self._held = b""
 
     # Connection lifecycle
 
@@ -107,6 +108,8 @@ class HTTP1ServerProtocol(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass  # not TCP (tests, UNIX sockets)
+        writes = manager.proxy.writes
+        self._write = writes.writer_for(self.transport) if writes is not None else self.transport.write
         self._last_activity = self._message_started = self._clock.seconds()
         self._schedule_check(min(listener.idle_timeout, listener.request_headers_timeout))
         self.factory.connection_opened(self)
@@ -176,9 +179,13 @@ class HTTP1ServerProtocol(Protocol):
                 else:
                     queue.popleft()
                     stream = self._stream
-                    if stream is not None and self._request_open:
+                    if self._request_open:
+                        # Also when the stream already ended (a local reply
+                        # before the body): the body is consumed, in sync.
                         self._request_open = False
-                        if event[1]:
+                        if stream is None:
+                            pass
+                        elif event[1]:
                             stream.request_trailers(event[1])
                         else:
                             stream.request_data(b"", True)
@@ -226,19 +233,21 @@ class HTTP1ServerProtocol(Protocol):
 
     def write_informational(self, head: ResponseHead) -> None:
         if not self._http10 and head.status != 101:
-            self.transport.write(encode_response_head(head))
+            self._write(encode_response_head(head))
 
     def write_head(self, head: ResponseHead, end_stream: bool) -> None:
         status = head.status
         if status == 101:
             self._tunnel = True
             self._close_after = True
-            self.transport.write(encode_response_head(head, connection=b"upgrade"))
+            self._write(encode_response_head(head, connection=b"upgrade"))
             return
         headers = head.headers
         no_body = self._head_request or status in (204, 304) or status < 200
         has_length = b"content-length" in headers
-        close = not self._keep_alive or self._pending_error is not None or self.factory.draining
+        # A pending protocol error does not close here: the error response
+        # follows this one (see _stream_done).
+        close = not self._keep_alive or self.factory.draining
         chunked = False
         if not no_body and not has_length:
             if end_stream:
@@ -255,31 +264,50 @@ class HTTP1ServerProtocol(Protocol):
             connection = b"keep-alive"
         else:
             connection = None
-        self.transport.write(encode_response_head(head, chunked, connection))
+        data = encode_response_head(head, chunked, connection)
         if end_stream:
+            self._write(data)
             self._stream_done()
+        else:
+            # Held until the first body bytes or flush(), so a small
+            # response leaves in one send.
+            self._held = data
 
     def write_data(self, data: bytes, end_stream: bool) -> None:
         if self._head_request:
-            pass
+            data = b""
         elif self._chunked:
-            if data:
-                self.transport.write(encode_chunk(data))
+            data = encode_chunk(data)
             if end_stream:
-                self.transport.write(encode_last_chunk())
-        elif data:
-            self.transport.write(data)
+                data += encode_last_chunk()
+        held = self._held
+        if held:
+            self._held = b""
+            data = held + data
+        if data:
+            self._write(data)
         if end_stream:
             self._stream_done()
 
     def write_trailers(self, trailers: Headers) -> None:
+        data = self._held
+        self._held = b""
         if self._chunked and not self._head_request:
-            self.transport.write(encode_last_chunk(trailers))
+            data += encode_last_chunk(trailers)
+        if data:
+            self._write(data)
         self._stream_done()
+
+    def flush(self) -> None:
+        held = self._held
+        if held:
+            self._held = b""
+            self._write(held)
 
     def reset_stream(self) -> None:
         # HTTP/1.1 has no stream reset: closing the connection is how a
         # client learns the response is incomplete.
+        self.flush()
         self._abandon_stream()
         self._close()
 
@@ -309,10 +337,15 @@ class HTTP1ServerProtocol(Protocol):
         if stream is not None:
             self.resume_reading(stream)
         self.resume_reading(self._reading)
-        if self._close_after or self._request_open or not self._keep_alive or self.factory.draining:
+        queue = self._queue
+        # A request body not yet read to its end would desynchronise the
+        # connection; one already queued is simply dropped by _drain.
+        body_unread = self._request_open and not any(e[0] == _END for e in queue)
+        if self._close_after or body_unread or not self._keep_alive or self.factory.draining:
             self._close()
             return
-        if self._pending_error is not None:
+        if self._pending_error is not None and not any(e[0] == _HEAD for e in queue):
+            # Complete requests parsed before the error are answered first.
             self._write_error(self._pending_error)
             return
         self._last_activity = self._clock.seconds()
@@ -372,7 +405,7 @@ class HTTP1ServerProtocol(Protocol):
             (b"content-length", str(len(body)).encode("ascii")),
             (b"x-txmesh-flags", ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR.encode("ascii")),
         ]), REASONS.get(error.status, b"Bad Request"))
-        self.transport.write(encode_response_head(head, connection=b"close") + body)
+        self._write(encode_response_head(head, connection=b"close") + body)
         self._close()
 
     def _schedule_check(self, delay: float) -> None:

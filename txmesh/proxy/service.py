@@ -27,6 +27,7 @@ from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.tcp import TCPProxyFactory
+from txmesh.proxy.write_coalescer import WriteCoalescer
 
 log = Logger()
 
@@ -83,7 +84,8 @@ class ProxyService(Service):
         self._loader = ConfigLoader(registry or FilterRegistry.from_plugins())
         self._watch_interval = watch_interval
         self._drain_timeout = drain_timeout
-        self._clusters = ClusterManager(reactor)
+        self._writes = WriteCoalescer(reactor)
+        self._clusters = ClusterManager(reactor, writes=self._writes)
         self._listeners: dict[str, _Listener] = {}
         self._admin_port: Any = None
         self._watcher: Optional[LoopingCall] = None
@@ -168,7 +170,7 @@ class ProxyService(Service):
         self._cluster_set = self._clusters.update(config.clusters)
 
     def _proxy_context(self, config: ProxyConfig) -> ProxyContext:
-        return ProxyContext(config.node, self._reactor, self.metrics)
+        return ProxyContext(config.node, self._reactor, self.metrics, self._writes)
 
     def _inner_factory(self, listener: ListenerConfig, config: ProxyConfig) -> Factory:
         if listener.protocol == "tcp":

@@ -7,8 +7,8 @@ The relay keeps TCP's semantics end to end:
 
   - I{backpressure}: each side's transport is registered as the streaming
     producer of the other, so a slow reader on one side stops the proxy
-    reading from the other side and the proxy buffers at most about one
-    transport buffer (64 KiB in Twisted) per direction;
+    reading from the other side, and the proxy holds at most about one
+    transport buffer (Twisted's is 64 KiB) plus one read per direction;
   - I{half-close}: end-of-file read from one side shuts down only the write
     half of the other, so request/response protocols that signal the end
     of a request with C{shutdown(SHUT_WR)} keep working; the connection is

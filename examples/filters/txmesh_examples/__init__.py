@@ -1,0 +1,3 @@
+"""
+Example txmesh filters, shipped as Twisted plugins.
+"""
