@@ -11,7 +11,8 @@ arrives in one piece is the commonest HTTP/1 bug there is.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
@@ -93,7 +94,7 @@ class RequestRecorder:
     def request_data(self, data: bytes) -> None:
         self.events.append(("data", data))
 
-    def request_end(self, trailers: Optional[Headers]) -> None:
+    def request_end(self, trailers: Headers | None) -> None:
         self.events.append(("end", trailers))
 
 
@@ -114,7 +115,10 @@ class ResponseRecorder:
     def response_data(self, data: bytes) -> None:
         self.events.append(("data", data))
 
-    def response_end(self, trailers: Optional[Headers]) -> None:
+    def response_end(self, trailers: Headers | None, last_data: bytes = b"") -> None:
+        # The parser may hand the last piece of body over with the end.
+        if last_data:
+            self.events.append(("data", last_data))
         self.events.append(("end", trailers))
 
 
@@ -131,10 +135,10 @@ class Outcome:
     """
 
     events: list[tuple]
-    tail: Optional[bytes]
-    status: Optional[int]
+    tail: bytes | None
+    status: int | None
     state: dict[str, Any]
-    reason: Optional[str] = attrs.field(default=None, eq=False)
+    reason: str | None = attrs.field(default=None, eq=False)
 
     def heads(self) -> list[tuple]:
         return [e for e in self.events if e[0] == "head"]
@@ -158,13 +162,13 @@ A response-script step: call C{connection_lost()}, recording its result as
 a C{("lost", bool)} event.
 """
 
-Step = Union[bytes, EXPECT, object]
+Step = object  # bytes to feed, an EXPECT, or LOST
 
 
 def _run(parser: Any, recorder: Any, steps: list[Step], chunking: Callable[[bytes], list[bytes]],
          state: Callable[[Any], dict[str, Any]]) -> Outcome:
-    tail: Optional[bytes] = None
-    error: Optional[ProtocolError] = None
+    tail: bytes | None = None
+    error: ProtocolError | None = None
     try:
         for step in steps:
             if isinstance(step, bytes):
@@ -990,7 +994,7 @@ class ResponseParserTests(CodecTestCase):
         seen = []
 
         class Asking(ResponseRecorder):
-            def response_end(self, trailers: Optional[Headers]) -> None:
+            def response_end(self, trailers: Headers | None, last_data: bytes = b"") -> None:
                 seen.append(parser.keep_alive)
 
         parser = ResponseParser(Asking())

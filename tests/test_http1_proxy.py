@@ -401,13 +401,13 @@ class HTTPUpstream:
 # Test filters.
 
 
-class TestFilter(HTTPFilter):
+class ProbeFilter(HTTPFilter):
     """
     Adds C{x-filter-added} to every request; C{x-test} selects more:
     C{deny} answers 403, C{delay} waits 50 ms, C{raise} raises.
     """
 
-    def __init__(self, stream: Any, factory: TestFilterFactory):
+    def __init__(self, stream: Any, factory: ProbeFilterFactory):
         self._stream = stream
         self._factory = factory
 
@@ -431,7 +431,7 @@ class TestFilter(HTTPFilter):
 
 
 @implementer(IHTTPFilterFactory)
-class TestFilterFactory:
+class ProbeFilterFactory:
     name = "test"
 
     def __init__(self) -> None:
@@ -440,8 +440,8 @@ class TestFilterFactory:
     def parse_config(self, raw: Any) -> Any:
         return dict(raw)
 
-    def create_filter(self, config: Any, stream: Any) -> TestFilter:
-        return TestFilter(stream, self)
+    def create_filter(self, config: Any, stream: Any) -> ProbeFilter:
+        return ProbeFilter(stream, self)
 
 
 # Large responses, written as a push producer.
@@ -1413,7 +1413,7 @@ class FilterTests(_Base):
     @defer.inlineCallbacks
     def setUp(self):
         _Base.setUp(self)
-        self.filter = TestFilterFactory()
+        self.filter = ProbeFilterFactory()
         self.up = HTTPUpstream()
         port = yield self.upstream(self.up.factory)
         registry = FilterRegistry(http=[RouterFactory(), MetricsFactory(), self.filter])

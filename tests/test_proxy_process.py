@@ -411,8 +411,13 @@ class ProxyProcessTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start_proxy(self, *options: str, app: int, sink: int = 1, extra_routes: str = "") -> Any:
+        """
+        Run the proxy from L{BASE_CONFIG} (a short drain, so a hung request
+        cannot stretch cleanup).
+        """
         proxy = ProxyProcess(self)
-        yield proxy.run(BASE_CONFIG, *options, app=app, sink=sink, extra_routes=extra_routes)
+        yield proxy.run(BASE_CONFIG, "--drain-timeout", "3", *options,
+                        app=app, sink=sink, extra_routes=extra_routes)
         return proxy
 
     # 1. The command line

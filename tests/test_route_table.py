@@ -7,7 +7,6 @@ out: no reactor.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -17,11 +16,11 @@ from txmesh.proxy.stream import Headers, RequestHead
 
 
 def head(path: bytes = b"/", authority: bytes = b"example.com", method: bytes = b"GET",
-         headers: Optional[list[tuple[bytes, bytes]]] = None) -> RequestHead:
+         headers: list[tuple[bytes, bytes]] | None = None) -> RequestHead:
     return RequestHead(method, path, authority, Headers(headers or []))
 
 
-def vhost(name: str, *domains: str, routes: Optional[tuple[Route, ...]] = None) -> VirtualHost:
+def vhost(name: str, *domains: str, routes: tuple[Route, ...] | None = None) -> VirtualHost:
     """
     A virtual host whose single catch-all route is named after it.
     """
@@ -49,7 +48,7 @@ class VirtualHostSelectionTests(SynchronousTestCase):
             vhost("any", "*"),
         ])
 
-    def name(self, authority: bytes) -> Optional[str]:
+    def name(self, authority: bytes) -> str | None:
         vh = self.table.virtual_host(authority)
         return None if vh is None else vh.name
 
@@ -310,7 +309,7 @@ class RouteTableMatchTests(SynchronousTestCase):
             vhost("fallback", "*"),
         ])
 
-    def name(self, h: RequestHead) -> Optional[str]:
+    def name(self, h: RequestHead) -> str | None:
         route = self.table.match(h)
         return None if route is None else route.name
 

@@ -114,7 +114,7 @@ def _bytes(value: Any) -> bytes:
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_kind(value)}")
+        raise TypeError(f"expected true or false, got {_kind(value)}")
     return value
 
 
@@ -147,11 +147,11 @@ def _no_space_or_ctl(value: Any) -> bytes:
 
 def _labels(value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"expected a mapping of label name to value, got {_kind(value)}")
+        raise TypeError(f"expected a mapping of label name to value, got {_kind(value)}")
     return tuple(sorted((str(k), str(x)) for k, x in value.items()))
 
 
-def _each(source: Optional[str], items: list[tuple[str, Any]], convert: Callable[[Any], T]) -> tuple[T, ...]:
+def _each(source: str | None, items: list[tuple[str, Any]], convert: Callable[[Any], T]) -> tuple[T, ...]:
     out = []
     for field, value in items:
         try:

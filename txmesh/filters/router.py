@@ -118,9 +118,21 @@ class RouterFilter(HTTPFilter):
             self._stream.request_producer.pauseProducing()
 
     def _arm_timeout(self) -> None:
-        route = self._stream.route
+        stream = self._stream
+        route = stream.route
         if self._timer is None and route is not None and route.timeout > 0:
-            self._timer = self._stream.clock.callLater(route.timeout, self._timed_out)
+            deadlines = stream.proxy.deadlines if stream.proxy is not None else None
+            if deadlines is not None:
+                self._timer = (deadlines, deadlines.add(self, route.timeout, self._timed_out))
+            else:
+                self._timer = stream.clock.callLater(route.timeout, self._timed_out)
+
+    def _disarm_timeout(self) -> None:
+        timer, self._timer = self._timer, None
+        if type(timer) is tuple:
+            timer[0].cancel(self, timer[1])
+        elif timer is not None and timer.active():
+            timer.cancel()
 
     # Connecting
 
@@ -252,9 +264,7 @@ class RouterFilter(HTTPFilter):
         self._finished = True
         self._conn = None
         if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+            self._disarm_timeout()
         if self._counted:
             self._counted = False
             self._pool.active_requests -= 1

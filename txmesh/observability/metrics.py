@@ -3,15 +3,20 @@ Request metrics with Istio's standard names and labels, so Istio's
 dashboards read a txmesh mesh unchanged.
 
 Each proxy owns a L{ProxyMetrics} with its own C{CollectorRegistry} (no
-process-global state).  Label children are bound once per distinct label
-tuple and cached, so the hot path is a dict lookup and two increments.
+process-global state).  Request series are plain Python numbers found by one
+dict lookup per request and rendered by a custom collector at scrape time, so
+the hot path takes no locks and builds no label dicts.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from itertools import accumulate
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from zope.interface import implementer
 
@@ -36,6 +41,53 @@ REQUEST_LABELS = (
 )
 
 
+class RequestSeries:
+    """
+    One label set's request count and duration histogram, as plain numbers:
+    the reactor is single-threaded, so the hot path needs no locks.
+
+    @ivar buckets: per-bucket (not cumulative) counts; the last is C{+Inf}.
+    """
+
+    __slots__ = ("labels", "count", "duration_sum", "buckets")
+
+    def __init__(self, labels: tuple[str, ...]):
+        self.labels = labels
+        self.count = 0
+        self.duration_sum = 0.0
+        self.buckets = [0] * (len(DURATION_BUCKETS_MS) + 1)
+
+    def observe(self, duration_ms: float, _bisect: Any = bisect_left, _bounds: tuple = DURATION_BUCKETS_MS) -> None:
+        """
+        Count one request that took C{duration_ms}.
+        """
+        self.count += 1
+        self.duration_sum += duration_ms
+        self.buckets[_bisect(_bounds, duration_ms)] += 1
+
+
+class RequestMetricsCollector:
+    """
+    Exposes every L{RequestSeries} as C{istio_requests_total} and
+    C{istio_request_duration_milliseconds} through prometheus-client.
+    """
+
+    def __init__(self) -> None:
+        self.series: dict[tuple, RequestSeries] = {}
+
+    def collect(self) -> Any:
+        requests = CounterMetricFamily("istio_requests", "Requests handled by the proxy.", labels=REQUEST_LABELS)
+        durations = HistogramMetricFamily(
+            "istio_request_duration_milliseconds", "Request duration in milliseconds.", labels=REQUEST_LABELS)
+        bounds = [str(b) for b in DURATION_BUCKETS_MS] + ["+Inf"]
+        for series in list(self.series.values()):
+            requests.add_metric(series.labels, series.count)
+            cumulative = list(accumulate(series.buckets))
+            durations.add_metric(series.labels, list(zip(bounds, cumulative)), series.duration_sum)
+        yield requests
+        yield durations
+
+
 class ProxyMetrics:
     """
     One proxy's metrics.
@@ -47,31 +99,26 @@ class ProxyMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._node = node
         r = self.registry
-        self.requests_total = Counter(
-            "istio_requests_total", "Requests handled by the proxy.", REQUEST_LABELS, registry=r)
-        self.request_duration = Histogram(
-            "istio_request_duration_milliseconds", "Request duration in milliseconds.",
-            REQUEST_LABELS, buckets=DURATION_BUCKETS_MS, registry=r)
+        self._requests = RequestMetricsCollector()
+        r.register(self._requests)
         self.config_reloads = Counter(
             "txmesh_config_reloads", "Config reloads by result.", ("result",), registry=r)
         self.downstream_connections = Gauge(
             "txmesh_downstream_connections_active", "Open downstream connections by listener.",
             ("listener",), registry=r)
-        self._children: dict[tuple, tuple[Any, Any]] = {}
 
-    def request_children(self, cluster: str, protocol: str, code: int, flags: str) -> tuple[Any, Any]:
+    def request_series(self, cluster: str, protocol: str, code: int, flags: str) -> RequestSeries:
         """
-        @return: the bound (counter, histogram) children for one label set.
+        @return: the series for one label set, created on first use.
         """
         key = (cluster, protocol, code, flags)
-        children = self._children.get(key)
-        if children is None:
+        series = self._requests.series.get(key)
+        if series is None:
             n = self._node
             labels = ("source", n.workload, n.namespace, n.app, n.version,
                       cluster, cluster, protocol, str(code), flags or "-")
-            children = (self.requests_total.labels(*labels), self.request_duration.labels(*labels))
-            self._children[key] = children
-        return children
+            series = self._requests.series[key] = RequestSeries(labels)
+        return series
 
     def exposition(self) -> tuple[str, bytes]:
         """
@@ -100,10 +147,9 @@ class MetricsFilter(HTTPFilter):
         request = stream.request_head
         protocol = "http" if request is None or request.version != b"2" else "grpc" \
             if (request.headers.get(b"content-type") or b"").startswith(b"application/grpc") else "http"
-        counter, histogram = self._metrics.request_children(
-            cluster, protocol, code, ",".join(stream.response_flags))
-        counter.inc()
-        histogram.observe((stream.clock.seconds() - stream.start_time) * 1000.0)
+        flags = stream.response_flags
+        self._metrics.request_series(cluster, protocol, code, ",".join(flags) if flags else "").observe(
+            (stream.clock.seconds() - stream.start_time) * 1000.0)
 
 
 @implementer(IHTTPFilterFactory)

@@ -46,12 +46,15 @@ class ProxyContext:
     @ivar clock: the proxy's C{IReactorTime}.
     @ivar writes: the L{txmesh.proxy.write_coalescer.WriteCoalescer} codecs
         write through, or C{None} for plain C{transport.write}.
+    @ivar deadlines: the L{txmesh.proxy.deadlines.DeadlineWheel} for
+        per-request timeouts, or C{None} for plain C{clock.callLater}.
     """
 
     node: NodeConfig
     clock: Any
     metrics: Any = None
     writes: Any = None
+    deadlines: Any = None
 
 
 class HTTPConnectionManager:

@@ -88,10 +88,27 @@ class ResponseSink(Protocol):
 
     def response_data(self, data: bytes) -> None: ...
 
-    def response_end(self, trailers: Optional[Headers]) -> None: ...
+    def response_end(self, trailers: Optional[Headers], last_data: bytes = b"") -> None: ...
 
 
-def _connection_tokens(value: bytes) -> list[bytes]:
+_VERSION_BYTES = {"1.1": b"1.1", "1.0": b"1.0"}
+
+
+def _version_bytes(version: str) -> bytes:
+    v = _VERSION_BYTES.get(version)
+    return v if v is not None else version.encode("ascii")
+
+
+_COMMON_TOKENS = {
+    v: (v.lower(),) for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade",
+                             b"chunked", b"trailers")
+}
+
+
+def _connection_tokens(value: bytes) -> "list[bytes] | tuple[bytes, ...]":
+    common = _COMMON_TOKENS.get(value)
+    if common is not None:
+        return common
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
@@ -211,7 +228,7 @@ class RequestParser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
-        version = parser.get_http_version().encode("ascii")
+        version = _version_bytes(parser.get_http_version())
         if version not in _VERSIONS:
             raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         method = parser.get_method()
@@ -267,11 +284,10 @@ class RequestParser:
             if url[:1] == b"/" or url == b"*":
                 raise ProtocolError(400, "CONNECT needs an authority-form target (host:port)")
             authority = url
-        elif url[:1] != b"/":
-            if not (method == b"OPTIONS" and url == b"*"):
-                # Absolute-form belongs to forward proxies; a reverse proxy
-                # that accepted it would route by a host the client chose.
-                raise ProtocolError(400, "absolute-form request target not accepted here")
+        elif url[:1] != b"/" and not (method == b"OPTIONS" and url == b"*"):
+            # Absolute-form belongs to forward proxies; a reverse proxy that
+            # accepted it would route by a host the client chose.
+            raise ProtocolError(400, "absolute-form request target not accepted here")
         if authority is None:
             if version == b"1.1":
                 raise ProtocolError(400, "missing Host header")
@@ -313,7 +329,7 @@ class ResponseParser:
     __slots__ = (
         "_sink", "_parser", "_headers", "_in_head", "_trailers", "_head_request",
         "_close_delimited", "_head_done", "_done", "upgraded", "_has_body", "_max_head", "_head_bytes",
-        "_stale", "_keep_alive",
+        "_stale", "_keep_alive", "_held",
     )
 
     def __init__(self, sink: ResponseSink, max_head_bytes: int = 64 * 1024):
@@ -335,6 +351,7 @@ class ResponseParser:
         self._has_body = False
         self._head_bytes = 0
         self._keep_alive = False
+        self._held = b""
 
     def expect_response(self, head_request: bool) -> None:
         """
@@ -400,6 +417,10 @@ class ResponseParser:
             raise
         except httptools.HttpParserError as e:
             raise ProtocolError(502, f"malformed upstream response: {e}") from None
+        held = self._held
+        if held:
+            self._held = b""
+            self._sink.response_data(held)
         return None
 
     def connection_lost(self) -> bool:
@@ -412,7 +433,8 @@ class ResponseParser:
         """
         if self._close_delimited and self._head_done and not self._done:
             self._done = True
-            self._sink.response_end(None)
+            held, self._held = self._held, b""
+            self._sink.response_end(None, held)
             return True
         return False
 
@@ -443,7 +465,7 @@ class ResponseParser:
         self._in_head = False
         parser = self._parser
         status = parser.get_status_code()
-        version = parser.get_http_version().encode("ascii")
+        version = _version_bytes(parser.get_http_version())
         if version not in _VERSIONS or status < 100:
             raise ProtocolError(502, f"malformed upstream response: HTTP/{version.decode()} {status}")
         headers = []
@@ -504,7 +526,13 @@ class ResponseParser:
         if self._done:
             # Only after a HEAD response, which llhttp expects a body for.
             raise ProtocolError(502, "upstream sent data after a complete response")
-        self._sink.response_data(body)
+        # The latest piece is held until the next one, the end of the
+        # message, or the end of this input: a small body then leaves as one
+        # "data + end" event instead of two.
+        held = self._held
+        self._held = body
+        if held:
+            self._sink.response_data(held)
 
     def on_message_complete(self) -> None:
         if not self._head_done:
@@ -513,7 +541,8 @@ class ResponseParser:
             return  # already ended at the head
         self._done = True
         trailers = self._trailers
-        self._sink.response_end(Headers(trailers) if trailers else None)
+        held, self._held = self._held, b""
+        self._sink.response_end(Headers(trailers) if trailers else None, held)
 
 
 def _encode_headers(parts: list[bytes], headers: Headers) -> None:

@@ -92,7 +92,10 @@ class HTTP1ClientConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
-        self.transport.setTcpNoDelay(True)
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP (in-memory transports, UNIX sockets)
         self._write = self._pool.writer_for(self.transport)
         if self.factory is not None:
             self.factory.connected(self)
@@ -220,15 +223,17 @@ class HTTP1ClientConnection(Protocol):
         if self._handler is not None:
             self._handler.response_data(data, False)
 
-    def response_end(self, trailers: Optional[Headers]) -> None:
+    def response_end(self, trailers: Optional[Headers], last_data: bytes = b"") -> None:
         handler = self._handler
         self._response_done = True
+        if handler is not None and trailers and last_data:
+            handler.response_data(last_data, False)
         self._maybe_done()  # first, as in response_head
         if handler is not None:
             if trailers:
                 handler.response_trailers(trailers)
             else:
-                handler.response_data(b"", True)
+                handler.response_data(last_data, True)
 
     def _maybe_done(self) -> None:
         if not self._response_done:

@@ -14,6 +14,10 @@ from txmesh.config.model import HeaderMatch, Route, RouteMatch, VirtualHost
 from txmesh.proxy.stream import Headers, RequestHead
 
 
+_UNCACHED = object()
+_VHOST_CACHE_SIZE = 4096
+
+
 def _strip_port(authority: bytes) -> bytes:
     if authority.startswith(b"["):
         end = authority.find(b"]")
@@ -44,13 +48,15 @@ def header_matches(m: HeaderMatch, headers: Headers) -> bool:
     return result != m.invert
 
 
-def route_matches(match: RouteMatch, head: RequestHead) -> bool:
+def route_matches(match: RouteMatch, head: RequestHead, path: Optional[bytes] = None) -> bool:
     """
+    @param path: C{head}'s path without its query, if already known.
     @return: whether C{head} satisfies every condition of C{match}.
     """
     if match.methods and head.method not in match.methods:
         return False
-    path = head.path_only
+    if path is None:
+        path = head.path_only
     if match.path is not None:
         if path != match.path:
             return False
@@ -89,6 +95,7 @@ class RouteTable:
         self._suffix.sort(key=lambda e: -len(e[0]))
         self._prefix.sort(key=lambda e: -len(e[0]))
         self.virtual_hosts = tuple(virtual_hosts)
+        self._vhost_cache: dict[bytes, Optional[VirtualHost]] = {}
 
     def virtual_host(self, authority: bytes) -> Optional[VirtualHost]:
         """
@@ -116,10 +123,18 @@ class RouteTable:
         @return: the first route of the matching virtual host that takes
             C{head}, or C{None} (no route: Envoy's C{NR}).
         """
-        vh = self.virtual_host(head.authority)
+        authority = head.authority
+        vh = self._vhost_cache.get(authority, _UNCACHED)
+        if vh is _UNCACHED:
+            vh = self.virtual_host(authority)
+            if len(self._vhost_cache) >= _VHOST_CACHE_SIZE:
+                # Hostile clients can send endless distinct Hosts: bound it.
+                self._vhost_cache.clear()
+            self._vhost_cache[authority] = vh
         if vh is None:
             return None
+        path = head.path_only
         for route in vh.routes:
-            if route_matches(route.match, head):
+            if route_matches(route.match, head, path):
                 return route
         return None

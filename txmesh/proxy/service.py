@@ -26,6 +26,7 @@ from txmesh.proxy.admin import AdminResource, AdminSite
 from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.http1_server import HTTP1ServerFactory
+from txmesh.proxy.deadlines import DeadlineWheel
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.write_coalescer import WriteCoalescer
 
@@ -85,6 +86,7 @@ class ProxyService(Service):
         self._watch_interval = watch_interval
         self._drain_timeout = drain_timeout
         self._writes = WriteCoalescer(reactor)
+        self._deadlines = DeadlineWheel(reactor)
         self._clusters = ClusterManager(reactor, writes=self._writes)
         self._listeners: dict[str, _Listener] = {}
         self._admin_port: Any = None
@@ -163,6 +165,7 @@ class ProxyService(Service):
             for conn in list(f.connections):
                 conn.transport.abortConnection()
         self._clusters.stop()
+        self._deadlines.stop()
 
     # Config application
 
@@ -170,7 +173,7 @@ class ProxyService(Service):
         self._cluster_set = self._clusters.update(config.clusters)
 
     def _proxy_context(self, config: ProxyConfig) -> ProxyContext:
-        return ProxyContext(config.node, self._reactor, self.metrics, self._writes)
+        return ProxyContext(config.node, self._reactor, self.metrics, self._writes, self._deadlines)
 
     def _inner_factory(self, listener: ListenerConfig, config: ProxyConfig) -> Factory:
         if listener.protocol == "tcp":

@@ -36,9 +36,13 @@ class Headers:
     def __init__(self, items: Optional[Iterable[tuple[bytes, bytes]]] = None):
         """
         @param items: C{(name, value)} pairs; names must already be
-            lower-case C{bytes} (codecs guarantee this).
+            lower-case C{bytes} (codecs guarantee this).  A C{list} is
+            adopted, not copied: codecs hand over lists they built.
         """
-        self._items: list[tuple[bytes, bytes]] = list(items) if items else []
+        if type(items) is list:
+            self._items: list[tuple[bytes, bytes]] = items
+        else:
+            self._items = list(items) if items else []
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[HeaderInput, HeaderInput]]) -> "Headers":
@@ -112,7 +116,7 @@ class Headers:
         """
         @return: an independent copy.
         """
-        return Headers(self._items)
+        return Headers(list(self._items))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Headers):
