@@ -286,7 +286,8 @@ clusters:
 """
 
 
-def start_txmesh(tmp: Path, app_port: int, metrics: bool, pinning: bool, timeout: float) -> tuple[Proc, int]:
+def start_txmesh(tmp: Path, app_port: int, metrics: bool, pinning: bool, timeout: float,
+                 reactor: str = "txmesh") -> tuple[Proc, int]:
     """Start txmesh-proxy and wait for admin /ready (or the listener). Returns (proc, port)."""
     twistd = VENV_BIN / "twistd"
     if not twistd.exists():
@@ -299,7 +300,8 @@ def start_txmesh(tmp: Path, app_port: int, metrics: bool, pinning: bool, timeout
     )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    argv = pin(PROXY_CPU, [str(twistd), "-n", "--pidfile=", "txmesh-proxy", "--config", str(conf)], pinning)
+    argv = pin(PROXY_CPU, [str(twistd), "-n", "--pidfile=", "-r", reactor, "txmesh-proxy", "--config", str(conf)],
+               pinning)
     proc = Proc("txmesh", argv, conf.with_suffix(".log"), cwd=ROOT, env=env)
     start = time.monotonic()
     while time.monotonic() < start + timeout:
@@ -428,6 +430,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 run of 2 s each")
     ap.add_argument("--bare", action="store_true", help="also measure benchmarks/bare_proxy.py (Python peer)")
     ap.add_argument("--no-txmesh", action="store_true", help="skip txmesh-proxy")
+    ap.add_argument("--reactor", default="txmesh",
+                    help="twistd reactor for txmesh-proxy (default: txmesh, the lean epoll; 'epoll' for Twisted's)")
     ap.add_argument(
         "--no-metrics", action="store_true", help="leave the metrics filter out of the txmesh config"
     )
@@ -530,13 +534,13 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
         metrics = not args.no_metrics
         try:
             try:
-                proc, port = start_txmesh(tmp, app_port, metrics, pinning, args.txmesh_timeout)
+                proc, port = start_txmesh(tmp, app_port, metrics, pinning, args.txmesh_timeout, args.reactor)
             except Unavailable as e:
                 if not (metrics and "unknown HTTP filter 'metrics'" in str(e) + _logs(tmp, "txmesh.log")):
                     raise
                 notes.append("txmesh: (metrics filter unavailable) - measured without the metrics filter")
                 metrics = False
-                proc, port = start_txmesh(tmp, app_port, metrics, pinning, args.txmesh_timeout)
+                proc, port = start_txmesh(tmp, app_port, metrics, pinning, args.txmesh_timeout, args.reactor)
             procs.append(proc)
             url = f"http://127.0.0.1:{port}/"
             sanity_check("txmesh", url)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -33,6 +34,10 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+# Twisted's HTTP client hands the body protocol a transport without
+# abortConnection; readBody warns about it on every call.
+warnings.filterwarnings("ignore", message="Using readBody with a transport", category=DeprecationWarning)
 
 # Headers the frontend copies from its request onto its call to the backend.
 PROPAGATED = (b"x-request-id", b"x-version", b"x-b3-traceid", b"x-b3-spanid", b"traceparent")

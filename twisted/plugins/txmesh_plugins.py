@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from twisted.application.reactors import Reactor
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from twisted.python import usage
@@ -74,3 +75,8 @@ router = RouterFactory()
 alsoProvides(router, IPlugin)
 metrics = MetricsFactory()
 alsoProvides(metrics, IPlugin)
+
+txmeshReactor = Reactor(
+    "txmesh", "txmesh.reactor",
+    "epoll with lean event dispatch, for txmesh-proxy (Linux).",
+)

@@ -1,0 +1,104 @@
+"""
+The demo mesh (C{scripts/demo}, C{examples/demo/}) still starts and does
+what its tour says: C{scripts/demo --check} is run as a child process, in
+this test's own Python environment (C{TXMESH_VENV}, so nothing is installed
+and no network is needed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "scripts", "demo")
+DEMO_PORTS = (15800, 15801, 15802, 15810, 15811, 15812, 15819, 15820, 15829, 15830, 15839)
+TIMEOUT = 120
+
+
+def _busy(ports: tuple[int, ...]) -> list[int]:
+    busy = []
+    for port in ports:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            busy.append(port)
+        finally:
+            s.close()
+    return busy
+
+
+class DemoTests(unittest.TestCase):
+    def setUp(self) -> None:
+        if not sys.platform.startswith("linux"):
+            raise unittest.SkipTest("the demo script is written for Linux")
+        if shutil.which("bash") is None:
+            raise unittest.SkipTest("bash is not installed")
+        self.venv = os.environ.get("TXMESH_VENV") or sys.prefix
+        if not os.access(os.path.join(self.venv, "bin", "python"), os.X_OK):
+            raise unittest.SkipTest(f"no {self.venv}/bin/python to hand to scripts/demo as TXMESH_VENV")
+        self.state = os.path.abspath(self.mktemp())
+
+    def demo(self, *args: str, **env: str) -> tuple[int, str]:
+        """
+        Run C{scripts/demo ARGS}; fail the test if it takes longer than
+        L{TIMEOUT} seconds (after killing it and whatever it started).
+        """
+        full_env = dict(os.environ, TXMESH_VENV=self.venv, TXMESH_DEMO_DIR=self.state, CI="true", **env)
+        process = subprocess.Popen(
+            ["bash", DEMO, *args], cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out, _ = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, _ = process.communicate()
+            self.fail(f"scripts/demo {' '.join(args)} took over {TIMEOUT}s:\n{out.decode('utf-8', 'replace')}")
+        return process.returncode, out.decode("utf-8", "replace")
+
+    def assertLogsClean(self) -> None:
+        for name in sorted(os.listdir(self.state)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.state, name), encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+                self.assertNotIn("Traceback", text, f"{name}:\n{text}")
+                self.assertNotIn("Unhandled", text, f"{name}:\n{text}")
+
+    def test_check(self) -> None:
+        """
+        C{scripts/demo --check} starts the mesh, runs the tour with its
+        assertions and stops everything: with curl when it is installed,
+        and with the demo's curl-less fallback.
+        """
+        # One test method for both runs: trial --jobs must never run two
+        # demos at once, they use the same fixed ports.
+        busy = _busy(DEMO_PORTS)
+        if busy:
+            raise unittest.SkipTest(f"demo ports {busy} are in use (a demo running? scripts/demo --stop)")
+        variants = [{"TXMESH_DEMO_CURL": "none"}]
+        if shutil.which("curl") is not None:
+            variants.insert(0, {})
+        for env in variants:
+            code, out = self.demo("--check", **env)
+            self.assertEqual(code, 0, f"scripts/demo --check ({env}) failed:\n{out}")
+            self.assertIn("demo --check: OK (7 steps)", out)
+            self.assertIn("$ curl -s -H 'x-version: v2' http://127.0.0.1:15810/", out)
+            self.assertIn("demo: stopped", out)
+            self.assertLogsClean()
+            self.assertFalse(os.path.exists(os.path.join(self.state, "pids.json")))
+            self.assertEqual(_busy(DEMO_PORTS), [], "the demo left ports open")
+
+    def test_stop_when_not_running(self) -> None:
+        """
+        C{scripts/demo --stop} with no demo running says so and succeeds.
+        """
+        code, out = self.demo("--stop")
+        self.assertEqual((code, out.strip()), (0, "demo: no demo is running"))
