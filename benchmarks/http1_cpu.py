@@ -33,8 +33,8 @@ from txmesh.filters.registry import FilterRegistry  # noqa: E402
 from txmesh.filters.router import RouterFactory  # noqa: E402
 from txmesh.observability.metrics import MetricsFactory, ProxyMetrics  # noqa: E402
 from txmesh.proxy.cluster import ClusterManager  # noqa: E402
-from txmesh.proxy.deadlines import DeadlineWheel  # noqa: E402
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext  # noqa: E402
+from txmesh.proxy.deadlines import DeadlineWheel  # noqa: E402
 from txmesh.proxy.http1_client import HTTP1ClientConnection  # noqa: E402
 from txmesh.proxy.http1_server import HTTP1ServerFactory  # noqa: E402
 

@@ -13,7 +13,8 @@ import socket
 import subprocess
 import tempfile
 import textwrap
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
@@ -59,10 +60,10 @@ class ProxyHarness:
     and L{port} tells the bound port.
     """
 
-    def __init__(self, testcase: Any, registry: Optional[FilterRegistry] = None):
+    def __init__(self, testcase: Any, registry: FilterRegistry | None = None):
         self._case = testcase
         self._registry = registry
-        self.service: Optional[ProxyService] = None
+        self.service: ProxyService | None = None
         self.path = os.path.join(tempfile.mkdtemp(prefix="txmesh-test-"), "proxy.yaml")
         testcase.addCleanup(shutil.rmtree, os.path.dirname(self.path), True)
 
@@ -130,7 +131,7 @@ class RecordingFactory(Factory):
     protocol = RecordingProtocol
     noisy = False
 
-    def __init__(self, respond: Optional[Callable[[RecordingProtocol, bytes], None]] = None):
+    def __init__(self, respond: Callable[[RecordingProtocol, bytes], None] | None = None):
         self.respond = respond
         self.received: list[bytes] = []
         self.connections: list[RecordingProtocol] = []

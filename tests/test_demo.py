@@ -61,7 +61,8 @@ class DemoTests(unittest.TestCase):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             out, _ = process.communicate()
-            self.fail(f"scripts/demo {' '.join(args)} took over {TIMEOUT}s:\n{out.decode('utf-8', 'replace')}")
+            text = out.decode("utf-8", "replace")
+            self.fail(f"scripts/demo {' '.join(args)} took over {TIMEOUT}s:\n{text}")
         return process.returncode, out.decode("utf-8", "replace")
 
     def assertLogsClean(self) -> None:

@@ -51,7 +51,6 @@ class ExampleFilterTests(SynchronousTestCase):
         filters by name, next to the built-ins.
         """
         import twisted.plugins
-
         from txmesh.filters.registry import FilterRegistry
 
         plugin_dir = os.path.join(EXAMPLES, "twisted", "plugins")

@@ -143,9 +143,6 @@ class VirtualHostSelectionTests(SynchronousTestCase):
         self.assertEqual(table.virtual_host(b"a.example.com:8080").name, "wild-port")
         self.assertEqual(table.virtual_host(b"a.example.com:9090").name, "any")
 
-    test_wildcard_domain_with_port.todo = (  # type: ignore[attr-defined]
-        "txmesh.proxy.router matches wildcards against the authority without its port only, so a "
-        "wildcard domain with a port (accepted by the loader, matched by Envoy) never matches")
 
 
 class RouteMatchTests(SynchronousTestCase):

@@ -19,7 +19,8 @@ L{twisted.internet.task.Clock}); advance it, then read the result.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from twisted.internet.address import IPv4Address
@@ -32,7 +33,7 @@ from txmesh.filters.chain import FilterChain
 from txmesh.proxy.connection_manager import ProxyContext, new_request_id
 from txmesh.proxy.stream import Headers, RequestHead, ResponseHead
 
-HeadersInput = Union[Mapping[str, str], Iterable[tuple[Union[str, bytes], Union[str, bytes]]], None]
+HeadersInput = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]] | None
 
 
 @attrs.frozen
@@ -43,7 +44,7 @@ class UpstreamRequest:
 
     head: RequestHead
     body: bytes
-    trailers: Optional[Headers]
+    trailers: Headers | None
 
 
 @attrs.frozen
@@ -71,7 +72,7 @@ class StubUpstream:
         body: bytes = b"",
         headers: HeadersInput = None,
         trailers: HeadersInput = None,
-        handler: Optional[Callable[[UpstreamRequest], Any]] = None,
+        handler: Callable[[UpstreamRequest], Any] | None = None,
     ):
         self._response = StubResponse(status, _pairs(headers), body, _pairs(trailers))
         self._handler = handler
@@ -98,15 +99,15 @@ class HarnessResponse:
     status: int = 0
     headers: Headers = attrs.Factory(Headers)
     body: bytes = b""
-    trailers: Optional[Headers] = None
+    trailers: Headers | None = None
     flags: list[str] = attrs.Factory(list)
-    upstream_request: Optional[UpstreamRequest] = None
+    upstream_request: UpstreamRequest | None = None
     reset: bool = False
     complete: bool = False
     informational: list[ResponseHead] = attrs.Factory(list)
 
 
-def _b(value: Union[str, bytes]) -> bytes:
+def _b(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
 
 
@@ -172,7 +173,7 @@ class _StubRouter(HTTPFilter):
         self._stream = stream
         self._upstream = upstream
         self._response = response
-        self._head: Optional[RequestHead] = None
+        self._head: RequestHead | None = None
         self._body: list[bytes] = []
 
     def request_headers(self, head: RequestHead, end_stream: bool) -> Any:
@@ -188,7 +189,7 @@ class _StubRouter(HTTPFilter):
     def request_trailers(self, trailers: Headers) -> Any:
         self._send(trailers)
 
-    def _send(self, trailers: Optional[Headers]) -> None:
+    def _send(self, trailers: Headers | None) -> None:
         request = UpstreamRequest(self._head, b"".join(self._body), trailers)
         self._response.upstream_request = request
         self._upstream.respond(request).addCallback(self._answer)
@@ -234,11 +235,11 @@ class FilterHarness:
     def __init__(
         self,
         filters: Sequence[tuple[Any, Mapping[str, Any]]],
-        upstream: Optional[StubUpstream] = None,
-        route: Optional[Route] = None,
+        upstream: StubUpstream | None = None,
+        route: Route | None = None,
         node: NodeConfig = NodeConfig(),
         metrics: Any = None,
-        clock: Optional[Clock] = None,
+        clock: Clock | None = None,
     ):
         """
         @param filters: C{(factory, raw_config)} pairs in chain order; each

@@ -27,7 +27,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -55,7 +56,7 @@ class Component:
         self.ports = ports
         self.ready_port = ready_port
         self.admin = admin
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
         self.log = os.path.join(STATE_DIR, name + ".log")
 
     def is_ready(self) -> bool:
@@ -142,7 +143,7 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 # --- HTTP without dependencies (readiness and the curl-less tour) ---------
 
-def http_get(port: int, path: str, headers: Optional[dict[str, str]] = None,
+def http_get(port: int, path: str, headers: dict[str, str] | None = None,
              timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
     """
     @return: C{(status, headers, body)}; status 0 if the request failed.
@@ -305,9 +306,9 @@ class Step:
     C{| head}), and what C{--check} expects of its output.
     """
 
-    def __init__(self, title: str, port: int, path: str = "/", headers: Optional[dict[str, str]] = None,
-                 include: bool = False, grep: Optional[str] = None, tail: Optional[int] = None,
-                 repeat: int = 1, check: Optional[Callable[[str], Optional[str]]] = None, note: str = ""):
+    def __init__(self, title: str, port: int, path: str = "/", headers: dict[str, str] | None = None,
+                 include: bool = False, grep: str | None = None, tail: int | None = None,
+                 repeat: int = 1, check: Callable[[str], str | None] | None = None, note: str = ""):
         self.title = title
         self.port = port
         self.path = path
@@ -335,10 +336,10 @@ class Step:
             cmd = f"for i in {' '.join(str(i + 1) for i in range(self.repeat))}; do {cmd}; done"
         return cmd
 
-    def run(self, curl: Optional[str]) -> str:
+    def run(self, curl: str | None) -> str:
         if curl is not None:
             try:
-                result = subprocess.run(["sh", "-c", self.command()], stdout=subprocess.PIPE,
+                result = subprocess.run(["sh", "-c", self.command()], check=False, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=20)
                 out = result.stdout
             except subprocess.TimeoutExpired as e:
@@ -373,7 +374,7 @@ def _json_body(out: str) -> Any:
         return None
 
 
-def check_default(out: str) -> Optional[str]:
+def check_default(out: str) -> str | None:
     doc = _json_body(out)
     if not isinstance(doc, dict) or not isinstance(doc.get("backend"), dict):
         return "no frontend JSON with a backend answer"
@@ -390,11 +391,11 @@ def check_default(out: str) -> Optional[str]:
     return None
 
 
-def check_v2(out: str) -> Optional[str]:
+def check_v2(out: str) -> str | None:
     return None if '"version": "v2"' in out and '"v1"' not in out else "expected backend v2 only"
 
 
-def check_rejected(out: str) -> Optional[str]:
+def check_rejected(out: str) -> str | None:
     first = out.split("\n", 1)[0]
     if " 403" not in first:
         return f"expected 403, got {first!r}"
@@ -403,12 +404,14 @@ def check_rejected(out: str) -> Optional[str]:
     return None
 
 
-def check_tcp(out: str) -> Optional[str]:
+def check_tcp(out: str) -> str | None:
     seen = set(re.findall(r'"version": "(v\d)"', out))
-    return None if seen == {"v1", "v2"} else f"expected both v1 and v2 over the tcp listener, saw {sorted(seen)}"
+    if seen != {"v1", "v2"}:
+        return f"expected both v1 and v2 over the tcp listener, saw {sorted(seen)}"
+    return None
 
 
-def check_metrics(out: str) -> Optional[str]:
+def check_metrics(out: str) -> str | None:
     for needle in ('destination_service="backend-v1"', 'destination_service="backend-v2"',
                    'response_code="200"', 'response_code="403"', 'source_workload="frontend"'):
         if needle not in out:
@@ -416,8 +419,9 @@ def check_metrics(out: str) -> Optional[str]:
     return None
 
 
-def check_clusters(out: str) -> Optional[str]:
-    missing = [c for c in ("frontend", "backend", "backend-v1", "backend-v2") if f'\n  "{c}": {{' not in "\n" + out]
+def check_clusters(out: str) -> str | None:
+    clusters = ("frontend", "backend", "backend-v1", "backend-v2")
+    missing = [c for c in clusters if f'\n  "{c}": {{' not in "\n" + out]
     if missing:
         return f"missing clusters {missing}"
     if re.search(r'"backend-v1": \{\n(?:.*\n)*?\s*"upstream_requests": [1-9]', out) is None:
@@ -425,7 +429,7 @@ def check_clusters(out: str) -> Optional[str]:
     return None
 
 
-def check_config(out: str) -> Optional[str]:
+def check_config(out: str) -> str | None:
     if not re.search(r'"version": 1\n', out) or "frontend-sidecar.yaml" not in out:
         return "expected version 1 loaded from frontend-sidecar.yaml"
     return None
@@ -511,12 +515,12 @@ def start(comps: list[Component]) -> None:
     for c in comps:
         with open(c.log, "wb") as log:
             c.process = subprocess.Popen(
-                c.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=STATE_DIR, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent(me))
+                c.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=STATE_DIR, env=env, start_new_session=True, preexec_fn=_die_with_parent(me))  # noqa: PLW1509 (no threads here)
         _write_pids(me, {x.name: x.process.pid for x in comps if x.process is not None})
 
 
-def wait_ready(comps: list[Component], timeout: float) -> Optional[str]:
+def wait_ready(comps: list[Component], timeout: float) -> str | None:
     """
     @return: C{None} once every component is ready, else what went wrong.
     """
@@ -526,7 +530,7 @@ def wait_ready(comps: list[Component], timeout: float) -> Optional[str]:
         for c in list(pending):
             code = c.process.poll()
             if code is not None:
-                return f"{c.name} exited with status {code} while starting; its log ({c.log}):\n{_tail(c.log)}"
+                return f"{c.name} exited with status {code} while starting; its log ({c.log}):\n" + _tail(c.log)
             if c.is_ready():
                 pending.remove(c)
         if not pending:
@@ -556,15 +560,23 @@ def print_map(comps: list[Component], elapsed: float) -> None:
     print(f"""
 demo: the mesh is up ({len(comps)} processes, ready in {elapsed:.1f}s; logs in {rel}/)
 
-  you ──► :15810 frontend-sidecar ──► :15800 frontend app
-                 (inbound)                  │ calls http://127.0.0.1:15811/ (knows nothing else)
-                                            ▼
-          :15811 frontend-sidecar (outbound) ── x-version: v2 ──► :15830 backend-v2-sidecar ──► :15802 backend v2
-                                             └─ default ────────► :15820 backend-v1-sidecar ──► :15801 backend v1
-          :15812 frontend-sidecar (tcp, L4)  ── round-robin over both backend sidecars
-  admin:  :15819 frontend-sidecar   :15829 backend-v1-sidecar   :15839 backend-v2-sidecar
+  curl ─► :15810 frontend-sidecar ─► :15800 frontend ─► :15811 frontend-sidecar (outbound)
+             x-version: v2 ─► :15830 backend-v2-sidecar ─► :15802 backend v2
+             otherwise     ─► :15820 backend-v1-sidecar ─► :15801 backend v1
+  curl ─► :15812 frontend-sidecar (tcp listener) ─► round-robin over :15820 and :15830
+  admin:  :15819 frontend-sidecar, :15829 backend-v1-sidecar, :15839 backend-v2-sidecar
 """)
     sys.stdout.flush()
+
+
+def _say(line: str) -> None:
+    """
+    Print while shutting down, where stdout may be a closed pipe.
+    """
+    try:
+        print(line, flush=True)
+    except OSError:
+        pass
 
 
 def run(check: bool) -> int:
@@ -628,14 +640,12 @@ def run(check: bool) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        print("demo: stopping all processes...")
-        sys.stdout.flush()
+        _say("demo: stopping all processes...")
         stop_all(comps)
-        print("demo: stopped")
-        sys.stdout.flush()
+        _say("demo: stopped")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/demo", description="Run txmesh's demo mesh and a short tour of it.")
     group = parser.add_mutually_exclusive_group()
@@ -649,4 +659,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        # Output piped into something like head, which has gone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -108,7 +108,7 @@ class Frontend(Resource):
                 "backend": backend,
             }
             status = 200 if response.code < 500 else 502
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any failure is the answer's content)
             result = {"service": "frontend", "error": f"calling {self.backend_url.decode()}: {e}"}
             status = 502
         if not request.finished and not request._disconnected:

@@ -65,7 +65,7 @@ class ProxyServiceMaker:
             service.load_initial()
         except ConfigError as e:
             sys.stderr.write(f"txmesh-proxy: invalid config: {e}\n")
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         return service
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Union
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-def parse_duration(value: Union[str, int, float]) -> float:
+def parse_duration(value: str | int | float) -> float:
     """
     @return: the duration in seconds.
     @raise ValueError: if C{value} is not a non-negative duration.

@@ -5,8 +5,6 @@ the reason, so the message alone says what to fix.
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 class ConfigError(Exception):
     """
@@ -18,7 +16,7 @@ class ConfigError(Exception):
     @ivar reason: what is wrong, in words a person can act on.
     """
 
-    def __init__(self, source: Optional[str], field: str, reason: str):
+    def __init__(self, source: str | None, field: str, reason: str):
         self.source = source
         self.field = field
         self.reason = reason

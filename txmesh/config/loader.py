@@ -10,7 +10,8 @@ silently changes behaviour.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import yaml
 from twisted.internet.endpoints import serverFromString
@@ -45,7 +46,7 @@ class _Section:
     where it is.
     """
 
-    def __init__(self, source: Optional[str], path: str, value: Any):
+    def __init__(self, source: str | None, path: str, value: Any):
         self.source = source
         self.path = path
         if not isinstance(value, Mapping):
@@ -53,7 +54,7 @@ class _Section:
         self.value = value
         self.seen: set[str] = set()
 
-    def error(self, reason: str, field: Optional[str] = None) -> ConfigError:
+    def error(self, reason: str, field: str | None = None) -> ConfigError:
         return ConfigError(self.source, self.path if field is None else field, reason)
 
     def field(self, key: str) -> str:
@@ -72,7 +73,7 @@ class _Section:
         except (ValueError, TypeError) as e:
             raise self.error(str(e), self.field(key)) from None
 
-    def sub(self, key: str) -> Optional["_Section"]:
+    def sub(self, key: str) -> _Section | None:
         self.seen.add(key)
         if self.value.get(key) is None:
             return None
@@ -179,7 +180,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return convert
 
 
-def _regex(value: Any) -> "re.Pattern[bytes]":
+def _regex(value: Any) -> re.Pattern[bytes]:
     try:
         return re.compile(_bytes(value))
     except re.error as e:
@@ -203,7 +204,7 @@ def _header_pairs(value: Any) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((_token(k).lower(), _header_value(v)) for k, v in value.items())
 
 
-def _endpoint(field: str, value: Any, source: Optional[str]) -> Endpoint:
+def _endpoint(field: str, value: Any, source: str | None) -> Endpoint:
     if isinstance(value, str):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -237,7 +238,7 @@ class ConfigLoader:
             raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
         return self.load_bytes(text, path)
 
-    def load_bytes(self, text: bytes, source: Optional[str] = None) -> ProxyConfig:
+    def load_bytes(self, text: bytes, source: str | None = None) -> ProxyConfig:
         """
         @raise ConfigError: if C{text} is not valid YAML or not a valid config.
         """
@@ -249,7 +250,7 @@ class ConfigLoader:
             raise ConfigError(source, "", f"not valid YAML: {where}{getattr(e, 'problem', e)}") from None
         return self.load_document(doc, source)
 
-    def load_document(self, doc: Any, source: Optional[str] = None) -> ProxyConfig:
+    def load_document(self, doc: Any, source: str | None = None) -> ProxyConfig:
         """
         @raise ConfigError: if C{doc} is not a valid config.
         """
@@ -277,7 +278,7 @@ class ConfigLoader:
         top.done()
         return ProxyConfig(listeners, clusters, admin_address, node, source, doc)
 
-    def _node(self, s: Optional[_Section]) -> NodeConfig:
+    def _node(self, s: _Section | None) -> NodeConfig:
         if s is None:
             return NodeConfig()
         d = NodeConfig()
@@ -291,7 +292,7 @@ class ConfigLoader:
         s.done()
         return node
 
-    def _cluster(self, field: str, value: Any, source: Optional[str]) -> ClusterConfig:
+    def _cluster(self, field: str, value: Any, source: str | None) -> ClusterConfig:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
         endpoints = tuple(_endpoint(f, v, source) for f, v in s.items("endpoints", required=True))
@@ -309,7 +310,7 @@ class ConfigLoader:
         s.done()
         return cluster
 
-    def _listener(self, field: str, value: Any, source: Optional[str], clusters: set[str]) -> ListenerConfig:
+    def _listener(self, field: str, value: Any, source: str | None, clusters: set[str]) -> ListenerConfig:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
         address = s.get("address", _server_endpoint, required=True)
@@ -352,7 +353,7 @@ class ConfigLoader:
         s.done()
         return listener
 
-    def _vhost(self, field: str, value: Any, source: Optional[str], clusters: set[str]) -> VirtualHost:
+    def _vhost(self, field: str, value: Any, source: str | None, clusters: set[str]) -> VirtualHost:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
         domains = _each(source, s.items("domains", required=True), _string)
@@ -360,7 +361,7 @@ class ConfigLoader:
         s.done()
         return VirtualHost(name, domains, routes)
 
-    def _route(self, field: str, value: Any, source: Optional[str], clusters: set[str]) -> Route:
+    def _route(self, field: str, value: Any, source: str | None, clusters: set[str]) -> Route:
         s = _Section(source, field, value)
         name = s.get("name", _string, field.rsplit(".", 1)[-1])
         m = s.sub("match")
@@ -417,7 +418,7 @@ class ConfigLoader:
         s.done()
         return RouteMatch(prefix=prefix, path=path, regex=regex, headers=headers, methods=methods)
 
-    def _header_match(self, field: str, value: Any, source: Optional[str]) -> HeaderMatch:
+    def _header_match(self, field: str, value: Any, source: str | None) -> HeaderMatch:
         s = _Section(source, field, value)
         name = s.get("name", _token, required=True).lower()
         kinds = [k for k in ("exact", "prefix", "regex", "present") if s.value.get(k) is not None]
@@ -442,7 +443,7 @@ class ConfigLoader:
         kind = "network" if network else "HTTP"
         return f"unknown {kind} filter {name!r} (installed: {', '.join(known) or 'none'})"
 
-    def _parse_filter(self, factory: Any, raw: Any, field: str, source: Optional[str]) -> Any:
+    def _parse_filter(self, factory: Any, raw: Any, field: str, source: str | None) -> Any:
         if not isinstance(raw, Mapping):
             raise ConfigError(source, field, f"filter config must be a mapping, got {_kind(raw)}")
         try:
@@ -452,7 +453,7 @@ class ConfigLoader:
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(source, field, f"invalid filter config: {e}") from None
 
-    def _filter(self, field: str, value: Any, source: Optional[str], network: bool) -> FilterConfig:
+    def _filter(self, field: str, value: Any, source: str | None, network: bool) -> FilterConfig:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
         factory = self._registry.network(name) if network else self._registry.http(name)

@@ -7,7 +7,7 @@ translated into these; nothing above the loader sees raw dicts.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 import attrs
 
@@ -57,10 +57,10 @@ class HeaderMatch:
     """
 
     name: bytes
-    exact: Optional[bytes] = None
-    prefix: Optional[bytes] = None
-    regex: Optional[re.Pattern[bytes]] = None
-    present: Optional[bool] = None
+    exact: bytes | None = None
+    prefix: bytes | None = None
+    regex: re.Pattern[bytes] | None = None
+    present: bool | None = None
     invert: bool = False
 
 
@@ -72,9 +72,9 @@ class RouteMatch:
     methods (all must hold).
     """
 
-    prefix: Optional[bytes] = b"/"
-    path: Optional[bytes] = None
-    regex: Optional[re.Pattern[bytes]] = None
+    prefix: bytes | None = b"/"
+    path: bytes | None = None
+    regex: re.Pattern[bytes] | None = None
     headers: tuple[HeaderMatch, ...] = ()
     methods: tuple[bytes, ...] = ()
 
@@ -104,11 +104,11 @@ class Route:
 
     name: str
     match: RouteMatch
-    cluster: Optional[str] = None
-    direct_response: Optional[DirectResponse] = None
+    cluster: str | None = None
+    direct_response: DirectResponse | None = None
     timeout: float = 15.0
-    prefix_rewrite: Optional[bytes] = None
-    host_rewrite: Optional[bytes] = None
+    prefix_rewrite: bytes | None = None
+    host_rewrite: bytes | None = None
     request_headers_to_add: tuple[tuple[bytes, bytes], ...] = ()
     response_headers_to_add: tuple[tuple[bytes, bytes], ...] = ()
     filter_overrides: tuple[tuple[str, Any], ...] = ()
@@ -163,11 +163,11 @@ class ListenerConfig:
     virtual_hosts: tuple[VirtualHost, ...] = ()
     http_filters: tuple[FilterConfig, ...] = ()
     network_filters: tuple[FilterConfig, ...] = ()
-    cluster: Optional[str] = None
+    cluster: str | None = None
     idle_timeout: float = 300.0
     request_headers_timeout: float = 30.0
     max_request_headers_bytes: int = 64 * 1024
-    default_host: Optional[bytes] = None
+    default_host: bytes | None = None
     scheme: bytes = b"http"
 
 
@@ -195,12 +195,12 @@ class ProxyConfig:
 
     listeners: tuple[ListenerConfig, ...]
     clusters: tuple[ClusterConfig, ...]
-    admin_address: Optional[str] = None
+    admin_address: str | None = None
     node: NodeConfig = NodeConfig()
-    source: Optional[str] = None
+    source: str | None = None
     raw: Any = attrs.field(default=None, eq=False, repr=False)
 
-    def cluster(self, name: str) -> Optional[ClusterConfig]:
+    def cluster(self, name: str) -> ClusterConfig | None:
         """
         @return: the cluster called C{name}, or C{None}.
         """

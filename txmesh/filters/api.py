@@ -19,7 +19,8 @@ Headers and trailers are mutated in place (L{Headers} is mutable).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 from zope.interface import Attribute, Interface, implementer
@@ -129,7 +130,7 @@ class IStreamContext(Interface):
         (terminal filters call it after each batch of upstream input).
         """
 
-    def send_local_reply(reply: "LocalReply") -> None:
+    def send_local_reply(reply: LocalReply) -> None:
         """
         Answer now, from outside a hook (e.g. from a timer); in a hook, return
         the L{LocalReply} instead.
@@ -212,7 +213,7 @@ class INetworkFilter(Interface):
     on), C{bytes} (pass these instead) or L{CLOSE} (close both sides).
     """
 
-    def connection_made(connection: "ConnectionInfo") -> Any:
+    def connection_made(connection: ConnectionInfo) -> Any:
         """
         A downstream connection was accepted.  Returning L{CLOSE} refuses it.
         """
@@ -245,7 +246,7 @@ class INetworkFilterFactory(Interface):
         Validate this filter's config section once, at load time.
         """
 
-    def create_filter(config: Any, connection: "ConnectionInfo") -> INetworkFilter:
+    def create_filter(config: Any, connection: ConnectionInfo) -> INetworkFilter:
         """
         Build the filter for one connection.
         """
@@ -276,7 +277,7 @@ class ConnectionInfo:
 
     listener_name: str
     downstream_address: Any
-    upstream_address: Optional[Any] = None
+    upstream_address: Any | None = None
 
 
 @implementer(IHTTPFilter)

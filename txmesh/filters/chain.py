@@ -15,8 +15,9 @@ values cost a function call and nothing more.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from inspect import iscoroutine
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txmesh.filters.api import CONTINUE, IStreamContext, LocalReply
-from txmesh.proxy.stream import FLAGS_HEADER, Headers, RequestHead, ResponseHead, ResponseFlag
+from txmesh.proxy.stream import FLAGS_HEADER, Headers, RequestHead, ResponseFlag, ResponseHead
 
 log = Logger()
 
@@ -102,8 +103,8 @@ class FilterChain:
     proxy: Any = None
     upstream_host: Any = None
     route: Any = None
-    request_head: Optional[RequestHead] = None
-    response_head: Optional[ResponseHead] = None
+    request_head: RequestHead | None = None
+    response_head: ResponseHead | None = None
     response_started = False
     request_complete = False
     complete = False
@@ -453,7 +454,7 @@ class FilterChain:
                 log.failure("filter {filter!r} failed in stream_complete", filter=f)
 
 
-def _as_deferred(r: Any) -> Optional[Deferred]:
+def _as_deferred(r: Any) -> Deferred | None:
     if isinstance(r, Deferred):
         return r
     if iscoroutine(r):

@@ -4,7 +4,7 @@ Finding filter factories by name among installed Twisted plugins.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from twisted.plugin import getPlugins
 
@@ -28,7 +28,7 @@ class FilterRegistry:
         self._network = {f.name: f for f in network}
 
     @classmethod
-    def from_plugins(cls, extra_http: Iterable[object] = (), extra_network: Iterable[object] = ()) -> "FilterRegistry":
+    def from_plugins(cls, extra_http: Iterable[object] = (), extra_network: Iterable[object] = ()) -> FilterRegistry:
         """
         Collect every L{IHTTPFilterFactory} and L{INetworkFilterFactory}
         plugin installed under any C{twisted/plugins/} directory on
@@ -40,13 +40,13 @@ class FilterRegistry:
         network = list(getPlugins(INetworkFilterFactory, twisted.plugins)) + list(extra_network)
         return cls(http, network)
 
-    def http(self, name: str) -> Optional[object]:
+    def http(self, name: str) -> object | None:
         """
         @return: the HTTP filter factory called C{name}, or C{None}.
         """
         return self._http.get(name)
 
-    def network(self, name: str) -> Optional[object]:
+    def network(self, name: str) -> object | None:
         """
         @return: the network filter factory called C{name}, or C{None}.
         """

@@ -12,15 +12,18 @@ response), C{UT} (504, route timeout).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory, LocalReply
 from txmesh.proxy.cluster import NoHealthyUpstream
 from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag, ResponseHead
+
+log = Logger()
 
 # Request bytes buffered while the upstream connection is being set up;
 # beyond this the client is paused rather than buffered without bound.
@@ -40,12 +43,12 @@ class RouterFilter(HTTPFilter):
     _conn: Any = None
     _pool: Any = None
     _cluster: Any = None
-    _head: Optional[RequestHead] = None
+    _head: RequestHead | None = None
     _end_stream = False
-    _pending: Optional[list] = None
+    _pending: list | None = None
     _pending_bytes = 0
     _paused_client = False
-    _acquiring: Optional[Deferred] = None
+    _acquiring: Deferred | None = None
     _timer: Any = None
     _body_sent = False
     _finished = False
@@ -218,6 +221,8 @@ class RouterFilter(HTTPFilter):
         stream = self._stream
         if stream.response_started:
             self._exchange_over()
+            self._log_failure(stream.response_head.status if stream.response_head else 0, flag,
+                              f"{reason} after the response started; client connection reset")
             stream.add_response_flag(flag)
             stream.reset()
             return
@@ -240,6 +245,8 @@ class RouterFilter(HTTPFilter):
         self._abort_upstream()
         stream = self._stream
         if stream.response_started:
+            self._log_failure(stream.response_head.status if stream.response_head else 0,
+                              ResponseFlag.UPSTREAM_TIMEOUT, "route timeout after the response started; reset")
             stream.add_response_flag(ResponseFlag.UPSTREAM_TIMEOUT)
             stream.reset()
         else:
@@ -248,7 +255,25 @@ class RouterFilter(HTTPFilter):
     def _local_failure(self, status: int, body: bytes, flag: str) -> None:
         self._abort_upstream()
         self._exchange_over()
+        self._log_failure(status, flag, body.decode("utf-8", "replace"))
         self._stream.send_local_reply(LocalReply(status, body, flag=flag))
+
+    def _log_failure(self, status: int, flag: str, reason: str) -> None:
+        stream = self._stream
+        head = self._head or stream.request_head
+        route = stream.route
+        log.info(
+            "{status} {flag} {method} {authority}{path} route={route} cluster={cluster} "
+            "upstream={upstream} request_id={request_id}: {reason}",
+            status=status, flag=flag, reason=reason,
+            method=head.method.decode("latin-1") if head else "-",
+            authority=head.authority.decode("latin-1") if head else "",
+            path=head.path.decode("latin-1") if head else "",
+            route=route.name if route is not None else "-",
+            cluster=self._cluster.name if self._cluster is not None else "-",
+            upstream=str(stream.upstream_host or "-"),
+            request_id=stream.request_id.decode("latin-1"),
+        )
 
     def _abort_upstream(self) -> None:
         if self._acquiring is not None:

@@ -10,10 +10,9 @@ the hot path takes no locks and builds no label dicts.
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 from bisect import bisect_left
 from itertools import accumulate
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -83,7 +82,7 @@ class RequestMetricsCollector:
         for series in list(self.series.values()):
             requests.add_metric(series.labels, series.count)
             cumulative = list(accumulate(series.buckets))
-            durations.add_metric(series.labels, list(zip(bounds, cumulative)), series.duration_sum)
+            durations.add_metric(series.labels, list(zip(bounds, cumulative, strict=True)), series.duration_sum)
         yield requests
         yield durations
 
@@ -95,7 +94,7 @@ class ProxyMetrics:
     @ivar registry: the C{CollectorRegistry} served at C{/stats/prometheus}.
     """
 
-    def __init__(self, node: NodeConfig, registry: Optional[CollectorRegistry] = None):
+    def __init__(self, node: NodeConfig, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self._node = node
         r = self.registry

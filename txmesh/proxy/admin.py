@@ -8,7 +8,8 @@ It is not on the request path, so it is built on C{twisted.web}.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory
@@ -42,12 +43,12 @@ class RoundRobin:
     Each endpoint in turn.
     """
 
-    def __init__(self, endpoints: Sequence[Endpoint], rng: Optional[random.Random] = None):
+    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random | None = None):
         self._endpoints = tuple(endpoints)
         # Start at a random offset so many proxies do not march in step.
         self._next = (rng or random.Random()).randrange(len(endpoints)) if endpoints else 0
 
-    def pick(self, active: Callable[[Endpoint], int]) -> Optional[Endpoint]:
+    def pick(self, active: Callable[[Endpoint], int]) -> Endpoint | None:
         endpoints = self._endpoints
         if not endpoints:
             return None
@@ -61,11 +62,11 @@ class RandomChoice:
     A uniformly random endpoint.
     """
 
-    def __init__(self, endpoints: Sequence[Endpoint], rng: Optional[random.Random] = None):
+    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random | None = None):
         self._endpoints = tuple(endpoints)
         self._rng = rng or random.Random()
 
-    def pick(self, active: Callable[[Endpoint], int]) -> Optional[Endpoint]:
+    def pick(self, active: Callable[[Endpoint], int]) -> Endpoint | None:
         if not self._endpoints:
             return None
         return self._rng.choice(self._endpoints)
@@ -77,11 +78,11 @@ class LeastRequest:
     requests in flight (Envoy's default least-request behaviour).
     """
 
-    def __init__(self, endpoints: Sequence[Endpoint], rng: Optional[random.Random] = None):
+    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random | None = None):
         self._endpoints = tuple(endpoints)
         self._rng = rng or random.Random()
 
-    def pick(self, active: Callable[[Endpoint], int]) -> Optional[Endpoint]:
+    def pick(self, active: Callable[[Endpoint], int]) -> Endpoint | None:
         endpoints = self._endpoints
         if not endpoints:
             return None
@@ -97,7 +98,7 @@ LOAD_BALANCERS = {"round_robin": RoundRobin, "random": RandomChoice, "least_requ
 class _ConnectFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, pool: "EndpointPool", deferred: Deferred):
+    def __init__(self, pool: EndpointPool, deferred: Deferred):
         self._pool = pool
         self._deferred = deferred
 
@@ -141,7 +142,7 @@ class EndpointPool:
         self.connect_failures = 0
         self.closed = False
 
-    def acquire(self) -> Union[HTTP1ClientConnection, Deferred]:
+    def acquire(self) -> HTTP1ClientConnection | Deferred:
         """
         @return: an idle connection, or a L{Deferred} firing with a new one
             (or failing with L{UpstreamConnectError}).
@@ -234,7 +235,7 @@ class Cluster:
     A cluster at run time: its config, its load balancer and its pools.
     """
 
-    def __init__(self, config: ClusterConfig, reactor: Any, rng: Optional[random.Random] = None,
+    def __init__(self, config: ClusterConfig, reactor: Any, rng: random.Random | None = None,
                  writes: Any = None):
         self.config = config
         self.name = config.name
@@ -294,7 +295,7 @@ class ClusterManager:
         for c in self._clusters.values():
             c.close()
 
-    def update(self, configs: Sequence[ClusterConfig]) -> "ClusterSet":
+    def update(self, configs: Sequence[ClusterConfig]) -> ClusterSet:
         """
         Install a new set of cluster definitions.
 
@@ -329,7 +330,7 @@ class ClusterSet:
     def __init__(self, clusters: dict[str, Cluster]):
         self._clusters = clusters
 
-    def get(self, name: str) -> Optional[Cluster]:
+    def get(self, name: str) -> Cluster | None:
         """
         @return: the cluster called C{name}, or C{None}.
         """

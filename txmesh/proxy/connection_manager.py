@@ -20,7 +20,6 @@ from txmesh.config.model import ListenerConfig, NodeConfig
 from txmesh.filters.chain import FilterChain, ResponseWriter
 from txmesh.proxy.router import RouteTable
 
-
 # Request ids need uniqueness, not secrecy: a PRNG seeded from the OS
 # avoids a getrandom() system call per request.
 _ids = random.Random(os.urandom(32))

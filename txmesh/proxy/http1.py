@@ -16,7 +16,7 @@ chunk sizes); L{ProtocolError} carries the status to answer with.
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Optional, Protocol
+from typing import Protocol
 
 import httptools
 
@@ -74,7 +74,7 @@ class RequestSink(Protocol):
 
     def request_data(self, data: bytes) -> None: ...
 
-    def request_end(self, trailers: Optional[Headers]) -> None: ...
+    def request_end(self, trailers: Headers | None) -> None: ...
 
 
 class ResponseSink(Protocol):
@@ -88,7 +88,7 @@ class ResponseSink(Protocol):
 
     def response_data(self, data: bytes) -> None: ...
 
-    def response_end(self, trailers: Optional[Headers], last_data: bytes = b"") -> None: ...
+    def response_end(self, trailers: Headers | None, last_data: bytes = b"") -> None: ...
 
 
 _VERSION_BYTES = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -105,7 +105,7 @@ _COMMON_TOKENS = {
 }
 
 
-def _connection_tokens(value: bytes) -> "list[bytes] | tuple[bytes, ...]":
+def _connection_tokens(value: bytes) -> list[bytes] | tuple[bytes, ...]:
     common = _COMMON_TOKENS.get(value)
     if common is not None:
         return common
@@ -136,7 +136,7 @@ class RequestParser:
     )
 
     def __init__(self, sink: RequestSink, max_head_bytes: int = 64 * 1024, scheme: bytes = b"http",
-                 default_authority: Optional[bytes] = None):
+                 default_authority: bytes | None = None):
         """
         @param sink: receives parsed events.
         @param max_head_bytes: request line plus headers beyond this is a 431.
@@ -152,14 +152,14 @@ class RequestParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._url = b""
         self._in_head = False
-        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._trailers: list[tuple[bytes, bytes]] | None = None
         self._has_body = False
         self.upgraded = False
         self.in_message = False
         self._quiet = 0
         self._progress = False
 
-    def receive_data(self, data: bytes) -> Optional[bytes]:
+    def receive_data(self, data: bytes) -> bytes | None:
         """
         Parse C{data}.
 
@@ -345,7 +345,7 @@ class ResponseParser:
     def _reset_message(self) -> None:
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True
-        self._trailers: Optional[list[tuple[bytes, bytes]]] = None
+        self._trailers: list[tuple[bytes, bytes]] | None = None
         self._close_delimited = False
         self._head_done = False
         self._has_body = False
@@ -391,7 +391,7 @@ class ResponseParser:
         """
         return self._head_done
 
-    def receive_data(self, data: bytes) -> Optional[bytes]:
+    def receive_data(self, data: bytes) -> bytes | None:
         """
         Parse C{data} from the upstream.
 
@@ -575,8 +575,8 @@ def encode_request_head(head: RequestHead, chunked: bool, upgrade: bool = False)
 def encode_response_head(
     head: ResponseHead,
     chunked: bool = False,
-    connection: Optional[bytes] = None,
-    extra: Optional[list[tuple[bytes, bytes]]] = None,
+    connection: bytes | None = None,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
     """
     Serialise a response head for an HTTP/1.x client.
@@ -611,7 +611,7 @@ def encode_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def encode_last_chunk(trailers: Optional[Headers] = None) -> bytes:
+def encode_last_chunk(trailers: Headers | None = None) -> bytes:
     """
     The end of a chunked body, with optional trailers.
     """

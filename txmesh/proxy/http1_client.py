@@ -10,7 +10,8 @@ done and the upstream allows it, the connection goes back to its pool.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -53,9 +54,9 @@ class ConnectionReleaser(TypingProtocol):
     Where a connection goes when its exchange is over (its pool).
     """
 
-    def release(self, connection: "HTTP1ClientConnection") -> None: ...
+    def release(self, connection: HTTP1ClientConnection) -> None: ...
 
-    def connection_lost(self, connection: "HTTP1ClientConnection") -> None: ...
+    def connection_lost(self, connection: HTTP1ClientConnection) -> None: ...
 
     def writer_for(self, transport: Any) -> Any: ...
 
@@ -76,7 +77,7 @@ class HTTP1ClientConnection(Protocol):
         self._pool = pool
         self.endpoint = endpoint
         self._parser = ResponseParser(self)
-        self._handler: Optional[UpstreamResponseHandler] = None
+        self._handler: UpstreamResponseHandler | None = None
         self._chunked = False
         self._tunnel = False
         self._request_done = True
@@ -223,7 +224,7 @@ class HTTP1ClientConnection(Protocol):
         if self._handler is not None:
             self._handler.response_data(data, False)
 
-    def response_end(self, trailers: Optional[Headers], last_data: bytes = b"") -> None:
+    def response_end(self, trailers: Headers | None, last_data: bytes = b"") -> None:
         handler = self._handler
         self._response_done = True
         if handler is not None and trailers and last_data:

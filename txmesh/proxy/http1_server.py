@@ -12,7 +12,7 @@ chunked, or close-delimited for HTTP/1.0) and owns keep-alive.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -53,7 +53,7 @@ class _RequestReading:
 
     __slots__ = ("_protocol",)
 
-    def __init__(self, protocol: "HTTP1ServerProtocol"):
+    def __init__(self, protocol: HTTP1ServerProtocol):
         self._protocol = protocol
 
     def pauseProducing(self) -> None:
@@ -80,7 +80,7 @@ class HTTP1ServerProtocol(Protocol):
         self._response_producer: Any = None
         self._draining = False
         self._closing = False
-        self._pending_error: Optional[ProtocolError] = None
+        self._pending_error: ProtocolError | None = None
         self._timer: Any = None
         self._last_activity = 0.0
         self._message_started = 0.0
@@ -150,7 +150,7 @@ class HTTP1ServerProtocol(Protocol):
     def request_data(self, data: bytes) -> None:
         self._enqueue((_DATA, data, False), len(data))
 
-    def request_end(self, trailers: Optional[Headers]) -> None:
+    def request_end(self, trailers: Headers | None) -> None:
         self._queue.append((_END, trailers))
 
     def _enqueue(self, event: tuple, size: int) -> None:
@@ -259,7 +259,7 @@ class HTTP1ServerProtocol(Protocol):
         self._chunked = chunked
         self._close_after = close
         if close:
-            connection: Optional[bytes] = b"close"
+            connection: bytes | None = b"close"
         elif self._http10:
             connection = b"keep-alive"
         else:

@@ -8,11 +8,10 @@ as Envoy does; within a virtual host the first matching route wins.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from txmesh.config.model import HeaderMatch, Route, RouteMatch, VirtualHost
 from txmesh.proxy.stream import Headers, RequestHead
-
 
 _UNCACHED = object()
 _VHOST_CACHE_SIZE = 4096
@@ -48,7 +47,7 @@ def header_matches(m: HeaderMatch, headers: Headers) -> bool:
     return result != m.invert
 
 
-def route_matches(match: RouteMatch, head: RequestHead, path: Optional[bytes] = None) -> bool:
+def route_matches(match: RouteMatch, head: RequestHead, path: bytes | None = None) -> bool:
     """
     @param path: C{head}'s path without its query, if already known.
     @return: whether C{head} satisfies every condition of C{match}.
@@ -80,7 +79,7 @@ class RouteTable:
         self._exact: dict[bytes, VirtualHost] = {}
         self._suffix: list[tuple[bytes, VirtualHost]] = []
         self._prefix: list[tuple[bytes, VirtualHost]] = []
-        self._any: Optional[VirtualHost] = None
+        self._any: VirtualHost | None = None
         for vh in virtual_hosts:
             for domain in vh.domains:
                 d = domain.lower().encode("idna" if not domain.isascii() else "ascii")
@@ -95,9 +94,9 @@ class RouteTable:
         self._suffix.sort(key=lambda e: -len(e[0]))
         self._prefix.sort(key=lambda e: -len(e[0]))
         self.virtual_hosts = tuple(virtual_hosts)
-        self._vhost_cache: dict[bytes, Optional[VirtualHost]] = {}
+        self._vhost_cache: dict[bytes, VirtualHost | None] = {}
 
-    def virtual_host(self, authority: bytes) -> Optional[VirtualHost]:
+    def virtual_host(self, authority: bytes) -> VirtualHost | None:
         """
         @return: the virtual host for C{authority} (port optional), or C{None}.
         """
@@ -110,15 +109,20 @@ class RouteTable:
             vh = self._exact.get(bare)
             if vh is not None:
                 return vh
+        # Wildcards are tried against the authority as sent (a domain such
+        # as "*.example.com:8080" names a port) and without its port.
+        candidates = (host, bare) if bare is not host else (host,)
         for suffix, vh in self._suffix:
-            if bare.endswith(suffix) and len(bare) > len(suffix):
-                return vh
+            for name in candidates:
+                if name.endswith(suffix) and len(name) > len(suffix):
+                    return vh
         for prefix, vh in self._prefix:
-            if bare.startswith(prefix) and len(bare) > len(prefix):
-                return vh
+            for name in candidates:
+                if name.startswith(prefix) and len(name) > len(prefix):
+                    return vh
         return self._any
 
-    def match(self, head: RequestHead) -> Optional[Route]:
+    def match(self, head: RequestHead) -> Route | None:
         """
         @return: the first route of the matching virtual host that takes
             C{head}, or C{None} (no route: Envoy's C{NR}).

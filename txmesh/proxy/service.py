@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -25,8 +25,8 @@ from txmesh.observability.metrics import ProxyMetrics
 from txmesh.proxy.admin import AdminResource, AdminSite
 from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
-from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.deadlines import DeadlineWheel
+from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.write_coalescer import WriteCoalescer
 
@@ -68,7 +68,7 @@ class ProxyService(Service):
         self,
         config_path: str,
         reactor: Any,
-        registry: Optional[FilterRegistry] = None,
+        registry: FilterRegistry | None = None,
         watch_interval: float = 0.0,
         drain_timeout: float = 5.0,
     ):
@@ -90,15 +90,15 @@ class ProxyService(Service):
         self._clusters = ClusterManager(reactor, writes=self._writes)
         self._listeners: dict[str, _Listener] = {}
         self._admin_port: Any = None
-        self._watcher: Optional[LoopingCall] = None
-        self._mtime: Optional[float] = None
+        self._watcher: LoopingCall | None = None
+        self._mtime: float | None = None
         self._ready = False
         self._old_sighup: Any = None
         self.version = 0
         self.loaded_at = 0.0
-        self.config: Optional[ProxyConfig] = None
-        self.metrics: Optional[ProxyMetrics] = None
-        self._cluster_set: Optional[ClusterSet] = None
+        self.config: ProxyConfig | None = None
+        self.metrics: ProxyMetrics | None = None
+        self._cluster_set: ClusterSet | None = None
 
     def load_initial(self) -> ProxyConfig:
         """
@@ -145,12 +145,12 @@ class ProxyService(Service):
 
     @inlineCallbacks
     def _drain(self) -> Any:
-        stops = [l.port.stopListening() for l in self._listeners.values() if l.port is not None]
+        stops = [entry.port.stopListening() for entry in self._listeners.values() if entry.port is not None]
         if self._admin_port is not None:
             stops.append(self._admin_port.stopListening())
         yield DeferredList(stops)
-        http = [l.factory.inner for l in self._listeners.values()
-                if isinstance(l.factory.inner, HTTP1ServerFactory)]
+        http = [entry.factory.inner for entry in self._listeners.values()
+                if isinstance(entry.factory.inner, HTTP1ServerFactory)]
         for f in http:
             f.draining = True
             for conn in list(f.connections):
@@ -228,7 +228,7 @@ class ProxyService(Service):
         old = self.config
         self.config = new
         self._apply_clusters(new)
-        wanted = {l.name: l for l in new.listeners}
+        wanted = {listener.name: listener for listener in new.listeners}
         for name, entry in list(self._listeners.items()):
             cfg = wanted.get(name)
             if cfg is None or cfg.address != entry.config.address or cfg.protocol != entry.config.protocol:
@@ -257,7 +257,7 @@ class ProxyService(Service):
         log.info("config version {version} applied from {path}", version=self.version, path=self._path)
         return True
 
-    def _file_mtime(self) -> Optional[float]:
+    def _file_mtime(self) -> float | None:
         try:
             return os.stat(self._path).st_mtime
         except OSError:

@@ -9,11 +9,11 @@ lower-case C{bytes}, as in h2 and h11; header values are C{bytes}.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Union
+from collections.abc import Iterable, Iterator
 
 import attrs
 
-HeaderInput = Union[str, bytes]
+HeaderInput = str | bytes
 
 
 def _b(value: HeaderInput) -> bytes:
@@ -33,7 +33,7 @@ class Headers:
 
     __slots__ = ("_items",)
 
-    def __init__(self, items: Optional[Iterable[tuple[bytes, bytes]]] = None):
+    def __init__(self, items: Iterable[tuple[bytes, bytes]] | None = None):
         """
         @param items: C{(name, value)} pairs; names must already be
             lower-case C{bytes} (codecs guarantee this).  A C{list} is
@@ -45,13 +45,13 @@ class Headers:
             self._items = list(items) if items else []
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[HeaderInput, HeaderInput]]) -> "Headers":
+    def from_pairs(cls, pairs: Iterable[tuple[HeaderInput, HeaderInput]]) -> Headers:
         """
         Build from user-supplied pairs, lower-casing names.
         """
         return cls([(_b(n).lower(), _b(v)) for n, v in pairs])
 
-    def get(self, name: HeaderInput, default: Optional[bytes] = None) -> Optional[bytes]:
+    def get(self, name: HeaderInput, default: bytes | None = None) -> bytes | None:
         """
         @return: the first value of C{name}, or C{default}.
         """
@@ -89,7 +89,7 @@ class Headers:
         key = _b(name).lower()
         self._items = [(n, v) for n, v in self._items if n != key]
 
-    def remove_many(self, names: "frozenset[bytes] | set[bytes]") -> None:
+    def remove_many(self, names: frozenset[bytes] | set[bytes]) -> None:
         """
         Remove every header whose lower-case name is in C{names}.
         """
@@ -112,7 +112,7 @@ class Headers:
         """
         return self._items
 
-    def copy(self) -> "Headers":
+    def copy(self) -> Headers:
         """
         @return: an independent copy.
         """

@@ -13,7 +13,8 @@ not take waits for writability the usual way.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import tcp
 

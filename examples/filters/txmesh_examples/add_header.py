@@ -11,7 +11,8 @@ Config::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from zope.interface import implementer
 
