@@ -25,9 +25,103 @@ class Endpoint:
     host: str
     port: int
     labels: tuple[tuple[str, str], ...] = ()
+    weight: int = 1
+    locality: str = ""
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def label(self, name: str) -> str | None:
+        """
+        @return: the value of label C{name}, or C{None}.
+        """
+        for k, v in self.labels:
+            if k == name:
+                return v
+        return None
+
+
+@attrs.frozen
+class HashPolicy:
+    """
+    What a consistent-hash load balancer hashes on (Istio's
+    C{consistentHash}): exactly one of C{header}, C{cookie}, C{query_param}
+    or C{source_ip}.
+
+    @ivar algorithm: C{ring_hash} or C{maglev}.
+    @ivar table_size: ring size (ring hash) or table size (maglev, prime).
+    """
+
+    header: bytes | None = None
+    cookie: bytes | None = None
+    query_param: bytes | None = None
+    source_ip: bool = False
+    algorithm: str = "ring_hash"
+    table_size: int = 1024
+
+
+@attrs.frozen
+class CircuitBreakerConfig:
+    """
+    DestinationRule C{connectionPool} limits; 0 means unlimited.
+
+    @ivar max_connections: open connections to the cluster.
+    @ivar max_pending_requests: requests waiting for a connection.
+    @ivar max_requests: requests in flight.
+    @ivar max_requests_per_connection: requests before a connection is retired.
+    """
+
+    max_connections: int = 0
+    max_pending_requests: int = 0
+    max_requests: int = 0
+    max_requests_per_connection: int = 0
+
+
+@attrs.frozen
+class OutlierDetectionConfig:
+    """
+    Passive health: eject hosts that fail (Istio's C{outlierDetection}).
+
+    @ivar consecutive_5xx: 5xx responses (and resets) in a row that eject; 0 disables.
+    @ivar consecutive_gateway_errors: 502/503/504 (and resets) in a row that eject; 0 disables.
+    @ivar interval: seconds between ejection sweeps.
+    @ivar base_ejection_time: seconds; the n-th ejection lasts n times this.
+    @ivar max_ejection_percent: at most this share of hosts is ejected at once.
+    """
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_errors: int = 0
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+
+
+@attrs.frozen
+class HealthCheckConfig:
+    """
+    Active health checking.
+
+    @ivar kind: C{http} (GET C{path}, 2xx is healthy) or C{tcp} (connect).
+    """
+
+    kind: str = "http"
+    path: bytes = b"/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 1
+    unhealthy_threshold: int = 3
+
+
+@attrs.frozen
+class SubsetConfig:
+    """
+    A named subset of a cluster's endpoints, selected by labels (Istio's
+    DestinationRule C{subsets}).
+    """
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    lb_policy: str | None = None
 
 
 @attrs.frozen
@@ -36,7 +130,11 @@ class ClusterConfig:
     A named group of upstream endpoints and how to talk to them.
 
     @ivar connect_timeout: seconds to wait for a TCP connection.
-    @ivar lb_policy: C{round_robin}, C{random} or C{least_request}.
+    @ivar lb_policy: C{round_robin}, C{random}, C{least_request} or
+        C{consistent_hash} (with C{hash_policy}).
+    @ivar subsets: label-selected subsets that routes may name.
+    @ivar locality_failover: prefer endpoints in the proxy's own locality,
+        failing over to others when none is healthy.
     @ivar max_idle_per_endpoint: idle keep-alive connections kept per endpoint.
     @ivar idle_timeout: seconds an idle pooled connection is kept open.
     """
@@ -47,6 +145,12 @@ class ClusterConfig:
     lb_policy: str = "round_robin"
     max_idle_per_endpoint: int = 128
     idle_timeout: float = 60.0
+    hash_policy: HashPolicy | None = None
+    subsets: tuple[SubsetConfig, ...] = ()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    outlier_detection: OutlierDetectionConfig | None = None
+    health_check: HealthCheckConfig | None = None
+    locality_failover: bool = False
 
 
 @attrs.frozen
@@ -77,6 +181,9 @@ class RouteMatch:
     regex: re.Pattern[bytes] | None = None
     headers: tuple[HeaderMatch, ...] = ()
     methods: tuple[bytes, ...] = ()
+    query_params: tuple[HeaderMatch, ...] = ()
+    port: int | None = None
+    source_labels: tuple[tuple[str, str], ...] = ()
 
 
 @attrs.frozen
@@ -90,6 +197,97 @@ class DirectResponse:
 
 
 @attrs.frozen
+class HeaderOps:
+    """
+    Header changes: C{set} replaces, C{add} appends, C{remove} deletes.
+    """
+
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    remove: tuple[bytes, ...] = ()
+
+
+@attrs.frozen
+class WeightedDestination:
+    """
+    One destination of a route, with its share of traffic.
+
+    @ivar subset: a subset of the cluster (DestinationRule C{subsets}).
+    @ivar weight: relative weight; a route's weights sum to 100 when more
+        than one destination is given.
+    """
+
+    cluster: str
+    weight: int = 100
+    subset: str | None = None
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+
+
+@attrs.frozen
+class RetryPolicy:
+    """
+    When and how often to try again (Istio's C{retries}).
+
+    @ivar attempts: retries after the first try (Istio counts the same way).
+    @ivar per_try_timeout: seconds per try; 0 means only the route timeout.
+    @ivar retry_on: conditions: C{5xx}, C{gateway-error}, C{connect-failure},
+        C{reset}, C{retriable-4xx}, C{refused-stream}, and gRPC status names
+        (C{cancelled}, C{deadline-exceeded}, C{unavailable},
+        C{resource-exhausted}, C{internal}).
+    @ivar backoff_base: seconds; jittered exponential backoff starts here.
+    @ivar backoff_max: seconds; cap of the backoff.
+    @ivar max_buffered_body: a request body up to this many bytes is kept
+        so it can be replayed; larger bodies disable retries once streamed.
+    """
+
+    attempts: int = 2
+    per_try_timeout: float = 0.0
+    retry_on: frozenset[str] = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled",
+                                          "retriable-status-codes", "gateway-error", "reset"})
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    max_buffered_body: int = 64 * 1024
+
+
+@attrs.frozen
+class FaultPolicy:
+    """
+    Fault injection (Istio's C{fault}): delay and/or abort a share of requests.
+    """
+
+    delay: float = 0.0
+    delay_percent: float = 0.0
+    abort_status: int = 0
+    abort_grpc_status: int | None = None
+    abort_percent: float = 0.0
+
+
+@attrs.frozen
+class MirrorPolicy:
+    """
+    Send a fire-and-forget copy of requests to another destination.
+    """
+
+    cluster: str
+    subset: str | None = None
+    percent: float = 100.0
+
+
+@attrs.frozen
+class Redirect:
+    """
+    Answer with a redirect instead of forwarding (Istio's C{redirect}).
+    """
+
+    uri: bytes | None = None
+    authority: bytes | None = None
+    scheme: bytes | None = None
+    port: int | None = None
+    code: int = 301
+
+
+@attrs.frozen
 class Route:
     """
     One routing rule.
@@ -100,6 +298,11 @@ class Route:
     @ivar host_rewrite: replaces the C{Host}/authority before forwarding.
     @ivar filter_overrides: per-route filter config by filter name; a value
         of C{None} disables that filter on this route.
+    @ivar destinations: weighted destinations (canary splits); when empty,
+        C{cluster} is the single destination.
+    @ivar retry: retry policy, or C{None} for no retries.
+    @ivar request_headers: header set/add/remove on the request.
+    @ivar response_headers: header set/add/remove on the response.
     """
 
     name: str
@@ -112,6 +315,14 @@ class Route:
     request_headers_to_add: tuple[tuple[bytes, bytes], ...] = ()
     response_headers_to_add: tuple[tuple[bytes, bytes], ...] = ()
     filter_overrides: tuple[tuple[str, Any], ...] = ()
+    destinations: tuple[WeightedDestination, ...] = ()
+    redirect: Redirect | None = None
+    retry: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    mirror: MirrorPolicy | None = None
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+    hash_policy: HashPolicy | None = None
 
 
 @attrs.frozen
@@ -182,6 +393,8 @@ class NodeConfig:
     namespace: str = "default"
     app: str = "unknown"
     version: str = "unknown"
+    labels: tuple[tuple[str, str], ...] = ()
+    locality: str = ""
 
 
 @attrs.frozen
