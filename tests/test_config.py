@@ -19,6 +19,7 @@ from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError, FilterConfigError
 from txmesh.config.loader import ConfigLoader
 from txmesh.config.model import (
+    DISABLED,
     ClusterConfig,
     DirectResponse,
     Endpoint,
@@ -246,7 +247,7 @@ class ValidConfigTests(LoaderTestCase):
         self.assertEqual(api.host_rewrite, b"reviews.internal")
         self.assertEqual(api.request_headers_to_add, ((b"x-route", b"api"), (b"x-num", b"7")))
         self.assertEqual(api.response_headers_to_add, ((b"x-served-by", b"txmesh"),))
-        self.assertEqual(api.filter_overrides, (("strict", ("strict", 1)), ("metrics", None)))
+        self.assertEqual(api.filter_overrides, (("strict", ("strict", 1)), ("metrics", DISABLED)))
 
     def test_regex_route(self):
         route = self.config.listeners[0].virtual_hosts[0].routes[2]

@@ -27,9 +27,11 @@ from tests.support import (
     RawClient,
     RecordingFactory,
     RecordingProtocol,
+    fixed_response,
     free_port,
     listen_upstream,
     raw_connect,
+    raw_exchange,
 )
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory, LocalReply
 from txmesh.filters.registry import FilterRegistry
@@ -1575,3 +1577,55 @@ class ReloadTests(_Base):
         client.transport.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         responses = yield get_responses(client, 2)
         self.assertEqual(responses[1].body, b"from b")
+
+
+class ReviewFixTests(unittest.TestCase):
+    """
+    Regressions found in review: per-route filter overrides, rewrites of
+    exact paths, local-reply headers, and independent listener timeouts.
+    """
+
+    @defer.inlineCallbacks
+    def _proxy(self, routes, listener_extra=""):
+        up = RecordingFactory(fixed_response(b"ok"))
+        upport = yield listen_upstream(self, up)
+        h = ProxyHarness(self)
+        yield h.start("""
+            listeners:
+              - name: http
+                address: "tcp:0:interface=127.0.0.1"
+                http_filters: [{name: metrics}]
+                """ + listener_extra + """
+                routes: """ + routes + """
+            clusters:
+              - {name: app, endpoints: ["127.0.0.1:{up}"]}
+            """, up=upport)
+        return h, up
+
+    @defer.inlineCallbacks
+    def test_override_with_empty_config_keeps_filter(self):
+        """
+        C{filters: {metrics: {}}} configures the filter on the route; it
+        does not turn it off (only C{null} does).
+        """
+        h, up = yield self._proxy('[{match: {prefix: /}, cluster: app, filters: {metrics: {}}}]')
+        yield raw_exchange(self, h.port(), b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        series = h.service.metrics._requests.series
+        self.assertEqual(sum(s.count for s in series.values()), 1)
+
+    @defer.inlineCallbacks
+    def test_exact_path_rewrite(self):
+        h, up = yield self._proxy('[{match: {path: /old}, cluster: app, prefix_rewrite: /new}]')
+        yield raw_exchange(self, h.port(), b"GET /old?q=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        self.assertTrue(up.all_received().startswith(b"GET /new?q=1 HTTP/1.1\r\n"), up.all_received())
+
+    @defer.inlineCallbacks
+    def test_zero_headers_timeout_keeps_idle_timeout(self):
+        """
+        Disabling the request-headers timeout (0) leaves the idle timeout on.
+        """
+        h, up = yield self._proxy('[{match: {prefix: /}, cluster: app}]',
+                                  "idle_timeout: 200ms\n                request_headers_timeout: 0")
+        client = yield raw_connect(self, h.port())
+        data = yield client.closed.addTimeout(5, reactor)
+        self.assertEqual(data, b"")

@@ -80,3 +80,8 @@ txmeshReactor = Reactor(
     "txmesh", "txmesh.reactor",
     "epoll with lean event dispatch, for txmesh-proxy (Linux).",
 )
+
+from txmesh.filters.fault import FaultFactory  # noqa: E402  (appended: the fault filter)
+
+fault = FaultFactory()
+alsoProvides(fault, IPlugin)

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError, FilterConfigError
 from txmesh.config.model import (
+    DISABLED,
     ClusterConfig,
     DirectResponse,
     Endpoint,
@@ -385,7 +386,9 @@ class ConfigLoader:
                 factory = self._registry.http(fname)
                 if factory is None:
                     raise ConfigError(source, ffield, self._unknown_filter(fname, network=False))
-                overrides.append((fname, None if raw is None else self._parse_filter(factory, raw, ffield, source)))
+                if fname == ROUTER_FILTER:
+                    raise ConfigError(source, ffield, "the router cannot be configured or disabled per route")
+                overrides.append((fname, DISABLED if raw is None else self._parse_filter(factory, raw, ffield, source)))
         route = Route(
             name=name,
             match=match,
@@ -398,6 +401,8 @@ class ConfigLoader:
             response_headers_to_add=s.get("response_headers_to_add", _header_pairs, ()),
             filter_overrides=tuple(overrides),
         )
+        if route.prefix_rewrite is not None and route.match.regex is not None:
+            raise s.error("prefix_rewrite needs a prefix or path match, not a regex", s.field("prefix_rewrite"))
         s.done()
         return route
 

@@ -297,7 +297,7 @@ class Route:
     @ivar prefix_rewrite: replaces the matched prefix before forwarding.
     @ivar host_rewrite: replaces the C{Host}/authority before forwarding.
     @ivar filter_overrides: per-route filter config by filter name; a value
-        of C{None} disables that filter on this route.
+        of L{DISABLED} turns that filter off on this route.
     @ivar destinations: weighted destinations (canary splits); when empty,
         C{cluster} is the single destination.
     @ivar retry: retry policy, or C{None} for no retries.
@@ -335,6 +335,19 @@ class VirtualHost:
     name: str
     domains: tuple[str, ...]
     routes: tuple[Route, ...]
+
+
+class _Disabled:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DISABLED"
+
+
+DISABLED: Any = _Disabled()
+"""
+A route's filter override that turns the filter off for that route.
+"""
 
 
 @attrs.frozen

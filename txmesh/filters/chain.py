@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txmesh.config.model import DISABLED
 from txmesh.filters.api import CONTINUE, IStreamContext, LocalReply
 from txmesh.proxy.stream import FLAGS_HEADER, Headers, RequestHead, ResponseFlag, ResponseHead
 
@@ -131,7 +132,7 @@ class FilterChain:
         if route is not None:
             for fname, cfg in route.filter_overrides:
                 if fname == name:
-                    return cfg
+                    return None if cfg is DISABLED else cfg
         for fc in self._filter_configs:
             if fc.name == name:
                 return fc.config
@@ -197,7 +198,7 @@ class FilterChain:
                 disabled = False
                 for fname, cfg in route.filter_overrides:
                     if fname == fc.name:
-                        if cfg is None:
+                        if cfg is DISABLED:
                             disabled = True
                         config = cfg
                 if disabled:
@@ -416,13 +417,11 @@ class FilterChain:
         # Whatever the request still sends is not wanted any more.
         self._req_queue = None
         self._req_paused = True
-        head = ResponseHead(
-            reply.status,
-            Headers(
-                [(b"content-length", str(len(reply.body)).encode("ascii")), (b"content-type", b"text/plain")]
-                + [(n.lower(), v) for n, v in reply.headers]
-            ),
-        )
+        extra = [(n.lower(), v) for n, v in reply.headers]
+        items = [(b"content-length", str(len(reply.body)).encode("ascii"))]
+        if not any(n == b"content-type" for n, _ in extra):
+            items.append((b"content-type", b"text/plain"))
+        head = ResponseHead(reply.status, Headers(items + extra))
         end = not reply.body
         self._resp_paused = False
         self._resp_queue = None

@@ -71,7 +71,10 @@ class RouterFilter(HTTPFilter):
         if cluster is None:
             return LocalReply(503, b"no cluster\n", flag="NC")
         if route.prefix_rewrite is not None:
-            prefix = route.match.prefix or b""
+            # An exact-path match rewrites the whole path (keeping the query);
+            # a prefix match rewrites the prefix, as Envoy does.
+            match = route.match
+            prefix = match.path if match.path is not None else (match.prefix or b"")
             if head.path.startswith(prefix):
                 head.path = route.prefix_rewrite + head.path[len(prefix):]
                 if not head.path.startswith(b"/"):

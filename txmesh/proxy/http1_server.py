@@ -66,6 +66,15 @@ class _RequestReading:
         pass
 
 
+def _check_interval(listener: Any) -> float:
+    """
+    How often a connection checks its timeouts: the shorter of the two that
+    are enabled (0 disables one, not both).
+    """
+    enabled = [t for t in (listener.idle_timeout, listener.request_headers_timeout) if t > 0]
+    return min(enabled) if enabled else 0.0
+
+
 class HTTP1ServerProtocol(Protocol):
     """
     One client connection speaking HTTP/1.x.
@@ -111,7 +120,7 @@ class HTTP1ServerProtocol(Protocol):
         writes = manager.proxy.writes
         self._write = writes.writer_for(self.transport) if writes is not None else self.transport.write
         self._last_activity = self._message_started = self._clock.seconds()
-        self._schedule_check(min(listener.idle_timeout, listener.request_headers_timeout))
+        self._schedule_check(_check_interval(listener))
         self.factory.connection_opened(self)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -419,21 +428,26 @@ class HTTP1ServerProtocol(Protocol):
         listener = self.factory.manager.listener
         now = self._clock.seconds()
         if self._stream is None:
-            if self._parser.in_message:
+            headers_timeout = listener.request_headers_timeout
+            if self._parser.in_message and headers_timeout > 0:
                 waited = now - self._message_started
-                if waited >= listener.request_headers_timeout:
+                if waited >= headers_timeout:
                     self._protocol_error(ProtocolError(408, "request header read timeout"))
                     return
-                self._schedule_check(listener.request_headers_timeout - waited)
+                self._schedule_check(headers_timeout - waited)
                 return
-            idle = now - self._last_activity
-            if idle >= listener.idle_timeout:
-                self._close()
+            idle_timeout = listener.idle_timeout
+            if idle_timeout > 0 and not self._parser.in_message:
+                idle = now - self._last_activity
+                if idle >= idle_timeout:
+                    self._close()
+                    return
+                self._schedule_check(idle_timeout - idle)
                 return
-            self._schedule_check(listener.idle_timeout - idle)
+            self._schedule_check(_check_interval(listener))
             return
         # A stream is in flight: its own timeouts govern it.
-        self._schedule_check(min(listener.idle_timeout, listener.request_headers_timeout))
+        self._schedule_check(_check_interval(listener))
 
 
 class HTTP1ServerFactory(Factory):
@@ -455,6 +469,14 @@ class HTTP1ServerFactory(Factory):
 
     def connection_opened(self, protocol: HTTP1ServerProtocol) -> None:
         self.connections.add(protocol)
+        self._gauge(1)
 
     def connection_closed(self, protocol: HTTP1ServerProtocol) -> None:
-        self.connections.discard(protocol)
+        if protocol in self.connections:
+            self.connections.discard(protocol)
+            self._gauge(-1)
+
+    def _gauge(self, delta: int) -> None:
+        metrics = self.manager.proxy.metrics
+        if metrics is not None:
+            metrics.downstream_connections.labels(self.manager.listener.name).inc(delta)
