@@ -14,18 +14,22 @@ class ConfigError(Exception):
     @ivar field: a dotted path to the offending field, e.g.
         C{listeners[0].routes[2].cluster}.
     @ivar reason: what is wrong, in words a person can act on.
+    @ivar document: in a multi-document file (Istio YAML), the document's
+        number, counting from 1; C{None} for single-document sources.
     """
 
-    def __init__(self, source: str | None, field: str, reason: str):
+    def __init__(self, source: str | None, field: str, reason: str, document: int | None = None):
         self.source = source
         self.field = field
         self.reason = reason
+        self.document = document
         super().__init__(str(self))
 
     def __str__(self) -> str:
         where = f"{self.source}: " if self.source else ""
+        which = f"document {self.document}: " if self.document is not None else ""
         what = f"{self.field}: " if self.field else ""
-        return f"{where}{what}{self.reason}"
+        return f"{where}{which}{what}{self.reason}"
 
 
 class FilterConfigError(ValueError):

@@ -9,6 +9,7 @@ silently changes behaviour.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError, FilterConfigError
+from txmesh.config.istio import IstioConfig, IstioWarning, translate
 from txmesh.config.model import (
     DISABLED,
     ClusterConfig,
@@ -267,8 +269,18 @@ class ConfigLoader:
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ConfigError(source, f"clusters[{i}].name", f"duplicate cluster name {name!r}")
+        istio = self._istio(top.sub("istio"), source)
+        if istio is not None:
+            translated = {c.name for c in istio.clusters}
+            for i, name in enumerate(names):
+                if name in translated:
+                    raise ConfigError(source, f"clusters[{i}].name",
+                                      f"cluster name {name!r} is also the name of a cluster translated from the "
+                                      f"istio files")
+            clusters += istio.clusters
+            names += [c.name for c in istio.clusters]
         listeners = tuple(
-            self._listener(f, v, source, set(names)) for f, v in top.items("listeners", required=True)
+            self._listener(f, v, source, set(names), istio) for f, v in top.items("listeners", required=True)
         )
         seen: dict[str, str] = {}
         for i, listener in enumerate(listeners):
@@ -277,7 +289,48 @@ class ConfigLoader:
                     raise ConfigError(source, f"listeners[{i}].{what}", f"duplicate listener {what} {key!r}")
                 seen[(what, key)] = key  # type: ignore[index]
         top.done()
-        return ProxyConfig(listeners, clusters, admin_address, node, source, doc)
+        warnings = tuple(str(w) for w in istio.warnings) if istio is not None else ()
+        return ProxyConfig(listeners, clusters, admin_address, node, source, doc, warnings=warnings)
+
+    def _istio(self, s: _Section | None, source: str | None) -> IstioConfig | None:
+        """
+        Read and translate the Istio YAML files named by the C{istio}
+        section; paths are relative to the config file.
+        """
+        if s is None:
+            return None
+        items = s.items("files", required=True)
+        files = _each(source, items, _string)
+        if not files:
+            raise s.error("list at least one file", s.field("files"))
+        namespace = s.get("namespace", _string, "default")
+        domain_suffix = s.get("domain_suffix", _string, "svc.cluster.local")
+        partial = s.get("partial", _bool, False)
+        s.done()
+        base = os.path.dirname(source) if source else ""
+        documents: list[tuple[str, int, Any]] = []
+        warnings: list[IstioWarning] = []
+        for (field, _), name in zip(items, files, strict=True):
+            path = os.path.join(base, name)
+            try:
+                with open(path, "rb") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ConfigError(source, field, f"cannot read {path}: {e.strerror}") from None
+            number = 0
+            try:
+                for number, body in enumerate(yaml.safe_load_all(text), start=1):
+                    documents.append((path, number, body))
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                reason = f"not valid YAML: {where}{getattr(e, 'problem', e)}"
+                if not partial:
+                    raise ConfigError(path, "", reason, document=number + 1) from None
+                warnings.append(IstioWarning(path, number + 1, "", f"{reason}; this and later documents of the "
+                                                                   f"file are skipped"))
+        result = translate(documents, namespace, domain_suffix, partial=partial)
+        return IstioConfig(result.virtual_hosts, result.clusters, tuple(warnings) + result.warnings)
 
     def _node(self, s: _Section | None) -> NodeConfig:
         if s is None:
@@ -311,7 +364,8 @@ class ConfigLoader:
         s.done()
         return cluster
 
-    def _listener(self, field: str, value: Any, source: str | None, clusters: set[str]) -> ListenerConfig:
+    def _listener(self, field: str, value: Any, source: str | None, clusters: set[str],
+                  istio: IstioConfig | None = None) -> ListenerConfig:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
         address = s.get("address", _server_endpoint, required=True)
@@ -332,6 +386,10 @@ class ConfigLoader:
         if "routes" in s.value:
             routes = tuple(self._route(f, v, source, clusters) for f, v in s.items("routes"))
             vhosts.append(VirtualHost("default", ("*",), routes))
+        if s.get("istio_routes", _bool, False):
+            if istio is None:
+                raise s.error("needs a top-level 'istio' section", s.field("istio_routes"))
+            vhosts.extend(istio.virtual_hosts)
         if not vhosts:
             raise s.error("an http listener needs 'routes' or 'virtual_hosts'", s.field("routes"))
         filters = [self._filter(f, v, source, network=False) for f, v in s.items("http_filters")]

@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Endpoint:
     """
     One upstream address.
@@ -417,6 +417,8 @@ class ProxyConfig:
 
     @ivar source: where it was loaded from (for messages and C{/config_dump}).
     @ivar raw: the document as loaded, for C{/config_dump}.
+    @ivar warnings: things in the config that are valid but not (fully)
+        applied, e.g. unsupported Istio fields, for the service to log.
     """
 
     listeners: tuple[ListenerConfig, ...]
@@ -425,6 +427,7 @@ class ProxyConfig:
     node: NodeConfig = NodeConfig()
     source: str | None = None
     raw: Any = attrs.field(default=None, eq=False, repr=False)
+    warnings: tuple[str, ...] = ()
 
     def cluster(self, name: str) -> ClusterConfig | None:
         """

@@ -21,7 +21,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmesh.config.model import ClusterConfig, Endpoint
+from txmesh.proxy.circuit_breaker import CircuitBreaker
+from txmesh.proxy.health import HealthChecker
 from txmesh.proxy.http1_client import HTTP1ClientConnection
+from txmesh.proxy.lb import PickContext, build_balancer
+from txmesh.proxy.outlier import OutlierDetector
+from txmesh.proxy.retry import RetryBudget
 
 log = Logger()
 
@@ -36,63 +41,6 @@ class UpstreamConnectError(Exception):
     """
     Connecting to the chosen endpoint failed or timed out (Envoy's C{UF}).
     """
-
-
-class RoundRobin:
-    """
-    Each endpoint in turn.
-    """
-
-    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random | None = None):
-        self._endpoints = tuple(endpoints)
-        # Start at a random offset so many proxies do not march in step.
-        self._next = (rng or random.Random()).randrange(len(endpoints)) if endpoints else 0
-
-    def pick(self, active: Callable[[Endpoint], int]) -> Endpoint | None:
-        endpoints = self._endpoints
-        if not endpoints:
-            return None
-        i = self._next % len(endpoints)
-        self._next = i + 1
-        return endpoints[i]
-
-
-class RandomChoice:
-    """
-    A uniformly random endpoint.
-    """
-
-    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random | None = None):
-        self._endpoints = tuple(endpoints)
-        self._rng = rng or random.Random()
-
-    def pick(self, active: Callable[[Endpoint], int]) -> Endpoint | None:
-        if not self._endpoints:
-            return None
-        return self._rng.choice(self._endpoints)
-
-
-class LeastRequest:
-    """
-    Power of two choices: of two random endpoints, the one with fewer
-    requests in flight (Envoy's default least-request behaviour).
-    """
-
-    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random | None = None):
-        self._endpoints = tuple(endpoints)
-        self._rng = rng or random.Random()
-
-    def pick(self, active: Callable[[Endpoint], int]) -> Endpoint | None:
-        endpoints = self._endpoints
-        if not endpoints:
-            return None
-        if len(endpoints) == 1:
-            return endpoints[0]
-        a, b = self._rng.sample(endpoints, 2)
-        return a if active(a) <= active(b) else b
-
-
-LOAD_BALANCERS = {"round_robin": RoundRobin, "random": RandomChoice, "least_request": LeastRequest}
 
 
 class _ConnectFactory(ClientFactory):
@@ -118,24 +66,37 @@ class _ConnectFactory(ClientFactory):
             d.callback(conn)
 
 
+class UpstreamOverflow(Exception):
+    """
+    A circuit-breaker limit refused the request (Envoy's C{UO}).
+    """
+
+
 class EndpointPool:
     """
     Keep-alive HTTP/1.1 connections to one endpoint.
 
+    When the cluster's circuit breaker allows no new connection, requests
+    wait (as pending requests, themselves limited) for one to be released.
+
     @ivar active_requests: exchanges in flight on this endpoint.
-    @ivar connections: open connections, idle or busy.
+    @ivar connections: open connections, idle or busy (and connecting).
     """
 
-    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any, writes: Any = None):
+    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any, writes: Any = None,
+                 cluster: Cluster | None = None):
         """
         @param writes: a L{WriteCoalescer} for the connections' writes, or
             C{None} for plain C{transport.write}.
+        @param cluster: the owning cluster (its breaker and connection count).
         """
         self.endpoint = endpoint
         self._config = config
         self._reactor = reactor
         self._writes = writes
+        self._cluster = cluster
         self._idle: deque[HTTP1ClientConnection] = deque()
+        self._waiters: deque[Deferred] = deque()
         self.active_requests = 0
         self.connections = 0
         self.total_connections = 0
@@ -144,8 +105,11 @@ class EndpointPool:
 
     def acquire(self) -> HTTP1ClientConnection | Deferred:
         """
-        @return: an idle connection, or a L{Deferred} firing with a new one
-            (or failing with L{UpstreamConnectError}).
+        @return: an idle connection, or a L{Deferred} firing with one (new,
+            or released by another request), failing with
+            L{UpstreamConnectError}.
+        @raise UpstreamOverflow: if the circuit breaker refuses both a new
+            connection and another pending request.
         """
         idle = self._idle
         while idle:
@@ -153,6 +117,32 @@ class EndpointPool:
             if conn.connected:
                 conn.reused = True
                 return conn
+        cluster = self._cluster
+        if cluster is None:
+            return self._connect()
+        breaker = cluster.breaker
+        if not breaker.try_add_pending():
+            raise UpstreamOverflow(self.endpoint)
+        if breaker.can_open_connection(cluster.open_connections()):
+            d = self._connect()
+            d.addBoth(self._not_pending)
+            return d
+        waiter: Deferred = Deferred(self._cancel_waiter)
+        self._waiters.append(waiter)
+        return waiter
+
+    def _not_pending(self, result: Any) -> Any:
+        self._cluster.breaker.remove_pending()
+        return result
+
+    def _cancel_waiter(self, waiter: Deferred) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            return
+        self._cluster.breaker.remove_pending()
+
+    def _connect(self) -> Deferred:
         d: Deferred = Deferred()
         factory = _ConnectFactory(self, d)
         self.connections += 1
@@ -167,12 +157,9 @@ class EndpointPool:
                 connector.disconnect()
 
         result: Deferred = Deferred(cancel)
-        d.addCallbacks(self._connected, self._connect_failed)
+        d.addErrback(self._connect_failed)
         d.chainDeferred(result)
         return result
-
-    def _connected(self, conn: HTTP1ClientConnection) -> HTTP1ClientConnection:
-        return conn
 
     def _connect_failed(self, failure: Failure) -> Failure:
         self.connections -= 1
@@ -189,9 +176,21 @@ class EndpointPool:
 
     def release(self, conn: HTTP1ClientConnection) -> None:
         """
-        Take back a connection whose exchange finished cleanly.
+        Take back a connection whose exchange finished cleanly: hand it to a
+        waiting request, keep it idle, or retire it.
         """
-        if self.closed or len(self._idle) >= self._config.max_idle_per_endpoint:
+        conn.requests_served += 1
+        cluster = self._cluster
+        if self.closed or (cluster is not None and cluster.breaker.connection_exhausted(conn.requests_served)):
+            conn.transport.loseConnection()
+            return
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            cluster.breaker.remove_pending()
+            conn.reused = True
+            waiter.callback(conn)
+            return
+        if len(self._idle) >= self._config.max_idle_per_endpoint:
             conn.transport.loseConnection()
             return
         conn.idle_since = self._reactor.seconds()
@@ -206,6 +205,23 @@ class EndpointPool:
             self._idle.remove(conn)
         except ValueError:
             pass
+        if self._cluster is not None:
+            self._cluster.connection_closed()
+
+    def serve_waiter(self) -> bool:
+        """
+        Open a connection for the oldest waiting request, if the breaker
+        allows one now.
+
+        @return: whether a waiter was served.
+        """
+        cluster = self._cluster
+        if not self._waiters or not cluster.breaker.can_open_connection(cluster.open_connections()):
+            return False
+        waiter = self._waiters.popleft()
+        cluster.breaker.remove_pending()
+        self._connect().chainDeferred(waiter)
+        return True
 
     def sweep(self, now: float) -> None:
         """
@@ -229,32 +245,106 @@ class EndpointPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+
+def _subset_endpoints(config: ClusterConfig, labels: tuple[tuple[str, str], ...]) -> tuple[Endpoint, ...]:
+    return tuple(ep for ep in config.endpoints if all(ep.label(k) == v for k, v in labels))
+
 
 class Cluster:
     """
-    A cluster at run time: its config, its load balancer and its pools.
+    A cluster at run time: its config, load balancers (one per subset),
+    pools, circuit breaker, retry budget and outlier detector.
     """
 
     def __init__(self, config: ClusterConfig, reactor: Any, rng: random.Random | None = None,
-                 writes: Any = None):
+                 writes: Any = None, local_locality: str = ""):
         self.config = config
         self.name = config.name
-        self._pools = {ep: EndpointPool(ep, config, reactor, writes) for ep in config.endpoints}
-        self._lb = LOAD_BALANCERS[config.lb_policy](config.endpoints, rng)
+        self._reactor = reactor
+        self._pools = {ep: EndpointPool(ep, config, reactor, writes, self) for ep in config.endpoints}
+        self.breaker = CircuitBreaker(config.circuit_breaker)
+        self.retry_budget = RetryBudget()
+        self.outlier = (OutlierDetector(config.outlier_detection, config.endpoints)
+                        if config.outlier_detection is not None else None)
+        self.unhealthy: set[Endpoint] = set()
+        locality = local_locality if config.locality_failover else ""
+        self._balancers = {None: build_balancer(config.lb_policy, config.endpoints, config.hash_policy,
+                                                locality, rng)}
+        for subset in config.subsets:
+            self._balancers[subset.name] = build_balancer(
+                subset.lb_policy or config.lb_policy, _subset_endpoints(config, subset.labels),
+                config.hash_policy, locality, rng)
         self.upstream_requests = 0
+        self._now = 0.0
+        self._next_outlier_sweep = 0.0
+        self.health: HealthChecker | None = None
+        if config.health_check is not None:
+            self.health = HealthChecker(config.health_check, config.endpoints, reactor, self.set_health, rng=rng)
 
     def _active(self, endpoint: Endpoint) -> int:
         return self._pools[endpoint].active_requests
 
-    def pick(self) -> EndpointPool:
+    def _is_unhealthy(self, endpoint: Endpoint) -> bool:
+        if endpoint in self.unhealthy:
+            return True
+        outlier = self.outlier
+        return outlier is not None and outlier.is_ejected(endpoint, self._now)
+
+    def pick(self, subset: str | None = None, hash_key: bytes | None = None,
+             tried: frozenset | set = frozenset()) -> EndpointPool:
         """
+        @param subset: a subset name (DestinationRule C{subsets}), or C{None}.
+        @param hash_key: the request's key for consistent hashing.
+        @param tried: endpoints earlier tries of this request used.
         @return: the pool of the endpoint chosen by the load balancer.
         @raise NoHealthyUpstream: if there is none.
         """
-        endpoint = self._lb.pick(self._active)
+        balancer = self._balancers.get(subset)
+        if balancer is None:
+            raise NoHealthyUpstream(f"{self.name}: no subset {subset!r}")
+        self._now = self._reactor.seconds()
+        endpoint = balancer.pick(PickContext(hash_key, self._active, self._is_unhealthy, tried.__contains__))
         if endpoint is None:
             raise NoHealthyUpstream(self.name)
         return self._pools[endpoint]
+
+    def record_result(self, endpoint: Endpoint, status: int | None) -> None:
+        """
+        Tell outlier detection how a request to C{endpoint} ended: its
+        status, or C{None} for a connect failure, reset or timeout.
+        """
+        if self.outlier is not None:
+            if self.outlier.record_result(endpoint, status, self._reactor.seconds()):
+                log.info("outlier detection ejected {endpoint} from {cluster}", endpoint=str(endpoint),
+                         cluster=self.name)
+
+    def open_connections(self) -> int:
+        """
+        @return: connections open (or opening) to every endpoint.
+        """
+        return sum(pool.connections for pool in self._pools.values())
+
+    def connection_closed(self) -> None:
+        """
+        A connection closed: a request waiting for a connection slot may
+        now open one.
+        """
+        for pool in self._pools.values():
+            if pool.waiting and pool.serve_waiter():
+                return
+
+    def set_health(self, endpoint: Endpoint, healthy: bool) -> None:
+        """
+        Active health checking's verdict on C{endpoint}.
+        """
+        if healthy:
+            self.unhealthy.discard(endpoint)
+        else:
+            self.unhealthy.add(endpoint)
 
     def pools(self) -> list[EndpointPool]:
         return list(self._pools.values())
@@ -262,10 +352,24 @@ class Cluster:
     def sweep(self, now: float) -> None:
         for pool in self._pools.values():
             pool.sweep(now)
+        if self.outlier is not None and now >= self._next_outlier_sweep:
+            self._next_outlier_sweep = now + self.config.outlier_detection.interval
+            for endpoint in self.outlier.sweep(now):
+                log.info("outlier detection returned {endpoint} to {cluster}", endpoint=str(endpoint),
+                         cluster=self.name)
+
+    def start(self) -> None:
+        """
+        Start active health checking, if configured.
+        """
+        if self.health is not None and not self.health.running:
+            self.health.start()
 
     def close(self) -> None:
         for pool in self._pools.values():
             pool.close()
+        if self.health is not None and self.health.running:
+            self.health.stop()
 
 
 class ClusterManager:
@@ -274,12 +378,13 @@ class ClusterManager:
     of clusters whose definition did not change.
     """
 
-    def __init__(self, reactor: Any, sweep_interval: float = 5.0, writes: Any = None):
+    def __init__(self, reactor: Any, sweep_interval: float = 1.0, writes: Any = None, local_locality: str = ""):
         """
         @param writes: a L{WriteCoalescer} shared by every upstream connection.
         """
         self._reactor = reactor
         self._writes = writes
+        self.local_locality = local_locality
         self._clusters: dict[str, Cluster] = {}
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
@@ -288,6 +393,8 @@ class ClusterManager:
     def start(self) -> None:
         if not self._sweeper.running:
             self._sweeper.start(self._sweep_interval, now=False)
+            for c in self._clusters.values():
+                c.start()
 
     def stop(self) -> None:
         if self._sweeper.running:
@@ -305,8 +412,12 @@ class ClusterManager:
         new: dict[str, Cluster] = {}
         for cfg in configs:
             old = self._clusters.get(cfg.name)
-            new[cfg.name] = (old if old is not None and old.config == cfg
-                             else Cluster(cfg, self._reactor, writes=self._writes))
+            if old is not None and old.config == cfg:
+                new[cfg.name] = old
+            else:
+                new[cfg.name] = Cluster(cfg, self._reactor, writes=self._writes, local_locality=self.local_locality)
+                if self._sweeper.running:
+                    new[cfg.name].start()
         for name, old in self._clusters.items():
             if new.get(name) is not old:
                 old.close()

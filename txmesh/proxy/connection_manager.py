@@ -47,6 +47,8 @@ class ProxyContext:
         write through, or C{None} for plain C{transport.write}.
     @ivar deadlines: the L{txmesh.proxy.deadlines.DeadlineWheel} for
         per-request timeouts, or C{None} for plain C{clock.callLater}.
+    @ivar rng: the C{random.Random} for weighted choices, or C{None} for the
+        C{random} module.
     """
 
     node: NodeConfig
@@ -54,6 +56,7 @@ class ProxyContext:
     metrics: Any = None
     writes: Any = None
     deadlines: Any = None
+    rng: Any = None
 
 
 class HTTPConnectionManager:

@@ -85,6 +85,7 @@ class HTTP1ClientConnection(Protocol):
         self._paused = False
         self._request_producer: Any = None
         self.reused = False
+        self.requests_served = 0
         self.idle_since = 0.0
         self.connected = False
         self.response_started = False

@@ -333,9 +333,13 @@ class HTTP1ServerProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def set_response_producer(self, producer: Any) -> None:
-        if self._response_producer is None:
-            self._response_producer = producer
-            self.transport.registerProducer(producer, True)
+        # A retry brings a new upstream connection: it replaces the old one.
+        if self._response_producer is not None:
+            if self._response_producer is producer:
+                return
+            self.transport.unregisterProducer()
+        self._response_producer = producer
+        self.transport.registerProducer(producer, True)
 
     @property
     def request_producer(self) -> _RequestReading:

@@ -170,6 +170,7 @@ class ProxyService(Service):
     # Config application
 
     def _apply_clusters(self, config: ProxyConfig) -> None:
+        self._clusters.local_locality = config.node.locality
         self._cluster_set = self._clusters.update(config.clusters)
 
     def _proxy_context(self, config: ProxyConfig) -> ProxyContext:
