@@ -341,3 +341,46 @@ class RouteTableMatchTests(SynchronousTestCase):
         route = Route("teapot", RouteMatch(), direct_response=DirectResponse(418, b"short and stout"))
         table = RouteTable([VirtualHost("v", ("*",), (route,))])
         self.assertIs(table.match(head()), route)
+
+
+class TrafficMatchTests(SynchronousTestCase):
+    """
+    Query parameters, ports and source labels (Istio's C{queryParams},
+    C{port} and C{sourceLabels}).
+    """
+
+    def head(self, path=b"/", authority=b"svc", scheme=b"http"):
+        from txmesh.proxy.stream import Headers, RequestHead
+
+        return RequestHead(b"GET", path, authority, Headers(), scheme)
+
+    def test_query_params(self):
+        from txmesh.config.model import HeaderMatch, RouteMatch
+        from txmesh.proxy.router import route_matches
+
+        m = RouteMatch(query_params=(HeaderMatch(b"user", exact=b"jason bob"),))
+        self.assertTrue(route_matches(m, self.head(b"/p?x=1&user=jason+bob")))
+        self.assertTrue(route_matches(m, self.head(b"/p?user=jason%20bob#frag")))
+        self.assertFalse(route_matches(m, self.head(b"/p?user=jason")))
+        self.assertFalse(route_matches(m, self.head(b"/p")))
+
+    def test_port(self):
+        from txmesh.config.model import RouteMatch
+        from txmesh.proxy.router import route_matches
+
+        m = RouteMatch(port=9080)
+        self.assertTrue(route_matches(m, self.head(authority=b"reviews:9080")))
+        self.assertFalse(route_matches(m, self.head(authority=b"reviews")))
+        self.assertTrue(route_matches(RouteMatch(port=80), self.head(authority=b"reviews")))
+        self.assertTrue(route_matches(RouteMatch(port=443), self.head(authority=b"[::1]", scheme=b"https")))
+
+    def test_source_labels_filter_routes(self):
+        from txmesh.config.model import Route, RouteMatch, VirtualHost
+        from txmesh.proxy.router import RouteTable
+
+        only_v2 = Route("from-v2", RouteMatch(source_labels=(("version", "v2"),)), cluster="a")
+        default = Route("default", RouteMatch(), cluster="b")
+        vhosts = [VirtualHost("vh", ("*",), (only_v2, default))]
+        self.assertEqual(RouteTable(vhosts, {"version": "v2"}).match(self.head()).name, "from-v2")
+        self.assertEqual(RouteTable(vhosts, {"version": "v1"}).match(self.head()).name, "default")
+        self.assertEqual(RouteTable(vhosts).match(self.head()).name, "default")

@@ -1,7 +1,7 @@
 """
 The C{txmesh} command: operator tools that need no running proxy.
 
-    txmesh validate FILE...     check proxy config files; exit 1 on the first error
+    txmesh validate FILE...     check proxy config files, printing their warnings; exit 1 if any is invalid
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def validate(paths: Sequence[str], out=sys.stdout, err=sys.stderr) -> int:
             status = 1
         else:
             out.write(f"valid: {path}: {len(config.listeners)} listener(s), {len(config.clusters)} cluster(s)\n")
+            for warning in config.warnings:
+                out.write(f"  warning: {warning}\n")
     return status
 
 

@@ -86,7 +86,7 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
-_STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+_STANDARD_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH")
 _SIMPLE_LB = {"ROUND_ROBIN": "round_robin", "LEAST_REQUEST": "least_request", "LEAST_CONN": "least_request",
               "RANDOM": "random"}
 _RETRY_ON = frozenset({"5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
@@ -1047,9 +1047,11 @@ class _Translation:
             if kind == "exact":
                 kw["methods"] = (o.convert(o.field("method.exact"), text, _header_name).upper(),)
             else:
-                test = (lambda m: m.startswith(text)) if kind == "prefix" else \
-                    o.convert(o.field("method.regex"), text, re.compile).fullmatch
-                methods = tuple(m.encode("ascii") for m in _STANDARD_METHODS if test(m))
+                if kind == "prefix":
+                    methods = tuple(m for m in _STANDARD_METHODS if m.startswith(text.encode("utf-8")))
+                else:
+                    pattern = o.convert(o.field("method.regex"), text, _regex)
+                    methods = tuple(m for m in _STANDARD_METHODS if pattern.fullmatch(m))
                 if not methods:
                     doc.warn(o.field(f"method.{kind}"), "matches no standard HTTP method; match skipped")
                     return None

@@ -39,6 +39,7 @@ from txmesh.filters.registry import FilterRegistry
 T = TypeVar("T")
 
 ROUTER_FILTER = "router"
+FAULT_FILTER = "fault"
 LB_POLICIES = ("round_robin", "random", "least_request")
 PROTOCOLS = ("http", "tcp")
 
@@ -398,6 +399,12 @@ class ConfigLoader:
                 raise s.error("the router must be the last filter", f"{s.field('http_filters')}[{i}]")
         if not filters or filters[-1].name != ROUTER_FILTER:
             filters.append(self._filter(s.field("http_filters"), {"name": ROUTER_FILTER}, source, network=False))
+        has_faults = any(r.fault is not None for vh in vhosts for r in vh.routes)
+        if has_faults and all(f.name != FAULT_FILTER for f in filters) and self._registry.http(FAULT_FILTER):
+            # Routes with fault injection need the fault filter, as Istio's
+            # sidecars always have it: put it just before the router.
+            filters.insert(len(filters) - 1,
+                           self._filter(s.field("http_filters"), {"name": FAULT_FILTER}, source, network=False))
         default_host = s.get("default_host", _bytes)
         listener = ListenerConfig(
             name, address, "http",

@@ -279,6 +279,7 @@ class Cluster:
                 subset.lb_policy or config.lb_policy, _subset_endpoints(config, subset.labels),
                 config.hash_policy, locality, rng)
         self.upstream_requests = 0
+        self._plain_context = PickContext(None, self._active, self._is_unhealthy)
         self._now = 0.0
         self._next_outlier_sweep = 0.0
         self.health: HealthChecker | None = None
@@ -306,8 +307,13 @@ class Cluster:
         balancer = self._balancers.get(subset)
         if balancer is None:
             raise NoHealthyUpstream(f"{self.name}: no subset {subset!r}")
-        self._now = self._reactor.seconds()
-        endpoint = balancer.pick(PickContext(hash_key, self._active, self._is_unhealthy, tried.__contains__))
+        if self.outlier is not None:
+            self._now = self._reactor.seconds()
+        if hash_key is None and not tried:
+            context = self._plain_context  # the common case allocates nothing
+        else:
+            context = PickContext(hash_key, self._active, self._is_unhealthy, tried.__contains__)
+        endpoint = balancer.pick(context)
         if endpoint is None:
             raise NoHealthyUpstream(self.name)
         return self._pools[endpoint]

@@ -71,7 +71,7 @@ class HTTPConnectionManager:
         @param proxy: proxy-wide services.
         """
         self.listener = listener
-        self.routes = RouteTable(listener.virtual_hosts)
+        self.routes = RouteTable(listener.virtual_hosts, dict(proxy.node.labels))
         self.clusters = clusters
         self.proxy = proxy
         self.clock = proxy.clock

@@ -329,7 +329,7 @@ class ResponseParser:
     __slots__ = (
         "_sink", "_parser", "_headers", "_in_head", "_trailers", "_head_request",
         "_close_delimited", "_head_done", "_done", "upgraded", "_has_body", "_max_head", "_head_bytes",
-        "_stale", "_keep_alive", "_held",
+        "_stale", "_keep_alive", "_held", "_hop", "_content_length",
     )
 
     def __init__(self, sink: ResponseSink, max_head_bytes: int = 64 * 1024):
@@ -344,6 +344,8 @@ class ResponseParser:
 
     def _reset_message(self) -> None:
         self._headers: list[tuple[bytes, bytes]] = []
+        self._hop: list[tuple[bytes, bytes]] | None = None
+        self._content_length: bytes | None = None
         self._in_head = True
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._close_delimited = False
@@ -454,12 +456,22 @@ class ResponseParser:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
             raise ProtocolError(502, "upstream response headers too large")
+        name = name.lower()
         if self._in_head:
-            self._headers.append((name.lower(), value))
+            # Sorted as they arrive: the end of the head then only looks at
+            # the (usually one) hop-by-hop header.
+            if name in HOP_BY_HOP:
+                if self._hop is None:
+                    self._hop = []
+                self._hop.append((name, value))
+            else:
+                if name == b"content-length":
+                    self._content_length = value
+                self._headers.append((name, value))
         else:
             if self._trailers is None:
                 self._trailers = []
-            self._trailers.append((name.lower(), value))
+            self._trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -468,23 +480,19 @@ class ResponseParser:
         version = _version_bytes(parser.get_http_version())
         if version not in _VERSIONS or status < 100:
             raise ProtocolError(502, f"malformed upstream response: HTTP/{version.decode()} {status}")
-        headers = []
+        headers = self._headers
         connection: list[bytes] = []
         codings: list[bytes] = []
-        content_length = None
+        content_length = self._content_length
         chunked = False
-        for name, value in self._headers:
-            if name in HOP_BY_HOP:
+        if self._hop:
+            for name, value in self._hop:
                 if name == b"connection":
                     connection.extend(_connection_tokens(value))
                 elif name == b"transfer-encoding":
                     codings.extend(_connection_tokens(value))
                 elif name == b"upgrade" and status == 101:
                     headers.append((name, value))
-            else:
-                if name == b"content-length":
-                    content_length = value
-                headers.append((name, value))
         if connection:
             drop = frozenset(t for t in connection if t not in (b"close", b"keep-alive", b"upgrade"))
             if drop:

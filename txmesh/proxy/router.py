@@ -8,7 +8,10 @@ as Envoy does; within a virtual host the first matching route wins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from urllib.parse import unquote_to_bytes
+
+import attrs
 
 from txmesh.config.model import HeaderMatch, Route, RouteMatch, VirtualHost
 from txmesh.proxy.stream import Headers, RequestHead
@@ -67,7 +70,54 @@ def route_matches(match: RouteMatch, head: RequestHead, path: bytes | None = Non
     for hm in match.headers:
         if not header_matches(hm, head.headers):
             return False
+    if match.query_params:
+        params = query_params(head.path)
+        for qm in match.query_params:
+            if not header_matches(qm, params):
+                return False
+    if match.port is not None and authority_port(head.authority, head.scheme) != match.port:
+        return False
     return True
+
+
+def query_params(target: bytes) -> Headers:
+    """
+    @return: the query parameters of a request target, percent-decoded, as
+        a L{Headers} (so header conditions apply to them unchanged).
+    """
+    q = target.find(b"?")
+    if q < 0:
+        return Headers()
+    query = target[q + 1:]
+    h = query.find(b"#")
+    if h >= 0:
+        query = query[:h]
+    pairs = []
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        pairs.append((unquote_to_bytes(name.replace(b"+", b" ")), unquote_to_bytes(value.replace(b"+", b" "))))
+    return Headers(pairs)
+
+
+def authority_port(authority: bytes, scheme: bytes) -> int:
+    """
+    @return: the port of C{authority}, or the scheme's default.
+    """
+    bare = _strip_port(authority)
+    if bare is not authority and len(authority) > len(bare) + 1:
+        return int(authority[len(bare) + 1:])
+    return 443 if scheme == b"https" else 80
+
+
+def source_labels_match(match: RouteMatch, node_labels: Mapping[str, str]) -> bool:
+    """
+    @return: whether the proxy's own workload has every label C{match}
+        asks of the request's source (a sidecar is the source of what it
+        sends out).
+    """
+    return all(node_labels.get(k) == v for k, v in match.source_labels)
 
 
 class RouteTable:
@@ -75,7 +125,22 @@ class RouteTable:
     An immutable set of virtual hosts, compiled for lookup.
     """
 
-    def __init__(self, virtual_hosts: Sequence[VirtualHost]):
+    def __init__(self, virtual_hosts: Sequence[VirtualHost], node_labels: Mapping[str, str] | None = None):
+        """
+        @param node_labels: the labels of the workload this proxy stands
+            beside; routes whose C{source_labels} it lacks are left out.
+        """
+        if node_labels is not None:
+            labels = dict(node_labels)
+            virtual_hosts = [
+                attrs.evolve(vh, routes=tuple(r for r in vh.routes if source_labels_match(r.match, labels)))
+                for vh in virtual_hosts
+            ]
+        else:
+            virtual_hosts = [
+                attrs.evolve(vh, routes=tuple(r for r in vh.routes if not r.match.source_labels))
+                for vh in virtual_hosts
+            ]
         self._exact: dict[bytes, VirtualHost] = {}
         self._suffix: list[tuple[bytes, VirtualHost]] = []
         self._prefix: list[tuple[bytes, VirtualHost]] = []

@@ -109,7 +109,12 @@ class ProxyService(Service):
         """
         self.config = self._loader.load_file(self._path)
         self._mtime = self._file_mtime()
+        self._log_warnings(self.config)
         return self.config
+
+    def _log_warnings(self, config: ProxyConfig) -> None:
+        for warning in config.warnings:
+            log.warn("config warning: {warning}", warning=warning)
 
     @inlineCallbacks
     def startService(self) -> Any:
@@ -227,6 +232,7 @@ class ProxyService(Service):
             self.metrics.config_reloads.labels("rejected").inc()
             return False
         old = self.config
+        self._log_warnings(new)
         self.config = new
         self._apply_clusters(new)
         wanted = {listener.name: listener for listener in new.listeners}
