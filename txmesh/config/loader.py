@@ -22,25 +22,37 @@ from txmesh.config.errors import ConfigError, FilterConfigError
 from txmesh.config.istio import IstioConfig, IstioWarning, translate
 from txmesh.config.model import (
     DISABLED,
+    CircuitBreakerConfig,
     ClusterConfig,
     DirectResponse,
     Endpoint,
+    FaultPolicy,
     FilterConfig,
+    HashPolicy,
     HeaderMatch,
+    HeaderOps,
+    HealthCheckConfig,
     ListenerConfig,
+    MirrorPolicy,
     NodeConfig,
+    OutlierDetectionConfig,
     ProxyConfig,
+    Redirect,
+    RetryPolicy,
     Route,
     RouteMatch,
+    SubsetConfig,
     VirtualHost,
+    WeightedDestination,
 )
 from txmesh.filters.registry import FilterRegistry
+from txmesh.proxy.retry import KNOWN_CONDITIONS
 
 T = TypeVar("T")
 
 ROUTER_FILTER = "router"
 FAULT_FILTER = "fault"
-LB_POLICIES = ("round_robin", "random", "least_request")
+LB_POLICIES = ("round_robin", "random", "least_request", "consistent_hash")
 PROTOCOLS = ("http", "tcp")
 
 
@@ -184,6 +196,14 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return convert
 
 
+def _one_of_int(choices: tuple[int, ...]) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if value not in choices or isinstance(value, bool):
+            raise ValueError(f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    return convert
+
+
 def _regex(value: Any) -> re.Pattern[bytes]:
     try:
         return re.compile(_bytes(value))
@@ -218,8 +238,30 @@ def _endpoint(field: str, value: Any, source: str | None) -> Endpoint:
     host = s.get("address", _string, required=True)
     port = s.get("port", _int_in(1, 65535), required=True)
     labels = s.get("labels", _labels, ())
+    weight = s.get("weight", _int_in(1, 1 << 16), 1)
+    locality = s.get("locality", _string, "")
     s.done()
-    return Endpoint(host, port, labels)
+    return Endpoint(host, port, labels, weight, locality)
+
+
+def _percent(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ValueError(f"expected a percentage from 0 to 100, got {value!r}")
+    return float(value)
+
+
+def _retry_on(value: Any) -> frozenset[str]:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError("expected a list (or comma-separated string) of retry conditions")
+    out = set()
+    for item in items:
+        item = str(item).strip()
+        if item not in KNOWN_CONDITIONS and not (item.isdigit() and 100 <= int(item) <= 599):
+            raise ValueError(f"unknown retry condition {item!r} (known: {', '.join(sorted(KNOWN_CONDITIONS))}, "
+                             f"or a status code)")
+        out.add(item)
+    return frozenset(out)
 
 
 class ConfigLoader:
@@ -343,6 +385,8 @@ class ConfigLoader:
             namespace=s.get("namespace", _string, d.namespace),
             app=s.get("app", _string, d.app),
             version=s.get("version", _string, d.version),
+            labels=s.get("labels", _labels, ()),
+            locality=s.get("locality", _string, ""),
         )
         s.done()
         return node
@@ -361,9 +405,97 @@ class ConfigLoader:
             lb_policy=s.get("lb_policy", _one_of(LB_POLICIES), d.lb_policy),
             max_idle_per_endpoint=s.get("max_idle_per_endpoint", _int_in(0, 100000), d.max_idle_per_endpoint),
             idle_timeout=s.get("idle_timeout", parse_duration, d.idle_timeout),
+            hash_policy=self._hash_policy(s.sub("hash_policy")),
+            subsets=tuple(self._subset(f, v, source, endpoints) for f, v in s.items("subsets")),
+            circuit_breaker=self._circuit_breaker(s.sub("circuit_breaker")),
+            outlier_detection=self._outlier(s.sub("outlier_detection")),
+            health_check=self._health_check(s.sub("health_check")),
+            locality_failover=s.get("locality_failover", _bool, False),
         )
+        if cluster.lb_policy == "consistent_hash" and cluster.hash_policy is None:
+            raise s.error("consistent_hash needs a hash_policy", s.field("lb_policy"))
         s.done()
         return cluster
+
+    def _hash_policy(self, s: _Section | None) -> HashPolicy | None:
+        if s is None:
+            return None
+        keys = [k for k in ("header", "cookie", "query_param", "source_ip") if s.value.get(k)]
+        if len(keys) != 1:
+            raise s.error("set exactly one of header, cookie, query_param, source_ip", s.path)
+        d = HashPolicy()
+        policy = HashPolicy(
+            header=s.get("header", lambda v: _token(v).lower()),
+            cookie=s.get("cookie", _bytes),
+            query_param=s.get("query_param", _bytes),
+            source_ip=s.get("source_ip", _bool, False),
+            algorithm=s.get("algorithm", _one_of(("ring_hash", "maglev")), d.algorithm),
+            table_size=s.get("table_size", _int_in(1, 1 << 20), d.table_size),
+        )
+        s.done()
+        return policy
+
+    def _subset(self, field: str, value: Any, source: str | None, endpoints: tuple[Endpoint, ...]) -> SubsetConfig:
+        s = _Section(source, field, value)
+        subset = SubsetConfig(
+            name=s.get("name", _string, required=True),
+            labels=s.get("labels", _labels, required=True),
+            lb_policy=s.get("lb_policy", _one_of(LB_POLICIES)),
+        )
+        if not any(all(ep.label(k) == v for k, v in subset.labels) for ep in endpoints):
+            raise s.error("no endpoint of the cluster has these labels", s.field("labels"))
+        s.done()
+        return subset
+
+    def _circuit_breaker(self, s: _Section | None) -> CircuitBreakerConfig:
+        if s is None:
+            return CircuitBreakerConfig()
+        limit = _int_in(0, 1 << 30)
+        breaker = CircuitBreakerConfig(
+            max_connections=s.get("max_connections", limit, 0),
+            max_pending_requests=s.get("max_pending_requests", limit, 0),
+            max_requests=s.get("max_requests", limit, 0),
+            max_requests_per_connection=s.get("max_requests_per_connection", limit, 0),
+        )
+        s.done()
+        return breaker
+
+    def _outlier(self, s: _Section | None) -> OutlierDetectionConfig | None:
+        if s is None:
+            return None
+        d = OutlierDetectionConfig()
+        count = _int_in(0, 1 << 20)
+        outlier = OutlierDetectionConfig(
+            consecutive_5xx=s.get("consecutive_5xx", count, d.consecutive_5xx),
+            consecutive_gateway_errors=s.get("consecutive_gateway_errors", count, d.consecutive_gateway_errors),
+            interval=s.get("interval", parse_duration, d.interval),
+            base_ejection_time=s.get("base_ejection_time", parse_duration, d.base_ejection_time),
+            max_ejection_percent=s.get("max_ejection_percent", _int_in(0, 100), d.max_ejection_percent),
+        )
+        if outlier.interval <= 0:
+            raise s.error("must be positive", s.field("interval"))
+        s.done()
+        return outlier
+
+    def _health_check(self, s: _Section | None) -> HealthCheckConfig | None:
+        if s is None:
+            return None
+        d = HealthCheckConfig()
+        check = HealthCheckConfig(
+            kind=s.get("kind", _one_of(("http", "tcp")), d.kind),
+            path=s.get("path", _no_space_or_ctl, d.path),
+            interval=s.get("interval", parse_duration, d.interval),
+            timeout=s.get("timeout", parse_duration, d.timeout),
+            healthy_threshold=s.get("healthy_threshold", _int_in(1, 1000), d.healthy_threshold),
+            unhealthy_threshold=s.get("unhealthy_threshold", _int_in(1, 1000), d.unhealthy_threshold),
+        )
+        for key in ("interval", "timeout"):
+            if getattr(check, key) <= 0:
+                raise s.error("must be positive", s.field(key))
+        if not check.path.startswith(b"/"):
+            raise s.error("must start with '/'", s.field("path"))
+        s.done()
+        return check
 
     def _listener(self, field: str, value: Any, source: str | None, clusters: set[str],
                   istio: IstioConfig | None = None) -> ListenerConfig:
@@ -439,10 +571,24 @@ class ConfigLoader:
             direct = DirectResponse(ds.get("status", _int_in(100, 999), required=True),
                                     ds.get("body", lambda v: str(v).encode("utf-8"), b""))
             ds.done()
-        if (cluster is None) == (direct is None):
-            raise s.error("a route needs exactly one of 'cluster' or 'direct_response'", s.field("cluster"))
+        destinations = tuple(self._destination(f, v, source, clusters)
+                             for f, v in s.items("weighted_clusters"))
+        redirect = self._redirect(s.sub("redirect"))
+        given = [k for k, v in (("cluster", cluster), ("weighted_clusters", destinations or None),
+                                ("direct_response", direct), ("redirect", redirect)) if v is not None]
+        if len(given) != 1:
+            raise s.error("a route needs exactly one of 'cluster', 'weighted_clusters', 'direct_response' "
+                          f"or 'redirect' (got {', '.join(given) or 'none'})", s.field("cluster"))
         if cluster is not None and cluster not in clusters:
             raise s.error(f"unknown cluster {cluster!r}", s.field("cluster"))
+        subset = s.get("subset", _string)
+        if subset is not None:
+            if cluster is None:
+                raise s.error("subset goes with 'cluster' (weighted_clusters name their own)", s.field("subset"))
+            destinations = (WeightedDestination(cluster, 100, subset),)
+        if len(destinations) > 1 and sum(d.weight for d in destinations) != 100:
+            raise s.error(f"weights must sum to 100, not {sum(d.weight for d in destinations)}",
+                          s.field("weighted_clusters"))
         overrides = []
         fs = s.sub("filters")
         if fs is not None:
@@ -465,11 +611,103 @@ class ConfigLoader:
             request_headers_to_add=s.get("request_headers_to_add", _header_pairs, ()),
             response_headers_to_add=s.get("response_headers_to_add", _header_pairs, ()),
             filter_overrides=tuple(overrides),
+            destinations=destinations,
+            redirect=redirect,
+            retry=self._retry(s.sub("retry")),
+            fault=self._fault(s.sub("fault")),
+            mirror=self._mirror(s.sub("mirror"), clusters),
+            request_headers=self._header_ops(s.sub("request_headers")),
+            response_headers=self._header_ops(s.sub("response_headers")),
+            hash_policy=self._hash_policy(s.sub("hash_policy")),
         )
         if route.prefix_rewrite is not None and route.match.regex is not None:
             raise s.error("prefix_rewrite needs a prefix or path match, not a regex", s.field("prefix_rewrite"))
         s.done()
         return route
+
+    def _destination(self, field: str, value: Any, source: str | None, clusters: set[str]) -> WeightedDestination:
+        s = _Section(source, field, value)
+        cluster = s.get("cluster", _string, required=True)
+        if cluster not in clusters:
+            raise s.error(f"unknown cluster {cluster!r}", s.field("cluster"))
+        dest = WeightedDestination(
+            cluster=cluster,
+            weight=s.get("weight", _int_in(0, 100), required=True),
+            subset=s.get("subset", _string),
+            request_headers=self._header_ops(s.sub("request_headers")),
+            response_headers=self._header_ops(s.sub("response_headers")),
+        )
+        s.done()
+        return dest
+
+    def _header_ops(self, s: _Section | None) -> HeaderOps:
+        if s is None:
+            return HeaderOps()
+        ops = HeaderOps(
+            set=s.get("set", _header_pairs, ()),
+            add=s.get("add", _header_pairs, ()),
+            remove=tuple(_token(v).lower() for _, v in s.items("remove")),
+        )
+        s.done()
+        return ops
+
+    def _redirect(self, s: _Section | None) -> Redirect | None:
+        if s is None:
+            return None
+        redirect = Redirect(
+            uri=s.get("uri", _no_space_or_ctl),
+            authority=s.get("authority", _no_space_or_ctl),
+            scheme=s.get("scheme", lambda v: _one_of(("http", "https"))(v).encode("ascii")),
+            port=s.get("port", _int_in(1, 65535)),
+            code=s.get("code", _one_of_int((301, 302, 303, 307, 308)), 301),
+        )
+        s.done()
+        return redirect
+
+    def _retry(self, s: _Section | None) -> RetryPolicy | None:
+        if s is None:
+            return None
+        d = RetryPolicy()
+        retry = RetryPolicy(
+            attempts=s.get("attempts", _int_in(0, 100), d.attempts),
+            per_try_timeout=s.get("per_try_timeout", parse_duration, d.per_try_timeout),
+            retry_on=s.get("retry_on", _retry_on, d.retry_on),
+            backoff_base=s.get("backoff_base", parse_duration, d.backoff_base),
+            backoff_max=s.get("backoff_max", parse_duration, d.backoff_max),
+            max_buffered_body=s.get("max_buffered_body", _int_in(0, 1 << 30), d.max_buffered_body),
+        )
+        s.done()
+        return retry
+
+    def _fault(self, s: _Section | None) -> FaultPolicy | None:
+        if s is None:
+            return None
+        fault = FaultPolicy(
+            delay=s.get("delay", parse_duration, 0.0),
+            delay_percent=s.get("delay_percent", _percent, 0.0),
+            abort_status=s.get("abort_status", _int_in(200, 599), 0),
+            abort_grpc_status=s.get("abort_grpc_status", _int_in(1, 16)),
+            abort_percent=s.get("abort_percent", _percent, 0.0),
+        )
+        if fault.abort_percent and not (fault.abort_status or fault.abort_grpc_status):
+            raise s.error("abort_percent needs abort_status or abort_grpc_status", s.field("abort_percent"))
+        if fault.delay_percent and not fault.delay:
+            raise s.error("delay_percent needs a delay", s.field("delay_percent"))
+        s.done()
+        return fault
+
+    def _mirror(self, s: _Section | None, clusters: set[str]) -> MirrorPolicy | None:
+        if s is None:
+            return None
+        mirror = MirrorPolicy(
+            cluster=s.get("cluster", _string, required=True),
+            subset=s.get("subset", _string),
+            percent=s.get("percent", _percent, 100.0),
+        )
+        if mirror.cluster not in clusters:
+            raise s.error(f"unknown cluster {mirror.cluster!r}", s.field("cluster"))
+        s.done()
+        return mirror
 
     def _match(self, s: _Section) -> RouteMatch:
         kinds = [k for k in ("prefix", "path", "regex") if s.value.get(k) is not None]
@@ -485,12 +723,18 @@ class ConfigLoader:
             prefix = b"/"
         headers = tuple(self._header_match(f, v, s.source) for f, v in s.items("headers"))
         methods = tuple(m.upper() for m in _each(s.source, s.items("methods"), _token))
+        query_params = tuple(self._header_match(f, v, s.source, lower=False) for f, v in s.items("query_params"))
+        port = s.get("port", _int_in(1, 65535))
+        source_labels = s.get("source_labels", _labels, ())
         s.done()
-        return RouteMatch(prefix=prefix, path=path, regex=regex, headers=headers, methods=methods)
+        return RouteMatch(prefix=prefix, path=path, regex=regex, headers=headers, methods=methods,
+                          query_params=query_params, port=port, source_labels=source_labels)
 
-    def _header_match(self, field: str, value: Any, source: str | None) -> HeaderMatch:
+    def _header_match(self, field: str, value: Any, source: str | None, lower: bool = True) -> HeaderMatch:
         s = _Section(source, field, value)
-        name = s.get("name", _token, required=True).lower()
+        name = s.get("name", _token if lower else _bytes, required=True)
+        if lower:
+            name = name.lower()
         kinds = [k for k in ("exact", "prefix", "regex", "present") if s.value.get(k) is not None]
         if len(kinds) > 1:
             raise s.error(f"set only one of exact, prefix, regex, present (got {', '.join(kinds)})",

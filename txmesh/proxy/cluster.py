@@ -129,6 +129,10 @@ class EndpointPool:
             return d
         waiter: Deferred = Deferred(self._cancel_waiter)
         self._waiters.append(waiter)
+        # The limit is cluster-wide but idle connections are per endpoint:
+        # one idling to another endpoint would hold the slot this request
+        # waits for until its idle timeout.  Closing it serves the waiter.
+        cluster.close_idle_elsewhere(self)
         return waiter
 
     def _not_pending(self, result: Any) -> Any:
@@ -190,6 +194,10 @@ class EndpointPool:
             conn.reused = True
             waiter.callback(conn)
             return
+        if cluster is not None and cluster.waiting_elsewhere(self):
+            # A request for another endpoint waits for a connection slot.
+            conn.transport.loseConnection()
+            return
         if len(self._idle) >= self._config.max_idle_per_endpoint:
             conn.transport.loseConnection()
             return
@@ -222,6 +230,20 @@ class EndpointPool:
         cluster.breaker.remove_pending()
         self._connect().chainDeferred(waiter)
         return True
+
+    def close_one_idle(self) -> bool:
+        """
+        Close the oldest idle connection, if there is one.
+
+        @return: whether one was closed.
+        """
+        idle = self._idle
+        while idle:
+            conn = idle.popleft()
+            if conn.connected:
+                conn.transport.loseConnection()
+                return True
+        return False
 
     def sweep(self, now: float) -> None:
         """
@@ -342,6 +364,29 @@ class Cluster:
         for pool in self._pools.values():
             if pool.waiting and pool.serve_waiter():
                 return
+
+    def waiting_elsewhere(self, pool: EndpointPool) -> bool:
+        """
+        @return: whether a request waits for a connection slot on an
+            endpoint other than C{pool}'s.
+        """
+        for other in self._pools.values():
+            if other is not pool and other.waiting:
+                return True
+        return False
+
+    def close_idle_elsewhere(self, pool: EndpointPool) -> bool:
+        """
+        Close one idle connection of an endpoint other than C{pool}'s, to
+        free a connection slot for a request waiting on C{pool}; the slot
+        is handed over when the connection is lost (L{connection_closed}).
+
+        @return: whether a connection was closed.
+        """
+        for other in self._pools.values():
+            if other is not pool and other.close_one_idle():
+                return True
+        return False
 
     def set_health(self, endpoint: Endpoint, healthy: bool) -> None:
         """
