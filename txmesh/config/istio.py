@@ -55,6 +55,18 @@ from txmesh.config.model import (
     VirtualHost,
     WeightedDestination,
 )
+from txmesh.config.values import boolean as _bool
+from txmesh.config.values import header_value as _header_value
+from txmesh.config.values import int_in as _int_in
+from txmesh.config.values import kind_of as _kind
+from txmesh.config.values import labels as _labels
+from txmesh.config.values import one_of as _one_of
+from txmesh.config.values import percent as _percent
+from txmesh.config.values import regex as _regex
+from txmesh.config.values import string as _string
+from txmesh.config.values import text as _text
+from txmesh.config.values import utf8 as _utf8
+from txmesh.proxy.lb import is_prime as _is_prime
 
 __all__ = [
     "API_VERSIONS",
@@ -82,7 +94,6 @@ _BROADER = "not supported by txmesh; ignored, so this match takes more requests 
 
 _HOST = re.compile(r"\*|(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -193,63 +204,8 @@ def translate(
 # --- reading values ---------------------------------------------------------
 
 
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number",
-            float: "a number", bool: "a boolean", type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {_kind(value)}")
-    return value
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_kind(value)}")
-    return value
-
-
-def _utf8(value: Any) -> bytes:
-    return _string(value).encode("utf-8")
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_kind(value)}")
-    return value
-
-
-def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {_kind(value)}")
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, got {value}")
-        return value
-    return convert
-
-
 _port = _int_in(1, 65535)
 _count = _int_in(0, 2**31 - 1)
-
-
-def _percent(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"expected a number, got {_kind(value)}")
-    if not 0 <= value <= 100:
-        raise ValueError(f"must be between 0 and 100, got {value}")
-    return float(value)
-
-
-def _one_of(choices: Iterable[str]) -> Callable[[Any], str]:
-    choices = tuple(choices)
-
-    def convert(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-    return convert
 
 
 def _duration(value: Any) -> float:
@@ -273,39 +229,11 @@ def _duration(value: Any) -> float:
     return seconds
 
 
-def _regex(value: Any) -> re.Pattern[bytes]:
-    try:
-        return re.compile(_utf8(value))
-    except re.error as e:
-        raise ValueError(f"invalid regular expression {value!r}: {e}") from None
-
-
 def _header_name(value: Any) -> bytes:
     name = _string(value)
     if _TOKEN.fullmatch(name) is None:
         raise ValueError(f"not a valid HTTP header name: {value!r}")
     return name.lower().encode("ascii")
-
-
-def _header_value(value: Any) -> bytes:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    text = _text(value)
-    if _CTL.search(text) is not None:
-        # CR or LF here would write extra headers into every request.
-        raise ValueError(f"control characters are not allowed in a header value: {value!r}")
-    return text.encode("utf-8")
-
-
-def _labels(value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"expected a mapping of label name to value, got {_kind(value)}")
-    for k, v in value.items():
-        if not isinstance(k, str) or not k:
-            raise ValueError(f"label names must be non-empty strings, got {k!r}")
-        if not isinstance(v, str):
-            raise ValueError(f"label {k!r}: values must be strings (quote them), got {_kind(v)}")
-    return tuple(sorted(value.items()))
 
 
 def _strings(value: Any) -> list[str]:
@@ -1444,12 +1372,3 @@ def _base64(value: Any) -> bytes:
         raise ValueError(f"not valid base64: {e}") from None
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True

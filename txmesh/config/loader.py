@@ -45,6 +45,15 @@ from txmesh.config.model import (
     VirtualHost,
     WeightedDestination,
 )
+from txmesh.config.values import boolean as _bool
+from txmesh.config.values import header_value as _header_value
+from txmesh.config.values import int_in as _int_in
+from txmesh.config.values import kind_of as _kind
+from txmesh.config.values import labels as _labels
+from txmesh.config.values import one_of as _one_of
+from txmesh.config.values import percent as _percent
+from txmesh.config.values import regex as _regex
+from txmesh.config.values import string as _string
 from txmesh.filters.registry import FilterRegistry
 from txmesh.proxy.retry import KNOWN_CONDITIONS
 
@@ -112,31 +121,13 @@ class _Section:
             raise self.error(f"unknown field (known: {', '.join(sorted(self.seen))})", self.field(unknown[0]))
 
 
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number",
-            float: "a number", bool: "a boolean", type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"expected a non-empty string, got {_kind(value)}")
-    return value
-
-
 def _bytes(value: Any) -> bytes:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     return _string(value).encode("latin-1")
 
 
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {_kind(value)}")
-    return value
-
-
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_CTL = re.compile(rb"[\x00-\x1f\x7f]")
 _CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
 
 
@@ -147,25 +138,11 @@ def _token(value: Any) -> bytes:
     return b
 
 
-def _header_value(value: Any) -> bytes:
-    b = _bytes(value)
-    if _CTL.search(b.replace(b"\t", b"")) is not None:
-        # CR or LF here would write extra headers into every request.
-        raise ValueError(f"control characters are not allowed in a header value: {value!r}")
-    return b
-
-
 def _no_space_or_ctl(value: Any) -> bytes:
     b = _bytes(value)
     if _CTL_OR_SPACE.search(b) is not None:
         raise ValueError(f"spaces and control characters are not allowed here: {value!r}")
     return b
-
-
-def _labels(value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"expected a mapping of label name to value, got {_kind(value)}")
-    return tuple(sorted((str(k), str(x)) for k, x in value.items()))
 
 
 def _each(source: str | None, items: list[tuple[str, Any]], convert: Callable[[Any], T]) -> tuple[T, ...]:
@@ -178,37 +155,12 @@ def _each(source: str | None, items: list[tuple[str, Any]], convert: Callable[[A
     return tuple(out)
 
 
-def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {_kind(value)}")
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, got {value}")
-        return value
-    return convert
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-    return convert
-
-
 def _one_of_int(choices: tuple[int, ...]) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if value not in choices or isinstance(value, bool):
             raise ValueError(f"must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
     return convert
-
-
-def _regex(value: Any) -> re.Pattern[bytes]:
-    try:
-        return re.compile(_bytes(value))
-    except re.error as e:
-        raise ValueError(f"invalid regular expression: {e}") from None
 
 
 def _server_endpoint(value: Any) -> str:
@@ -242,12 +194,6 @@ def _endpoint(field: str, value: Any, source: str | None) -> Endpoint:
     locality = s.get("locality", _string, "")
     s.done()
     return Endpoint(host, port, labels, weight, locality)
-
-
-def _percent(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        raise ValueError(f"expected a percentage from 0 to 100, got {value!r}")
-    return float(value)
 
 
 def _retry_on(value: Any) -> frozenset[str]:

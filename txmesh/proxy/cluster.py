@@ -345,10 +345,24 @@ class Cluster:
         Tell outlier detection how a request to C{endpoint} ended: its
         status, or C{None} for a connect failure, reset or timeout.
         """
-        if self.outlier is not None:
-            if self.outlier.record_result(endpoint, status, self._reactor.seconds()):
+        outlier = self.outlier
+        if outlier is not None:
+            now = self._reactor.seconds()
+            state = outlier.host_state(endpoint)
+            if state is not None and state.ejected and not outlier.is_ejected(endpoint, now):
+                # Its ejection is over and it takes traffic again, but until
+                # a sweep brings it back the detector ignores its results:
+                # a host still failing would not be ejected again until the
+                # next periodic sweep.  Bring it back now.
+                self._return_hosts(now)
+            if outlier.record_result(endpoint, status, now):
                 log.info("outlier detection ejected {endpoint} from {cluster}", endpoint=str(endpoint),
                          cluster=self.name)
+
+    def _return_hosts(self, now: float) -> None:
+        for endpoint in self.outlier.sweep(now):
+            log.info("outlier detection returned {endpoint} to {cluster}", endpoint=str(endpoint),
+                     cluster=self.name)
 
     def open_connections(self) -> int:
         """
@@ -405,9 +419,7 @@ class Cluster:
             pool.sweep(now)
         if self.outlier is not None and now >= self._next_outlier_sweep:
             self._next_outlier_sweep = now + self.config.outlier_detection.interval
-            for endpoint in self.outlier.sweep(now):
-                log.info("outlier detection returned {endpoint} to {cluster}", endpoint=str(endpoint),
-                         cluster=self.name)
+            self._return_hosts(now)
 
     def start(self) -> None:
         """
