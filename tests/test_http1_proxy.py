@@ -983,6 +983,10 @@ class HeaderTests(_Base):
         [r] = read_responses(data, eof=True)
         self.assertEqual(r.status, 200)
         self.assertEqual(r.body, b"GET /nohost")
+        # The upstream still gets a Host: the endpoint's address.
+        hosts = [v for n, v in _up.requests[0].headers if n.lower() == b"host"]
+        self.assertEqual(len(hosts), 1)
+        self.assertTrue(hosts[0].startswith(b"127.0.0.1:"), hosts)
 
 
 class FailureTests(_Base):

@@ -254,15 +254,20 @@ class KeepAliveClient(Protocol):
         self.connected_ = True
 
     def request(self, path: bytes = b"/", host: bytes = b"reviews",
-                headers: tuple[tuple[bytes, bytes], ...] = (), method: bytes = b"GET") -> defer.Deferred:
+                headers: tuple[tuple[bytes, bytes], ...] = (), method: bytes = b"GET",
+                body: bytes | None = None) -> defer.Deferred:
         """
+        Send a request (after any still unanswered: pipelining).
+
         @return: a L{Deferred} firing with a L{Reply}.
         """
         lines = [method + b" " + path + b" HTTP/1.1", b"host: " + host]
         lines += [n + b": " + v for n, v in headers]
+        if body is not None:
+            lines.append(b"content-length: %d" % len(body))
         d: defer.Deferred = defer.Deferred()
         self._waiting.append((d, reactor.seconds()))
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + (body or b""))
         return d.addTimeout(REQUEST_TIMEOUT, reactor)
 
     def dataReceived(self, data: bytes) -> None:
@@ -330,14 +335,26 @@ class Clients:
 
     @defer.inlineCallbacks
     def one(self, path: bytes = b"/", host: bytes = b"reviews",
-            headers: tuple[tuple[bytes, bytes], ...] = ()) -> Any:
+            headers: tuple[tuple[bytes, bytes], ...] = (), body: bytes | None = None) -> Any:
         """
-        One request on a fresh connection.
+        One request on a fresh connection (a POST when there is a body).
         """
         client = yield self.connect()
-        reply = yield client.request(path, host, headers)
+        reply = yield client.request(path, host, headers, b"GET" if body is None else b"POST", body)
         client.transport.loseConnection()
         return reply
+
+    @defer.inlineCallbacks
+    def pipelined(self, total: int, request_for: Callable[[int], dict] = lambda i: {}) -> Any:
+        """
+        Write C{total} requests at once on one connection.
+
+        @return: the L{Reply}s, in order.
+        """
+        client = yield self.connect()
+        replies = yield defer.gatherResults([client.request(**request_for(i)) for i in range(total)])
+        client.transport.loseConnection()
+        return replies
 
     @defer.inlineCallbacks
     def load(self, total: int, concurrency: int,
@@ -548,11 +565,13 @@ class SplitTests(TrafficTestCase):
             return {"host": hosts[i // 4 % len(hosts)], "headers": ((b"end-user", user),)}
 
         replies = yield clients.load(400, 4, request_for)
+        # Pipelined on one connection, the answers come back in order.
+        replies += yield clients.pipelined(200, request_for)
         for i, reply in enumerate(replies):
             self.assertEqual(reply.status, 200, reply)
             expected = b"v2" if i % 4 == 0 else b"v1"
             self.assertEqual(reply.header(b"x-version"), expected, (i, request_for(i), reply))
-        self.assertEqual(len(ups[1].requests), 100)
+        self.assertEqual(len(ups[1].requests), 150)
         self.assertTrue(all(r.header(b"end-user") == b"jason" for r in ups[1].requests))
 
 
@@ -604,6 +623,25 @@ class RetryTests(TrafficTestCase):
         "every cluster has a fixed RetryBudget (20% of active requests, at least 3 retries in flight; "
         "txmesh/proxy/retry.py, made in txmesh/proxy/cluster.py) that the Istio translation cannot lift: "
         "beyond 3 concurrent retries requests fail 503 URX")
+
+    @defer.inlineCallbacks
+    def test_retry_replays_body(self):
+        """
+        A POST retried after a 503 reaches the good host with its whole
+        body.
+        """
+        ups = yield self.upstreams(("good", "v1"), ("bad", "v1", {"status": 503}))
+        clients = yield self._retry_mesh(ups, {"attempts": 3, "retryOn": "5xx,reset"})
+        total = 60
+        replies = yield clients.load(total, 3, lambda i: {
+            "method": b"POST", "path": b"/post/%d" % i, "body": b"payload-%d-" % i + b"x" * (i * 97)})
+        self.assertEqual(Counter(r.status for r in replies), {200: total})
+        good, bad = ups
+        self.assertGreater(len(bad.requests), 0)
+        self.assertEqual(len(good.requests), total)
+        for request in good.requests + bad.requests:
+            i = int(request.path.rsplit(b"/", 1)[1])
+            self.assertEqual(request.body, b"payload-%d-" % i + b"x" * (i * 97))
 
     @defer.inlineCallbacks
     def test_retries_hide_reset(self):
@@ -1002,6 +1040,15 @@ class RequestShapingTests(TrafficTestCase):
         self.assertEqual(sorted(r.path for r in shadow.requests), sorted(b"/m/%d" % i for i in range(20)))
         self.assertEqual({r.header(b"host") for r in shadow.requests}, {b"web-shadow:80"})
         self.assertEqual({r.header(b"host") for r in primary.requests}, {b"web:80"})
+        # Bodies are mirrored too.
+        reply = yield clients.one(b"/upload", b"web", body=b"a body to copy")
+        self.assertEqual((reply.status, reply.upstream), (200, "primary"))
+        deadline = reactor.seconds() + 5
+        while len(shadow.requests) < 21 and reactor.seconds() < deadline:
+            yield sleep(0.02)
+        self.assertEqual((shadow.requests[-1].method, shadow.requests[-1].body), (b"POST", b"a body to copy"))
+        self.assertEqual(shadow.requests[-1].header(b"host"), b"web-shadow")
+        self.assertEqual(primary.requests[-1].body, b"a body to copy")
 
 
 # 8. Active health checks

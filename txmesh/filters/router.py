@@ -356,6 +356,10 @@ class RouterFilter(HTTPFilter):
         pool.active_requests += 1
         cluster.upstream_requests += 1
         self._stream.upstream_host = pool.endpoint
+        if not self._head.authority:
+            # An HTTP/1.0 client sent no Host and the listener names no
+            # default: the upstream still needs one.
+            self._head.authority = str(pool.endpoint).encode("ascii")
         try:
             conn = pool.acquire()
         except UpstreamOverflow:
