@@ -968,8 +968,6 @@ WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
                                                        "spec.http[0].match[0]")]),
     "rewrite_regex": (_vs({"rewrite": {"uriRegexRewrite": {"match": "a", "rewrite": "b"}}, "route": TO_REVIEWS}),
                       [(3, "spec.http[0].rewrite.uriRegexRewrite", "regex rewrites are not supported")]),
-    "retry_status_code": (_vs({"route": TO_REVIEWS, "retries": {"attempts": 2, "retryOn": "5xx,503"}}),
-                          [(3, "spec.http[0].retries.retryOn", "'503' is not supported by txmesh; ignored")]),
     "retry_unsupported": (_vs({"route": TO_REVIEWS, "retries": {"attempts": 2, "retryOn": "envoy-ratelimited",
                                                                 "retryRemoteLocalities": True}}),
                           [(3, "spec.http[0].retries.retryRemoteLocalities", "not supported"),
@@ -998,8 +996,7 @@ WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
     "dr_port_level": ([], [(2, "spec.trafficPolicy.portLevelSettings", "per-port policies")]),
     "locality_details": ([], [(2, "spec.trafficPolicy.loadBalancer.localityLbSetting.failover",
                                "explicit failover regions")]),
-    "pool_unsupported": ([], [(2, "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive", "not supported"),
-                              (2, "spec.trafficPolicy.connectionPool.http.maxRetries", "retry budget")]),
+    "pool_unsupported": ([], [(2, "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive", "not supported")]),
     "outlier_unsupported": ([], [(2, "spec.trafficPolicy.outlierDetection.minHealthPercent", "maxEjectionPercent"),
                                  (2, "spec.trafficPolicy.outlierDetection.consecutiveErrors", "deprecated")]),
     "warmup": ([], [(2, "spec.trafficPolicy.loadBalancer.warmupDurationSecs", "slow start")]),
@@ -1521,3 +1518,18 @@ class BookinfoTests(SynchronousTestCase):
             self.assertEqual(domains[host], "default/reviews")
         self.assertEqual(domains["productpage"], "default/productpage")
 
+
+
+class RetryStatusCodeTests(SynchronousTestCase):
+    def test_numeric_retry_on(self):
+        """
+        Numeric codes in C{retryOn} are retriable status codes, as in Istio.
+        """
+        from txmesh.config.istio import translate
+
+        doc = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "r"},
+               "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}],
+                                                        "retries": {"attempts": 2, "retryOn": "5xx,503,409"}}]}}
+        config = translate([("vs.yaml", 1, doc)])
+        route = [r for vh in config.virtual_hosts for r in vh.routes][0]
+        self.assertEqual(route.retry.retry_on, frozenset({"5xx", "503", "409"}))

@@ -8,8 +8,8 @@ over a few connections.
 Covered: weighted canary splits and header-based A/B routing, retries that
 hide a failing or hanging host, the circuit breaker's overflow, outlier
 ejection and return, consistent hashing on a header and on a cookie, fault
-injection, header operations, redirects, rewrites, direct responses and
-mirroring.
+injection, header operations, redirects, rewrites, direct responses,
+mirroring, and (from a native cluster: Istio has none) active health checks.
 
 Every loop is bounded in count and in time; timing assertions are lower
 bounds only.
@@ -28,12 +28,16 @@ import yaml
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.trial import unittest
 
 from tests.support import ProxyHarness, sleep
 
 REQUEST_TIMEOUT = 10.0
 LOAD_TIMEOUT = 40.0
+
+# Measured numbers (split counts, overflow counts...) go to the test log.
+log = Logger()
 
 PROXY = """
     istio:
@@ -117,7 +121,11 @@ class Upstream(Factory):
 
     @ivar mode: C{ok} (answer), C{hang} (never answer) or C{reset} (abort
         the connection on each request); may change while running.
-    @ivar status: the status of its answers.
+    @ivar status: the status of its answers, or a function of the
+        L{Request} returning it.
+    @ivar bodyless_errors: answer statuses other than 200 with no body.
+    @ivar health_status: the status of answers to C{GET /healthz}, which
+        are kept in C{probes}, not in C{requests}.
     @ivar delay: seconds before each answer.
     @ivar requests: every request received, in order.
     @ivar responded_at: when each answer was written.
@@ -126,11 +134,16 @@ class Upstream(Factory):
 
     noisy = False
 
-    def __init__(self, name: str, version: str = "v1", status: int = 200, delay: float = 0.0,
-                 mode: str = "ok", extra_headers: tuple[tuple[bytes, bytes], ...] = ()):
+    def __init__(self, name: str, version: str = "v1", status: int | Callable[[Request], int] = 200,
+                 delay: float = 0.0,
+                 mode: str = "ok", extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+                 bodyless_errors: bool = False):
         self.name = name
         self.version = version
         self.status = status
+        self.bodyless_errors = bodyless_errors
+        self.health_status = 200
+        self.probes: list[Request] = []
         self.delay = delay
         self.mode = mode
         self.extra_headers = extra_headers
@@ -175,16 +188,26 @@ class Upstream(Factory):
         self._open.discard(proto)
 
     def _handle(self, proto: _UpstreamProtocol, request: Request) -> None:
+        if request.path == b"/healthz":
+            self.probes.append(request)
+            status = self.health_status
+            proto.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\n\r\n"
+                                  % (status, HTTPStatus(status).phrase.encode("ascii")))
+            return
         self.requests.append(request)
         if self.mode == "hang":
             return
         if self.mode == "reset":
             proto.transport.abortConnection()
             return
-        body = self.name.encode("ascii")
-        head = [b"HTTP/1.1 %d %s" % (self.status, HTTPStatus(self.status).phrase.encode("ascii")),
+        name = self.name.encode("ascii")
+        status = self.status
+        if callable(status):
+            status = status(request)
+        body = b"" if self.bodyless_errors and status != 200 else name
+        head = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode("ascii")),
                 b"content-length: %d" % len(body),
-                b"x-upstream: " + body,
+                b"x-upstream: " + name,
                 b"x-version: " + self.version.encode("ascii")]
         head += [n + b": " + v for n, v in self.extra_headers]
         data = b"\r\n".join(head) + b"\r\n\r\n" + body
@@ -514,14 +537,13 @@ class SplitTests(TrafficTestCase):
         self.assertEqual(Counter(r.status for r in replies), {200: total})
         versions = Counter(r.header(b"x-version") for r in replies)
         hosts = Counter(r.upstream for r in replies)
-        self.split_counts = (versions, hosts)
         assert_near(self, _share(versions, b"v1", total), 0.90, 0.02, str(versions))
         assert_near(self, _share(versions, b"v2", total), 0.10, 0.02, str(versions))
         # Round robin inside the v1 subset: the two hosts are near equal.
         assert_near(self, hosts["v1-a"] / versions[b"v1"], 0.5, 0.02, str(hosts))
         # What the upstreams saw agrees with what the clients saw.
         self.assertEqual([len(u.requests) for u in ups], [hosts["v1-a"], hosts["v1-b"], hosts["v2-a"]])
-        print(f"\ncanary 90/10 over {total}: {dict(versions)} {dict(hosts)}")
+        log.info("{measured}", measured=f"canary 90/10 over {total}: {dict(versions)} {dict(hosts)}")
 
     @defer.inlineCallbacks
     def test_percentage_rollout_50_50(self):
@@ -540,7 +562,7 @@ class SplitTests(TrafficTestCase):
         versions = Counter(r.header(b"x-version") for r in replies)
         assert_near(self, _share(versions, b"v1", total), 0.5, 0.02, str(versions))
         assert_near(self, _share(versions, b"v2", total), 0.5, 0.02, str(versions))
-        print(f"\nrollout 50/50 over {total}: {dict(versions)}")
+        log.info("{measured}", measured=f"rollout 50/50 over {total}: {dict(versions)}")
 
     @defer.inlineCallbacks
     def test_ab_by_header(self):
@@ -600,29 +622,127 @@ class RetryTests(TrafficTestCase):
         self.assertEqual(statuses, {200: total}, [r for r in replies if r.status != 200][:5])
         self.assertEqual({r.upstream for r in replies}, {"good"})
         self.assertGreater(len(ups[1].requests), total // 4)
-        print(f"\nretries over {total}: bad host got {len(ups[1].requests)} first tries, all hidden")
+        log.info("{measured}",
+                 measured=f"retries over {total}: bad host got {len(ups[1].requests)} first tries, all hidden")
 
     @defer.inlineCallbacks
     def test_retries_hide_503_under_concurrency(self):
         """
-        Retries also hide the bad host with 8 connections in flight, as
-        they do in Istio, whose C{connectionPool.http.maxRetries} defaults
-        to 2^32-1 (no limit on retries in flight).
+        With 8 connections in flight, retries hide the bad host once
+        C{connectionPool.http.maxRetries} allows that many retries at once
+        (the budget otherwise allows max(3, 20% of active requests), as
+        Envoy's retry budget does, so retries cannot multiply load).
         """
         ups = yield self.upstreams(("good", "v1"), ("bad", "v1", {"status": 503}))
-        clients = yield self._retry_mesh(ups, {"attempts": 3, "retryOn": "5xx,reset"})
+        clients = yield self.mesh(
+            service_entry("reviews", ups),
+            destination_rule("reviews", connectionPool={"http": {"maxRetries": 100}}),
+            virtual_service("reviews", {"route": [dest("reviews")],
+                                        "retries": {"attempts": 3, "retryOn": "5xx,reset"}}),
+        )
         total = 400
         replies = yield clients.load(total, 8)
         failed = [r for r in replies if r.status != 200]
-        print(f"\nretries, 8 connections, over {total}: {len(failed)} failed "
-              f"{Counter(r.flags for r in failed)}; bad host got {len(ups[1].requests)}; "
-              f"budget {self.cluster('reviews').retry_budget}")
+        log.info("{measured}", measured=f"retries, 8 connections, over {total}: {len(failed)} failed "
+                                        f"{Counter(r.flags for r in failed)}; bad host got "
+                                        f"{len(ups[1].requests)}; budget {self.cluster('reviews').retry_budget}")
         self.assertEqual(failed, [])
+        self.assertEqual(self.cluster("reviews").retry_budget.min_concurrency, 100)
 
-    test_retries_hide_503_under_concurrency.todo = (  # type: ignore[attr-defined]
-        "every cluster has a fixed RetryBudget (20% of active requests, at least 3 retries in flight; "
-        "txmesh/proxy/retry.py, made in txmesh/proxy/cluster.py) that the Istio translation cannot lift: "
-        "beyond 3 concurrent retries requests fail 503 URX")
+    @defer.inlineCallbacks
+    def test_default_retries_hide_connect_failure(self):
+        """
+        With no C{retries} on the route, Istio's default policy (2 attempts
+        on connect failures) hides an endpoint nothing listens on.
+        """
+        ups = yield self.upstreams(("good", "v1"), ("dead", "v1"))
+        yield ups[1]._listening.stopListening()
+        clients = yield self.mesh(
+            service_entry("reviews", ups),
+            virtual_service("reviews", {"route": [dest("reviews")]}),
+        )
+        replies = yield clients.load(40, 2)
+        self.assertEqual(Counter((r.status, r.upstream) for r in replies), {(200, "good"): 40})
+        [dead] = [p for p in self.cluster("reviews").pools() if p.endpoint.port == ups[1].port]
+        self.assertGreater(dead.connect_failures, 0)
+
+    @defer.inlineCallbacks
+    def test_default_retry_policy_is_istios(self):
+        """
+        Istio's default retry policy (no C{retries} on the route) is 2
+        attempts on C{connect-failure,refused-stream,unavailable,cancelled,
+        retriable-status-codes} with 503 as the retriable status: a 503 is
+        tried three times, a 504 once.
+        """
+        ups = yield self.upstreams(("a", "v1", {"status": 503}))
+        clients = yield self.mesh(
+            service_entry("reviews", ups),
+            virtual_service("reviews", {"route": [dest("reviews")]}),
+        )
+        reply = yield clients.one()
+        self.assertEqual((reply.status, len(ups[0].requests)), (503, 3))
+        ups[0].status = 504
+        reply = yield clients.one()
+        self.assertEqual((reply.status, len(ups[0].requests)), (504, 4))
+
+
+    @defer.inlineCallbacks
+    def test_route_timeout(self):
+        """
+        C{timeout: 300ms} on the route: a slower upstream gets 504 C{UT}
+        after at least that long.
+        """
+        ups = yield self.upstreams(("slow", "v1", {"delay": 2.0}))
+        clients = yield self.mesh(
+            service_entry("reviews", ups),
+            virtual_service("reviews", {"timeout": "300ms", "route": [dest("reviews")]}),
+        )
+        replies = yield clients.load(4, 2)
+        for r in replies:
+            self.assertEqual((r.status, r.flags), (504, b"UT"))
+            self.assertGreaterEqual(r.elapsed, 0.3)
+
+    @defer.inlineCallbacks
+    def test_retry_limit_flag(self):
+        """
+        When every try fails, the client gets the last 503 with C{URX}: the
+        retry limit was reached; the upstream saw 1 + attempts tries.
+        """
+        ups = yield self.upstreams(("bad", "v1", {"status": 503}))
+        clients = yield self._retry_mesh(ups, {"attempts": 2, "retryOn": "5xx"})
+        replies = yield clients.load(10, 2)
+        for r in replies:
+            self.assertEqual((r.status, r.upstream, r.flags), (503, "bad", b"URX"))
+        self.assertEqual(len(ups[0].requests), 30)
+
+    @defer.inlineCallbacks
+    def test_retry_after_bodyless_503_with_waiters(self):
+        """
+        A 503 without a body is complete when its head arrives, so its
+        connection is back in the pool, possibly handed to a request
+        waiting for the one connection allowed, before the router decides
+        to retry: the retry must not abort it.
+        """
+        seen: set[bytes] = set()
+
+        def fail_first(request: Request) -> int:
+            if request.path in seen:
+                return 200
+            seen.add(request.path)
+            return 503
+
+        ups = yield self.upstreams(("flaky", "v1", {"status": fail_first, "bodyless_errors": True}))
+        clients = yield self.mesh(
+            service_entry("reviews", ups),
+            destination_rule("reviews", connectionPool={"tcp": {"maxConnections": 1},
+                                                        "http": {"http1MaxPendingRequests": 10}}),
+            virtual_service("reviews", {"route": [dest("reviews")], "retries": {"attempts": 3, "retryOn": "5xx"}}),
+        )
+        total = 60
+        replies = yield clients.load(total, 3, lambda i: {"path": b"/r/%d" % i})
+        self.assertEqual(Counter((r.status, r.flags) for r in replies), {(200, b""): total})
+        self.assertEqual(len(ups[0].requests), 2 * total)
+        self.assertEqual(ups[0].connections, 1)
 
     @defer.inlineCallbacks
     def test_retry_replays_body(self):
@@ -716,7 +836,7 @@ class CircuitBreakerTests(TrafficTestCase):
         statuses = Counter(r.status for r in replies)
         overflowed = [r for r in replies if r.status == 503]
         ok = [r for r in replies if r.status == 200]
-        print(f"\nbreaker burst of 20: {dict(statuses)}")
+        log.info("{measured}", measured=f"breaker burst of 20: {dict(statuses)}")
         self.assertEqual(len(overflowed) + len(ok), 20, replies)
         self.assertGreater(len(overflowed), 0)
         self.assertGreater(len(ok), 0)
@@ -752,7 +872,7 @@ class CircuitBreakerTests(TrafficTestCase):
             conns.append((yield clients.connect()))
         replies = yield defer.gatherResults([c.request() for c in conns])
         statuses = Counter(r.status for r in replies)
-        print(f"\nbreaker burst of 20 on a warm pool: {dict(statuses)}")
+        log.info("{measured}", measured=f"breaker burst of 20 on a warm pool: {dict(statuses)}")
         self.assertEqual(statuses, {200: 2, 503: 18})
         first_answer = ups[0].responded_at[1]
         for r in replies:
@@ -760,6 +880,28 @@ class CircuitBreakerTests(TrafficTestCase):
                 self.assertEqual(r.flags, b"UO")
                 self.assertLess(r.at, first_answer)
         self.assertEqual((ups[0].connections, ups[0].max_open), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_max_requests(self):
+        """
+        C{http2MaxRequests: 3} (requests in flight, whatever the protocol):
+        of a burst of 20 to a slow upstream, 3 are served and 17 answered
+        503 C{UO}; the breaker's counts go back to zero.
+        """
+        ups = yield self.upstreams(("slow", "v1", {"delay": 0.2}))
+        clients = yield self.mesh(
+            service_entry("reviews", ups),
+            destination_rule("reviews", connectionPool={"http": {"http2MaxRequests": 3}}),
+            virtual_service("reviews", {"route": [dest("reviews")], "retries": {"attempts": 0}}),
+        )
+        conns = []
+        for _ in range(20):
+            conns.append((yield clients.connect()))
+        replies = yield defer.gatherResults([c.request() for c in conns])
+        self.assertEqual(Counter((r.status, r.flags) for r in replies), {(200, b""): 3, (503, b"UO"): 17})
+        self.assertEqual(len(ups[0].requests), 3)
+        stats = self.cluster("reviews").breaker.stats()
+        self.assertEqual((stats["rq_active"], stats["upstream_rq_overflow"]), (0, 17))
 
     @defer.inlineCallbacks
     def test_connection_limit_spans_endpoints(self):
@@ -830,7 +972,7 @@ class OutlierTests(TrafficTestCase):
         [endpoint] = [ep for ep in cluster.config.endpoints if ep.port == bad.port]
         state = cluster.outlier.host_state(endpoint)
         self.assertEqual((state.ejected, state.times_ejected, state.multiplier), (True, 2, 2))
-        print(f"\noutlier: back after {back:.2f}s, ejected again after 2 more errors")
+        log.info("{measured}", measured=f"outlier: back after {back:.2f}s, ejected again after 2 more errors")
 
 
 # 5. Consistent hashing
@@ -869,7 +1011,7 @@ class ConsistentHashTests(TrafficTestCase):
         """
         placement = yield self._sticky({"httpHeaderName": "x-user"},
                                        lambda u: ((b"x-user", u.encode()),))
-        print(f"\nhash on x-user: { {u: next(iter(h)) for u, h in placement.items()} }")
+        log.info("{measured}", measured=f"hash on x-user: { {u: next(iter(h)) for u, h in placement.items()} }")
 
     @defer.inlineCallbacks
     def test_cookie(self):
@@ -880,7 +1022,7 @@ class ConsistentHashTests(TrafficTestCase):
         placement = yield self._sticky(
             {"httpCookie": {"name": "session"}},
             lambda u: ((b"cookie", b"theme=dark; session=" + u.encode() + b"; lang=en"),))
-        print(f"\nhash on cookie: { {u: next(iter(h)) for u, h in placement.items()} }")
+        log.info("{measured}", measured=f"hash on cookie: { {u: next(iter(h)) for u, h in placement.items()} }")
 
 
 # 6. Fault injection
@@ -983,6 +1125,24 @@ class RequestShapingTests(TrafficTestCase):
         self.assertEqual((reply.status, reply.upstream), (200, "a"))
 
     @defer.inlineCallbacks
+    def test_redirect_scheme_port_code(self):
+        """
+        C{redirect} with C{scheme}, C{port} and C{redirectCode}: the port
+        replaces the one in the request's host; path and query are kept.
+        """
+        ups = yield self.upstreams(("a", "v1"))
+        clients = yield self.mesh(
+            service_entry("reviews", ups),
+            virtual_service("reviews", {"redirect": {"scheme": "https", "port": 8443, "redirectCode": 308}}),
+        )
+        for host, location in ((b"reviews", b"https://reviews:8443/s/x?y=1"),
+                               (b"reviews.default.svc.cluster.local:80",
+                                b"https://reviews.default.svc.cluster.local:8443/s/x?y=1")):
+            reply = yield clients.one(b"/s/x?y=1", host)
+            self.assertEqual((reply.status, reply.header(b"location")), (308, location))
+        self.assertEqual(ups[0].requests, [])
+
+    @defer.inlineCallbacks
     def test_rewrite(self):
         """
         C{rewrite: {uri, authority}} on a prefix match: the upstream sees
@@ -1055,13 +1215,54 @@ class RequestShapingTests(TrafficTestCase):
 
 
 class HealthCheckTests(TrafficTestCase):
-    def test_active_health_check(self):
+    @defer.inlineCallbacks
+    def test_failing_health_endpoint_leaves_rotation(self):
         """
-        An upstream whose health endpoint starts failing leaves rotation.
+        Istio has no active health check, so this one is a native cluster
+        with C{health_check}: when one upstream's C{/healthz} starts failing
+        it leaves rotation after C{unhealthy_threshold} probes, and comes
+        back once it passes again.
         """
-        raise unittest.SkipTest(
-            "not reachable from config: Istio has no active health check field, and the native loader "
-            "(txmesh/config/loader.py, _cluster) does not accept 'health_check' though ClusterConfig has one")
+        ups = yield self.upstreams(("a", "v1"), ("b", "v1"), ("c", "v1"))
+        harness = ProxyHarness(self)
+        self.harness = harness
+        yield harness.start("""
+            clusters:
+              - name: app
+                endpoints: ["127.0.0.1:{a}", "127.0.0.1:{b}", "127.0.0.1:{c}"]
+                health_check: {kind: http, path: /healthz, interval: 50ms, timeout: 1s,
+                               unhealthy_threshold: 2, healthy_threshold: 1}
+            listeners:
+              - name: http
+                address: "tcp:0:interface=127.0.0.1"
+                routes: [{match: {prefix: /}, cluster: app}]
+            """, a=ups[0].port, b=ups[1].port, c=ups[2].port)
+        clients = Clients(self, harness.port())
+        cluster = harness.service._cluster_set.get("app")
+        replies = yield clients.load(30, 2)
+        self.assertEqual(Counter(r.upstream for r in replies), {"a": 10, "b": 10, "c": 10})
 
+        @defer.inlineCallbacks
+        def wait_for(condition: Callable[[], bool], what: str) -> Any:
+            deadline = reactor.seconds() + 3
+            while not condition():
+                if reactor.seconds() > deadline:
+                    self.fail(f"waited 3s for {what}")
+                yield sleep(0.02)
 
-
+        bad = ups[1]
+        probed = len(bad.probes)
+        bad.health_status = 503
+        yield wait_for(lambda: len(cluster.unhealthy) == 1, "the failing host to leave")
+        [gone] = cluster.unhealthy
+        self.assertEqual(gone.port, bad.port)
+        self.assertGreaterEqual(len(bad.probes) - probed, 2)
+        before = len(bad.requests)
+        replies = yield clients.load(60, 2)
+        self.assertEqual(Counter(r.upstream for r in replies), {"a": 30, "c": 30})
+        self.assertEqual(len(bad.requests), before)
+        bad.health_status = 200
+        yield wait_for(lambda: not cluster.unhealthy, "the host to come back")
+        replies = yield clients.load(30, 2)
+        self.assertEqual(Counter(r.status for r in replies), {200: 30})
+        self.assertGreater(len(bad.requests), before)

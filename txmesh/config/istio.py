@@ -741,8 +741,7 @@ class _Translation:
                 if tcp.has("connectTimeout"):
                     out["connect_timeout"] = tcp.get("connectTimeout", _duration)
             http = pool.obj("http", ("http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection",
-                                     "idleTimeout"), {
-                "maxRetries": "a cluster-wide retry budget is not supported by txmesh; ignored",
+                                     "idleTimeout", "maxRetries"), {
                 "h2UpgradePolicy": "txmesh talks HTTP/1.1 to upstreams; ignored",
                 "useClientProtocol": "txmesh talks HTTP/1.1 to upstreams; ignored",
                 "maxConcurrentStreams": "txmesh talks HTTP/1.1 to upstreams; ignored",
@@ -750,7 +749,8 @@ class _Translation:
             if http is not None:
                 for key, attr in (("http1MaxPendingRequests", "max_pending_requests"),
                                   ("http2MaxRequests", "max_requests"),
-                                  ("maxRequestsPerConnection", "max_requests_per_connection")):
+                                  ("maxRequestsPerConnection", "max_requests_per_connection"),
+                                  ("maxRetries", "max_retries")):
                     if http.has(key):
                         limits[attr] = http.get(key, _count)
                 if http.has("idleTimeout"):
@@ -1076,9 +1076,9 @@ class _Translation:
             conditions = set()
             for token in r.get("retryOn", _string).split(","):
                 token = token.strip()
-                if token in _RETRY_ON:
+                if token in _RETRY_ON or (token.isdigit() and 100 <= int(token) <= 599):
                     conditions.add(token)
-                elif token in _RETRY_ON_UNSUPPORTED or token.isdigit():
+                elif token in _RETRY_ON_UNSUPPORTED:
                     o.doc.warn(r.field("retryOn"), f"{token!r} is not supported by txmesh; ignored")
                 else:
                     raise o.doc.error(r.field("retryOn"), f"unknown retry condition {token!r} "

@@ -218,6 +218,7 @@ class ConfigLoader:
 
     def __init__(self, registry: FilterRegistry):
         self._registry = registry
+        self._included: tuple[str, ...] = ()
 
     def load_file(self, path: str) -> ProxyConfig:
         """
@@ -279,7 +280,9 @@ class ConfigLoader:
                 seen[(what, key)] = key  # type: ignore[index]
         top.done()
         warnings = tuple(str(w) for w in istio.warnings) if istio is not None else ()
-        return ProxyConfig(listeners, clusters, admin_address, node, source, doc, warnings=warnings)
+        included, self._included = self._included, ()
+        return ProxyConfig(listeners, clusters, admin_address, node, source, doc, warnings=warnings,
+                           included_files=included if istio is not None else ())
 
     def _istio(self, s: _Section | None, source: str | None) -> IstioConfig | None:
         """
@@ -319,6 +322,7 @@ class ConfigLoader:
                 warnings.append(IstioWarning(path, number + 1, "", f"{reason}; this and later documents of the "
                                                                    f"file are skipped"))
         result = translate(documents, namespace, domain_suffix, partial=partial)
+        self._included = tuple(os.path.join(base, name) for name in files)
         return IstioConfig(result.virtual_hosts, result.clusters, tuple(warnings) + result.warnings)
 
     def _node(self, s: _Section | None) -> NodeConfig:
@@ -402,6 +406,7 @@ class ConfigLoader:
             max_pending_requests=s.get("max_pending_requests", limit, 0),
             max_requests=s.get("max_requests", limit, 0),
             max_requests_per_connection=s.get("max_requests_per_connection", limit, 0),
+            max_retries=s.get("max_retries", limit, CircuitBreakerConfig().max_retries),
         )
         s.done()
         return breaker

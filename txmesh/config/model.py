@@ -69,12 +69,16 @@ class CircuitBreakerConfig:
     @ivar max_pending_requests: requests waiting for a connection.
     @ivar max_requests: requests in flight.
     @ivar max_requests_per_connection: requests before a connection is retired.
+    @ivar max_retries: retries always allowed in flight at once; beyond it
+        the retry budget (20% of active requests) decides, as Envoy's
+        C{min_retry_concurrency}.
     """
 
     max_connections: int = 0
     max_pending_requests: int = 0
     max_requests: int = 0
     max_requests_per_connection: int = 0
+    max_retries: int = 3
 
 
 @attrs.frozen
@@ -243,8 +247,10 @@ class RetryPolicy:
 
     attempts: int = 2
     per_try_timeout: float = 0.0
+    # Istio's default policy: connection failures, refused streams, gRPC
+    # unavailable/cancelled, and 503 as the one retriable status code.
     retry_on: frozenset[str] = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled",
-                                          "retriable-status-codes", "gateway-error", "reset"})
+                                          "retriable-status-codes", "503"})
     backoff_base: float = 0.025
     backoff_max: float = 0.25
     max_buffered_body: int = 64 * 1024
@@ -417,6 +423,8 @@ class ProxyConfig:
 
     @ivar source: where it was loaded from (for messages and C{/config_dump}).
     @ivar raw: the document as loaded, for C{/config_dump}.
+    @ivar included_files: other files the config was read from (its Istio
+        documents), watched for changes like the config file itself.
     @ivar warnings: things in the config that are valid but not (fully)
         applied, e.g. unsupported Istio fields, for the service to log.
     """
@@ -428,6 +436,7 @@ class ProxyConfig:
     source: str | None = None
     raw: Any = attrs.field(default=None, eq=False, repr=False)
     warnings: tuple[str, ...] = ()
+    included_files: tuple[str, ...] = ()
 
     def cluster(self, name: str) -> ClusterConfig | None:
         """

@@ -85,6 +85,7 @@ class IStreamContext(Interface):
         "Proxy-wide services (L{txmesh.proxy.connection_manager.ProxyContext}): "
         "the node's identity, metrics, clock."
     )
+    upstream_cluster = Attribute("The name of the cluster the router chose, once known.")
     upstream_host = Attribute("The upstream endpoint chosen, once known, as C{str}.")
 
     def add_response_flag(flag: str) -> None:

@@ -103,6 +103,7 @@ class FilterChain:
     # when it changes, which keeps stream creation cheap.
     proxy: Any = None
     upstream_host: Any = None
+    upstream_cluster: str | None = None
     route: Any = None
     request_head: RequestHead | None = None
     response_head: ResponseHead | None = None

@@ -243,6 +243,7 @@ class RouterFilter(HTTPFilter):
         self._route = route
         self._cluster = cluster
         self._dest = dest
+        stream.upstream_cluster = cluster.name
         if dest is not None:
             self._subset = dest.subset
         hash_policy = route.hash_policy or cluster.config.hash_policy
@@ -469,11 +470,18 @@ class RouterFilter(HTTPFilter):
         if route.retry is not None and not self._committed:
             grpc = head.headers.get(b"grpc-status")
             grpc_status = int(grpc) if grpc is not None and grpc.isdigit() else None
-            if (status >= 400 or grpc_status) and self._retry_ready():
+            if ((status >= 400 or grpc_status) and self._retries and self._retries >= route.retry.attempts
+                    and should_retry(route.retry, status, None, grpc_status)):
+                # The last try failed as the ones before it, and no try is left.
+                self._stream.add_response_flag(ResponseFlag.UPSTREAM_RETRY_LIMIT)
+            elif (status >= 400 or grpc_status) and self._retry_ready():
                 conn, self._conn = self._conn, None
                 self._try_over()
                 if self._retry_after(None, status, grpc_status):
-                    if conn is not None:
+                    # A complete response has already given its connection
+                    # back to the pool, maybe to another request: aborting
+                    # it would kill that request's exchange.
+                    if conn is not None and not end_stream:
                         conn.abort()
                     return
                 # Not retried after all: hand this response on.

@@ -141,11 +141,13 @@ class MetricsFilter(HTTPFilter):
         stream = self._stream
         head = stream.response_head
         code = head.status if head is not None else 0
-        route = stream.route
-        cluster = (route.cluster or "") if route is not None else ""
+        cluster = stream.upstream_cluster
+        if cluster is None:
+            route = stream.route
+            cluster = (route.cluster or "") if route is not None else ""
         request = stream.request_head
-        protocol = "http" if request is None or request.version != b"2" else "grpc" \
-            if (request.headers.get(b"content-type") or b"").startswith(b"application/grpc") else "http"
+        content_type = request.headers.get(b"content-type") if request is not None else None
+        protocol = "grpc" if content_type is not None and content_type.startswith(b"application/grpc") else "http"
         flags = stream.response_flags
         self._metrics.request_series(cluster, protocol, code, ",".join(flags) if flags else "").observe(
             (stream.clock.seconds() - stream.start_time) * 1000.0)

@@ -194,8 +194,9 @@ class EndpointPool:
             conn.reused = True
             waiter.callback(conn)
             return
-        if cluster is not None and cluster.waiting_elsewhere(self):
-            # A request for another endpoint waits for a connection slot.
+        if cluster is not None and cluster.breaker.pending_requests and cluster.waiting_elsewhere(self):
+            # A request for another endpoint waits for a connection slot
+            # (waiting requests count as pending: the check is cheap first).
             conn.transport.loseConnection()
             return
         if len(self._idle) >= self._config.max_idle_per_endpoint:
@@ -289,7 +290,7 @@ class Cluster:
         self._reactor = reactor
         self._pools = {ep: EndpointPool(ep, config, reactor, writes, self) for ep in config.endpoints}
         self.breaker = CircuitBreaker(config.circuit_breaker)
-        self.retry_budget = RetryBudget()
+        self.retry_budget = RetryBudget(min_concurrency=config.circuit_breaker.max_retries)
         self.outlier = (OutlierDetector(config.outlier_detection, config.endpoints)
                         if config.outlier_detection is not None else None)
         self.unhealthy: set[Endpoint] = set()

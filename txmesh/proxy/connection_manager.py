@@ -35,6 +35,18 @@ def new_request_id(getrandbits=_ids.getrandbits) -> bytes:
     return b"%b-%b-%b-%b-%b" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
+def node_labels(node: NodeConfig) -> dict[str, str]:
+    """
+    @return: the labels of the workload beside this proxy: its C{labels},
+        plus C{app} and C{version} when known (they are labels in Kubernetes).
+    """
+    labels = dict(node.labels)
+    for key, value in (("app", node.app), ("version", node.version)):
+        if value != "unknown":
+            labels.setdefault(key, value)
+    return labels
+
+
 @attrs.frozen
 class ProxyContext:
     """
@@ -71,7 +83,7 @@ class HTTPConnectionManager:
         @param proxy: proxy-wide services.
         """
         self.listener = listener
-        self.routes = RouteTable(listener.virtual_hosts, dict(proxy.node.labels))
+        self.routes = RouteTable(listener.virtual_hosts, node_labels(proxy.node))
         self.clusters = clusters
         self.proxy = proxy
         self.clock = proxy.clock

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -114,7 +114,9 @@ class ProxyService(Service):
 
     def _log_warnings(self, config: ProxyConfig) -> None:
         for warning in config.warnings:
-            log.warn("config warning: {warning}", warning=warning)
+            # Not "warning=": trial and the stdlib bridge read that key as a
+            # Python warnings.warn() event.
+            log.warn("config warning: {text}", text=warning)
 
     @inlineCallbacks
     def startService(self) -> Any:
@@ -150,9 +152,10 @@ class ProxyService(Service):
 
     @inlineCallbacks
     def _drain(self) -> Any:
-        stops = [entry.port.stopListening() for entry in self._listeners.values() if entry.port is not None]
+        stops = [maybeDeferred(entry.port.stopListening) for entry in self._listeners.values()
+                 if entry.port is not None]
         if self._admin_port is not None:
-            stops.append(self._admin_port.stopListening())
+            stops.append(maybeDeferred(self._admin_port.stopListening))
         yield DeferredList(stops)
         http = [entry.factory.inner for entry in self._listeners.values()
                 if isinstance(entry.factory.inner, HTTP1ServerFactory)]
@@ -234,13 +237,14 @@ class ProxyService(Service):
         old = self.config
         self._log_warnings(new)
         self.config = new
+        self._mtime = self._file_mtime()
         self._apply_clusters(new)
         wanted = {listener.name: listener for listener in new.listeners}
         for name, entry in list(self._listeners.items()):
             cfg = wanted.get(name)
             if cfg is None or cfg.address != entry.config.address or cfg.protocol != entry.config.protocol:
                 del self._listeners[name]
-                yield entry.port.stopListening()
+                yield maybeDeferred(entry.port.stopListening)
         for listener in new.listeners:
             entry = self._listeners.get(listener.name)
             if entry is None:
@@ -264,15 +268,22 @@ class ProxyService(Service):
         log.info("config version {version} applied from {path}", version=self.version, path=self._path)
         return True
 
-    def _file_mtime(self) -> float | None:
-        try:
-            return os.stat(self._path).st_mtime
-        except OSError:
-            return None
+    def _file_mtime(self) -> tuple[float | None, ...]:
+        """
+        @return: the modification times of the config file and the files it
+            includes (its Istio documents), which C{--watch} compares.
+        """
+        included = self.config.included_files if self.config is not None else ()
+        times = []
+        for path in (self._path, *included):
+            try:
+                times.append(os.stat(path).st_mtime)
+            except OSError:
+                times.append(None)
+        return tuple(times)
 
     def _check_file(self) -> None:
-        mtime = self._file_mtime()
-        if mtime is not None and mtime != self._mtime:
+        if self._file_mtime() != self._mtime:
             self.reload()
 
     def _install_sighup(self) -> None:
@@ -315,16 +326,26 @@ class ProxyService(Service):
 
     def clusters_dump(self) -> dict:
         out = {}
+        now = self._reactor.seconds()
         for cluster in self._clusters.clusters():
+            outlier = cluster.outlier
             out[cluster.name] = {
                 "lb_policy": cluster.config.lb_policy,
                 "upstream_requests": cluster.upstream_requests,
+                "circuit_breaker": cluster.breaker.stats(),
+                "retry_budget": {"active_retries": cluster.retry_budget.active_retries,
+                                 "overflows": cluster.retry_budget.overflows},
+                "outlier_detection": outlier.stats() if outlier is not None else None,
                 "endpoints": [
                     {
                         "address": str(pool.endpoint),
+                        "labels": dict(pool.endpoint.labels),
+                        "healthy": pool.endpoint not in cluster.unhealthy,
+                        "ejected": outlier is not None and outlier.is_ejected(pool.endpoint, now),
                         "active_requests": pool.active_requests,
                         "connections": pool.connections,
                         "idle_connections": pool.idle_count,
+                        "waiting_requests": pool.waiting,
                         "total_connections": pool.total_connections,
                         "connect_failures": pool.connect_failures,
                     }
