@@ -33,6 +33,7 @@ from txmesh.config.model import (
     HeaderOps,
     HealthCheckConfig,
     ListenerConfig,
+    ListenerTLS,
     MirrorPolicy,
     NodeConfig,
     OutlierDetectionConfig,
@@ -56,6 +57,7 @@ from txmesh.config.values import regex as _regex
 from txmesh.config.values import string as _string
 from txmesh.filters.registry import FilterRegistry
 from txmesh.proxy.retry import KNOWN_CONDITIONS
+from txmesh.proxy.tls import ALPN_PROTOCOLS, MIN_VERSIONS, TLSConfigError, server_options
 
 T = TypeVar("T")
 
@@ -489,6 +491,7 @@ class ConfigLoader:
             filters.insert(len(filters) - 1,
                            self._filter(s.field("http_filters"), {"name": FAULT_FILTER}, source, network=False))
         default_host = s.get("default_host", _bytes)
+        tls = self._tls(s.sub("tls"))
         listener = ListenerConfig(
             name, address, "http",
             virtual_hosts=tuple(vhosts),
@@ -497,10 +500,47 @@ class ConfigLoader:
             max_request_headers_bytes=s.get(
                 "max_request_headers_bytes", _int_in(1024, 1 << 20), d.max_request_headers_bytes),
             default_host=default_host,
+            tls=tls,
+            scheme=b"https" if tls is not None else b"http",
             **common,
         )
         s.done()
         return listener
+
+    def _tls(self, s: _Section | None) -> ListenerTLS | None:
+        """
+        Read a listener's C{tls} section: the certificate and key files
+        (relative to the config file) are read and checked here, so a bad
+        file refuses the config instead of failing handshakes.
+        """
+        if s is None:
+            return None
+        base = os.path.dirname(s.source) if s.source else ""
+        pems = {}
+        paths = {}
+        for key in ("certificate", "private_key"):
+            name = s.get(key, _string, required=True)
+            path = os.path.join(base, name)
+            try:
+                with open(path, "rb") as f:
+                    pems[key] = (name, f.read())
+                paths[key] = path
+            except OSError as e:
+                raise s.error(f"cannot read {path}: {e.strerror}", s.field(key)) from None
+        alpn_items = s.items("alpn")
+        alpn = _each(s.source, alpn_items, lambda v: _one_of(p.decode() for p in ALPN_PROTOCOLS)(v).encode())
+        if "alpn" not in s.value:
+            alpn = ALPN_PROTOCOLS
+        min_version = s.get("min_version", lambda v: _one_of(MIN_VERSIONS)(str(v)), "1.2")
+        s.done()
+        tls = ListenerTLS(pems["certificate"][0], pems["private_key"][0], pems["certificate"][1],
+                          pems["private_key"][1], alpn, min_version)
+        try:
+            server_options(tls.certificate_pem, tls.private_key_pem, tls.alpn, tls.min_version)
+        except TLSConfigError as e:
+            where = f" ({paths[e.part]})" if e.part in paths else ""
+            raise s.error(e.reason + where, s.field(e.part)) from None
+        return tls
 
     def _vhost(self, field: str, value: Any, source: str | None, clusters: set[str]) -> VirtualHost:
         s = _Section(source, field, value)

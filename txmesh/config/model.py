@@ -372,6 +372,28 @@ class FilterConfig:
 
 
 @attrs.frozen
+class ListenerTLS:
+    """
+    Downstream TLS termination on a listener.
+
+    @ivar certificate: path of the PEM certificate (chain, leaf first).
+    @ivar private_key: path of the PEM private key.
+    @ivar certificate_pem: the certificate file's contents when loaded, so a
+        reload that changed the file changes this value.
+    @ivar private_key_pem: the key file's contents when loaded.
+    @ivar alpn: protocols offered in ALPN, in order of preference.
+    @ivar min_version: lowest TLS version accepted, C{"1.2"} or C{"1.3"}.
+    """
+
+    certificate: str
+    private_key: str
+    certificate_pem: bytes = attrs.field(default=b"", repr=False)
+    private_key_pem: bytes = attrs.field(default=b"", repr=False)
+    alpn: tuple[bytes, ...] = (b"h2", b"http/1.1")
+    min_version: str = "1.2"
+
+
+@attrs.frozen
 class ListenerConfig:
     """
     One listening port and what it carries.
@@ -385,6 +407,8 @@ class ListenerConfig:
         request head (slowloris defence).
     @ivar max_request_headers_bytes: limit on the request head; beyond it 431.
     @ivar default_host: authority used for HTTP/1.0 requests with no C{Host}.
+    @ivar tls: TLS termination, or C{None} for plaintext (then C{scheme} is
+        C{http}; with TLS it is C{https}).
     """
 
     name: str
@@ -399,6 +423,7 @@ class ListenerConfig:
     max_request_headers_bytes: int = 64 * 1024
     default_host: bytes | None = None
     scheme: bytes = b"http"
+    tls: ListenerTLS | None = None
 
 
 @attrs.frozen

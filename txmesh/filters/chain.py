@@ -26,11 +26,15 @@ from zope.interface import implementer
 
 from txmesh.config.model import DISABLED
 from txmesh.filters.api import CONTINUE, IStreamContext, LocalReply
+from txmesh.proxy.grpc import has_grpc_status, is_grpc, local_reply_grpc_status, trailers_only_headers
 from txmesh.proxy.stream import FLAGS_HEADER, Headers, RequestHead, ResponseFlag, ResponseHead
 
 log = Logger()
 
 _HEADERS, _DATA, _TRAILERS = 0, 1, 2
+
+# Headers of an HTTP local reply that a gRPC trailers-only reply replaces.
+_GRPC_REPLACED = frozenset({b"content-type", b"content-length", b"grpc-message"})
 
 
 class ResponseWriter(Protocol):
@@ -419,6 +423,18 @@ class FilterChain:
         self._req_queue = None
         self._req_paused = True
         extra = [(n.lower(), v) for n, v in reply.headers]
+        request = self.request_head
+        if request is not None and is_grpc(request) and not has_grpc_status(extra):
+            # A gRPC client cannot read an HTTP error: answer "trailers-only"
+            # (200, grpc-status, grpc-message, no body).  A filter that set
+            # its own grpc-status (the fault filter) is left alone.
+            grpc_status = local_reply_grpc_status(reply.status, reply.flag)
+            extra = [(n, v) for n, v in extra if n not in _GRPC_REPLACED]
+            head = ResponseHead(200, Headers(trailers_only_headers(grpc_status, reply.body) + extra))
+            self._resp_paused = False
+            self._resp_queue = None
+            self._response(_HEADERS, head, True, origin)
+            return
         items = [(b"content-length", str(len(reply.body)).encode("ascii"))]
         if not any(n == b"content-type" for n, _ in extra):
             items.append((b"content-type", b"text/plain"))

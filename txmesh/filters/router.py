@@ -14,7 +14,9 @@ Failures become Envoy-shaped local replies with a response flag: C{NR}
 (404, no route), C{UH} (503, no healthy upstream), C{UO} (503, circuit
 breaker overflow), C{UF} (503, connect failure), C{UC} (503, upstream
 closed before answering), C{UPE} (502, malformed upstream response),
-C{UT} (504, timeout), plus C{URX} when retries were exhausted.
+C{UT} (504, timeout), plus C{URX} when retries were exhausted.  On a gRPC
+request the chain sends these as gRPC statuses (L{txmesh.proxy.grpc}), and
+the client's C{grpc-timeout} is a deadline beside the route timeout.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from zope.interface import implementer
 from txmesh.config.model import HeaderOps, Redirect, Route, WeightedDestination
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory, LocalReply
 from txmesh.proxy.cluster import NoHealthyUpstream, UpstreamOverflow
+from txmesh.proxy.grpc import is_grpc, parse_grpc_timeout
 from txmesh.proxy.lb import hash_key_for
 from txmesh.proxy.retry import Outcome, backoff_delay, should_retry
 from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag, ResponseHead
@@ -179,6 +182,7 @@ class RouterFilter(HTTPFilter):
     _acquiring: Deferred | None = None
     _timer: Any = None
     _try_timer: Any = None
+    _deadline: Any = None
     _backoff: Any = None
     _retries = 0
     _tried: set | None = None
@@ -252,6 +256,9 @@ class RouterFilter(HTTPFilter):
             self._hash_key = hash_key_for(hash_policy, headers, head.path, peer.encode("ascii", "replace"))
         self._head = head
         self._end_stream = end_stream
+        grpc_timeout = headers.get(b"grpc-timeout")
+        if grpc_timeout is not None and is_grpc(head):
+            self._arm_grpc_deadline(grpc_timeout)
         if end_stream:
             self._request_done = True
             self._arm_timeout()
@@ -324,6 +331,25 @@ class RouterFilter(HTTPFilter):
                 self._timer = (deadlines, deadlines.add(self, route.timeout, self._timed_out))
             else:
                 self._timer = stream.clock.callLater(route.timeout, self._timed_out)
+
+    def _arm_grpc_deadline(self, value: bytes) -> None:
+        # The client's deadline bounds the whole call, from the request
+        # head on (client streams too), beside the route timeout, which
+        # starts when the request is complete: whichever is shorter wins.
+        # It is forwarded unchanged, as Envoy does: the upstream's own
+        # deadline is the client's, less at most the time spent here.
+        timeout = parse_grpc_timeout(value)
+        if timeout is None:
+            return
+        stream = self._stream
+        delay = max(0.0, stream.start_time + timeout - stream.clock.seconds())
+        self._deadline = stream.clock.callLater(delay, self._deadline_expired)
+
+    def _deadline_expired(self) -> None:
+        self._deadline = None
+        if self._timer is not None:
+            self._disarm()
+        self._timed_out()
 
     def _arm_try_timeout(self) -> None:
         retry = self._route.retry if self._route is not None else None
@@ -620,6 +646,10 @@ class RouterFilter(HTTPFilter):
         self._try_over()
         if self._timer is not None:
             self._disarm()
+        if self._deadline is not None:
+            deadline, self._deadline = self._deadline, None
+            if deadline.active():
+                deadline.cancel()
         if self._backoff is not None:
             backoff, self._backoff = self._backoff, None
             if backoff.active():

@@ -19,6 +19,7 @@ import attrs
 from txmesh.config.model import ListenerConfig, NodeConfig
 from txmesh.filters.chain import FilterChain, ResponseWriter
 from txmesh.proxy.router import RouteTable
+from txmesh.proxy.stream import RequestHead
 
 # Request ids need uniqueness, not secrecy: a PRNG seeded from the OS
 # avoids a getrandom() system call per request.
@@ -33,6 +34,43 @@ def new_request_id(getrandbits=_ids.getrandbits) -> bytes:
     """
     h = b"%032x" % ((getrandbits(128) & _UUID4_MASK) | _UUID4_BITS)
     return b"%b-%b-%b-%b-%b" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+def forwarding_headers(head: RequestHead, peer_ip: bytes) -> bytes:
+    """
+    Add this hop to a downstream request, as every codec does before the
+    stream starts: append the peer to C{x-forwarded-for}, set
+    C{x-forwarded-proto} to the scheme the client used (keeping one it sent
+    only when set to the same), and give the request an C{x-request-id} if
+    it has none.
+
+    @param head: the request; its headers are changed in place.
+    @param peer_ip: the client's address.
+    @return: the request id.
+    """
+    headers = head.headers
+    items = headers.items()
+    request_id = None
+    xff_index = -1
+    proto_seen = False
+    for i, (name, value) in enumerate(items):
+        if name == b"x-request-id":
+            request_id = value
+        elif name == b"x-forwarded-for":
+            xff_index = i
+        elif name == b"x-forwarded-proto":
+            items[i] = (name, head.scheme)
+            proto_seen = True
+    if xff_index >= 0:
+        items[xff_index] = (b"x-forwarded-for", items[xff_index][1] + b", " + peer_ip)
+    else:
+        items.append((b"x-forwarded-for", peer_ip))
+    if not proto_seen:
+        items.append((b"x-forwarded-proto", head.scheme))
+    if request_id is None:
+        request_id = new_request_id()
+        items.append((b"x-request-id", request_id))
+    return request_id
 
 
 def node_labels(node: NodeConfig) -> dict[str, str]:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txmesh.proxy.connection_manager import HTTPConnectionManager, new_request_id
+from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_headers
 from txmesh.proxy.http1 import (
     REASONS,
     ProtocolError,
@@ -214,26 +214,7 @@ class HTTP1ServerProtocol(Protocol):
         self._chunked = False
         self._close_after = False
         self._tunnel = False
-        headers = head.headers
-        items = headers.items()
-        request_id = None
-        xff_index = -1
-        for i, (name, value) in enumerate(items):
-            if name == b"x-request-id":
-                request_id = value
-            elif name == b"x-forwarded-for":
-                xff_index = i
-            elif name == b"x-forwarded-proto":
-                items[i] = (name, head.scheme)
-        if xff_index >= 0:
-            items[xff_index] = (b"x-forwarded-for", items[xff_index][1] + b", " + self._peer_ip)
-        else:
-            items.append((b"x-forwarded-for", self._peer_ip))
-        if not headers.get(b"x-forwarded-proto"):
-            items.append((b"x-forwarded-proto", head.scheme))
-        if request_id is None:
-            request_id = new_request_id()
-            items.append((b"x-request-id", request_id))
+        request_id = forwarding_headers(head, self._peer_ip)
         stream = manager.new_stream(self, self._peer, request_id)
         self._stream = stream
         stream.request_headers(head, end_stream)
@@ -470,6 +451,16 @@ class HTTP1ServerFactory(Factory):
         self.manager = manager
         self.draining = False
         self.connections: set[HTTP1ServerProtocol] = set()
+
+    def drain(self) -> None:
+        """
+        Start draining: idle connections close now, busy ones after their
+        current response.
+        """
+        self.draining = True
+        for conn in list(self.connections):
+            if conn._stream is None:
+                conn.transport.loseConnection()
 
     def connection_opened(self, protocol: HTTP1ServerProtocol) -> None:
         self.connections.add(protocol)

@@ -142,8 +142,10 @@ class RouteTable:
                 for vh in virtual_hosts
             ]
         self._exact: dict[bytes, VirtualHost] = {}
-        self._suffix: list[tuple[bytes, VirtualHost]] = []
-        self._prefix: list[tuple[bytes, VirtualHost]] = []
+        # Wildcard domains are indexed by their fixed part, so a lookup costs
+        # one dict probe per character of the host, not one per wildcard.
+        self._suffix: dict[bytes, VirtualHost] = {}
+        self._prefix: dict[bytes, VirtualHost] = {}
         self._any: VirtualHost | None = None
         for vh in virtual_hosts:
             for domain in vh.domains:
@@ -151,13 +153,11 @@ class RouteTable:
                 if d == b"*":
                     self._any = self._any or vh
                 elif d.startswith(b"*"):
-                    self._suffix.append((d[1:], vh))
+                    self._suffix.setdefault(d[1:], vh)
                 elif d.endswith(b"*"):
-                    self._prefix.append((d[:-1], vh))
+                    self._prefix.setdefault(d[:-1], vh)
                 else:
                     self._exact.setdefault(d, vh)
-        self._suffix.sort(key=lambda e: -len(e[0]))
-        self._prefix.sort(key=lambda e: -len(e[0]))
         self.virtual_hosts = tuple(virtual_hosts)
         self._vhost_cache: dict[bytes, VirtualHost | None] = {}
 
@@ -176,15 +176,30 @@ class RouteTable:
                 return vh
         # Wildcards are tried against the authority as sent (a domain such
         # as "*.example.com:8080" names a port) and without its port.
+        # The longest matching wildcard wins, suffixes before prefixes.
         candidates = (host, bare) if bare is not host else (host,)
-        for suffix, vh in self._suffix:
+        if self._suffix:
+            best: tuple[int, VirtualHost] | None = None
             for name in candidates:
-                if name.endswith(suffix) and len(name) > len(suffix):
-                    return vh
-        for prefix, vh in self._prefix:
+                for i in range(1, len(name)):
+                    vh = self._suffix.get(name[i:])
+                    if vh is not None:
+                        if best is None or len(name) - i > best[0]:
+                            best = (len(name) - i, vh)
+                        break
+            if best is not None:
+                return best[1]
+        if self._prefix:
+            best = None
             for name in candidates:
-                if name.startswith(prefix) and len(name) > len(prefix):
-                    return vh
+                for i in range(len(name) - 1, 0, -1):
+                    vh = self._prefix.get(name[:i])
+                    if vh is not None:
+                        if best is None or i > best[0]:
+                            best = (i, vh)
+                        break
+            if best is not None:
+                return best[1]
         return self._any
 
     def match(self, head: RequestHead) -> Route | None:

@@ -27,7 +27,9 @@ from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.deadlines import DeadlineWheel
 from txmesh.proxy.http1_server import HTTP1ServerFactory
+from txmesh.proxy.listener import HTTPListenerFactory
 from txmesh.proxy.tcp import TCPProxyFactory
+from txmesh.proxy.tls import TLSListenerFactory, server_options
 from txmesh.proxy.write_coalescer import WriteCoalescer
 
 log = Logger()
@@ -54,6 +56,8 @@ class _Listener:
         self.config = config
         self.factory = factory
         self.port: Any = None
+        # Set when the listener terminates TLS: it wraps self.factory.
+        self.tls: TLSListenerFactory | None = None
 
 
 class ProxyService(Service):
@@ -160,10 +164,7 @@ class ProxyService(Service):
         http = [entry.factory.inner for entry in self._listeners.values()
                 if isinstance(entry.factory.inner, HTTP1ServerFactory)]
         for f in http:
-            f.draining = True
-            for conn in list(f.connections):
-                if conn._stream is None:
-                    conn.transport.loseConnection()
+            f.drain()
         deadline = self._reactor.seconds() + self._drain_timeout
         while any(f.connections for f in http) and self._reactor.seconds() < deadline:
             d: Deferred = Deferred()
@@ -204,12 +205,30 @@ class ProxyService(Service):
                 idle_timeout=listener.idle_timeout,
                 filters=listener.network_filters,
             )
-        return HTTP1ServerFactory(HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(config)))
+        return HTTPListenerFactory(HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(config)))
+
+    def _tls_options(self, listener: ListenerConfig, inner: Factory) -> Any:
+        """
+        @return: the TLS options of C{listener}, offering in ALPN only the
+            protocols its (inner) factory speaks.
+        """
+        tls = listener.tls
+        spoken = getattr(inner, "alpn_protocols", None)
+        if spoken is None and isinstance(inner, HTTP1ServerFactory):
+            # Offering h2 to a server that only speaks HTTP/1.1 would make
+            # every h2-capable client (curl, browsers) fail.
+            spoken = (b"http/1.1",)
+        alpn = [p for p in tls.alpn if spoken is None or p in spoken]
+        return server_options(tls.certificate_pem, tls.private_key_pem, alpn, tls.min_version)
 
     @inlineCallbacks
     def _open_listener(self, listener: ListenerConfig) -> Any:
         entry = _Listener(listener, _ListenerFactory(self._inner_factory(listener, self.config)))
-        entry.port = yield serverFromString(self._reactor, listener.address).listen(entry.factory)
+        factory: Factory = entry.factory
+        if listener.tls is not None:
+            entry.tls = factory = TLSListenerFactory(
+                self._tls_options(listener, entry.factory.inner), entry.factory, clock=self._reactor)
+        entry.port = yield serverFromString(self._reactor, listener.address).listen(factory)
         self._listeners[listener.name] = entry
         log.info("listener {name} ({protocol}) on {address}", name=listener.name,
                  protocol=listener.protocol, address=listener.address)
@@ -242,7 +261,8 @@ class ProxyService(Service):
         wanted = {listener.name: listener for listener in new.listeners}
         for name, entry in list(self._listeners.items()):
             cfg = wanted.get(name)
-            if cfg is None or cfg.address != entry.config.address or cfg.protocol != entry.config.protocol:
+            if (cfg is None or cfg.address != entry.config.address or cfg.protocol != entry.config.protocol
+                    or (cfg.tls is None) != (entry.tls is None)):
                 del self._listeners[name]
                 yield maybeDeferred(entry.port.stopListening)
         for listener in new.listeners:
@@ -260,6 +280,10 @@ class ProxyService(Service):
                 inner.manager = HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(new))
             else:
                 entry.factory.inner = self._inner_factory(listener, new)
+            if entry.tls is not None:
+                # Rebuilt on every reload: a renewed certificate file is
+                # read by the loader and used by new connections.
+                entry.tls.set_options(self._tls_options(listener, entry.factory.inner))
         if old is not None and old.admin_address != new.admin_address:
             log.warn("admin address changes need a restart; still on {address}", address=old.admin_address)
         self.version += 1

@@ -1,0 +1,121 @@
+"""
+HTTP listeners: one port, both HTTP versions.
+
+A connection's first bytes decide its codec: the HTTP/2 connection preface
+(prior knowledge, C{h2c}) or ALPN C{h2} on TLS selects
+L{HTTP2ServerProtocol}; anything else is HTTP/1.x.  The sniffing protocol
+then forwards the connection's events to the chosen codec.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from txmesh.proxy.connection_manager import HTTPConnectionManager
+from txmesh.proxy.http1_server import HTTP1ServerFactory, HTTP1ServerProtocol
+from txmesh.proxy.http2 import PREFACE
+from txmesh.proxy.http2_server import HTTP2ServerProtocol
+
+
+def sniff(data: bytes) -> str | None:
+    """
+    @param data: the first bytes a client sent.
+    @return: C{"h2"} for the HTTP/2 preface, C{"http/1.1"} for anything
+        else, or C{None} while C{data} is a proper prefix of the preface.
+    """
+    n = min(len(data), len(PREFACE))
+    if data[:n] != PREFACE[:n]:
+        return "http/1.1"
+    return "h2" if len(data) >= len(PREFACE) else None
+
+
+class _SniffingProtocol(Protocol):
+    """
+    Holds a new connection until its protocol is known, then hands every
+    event to the codec.
+    """
+
+    def __init__(self) -> None:
+        self._inner: Any = None
+        self._buffer = b""
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            self._choose(HTTP2ServerProtocol())
+            return
+        manager: HTTPConnectionManager = self.factory.manager
+        timeout = manager.listener.request_headers_timeout or manager.listener.idle_timeout
+        if timeout > 0:
+            self._timer = manager.clock.callLater(timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        inner = self._inner
+        if inner is not None:
+            inner.dataReceived(data)
+            return
+        data = self._buffer + data
+        # With TLS, ALPN is known once application data flows.
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            kind: str | None = "h2"
+        else:
+            kind = sniff(data)
+        if kind is None:
+            self._buffer = data
+            return
+        self._buffer = b""
+        self._choose(HTTP2ServerProtocol() if kind == "h2" else HTTP1ServerProtocol())
+        self._inner.dataReceived(data)
+
+    def _choose(self, inner: Protocol) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        inner.factory = self.factory
+        self._inner = inner
+        # The codec talks to the transport directly; only inbound events
+        # pass through here.
+        inner.makeConnection(self.transport)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._inner is None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+
+
+class HTTPListenerFactory(HTTP1ServerFactory):
+    """
+    Accepts HTTP/1.x and HTTP/2 clients for one listener.
+
+    @ivar manager: the current L{HTTPConnectionManager}; replaced on reload.
+    @ivar draining: when true, HTTP/1 responses carry C{Connection: close}
+        and HTTP/2 connections get a GOAWAY; both end after the streams in
+        flight.
+    @ivar connections: the open codec protocols (of either version).
+    """
+
+    protocol = _SniffingProtocol
+    # What TLS listeners offer in ALPN (see ProxyService._tls_options).
+    alpn_protocols = (b"h2", b"http/1.1")
+
+    def drain(self) -> None:
+        """
+        Start draining: idle connections close, busy ones end after their
+        streams.
+        """
+        self.draining = True
+        for conn in list(self.connections):
+            if isinstance(conn, HTTP2ServerProtocol):
+                conn.start_drain()
+            elif conn._stream is None:
+                conn.transport.loseConnection()
