@@ -486,18 +486,22 @@ class DeadlineOverSocketsTests(unittest.TestCase):
 _generated: dict[str, Any] = {}
 
 
-def _http2_missing() -> str | None:
+def _http2_missing(upstream: bool = True) -> str | None:
     """
+    @param upstream: whether HTTP/2 to upstreams is needed too (not only
+        from clients).
     @return: why the proxy cannot carry gRPC yet, or C{None}.
     """
     from txmesh.config.model import ClusterConfig
 
+    modules = ("txmesh.proxy.http2_server", "txmesh.proxy.http2_client") if upstream else (
+        "txmesh.proxy.http2_server",)
     try:
-        for name in ("txmesh.proxy.http2_server", "txmesh.proxy.http2_client"):
+        for name in modules:
             importlib.import_module(name)
     except ImportError as e:
         return f"HTTP/2 is not available in txmesh yet ({e})"
-    if "http2" not in attrs_fields(ClusterConfig):
+    if upstream and "http2" not in attrs_fields(ClusterConfig):
         return "clusters have no http2 flag yet"
     return None
 
@@ -670,22 +674,47 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(r["stream_error"]["counts"], [0, 1, 2])
 
 
-class DeadUpstreamTests(unittest.TestCase):
+class ProxyRepliesTests(unittest.TestCase):
     """
-    The proxy's own error for an upstream that is down reaches a real gRPC
-    client as UNAVAILABLE with a message a person can read.
+    The proxy's own answers reach a real gRPC client as gRPC statuses with
+    messages a person can read.  Nothing here needs HTTP/2 to upstreams.
     """
 
     timeout = 60
 
     @defer.inlineCallbacks
-    def test_unavailable(self):
-        reason = _grpcio_missing() or _http2_missing()
+    def call(self, yaml_text: str, **values: Any) -> Any:
+        reason = _grpcio_missing() or _http2_missing(upstream=False)
         if reason:
             raise unittest.SkipTest(reason)
         gen = yield generated()
         proxy = ProxyHarness(self)
-        yield proxy.start(H2, up=free_port())
-        r = yield run_client(gen, proxy.port(), "unavailable", timeout=40)
-        self.assertEqual(r["unavailable"]["status"], "UNAVAILABLE", r)
-        self.assertIn("upstream connect error", r["unavailable"]["details"])
+        yield proxy.start(yaml_text, **values)
+        r = yield run_client(gen, proxy.port(), "plain", timeout=40)
+        return r["plain"]
+
+    @defer.inlineCallbacks
+    def test_dead_upstream_unavailable(self):
+        r = yield self.call(HTTP1, up=free_port(), timeout="15s")
+        self.assertEqual(r["status"], "UNAVAILABLE", r)
+        self.assertIn("upstream connect error", r["details"])
+        self.assertIn("connection failure", r["details"])
+
+    @defer.inlineCallbacks
+    def test_route_timeout_deadline_exceeded(self):
+        up = yield listen_upstream(self, RecordingFactory())
+        r = yield self.call(HTTP1, up=up, timeout="300ms")
+        self.assertEqual(r["status"], "DEADLINE_EXCEEDED", r)
+        self.assertEqual(r["details"], "upstream request timeout")
+
+    @defer.inlineCallbacks
+    def test_no_route_unimplemented(self):
+        r = yield self.call("""
+            listeners:
+              - name: http
+                address: "tcp:0:interface=127.0.0.1"
+                routes: [{match: {prefix: /elsewhere}, cluster: app}]
+            clusters:
+              - {name: app, endpoints: ["127.0.0.1:1"]}
+            """)
+        self.assertEqual(r["status"], "UNIMPLEMENTED", r)

@@ -394,7 +394,7 @@ class ServerProtocolTests(unittest.TestCase):
             s.client.increment_flow_control_window(1 << 20)
             s.pump()
             now = len(s.body(sid))
-            received, fresh = now, now - received
+            received = now
         self.assertEqual(len(s.body(sid)), 2 << 20)
         self.assertTrue(s.of(h2.events.StreamEnded, sid))
         self.assertFalse(producer.paused)
@@ -731,3 +731,123 @@ class _H2Client(Protocol):
         for _, _, d in pending.values():
             d.errback(RuntimeError("connection lost"))
         self.lost.callback(None)
+
+
+class UpstreamH2Tests(unittest.TestCase):
+    """
+    A cluster with C{http2: true} against a real nginx speaking h2c
+    (C{listen ... http2}): 2 -> 2 and 1 -> 2.  nginx answers C{/conn}
+    with its connection number, and proxies C{/sha} to an HTTP/1.1
+    Twisted upstream that hashes the body.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        self.upstream = _Upstream()
+        twisted_port = yield listen_upstream(self, Site(self.upstream))
+        port = free_port()
+        self.docroot = self.mktemp()
+        os.makedirs(self.docroot)
+        self.big = os.urandom(20 * 1024 * 1024)
+        with open(os.path.join(self.docroot, "big"), "wb") as f:
+            f.write(self.big)
+        self.nginx = Nginx(self, f"""
+            server {{
+              listen 127.0.0.1:{port} http2;
+              http2_max_concurrent_streams 128;
+              client_max_body_size 0;
+              location /conn {{ return 200 "conn=$connection proto=$server_protocol\\n"; }}
+              location /big {{ root {os.path.abspath(self.docroot)}; }}
+              location /sha {{ proxy_pass http://127.0.0.1:{twisted_port}; proxy_request_buffering off; }}
+              location /slow {{ proxy_pass http://127.0.0.1:{twisted_port}/hang; }}
+            }}
+            """)
+        yield self.nginx.wait_listening(port)
+        self.proxy = ProxyHarness(self)
+        yield self.proxy.start(CONFIG, up=port, extra=", http2: true")
+        self.url = f"http://127.0.0.1:{self.proxy.port()}"
+
+    @defer.inlineCallbacks
+    def test_h2_to_h2(self) -> Any:
+        out, err, code = yield curl("--http2-prior-knowledge", "-i", self.url + "/conn")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"HTTP/2 200"), out)
+        self.assertIn(b"proto=HTTP/2.0", out)
+
+    @defer.inlineCallbacks
+    def test_h1_to_h2(self) -> Any:
+        out, err, code = yield curl("--http1.1", "-i", self.url + "/conn")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"HTTP/1.1 200"), out)
+        self.assertIn(b"proto=HTTP/2.0", out)
+
+    @defer.inlineCallbacks
+    def test_multiplexing(self) -> Any:
+        """
+        Concurrent requests from several downstream connections share one
+        upstream h2 connection.
+        """
+        results = yield defer.gatherResults([curl("--http1.1", self.url + "/conn") for _ in range(20)])
+        bodies = [out for out, _, code in results if code == 0]
+        self.assertEqual(len(bodies), 20)
+        conns = {re.search(rb"conn=(\d+)", b).group(1) for b in bodies}
+        self.assertEqual(len(conns), 1, bodies)
+        client = yield _H2Client.connect(self, self.proxy.port())
+        results = yield defer.gatherResults([client.request(b"/conn") for _ in range(100)])
+        conns = {re.search(rb"conn=(\d+)", b).group(1) for _, b in results}
+        self.assertEqual(len(conns), 1)
+        [pool] = self.proxy.service._cluster_set.get("app").pools()
+        self.assertEqual(pool.total_connections, 1)
+
+    @defer.inlineCallbacks
+    def test_large_bodies(self) -> Any:
+        out, err, code = yield curl("--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{size_download}",
+                                    self.url + "/big")
+        self.assertEqual((code, out), (0, str(len(self.big)).encode()), err)
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(self.big)
+        out, err, code = yield curl("--http2-prior-knowledge", "--data-binary", "@" + path, self.url + "/sha")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"%s %d" % (hashlib.sha256(self.big).hexdigest().encode(), len(self.big)))
+
+    @defer.inlineCallbacks
+    def test_client_reset_cancels_upstream(self) -> Any:
+        """
+        RST_STREAM from the client resets the upstream stream (nginx then
+        closes its connection to the HTTP/1.1 upstream), while the upstream
+        h2 connection carries on.
+        """
+        client = yield _H2Client.connect(self, self.proxy.port())
+        d = client.request(b"/slow")
+        d.addErrback(lambda f: None)
+        for _ in range(200):
+            if self.upstream.requests:
+                break
+            yield sleep(0.02)
+        [hanging] = self.upstream.requests
+        lost: defer.Deferred = hanging.notifyFinish()
+        lost.addErrback(lambda f: "lost")
+        sid = max(client._pending)
+        client.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        client.flush()
+        result = yield lost.addTimeout(10, reactor)
+        self.assertEqual(result, "lost")
+        _, body = yield client.request(b"/conn")
+        self.assertTrue(body.startswith(b"conn="))
+        [pool] = self.proxy.service._cluster_set.get("app").pools()
+        self.assertEqual(pool.total_connections, 1)
+
+    @defer.inlineCallbacks
+    def test_h2load(self) -> Any:
+        if H2LOAD is None:
+            raise unittest.SkipTest("h2load is not installed")
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        out, err, code = yield getProcessOutputAndValue(
+            H2LOAD, ("-n", "2000", "-c", "4", "-m", "10", self.url + "/conn"), env=os.environ)
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"2000 succeeded, 0 failed", out)
+        m = re.search(rb"finished in [^,]+, ([\d.]+) req/s", out)
+        if m:
+            print(f"h2load through txmesh to h2c nginx: {m.group(1).decode()} req/s")

@@ -267,6 +267,10 @@ class LoaderTests(unittest.SynchronousTestCase):
         self.assertEqual(e.field, "listeners[0].tls.alpn[1]")
         self.assertIn("spdy/3", e.reason)
 
+    def test_empty_alpn(self) -> None:
+        e = self.fails("certificate: server.pem\nprivate_key: server.key\nalpn: []")
+        self.assertEqual(e.field, "listeners[0].tls.alpn")
+
     def test_bad_min_version(self) -> None:
         e = self.fails("certificate: server.pem\nprivate_key: server.key\nmin_version: '1.1'")
         self.assertEqual(e.field, "listeners[0].tls.min_version")

@@ -209,14 +209,15 @@ def run_client(outdir: str, target: str, scenarios: list[str]) -> dict:
             return {"status": _status(e.code()), "details": e.details(), "counts": got}
         return {"status": "OK", "counts": got}
 
-    def unavailable():
+    def plain():
+        # One ordinary call, for tests where the proxy answers it.
         stub.Unary(pb.Msg(payload=b"ping"), timeout=20)
         return {"status": "OK"}
 
     table = {
         "unary": unary, "client_stream": client_stream, "server_stream": server_stream, "bidi": bidi,
         "large": large, "concurrent": concurrent, "deadline": deadline, "error": error,
-        "stream_error": stream_error, "unavailable": unavailable,
+        "stream_error": stream_error, "plain": plain,
     }
     for name in scenarios:
         record(name, table[name])

@@ -741,12 +741,17 @@ class _Translation:
                 if tcp.has("connectTimeout"):
                     out["connect_timeout"] = tcp.get("connectTimeout", _duration)
             http = pool.obj("http", ("http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection",
-                                     "idleTimeout", "maxRetries"), {
-                "h2UpgradePolicy": "txmesh talks HTTP/1.1 to upstreams; ignored",
-                "useClientProtocol": "txmesh talks HTTP/1.1 to upstreams; ignored",
-                "maxConcurrentStreams": "txmesh talks HTTP/1.1 to upstreams; ignored",
+                                     "idleTimeout", "maxRetries", "h2UpgradePolicy"), {
+                "useClientProtocol": "txmesh does not follow each client's protocol upstream; it talks HTTP/1.1, "
+                                     "or HTTP/2 with h2UpgradePolicy: UPGRADE",
+                "maxConcurrentStreams": "txmesh opens as many streams as the upstream's SETTINGS allow; ignored",
             })
             if http is not None:
+                policy = http.get("h2UpgradePolicy", _one_of(("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")))
+                if policy == "UPGRADE":
+                    # Envoy's UPGRADE means HTTP/2 to the upstream: h2c
+                    # with prior knowledge here (h2 via ALPN under TLS).
+                    out["http2"] = True
                 for key, attr in (("http1MaxPendingRequests", "max_pending_requests"),
                                   ("http2MaxRequests", "max_requests"),
                                   ("maxRequestsPerConnection", "max_requests_per_connection"),

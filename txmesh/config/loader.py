@@ -363,6 +363,7 @@ class ConfigLoader:
             outlier_detection=self._outlier(s.sub("outlier_detection")),
             health_check=self._health_check(s.sub("health_check")),
             locality_failover=s.get("locality_failover", _bool, False),
+            http2=s.get("http2", _bool, False),
         )
         if cluster.lb_policy == "consistent_hash" and cluster.hash_policy is None:
             raise s.error("consistent_hash needs a hash_policy", s.field("lb_policy"))
@@ -529,8 +530,10 @@ class ConfigLoader:
                 raise s.error(f"cannot read {path}: {e.strerror}", s.field(key)) from None
         alpn_items = s.items("alpn")
         alpn = _each(s.source, alpn_items, lambda v: _one_of(p.decode() for p in ALPN_PROTOCOLS)(v).encode())
-        if "alpn" not in s.value:
+        if s.value.get("alpn") is None:
             alpn = ALPN_PROTOCOLS
+        elif not alpn:
+            raise s.error("list at least one protocol (or leave alpn out for h2 and http/1.1)", s.field("alpn"))
         min_version = s.get("min_version", lambda v: _one_of(MIN_VERSIONS)(str(v)), "1.2")
         s.done()
         tls = ListenerTLS(pems["certificate"][0], pems["private_key"][0], pems["certificate"][1],

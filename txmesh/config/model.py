@@ -137,6 +137,8 @@ class ClusterConfig:
     @ivar lb_policy: C{round_robin}, C{random}, C{least_request} or
         C{consistent_hash} (with C{hash_policy}).
     @ivar subsets: label-selected subsets that routes may name.
+    @ivar http2: talk h2c (HTTP/2 with prior knowledge) to the endpoints,
+        multiplexing requests on one connection per endpoint.
     @ivar locality_failover: prefer endpoints in the proxy's own locality,
         failing over to others when none is healthy.
     @ivar max_idle_per_endpoint: idle keep-alive connections kept per endpoint.
@@ -155,6 +157,7 @@ class ClusterConfig:
     outlier_detection: OutlierDetectionConfig | None = None
     health_check: HealthCheckConfig | None = None
     locality_failover: bool = False
+    http2: bool = False
 
 
 @attrs.frozen

@@ -24,6 +24,7 @@ from txmesh.config.model import ClusterConfig, Endpoint
 from txmesh.proxy.circuit_breaker import CircuitBreaker
 from txmesh.proxy.health import HealthChecker
 from txmesh.proxy.http1_client import HTTP1ClientConnection
+from txmesh.proxy.http2_client import HTTP2EndpointPool
 from txmesh.proxy.lb import PickContext, build_balancer
 from txmesh.proxy.outlier import OutlierDetector
 from txmesh.proxy.retry import RetryBudget
@@ -288,7 +289,8 @@ class Cluster:
         self.config = config
         self.name = config.name
         self._reactor = reactor
-        self._pools = {ep: EndpointPool(ep, config, reactor, writes, self) for ep in config.endpoints}
+        pool_class: Any = HTTP2EndpointPool if config.http2 else EndpointPool
+        self._pools = {ep: pool_class(ep, config, reactor, writes, self) for ep in config.endpoints}
         self.breaker = CircuitBreaker(config.circuit_breaker)
         self.retry_budget = RetryBudget(min_concurrency=config.circuit_breaker.max_retries)
         self.outlier = (OutlierDetector(config.outlier_detection, config.endpoints)
