@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 from typing import Any
 
 import h2.config
@@ -746,11 +747,14 @@ class UpstreamH2Tests(unittest.TestCase):
         self.upstream = _Upstream()
         twisted_port = yield listen_upstream(self, Site(self.upstream))
         port = free_port()
-        self.docroot = self.mktemp()
-        os.makedirs(self.docroot)
+        # Readable by nginx's unprivileged worker.
+        self.docroot = tempfile.mkdtemp(prefix="txmesh-h2-")
+        self.addCleanup(shutil.rmtree, self.docroot, True)
+        os.chmod(self.docroot, 0o755)
         self.big = os.urandom(20 * 1024 * 1024)
         with open(os.path.join(self.docroot, "big"), "wb") as f:
             f.write(self.big)
+        os.chmod(os.path.join(self.docroot, "big"), 0o644)
         self.nginx = Nginx(self, f"""
             server {{
               listen 127.0.0.1:{port} http2;
