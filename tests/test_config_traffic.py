@@ -147,3 +147,25 @@ class NativeTrafficConfigTests(SynchronousTestCase):
     def test_health_check_path(self):
         self.assertInvalid("path: /healthz", "path: healthz", "clusters[0].health_check.path",
                            "must start with '/'")
+
+    def test_unknown_subset(self):
+        self.assertInvalid("{cluster: reviews, subset: v1, weight: 90}", "{cluster: reviews, subset: v9, weight: 90}",
+                           "listeners[0].routes[0].weighted_clusters[0].subset",
+                           "cluster 'reviews' has no subset 'v9' (subsets: v1, v2)")
+
+    def test_host_is_not_a_header(self):
+        self.assertInvalid("request_headers: {set: {x-a: b}", "request_headers: {set: {Host: b}",
+                           "listeners[0].routes[0].request_headers.set", "host_rewrite")
+
+    def test_maglev_table_smaller_than_endpoints(self):
+        self.assertInvalid("{cookie: session, algorithm: maglev}", "{cookie: session, algorithm: maglev, table_size: 1}",
+                           "clusters[0].hash_policy.table_size", "at least one slot per endpoint")
+
+    def test_fault_without_percent_applies_to_all(self):
+        config = self.load(FULL.replace("fault: {delay: 100ms, delay_percent: 10}", "fault: {delay: 2s}"))
+        fault = config.listeners[0].virtual_hosts[0].routes[0].fault
+        self.assertEqual((fault.delay, fault.delay_percent, fault.abort_percent), (2.0, 100.0, 0.0))
+
+    def test_one_abort_kind(self):
+        self.assertInvalid("fault: {delay: 100ms, delay_percent: 10}", "fault: {abort_status: 503, abort_grpc_status: 14}",
+                           "listeners[0].routes[0].fault.abort_grpc_status", "only one of")

@@ -17,6 +17,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame
 from twisted.internet import defer, reactor
@@ -24,6 +25,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -638,6 +640,29 @@ class ProxyTests(unittest.TestCase):
         self.assertEqual((code, out), (0, b"path=/after proto=http host=127.0.0.1:%d" % self.proxy.port()), err)
 
     @defer.inlineCallbacks
+    def test_client_reset_cancels_upstream(self) -> Any:
+        """
+        RST_STREAM from the client aborts the HTTP/1.1 upstream exchange;
+        the client's connection carries on.
+        """
+        client = yield _H2Client.connect(self, self.proxy.port())
+        d = client.request(b"/hang")
+        d.addErrback(lambda f: None)
+        for _ in range(200):
+            if self.upstream.requests:
+                break
+            yield sleep(0.02)
+        [hanging] = self.upstream.requests
+        lost: defer.Deferred = hanging.notifyFinish()
+        lost.addErrback(lambda f: "lost")
+        client.conn.reset_stream(max(client._pending), ErrorCodes.CANCEL)
+        client.flush()
+        result = yield lost.addTimeout(10, reactor)
+        self.assertEqual(result, "lost")
+        _, body = yield client.request(b"/next")
+        self.assertTrue(body.startswith(b"path=/next"), body)
+
+    @defer.inlineCallbacks
     def test_h2load(self) -> Any:
         if H2LOAD is None:
             raise unittest.SkipTest("h2load is not installed")
@@ -767,6 +792,10 @@ class UpstreamH2Tests(unittest.TestCase):
             }}
             """)
         yield self.nginx.wait_listening(port)
+        # Cleanups run last-first: once the proxy has stopped, let its
+        # upstream connections close before nginx (whose stop blocks the
+        # reactor) waits for them.
+        self.addCleanup(sleep, 0.2)
         self.proxy = ProxyHarness(self)
         yield self.proxy.start(CONFIG, up=port, extra=", http2: true")
         self.url = f"http://127.0.0.1:{self.proxy.port()}"
@@ -777,6 +806,9 @@ class UpstreamH2Tests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertTrue(out.startswith(b"HTTP/2 200"), out)
         self.assertIn(b"proto=HTTP/2.0", out)
+        [pool] = self.proxy.service._cluster_set.get("app").pools()
+        [conn] = pool._open
+        self.assertEqual((conn.active, conn.streams, conn.requests_served), (0, {}, 1))
 
     @defer.inlineCallbacks
     def test_h1_to_h2(self) -> Any:
@@ -855,3 +887,342 @@ class UpstreamH2Tests(unittest.TestCase):
         m = re.search(rb"finished in [^,]+, ([\d.]+) req/s", out)
         if m:
             print(f"h2load through txmesh to h2c nginx: {m.group(1).decode()} req/s")
+
+
+# The upstream pool, in memory
+
+
+class _Handler:
+    """
+    Records what the router would receive for one exchange.
+    """
+
+    def __init__(self) -> None:
+        self.head: ResponseHead | None = None
+        self.body = b""
+        self.trailers: Headers | None = None
+        self.ended = False
+        self.reset: tuple[str, str] | None = None
+
+    def response_informational(self, head: ResponseHead) -> None:
+        pass
+
+    def response_head(self, head: ResponseHead, end_stream: bool) -> None:
+        self.head = head
+        self.ended = end_stream
+
+    def response_data(self, data: bytes, end_stream: bool) -> None:
+        self.body += data
+        self.ended = self.ended or end_stream
+
+    def response_trailers(self, trailers: Headers) -> None:
+        self.trailers = trailers
+        self.ended = True
+
+    def upstream_reset(self, flag: str, reason: str) -> None:
+        self.reset = (flag, reason)
+
+    def flush(self) -> None:
+        pass
+
+
+class InMemoryUpstream:
+    """
+    An L{HTTP2EndpointPool} whose connections are L{StringTransport}s,
+    each answered by a server-side h2 connection the test drives.
+    """
+
+    def __init__(self, breaker: Any = None, max_streams: int = 100):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from txmesh.config.model import CircuitBreakerConfig, ClusterConfig, Endpoint
+        from txmesh.proxy.cluster import Cluster
+
+        self.reactor = MemoryReactorClock()
+        endpoint = Endpoint("127.0.0.1", 8080)
+        config = ClusterConfig("app", (endpoint,), http2=True, circuit_breaker=breaker or CircuitBreakerConfig())
+        self.cluster = Cluster(config, self.reactor)
+        [self.pool] = self.cluster.pools()
+        self.max_streams = max_streams
+        self.links: list[tuple[Any, StringTransport, h2.connection.H2Connection]] = []
+        self.events: list = []
+
+    def accept(self) -> None:
+        """
+        Complete the oldest pending connect.
+        """
+        factory = self.reactor.tcpClients.pop(0)[2]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        server.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
+        server.initiate_connection()
+        self.links.append((protocol, transport, server))
+        protocol.makeConnection(transport)
+        self.pump()
+
+    def pump(self) -> list:
+        new: list = []
+        for _ in range(100):
+            moved = False
+            for protocol, transport, server in self.links:
+                up = transport.value()
+                transport.clear()
+                if up:
+                    moved = True
+                    new.extend(server.receive_data(up))
+                down = server.data_to_send()
+                if down and protocol.connected:
+                    moved = True
+                    protocol.dataReceived(down)
+            if not moved:
+                break
+        self.events.extend(new)
+        return new
+
+    def start(self, stream: Any, path: bytes = b"/", end_stream: bool = True) -> _Handler:
+        handler = _Handler()
+        stream.start(RequestHead(b"GET", path, b"svc", Headers([(b"connection", b"keep-alive")])),
+                     end_stream, handler)
+        return handler
+
+    def requests(self) -> list:
+        return [e for e in self.events if isinstance(e, h2.events.RequestReceived)]
+
+
+class UpstreamPoolTests(unittest.TestCase):
+    def test_exchange(self) -> None:
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        self.assertIsInstance(d, defer.Deferred)
+        u.accept()
+        stream = self.successResultOf(d)
+        handler = u.start(stream, b"/x", end_stream=False)
+        stream.send_data(b"body", False)
+        stream.send_trailers(Headers([(b"x-t", b"1")]))
+        u.pump()
+        [req] = u.requests()
+        self.assertEqual(dict(req.headers)[b":path"], b"/x")
+        self.assertNotIn(b"connection", dict(req.headers))
+        server = u.links[0][2]
+        server.send_headers(req.stream_id, [(b":status", b"200")])
+        server.send_data(req.stream_id, b"hi")
+        server.send_headers(req.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+        u.pump()
+        self.assertEqual((handler.head.status, handler.body, handler.trailers.items()),
+                         (200, b"hi", [(b"grpc-status", b"0")]))
+        body = b"".join(e.data for e in u.events if isinstance(e, h2.events.DataReceived))
+        self.assertEqual(body, b"body")
+        [conn] = u.pool._open
+        self.assertEqual((conn.active, conn.requests_served), (0, 1))
+        # The next request reuses the connection at once.
+        again = u.pool.acquire()
+        self.assertNotIsInstance(again, defer.Deferred)
+        self.assertTrue(again.reused)
+
+    def test_multiplexing_and_stream_limit(self) -> None:
+        """
+        Streams share one connection up to the upstream's limit; beyond it
+        a second connection opens.
+        """
+        u = InMemoryUpstream(max_streams=3)
+        first = u.pool.acquire()
+        u.accept()
+        streams = [self.successResultOf(first)] + [u.pool.acquire() for _ in range(2)]
+        self.assertFalse([s for s in streams if isinstance(s, defer.Deferred)])
+        for s in streams:
+            u.start(s)
+        u.pump()
+        self.assertEqual(len(u.requests()), 3)
+        fourth = u.pool.acquire()
+        self.assertIsInstance(fourth, defer.Deferred)
+        self.assertEqual(u.pool.connections, 2)
+        u.accept()
+        self.assertEqual(self.successResultOf(fourth).connection, u.links[1][0])
+
+    def test_breaker_max_connections_queues(self) -> None:
+        """
+        With C{max_connections: 1}, requests beyond the stream limit wait
+        for a stream slot rather than open a connection.
+        """
+        from txmesh.config.model import CircuitBreakerConfig
+
+        u = InMemoryUpstream(breaker=CircuitBreakerConfig(max_connections=1), max_streams=1)
+        d = u.pool.acquire()
+        u.accept()
+        stream = self.successResultOf(d)
+        u.start(stream)
+        u.pump()
+        waiting = u.pool.acquire()
+        self.assertNoResult(waiting)
+        self.assertEqual(u.reactor.tcpClients, [])
+        [req] = u.requests()
+        u.links[0][2].send_headers(req.stream_id, [(b":status", b"204")], end_stream=True)
+        u.pump()
+        self.assertIs(self.successResultOf(waiting).connection, u.links[0][0])
+
+    def test_abort_resets_only_that_stream(self) -> None:
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        u.accept()
+        a = self.successResultOf(d)
+        b = u.pool.acquire()
+        ha, hb = u.start(a, b"/a"), u.start(b, b"/b")
+        u.pump()
+        a.abort()
+        u.pump()
+        resets = [e for e in u.events if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual([(e.stream_id, e.error_code) for e in resets], [(a.stream_id, ErrorCodes.CANCEL)])
+        server = u.links[0][2]
+        server.send_headers(b.stream_id, [(b":status", b"200")], end_stream=True)
+        u.pump()
+        self.assertEqual(hb.head.status, 200)
+        self.assertIsNone(ha.head)
+        self.assertTrue(u.links[0][0].connected)
+
+    def test_response_backpressure(self) -> None:
+        """
+        A paused stream stops acknowledging its data; resuming does.
+        """
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        u.accept()
+        stream = self.successResultOf(d)
+        handler = u.start(stream)
+        u.pump()
+        server = u.links[0][2]
+        sid = stream.stream_id
+        window = server.local_flow_control_window(sid)
+        server.send_headers(sid, [(b":status", b"200")])
+        stream.pauseProducing()
+        for _ in range(40):
+            server.send_data(sid, b"z" * 16000)
+        u.pump()
+        self.assertEqual(len(handler.body), 640000)
+        self.assertEqual(server.local_flow_control_window(sid), window - 640000)
+        stream.resumeProducing()
+        u.pump()
+        self.assertEqual(server.local_flow_control_window(sid), window)
+
+    def test_request_flow_control(self) -> None:
+        """
+        A request body larger than the upstream's window is buffered, and
+        past the limit pauses the downstream until the window opens.
+        """
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        u.accept()
+        stream = self.successResultOf(d)
+        producer = _Producer()
+        u.start(stream, end_stream=False)
+        stream.set_request_producer(producer)
+        u.pump()
+        stream.send_data(b"q" * (3 << 20), True)
+        u.pump()
+        self.assertTrue(producer.paused)
+        server = u.links[0][2]
+        sid = stream.stream_id
+        for _ in range(200):
+            got = sum(e.flow_controlled_length for e in u.events
+                      if isinstance(e, h2.events.DataReceived) and not getattr(e, "_acked", False))
+            for e in u.events:
+                if isinstance(e, h2.events.DataReceived) and not getattr(e, "_acked", False):
+                    e._acked = True
+            if got:
+                server.acknowledge_received_data(got, sid)
+            u.pump()
+            if any(isinstance(e, h2.events.StreamEnded) for e in u.events):
+                break
+        body = b"".join(e.data for e in u.events if isinstance(e, h2.events.DataReceived))
+        self.assertEqual(len(body), 3 << 20)
+        self.assertFalse(producer.paused)
+
+    def test_goaway_refuses_unprocessed_streams(self) -> None:
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        u.accept()
+        a = self.successResultOf(d)
+        b = u.pool.acquire()
+        ha, hb = u.start(a), u.start(b)
+        u.pump()
+        protocol, _, server = u.links[0]
+        server.close_connection(last_stream_id=a.stream_id)
+        u.pump()
+        self.assertIsNone(ha.reset)
+        self.assertEqual(hb.reset[0], "UC")
+        self.assertTrue(b.reused)  # the router may retry it safely
+        # No new streams on that connection.
+        c = u.pool.acquire()
+        self.assertIsInstance(c, defer.Deferred)
+        self.assertEqual(len(u.reactor.tcpClients), 1)
+
+    def test_connection_lost_resets_every_stream(self) -> None:
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        u.accept()
+        streams = [self.successResultOf(d), u.pool.acquire(), u.pool.acquire()]
+        handlers = [u.start(s) for s in streams]
+        u.pump()
+        protocol = u.links[0][0]
+        protocol.connectionLost(None)
+        self.assertEqual([h.reset[0] for h in handlers], ["UC", "UC", "UC"])
+        self.assertEqual((u.pool.connections, u.pool._open), (0, []))
+
+    def test_connect_failure(self) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+
+        from txmesh.proxy.cluster import UpstreamConnectError
+
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        connector = u.reactor.connectors[0]
+        factory = u.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        self.failureResultOf(d, UpstreamConnectError)
+        self.assertEqual(u.pool.connections, 0)
+
+
+class IstioTests(unittest.TestCase):
+    def test_h2_upgrade_policy(self) -> None:
+        from tests.test_istio import cluster, destination_rule, run, service_entry
+
+        for policy, expected in (("UPGRADE", True), ("DEFAULT", False), ("DO_NOT_UPGRADE", False)):
+            config = run(service_entry(), destination_rule(
+                trafficPolicy={"connectionPool": {"http": {"h2UpgradePolicy": policy}}}))
+            self.assertEqual(cluster(config).http2, expected, policy)
+            self.assertEqual(config.warnings, ())
+
+    def test_loader_flag(self) -> None:
+        from txmesh.config.loader import ConfigLoader
+        from txmesh.filters.registry import FilterRegistry
+        from txmesh.filters.router import RouterFactory
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("clusters:\n  - {name: a, endpoints: ['127.0.0.1:1'], http2: true}\n"
+                    "listeners: []\n")
+        config = ConfigLoader(FilterRegistry(http=[RouterFactory()])).load_file(path)
+        self.assertTrue(config.clusters[0].http2)
+
+
+class TLSTests(unittest.TestCase):
+    """
+    h2 negotiated by ALPN on a TLS listener.
+    """
+
+    @defer.inlineCallbacks
+    def test_curl_h2_over_tls(self) -> Any:
+        from tests.test_tls import PROXY, Certificates, _registry
+
+        upstream = _Upstream()
+        up = yield listen_upstream(self, Site(upstream))
+        proxy = ProxyHarness(self, _registry())
+        certs = Certificates(self)
+        proxy.path = certs.path("proxy.yaml")
+        yield proxy.start(PROXY, up=up, min_version="1.2", alpn="[h2, http/1.1]")
+        url = f"https://localhost:{proxy.port('https')}/tls"
+        out, err, code = yield curl("--cacert", certs.path("ca.pem"), "--http2", "-w", "|%{http_version}", url)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"path=/tls proto=https"), out)
+        self.assertTrue(out.endswith(b"|2"), out)

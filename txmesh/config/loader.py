@@ -182,6 +182,15 @@ def _header_pairs(value: Any) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((_token(k).lower(), _header_value(v)) for k, v in value.items())
 
 
+def _request_header_pairs(value: Any) -> tuple[tuple[bytes, bytes], ...]:
+    pairs = _header_pairs(value)
+    if any(name == b"host" for name, _ in pairs):
+        # A second Host header would reach the upstream; the authority has
+        # its own setting.
+        raise ValueError("the Host header is set with host_rewrite, not as a header")
+    return pairs
+
+
 def _endpoint(field: str, value: Any, source: str | None) -> Endpoint:
     if isinstance(value, str):
         host, sep, port = value.rpartition(":")
@@ -196,6 +205,17 @@ def _endpoint(field: str, value: Any, source: str | None) -> Endpoint:
     locality = s.get("locality", _string, "")
     s.done()
     return Endpoint(host, port, labels, weight, locality)
+
+
+def _subset_of(cluster: ClusterConfig) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        name = _string(value)
+        known = [subset.name for subset in cluster.subsets]
+        if name not in known:
+            raise ValueError(f"cluster {cluster.name!r} has no subset {name!r} "
+                             f"(subsets: {', '.join(known) or 'none'})")
+        return name
+    return convert
 
 
 def _retry_on(value: Any) -> frozenset[str]:
@@ -272,7 +292,8 @@ class ConfigLoader:
             clusters += istio.clusters
             names += [c.name for c in istio.clusters]
         listeners = tuple(
-            self._listener(f, v, source, set(names), istio) for f, v in top.items("listeners", required=True)
+            self._listener(f, v, source, {c.name: c for c in clusters}, istio)
+            for f, v in top.items("listeners", required=True)
         )
         seen: dict[str, str] = {}
         for i, listener in enumerate(listeners):
@@ -367,6 +388,10 @@ class ConfigLoader:
         )
         if cluster.lb_policy == "consistent_hash" and cluster.hash_policy is None:
             raise s.error("consistent_hash needs a hash_policy", s.field("lb_policy"))
+        hp = cluster.hash_policy
+        if hp is not None and hp.algorithm == "maglev" and hp.table_size < len(endpoints):
+            raise s.error(f"a maglev table needs at least one slot per endpoint ({len(endpoints)})",
+                          s.field("hash_policy.table_size"))
         s.done()
         return cluster
 
@@ -451,7 +476,7 @@ class ConfigLoader:
         s.done()
         return check
 
-    def _listener(self, field: str, value: Any, source: str | None, clusters: set[str],
+    def _listener(self, field: str, value: Any, source: str | None, clusters: Mapping[str, ClusterConfig],
                   istio: IstioConfig | None = None) -> ListenerConfig:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
@@ -545,7 +570,7 @@ class ConfigLoader:
             raise s.error(e.reason + where, s.field(e.part)) from None
         return tls
 
-    def _vhost(self, field: str, value: Any, source: str | None, clusters: set[str]) -> VirtualHost:
+    def _vhost(self, field: str, value: Any, source: str | None, clusters: Mapping[str, ClusterConfig]) -> VirtualHost:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
         domains = _each(source, s.items("domains", required=True), _string)
@@ -553,7 +578,7 @@ class ConfigLoader:
         s.done()
         return VirtualHost(name, domains, routes)
 
-    def _route(self, field: str, value: Any, source: str | None, clusters: set[str]) -> Route:
+    def _route(self, field: str, value: Any, source: str | None, clusters: Mapping[str, ClusterConfig]) -> Route:
         s = _Section(source, field, value)
         name = s.get("name", _string, field.rsplit(".", 1)[-1])
         m = s.sub("match")
@@ -575,7 +600,7 @@ class ConfigLoader:
                           f"or 'redirect' (got {', '.join(given) or 'none'})", s.field("cluster"))
         if cluster is not None and cluster not in clusters:
             raise s.error(f"unknown cluster {cluster!r}", s.field("cluster"))
-        subset = s.get("subset", _string)
+        subset = s.get("subset", _subset_of(clusters[cluster]) if cluster in clusters else _string)
         if subset is not None:
             if cluster is None:
                 raise s.error("subset goes with 'cluster' (weighted_clusters name their own)", s.field("subset"))
@@ -602,7 +627,7 @@ class ConfigLoader:
             timeout=s.get("timeout", parse_duration, 15.0),
             prefix_rewrite=s.get("prefix_rewrite", _no_space_or_ctl),
             host_rewrite=s.get("host_rewrite", _no_space_or_ctl),
-            request_headers_to_add=s.get("request_headers_to_add", _header_pairs, ()),
+            request_headers_to_add=s.get("request_headers_to_add", _request_header_pairs, ()),
             response_headers_to_add=s.get("response_headers_to_add", _header_pairs, ()),
             filter_overrides=tuple(overrides),
             destinations=destinations,
@@ -610,7 +635,7 @@ class ConfigLoader:
             retry=self._retry(s.sub("retry")),
             fault=self._fault(s.sub("fault")),
             mirror=self._mirror(s.sub("mirror"), clusters),
-            request_headers=self._header_ops(s.sub("request_headers")),
+            request_headers=self._header_ops(s.sub("request_headers"), request=True),
             response_headers=self._header_ops(s.sub("response_headers")),
             hash_policy=self._hash_policy(s.sub("hash_policy")),
         )
@@ -619,7 +644,8 @@ class ConfigLoader:
         s.done()
         return route
 
-    def _destination(self, field: str, value: Any, source: str | None, clusters: set[str]) -> WeightedDestination:
+    def _destination(self, field: str, value: Any, source: str | None,
+                     clusters: Mapping[str, ClusterConfig]) -> WeightedDestination:
         s = _Section(source, field, value)
         cluster = s.get("cluster", _string, required=True)
         if cluster not in clusters:
@@ -627,21 +653,24 @@ class ConfigLoader:
         dest = WeightedDestination(
             cluster=cluster,
             weight=s.get("weight", _int_in(0, 100), required=True),
-            subset=s.get("subset", _string),
-            request_headers=self._header_ops(s.sub("request_headers")),
+            subset=s.get("subset", _subset_of(clusters[cluster])),
+            request_headers=self._header_ops(s.sub("request_headers"), request=True),
             response_headers=self._header_ops(s.sub("response_headers")),
         )
         s.done()
         return dest
 
-    def _header_ops(self, s: _Section | None) -> HeaderOps:
+    def _header_ops(self, s: _Section | None, request: bool = False) -> HeaderOps:
         if s is None:
             return HeaderOps()
+        pairs = _request_header_pairs if request else _header_pairs
         ops = HeaderOps(
-            set=s.get("set", _header_pairs, ()),
-            add=s.get("add", _header_pairs, ()),
+            set=s.get("set", pairs, ()),
+            add=s.get("add", pairs, ()),
             remove=tuple(_token(v).lower() for _, v in s.items("remove")),
         )
+        if request and b"host" in ops.remove:
+            raise s.error("the Host header cannot be removed", s.field("remove"))
         s.done()
         return ops
 
@@ -676,30 +705,39 @@ class ConfigLoader:
     def _fault(self, s: _Section | None) -> FaultPolicy | None:
         if s is None:
             return None
+        delay = s.get("delay", parse_duration, 0.0)
+        abort_status = s.get("abort_status", _int_in(200, 599), 0)
+        abort_grpc_status = s.get("abort_grpc_status", _int_in(1, 16))
+        if abort_status and abort_grpc_status is not None:
+            raise s.error("set only one of abort_status and abort_grpc_status", s.field("abort_grpc_status"))
+        aborts = bool(abort_status or abort_grpc_status)
+        # As in Istio and the fault filter's own config, a fault given
+        # without a percentage applies to every request.
         fault = FaultPolicy(
-            delay=s.get("delay", parse_duration, 0.0),
-            delay_percent=s.get("delay_percent", _percent, 0.0),
-            abort_status=s.get("abort_status", _int_in(200, 599), 0),
-            abort_grpc_status=s.get("abort_grpc_status", _int_in(1, 16)),
-            abort_percent=s.get("abort_percent", _percent, 0.0),
+            delay=delay,
+            delay_percent=s.get("delay_percent", _percent, 100.0 if delay else 0.0),
+            abort_status=abort_status,
+            abort_grpc_status=abort_grpc_status,
+            abort_percent=s.get("abort_percent", _percent, 100.0 if aborts else 0.0),
         )
-        if fault.abort_percent and not (fault.abort_status or fault.abort_grpc_status):
+        if fault.abort_percent and not aborts:
             raise s.error("abort_percent needs abort_status or abort_grpc_status", s.field("abort_percent"))
         if fault.delay_percent and not fault.delay:
             raise s.error("delay_percent needs a delay", s.field("delay_percent"))
         s.done()
         return fault
 
-    def _mirror(self, s: _Section | None, clusters: set[str]) -> MirrorPolicy | None:
+    def _mirror(self, s: _Section | None, clusters: Mapping[str, ClusterConfig]) -> MirrorPolicy | None:
         if s is None:
             return None
+        name = s.get("cluster", _string, required=True)
+        if name not in clusters:
+            raise s.error(f"unknown cluster {name!r}", s.field("cluster"))
         mirror = MirrorPolicy(
-            cluster=s.get("cluster", _string, required=True),
-            subset=s.get("subset", _string),
+            cluster=name,
+            subset=s.get("subset", _subset_of(clusters[name])),
             percent=s.get("percent", _percent, 100.0),
         )
-        if mirror.cluster not in clusters:
-            raise s.error(f"unknown cluster {mirror.cluster!r}", s.field("cluster"))
         s.done()
         return mirror
 

@@ -73,12 +73,12 @@ class IStreamContext(Interface):
         "The downstream peer, an L{twisted.internet.interfaces.IAddress}."
     )
     listener_name = Attribute("Name of the listener that accepted the stream.")
-    route = Attribute("The matched route (L{txmesh.proxy.router.Route}) or None.")
+    route = Attribute("The matched route (L{txmesh.config.model.Route}) or None.")
     response_flags = Attribute("A list of response-flag strings set so far.")
     clock = Attribute("The L{twisted.internet.interfaces.IReactorTime} to wait with.")
     start_time = Attribute("C{clock.seconds()} when the request head arrived.")
     cluster_manager = Attribute(
-        "The L{txmesh.proxy.cluster.ClusterManager} this stream started with "
+        "The L{txmesh.proxy.cluster.ClusterSet} this stream started with "
         "(for terminal filters such as the router)."
     )
     proxy = Attribute(
@@ -86,7 +86,9 @@ class IStreamContext(Interface):
         "the node's identity, metrics, clock."
     )
     upstream_cluster = Attribute("The name of the cluster the router chose, once known.")
-    upstream_host = Attribute("The upstream endpoint chosen, once known, as C{str}.")
+    upstream_host = Attribute(
+        "The upstream L{txmesh.config.model.Endpoint} chosen, once known (C{str()} gives host:port)."
+    )
 
     def add_response_flag(flag: str) -> None:
         """

@@ -279,6 +279,7 @@ class HTTP2ServerProtocol(Protocol):
         self._resets: deque[float] = deque()
         self._timer: Any = None
         self._last_activity = 0.0
+        self._receiving = False
 
     @property
     def _stream(self) -> Any:
@@ -332,6 +333,16 @@ class HTTP2ServerProtocol(Protocol):
         if self._closing:
             return
         self._last_activity = self._clock.seconds()
+        # Frames the streams produce while this read is handled go out in
+        # one write at its end.
+        self._receiving = True
+        try:
+            self._receive(data)
+        finally:
+            self._receiving = False
+        self._flush()
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self._conn.receive_data(data)
         except H2ProtocolError as e:
@@ -366,7 +377,6 @@ class HTTP2ServerProtocol(Protocol):
                 return
         if self.factory.draining and not self._goaway_sent:
             self.start_drain()
-        self._flush()
 
     # Inbound events
 
@@ -458,7 +468,7 @@ class HTTP2ServerProtocol(Protocol):
             self._close()
 
     def _flush(self) -> None:
-        if self._closing:
+        if self._closing or self._receiving:
             return
         data = self._conn.data_to_send()
         if data:
@@ -472,6 +482,7 @@ class HTTP2ServerProtocol(Protocol):
             return
         self._goaway_sent = True
         self._conn.close_connection(code)
+        self._receiving = False
         self._flush()
         streams = list(self.streams.values())
         self.streams.clear()
@@ -491,6 +502,7 @@ class HTTP2ServerProtocol(Protocol):
         self._goaway_sent = True
         # Written by hand: h2's close_connection() closes its state machine,
         # and the streams in flight must still finish.
+        self._receiving = False
         self._flush()
         frame = GoAwayFrame(0)
         frame.last_stream_id = self._conn.highest_inbound_stream_id
@@ -501,6 +513,7 @@ class HTTP2ServerProtocol(Protocol):
 
     def _close(self) -> None:
         if not self._closing:
+            self._receiving = False
             self._flush()
             self._closing = True
             self.transport.loseConnection()

@@ -18,6 +18,7 @@ from txmesh.proxy.connection_manager import HTTPConnectionManager
 from txmesh.proxy.http1_server import HTTP1ServerFactory, HTTP1ServerProtocol
 from txmesh.proxy.http2 import PREFACE
 from txmesh.proxy.http2_server import HTTP2ServerProtocol
+from txmesh.proxy.tls import negotiated_protocol
 
 
 def sniff(data: bytes) -> str | None:
@@ -44,7 +45,7 @@ class _SniffingProtocol(Protocol):
         self._timer: Any = None
 
     def connectionMade(self) -> None:
-        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+        if negotiated_protocol(self.transport) == b"h2":
             self._choose(HTTP2ServerProtocol())
             return
         manager: HTTPConnectionManager = self.factory.manager
@@ -59,7 +60,7 @@ class _SniffingProtocol(Protocol):
             return
         data = self._buffer + data
         # With TLS, ALPN is known once application data flows.
-        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+        if negotiated_protocol(self.transport) == b"h2":
             kind: str | None = "h2"
         else:
             kind = sniff(data)

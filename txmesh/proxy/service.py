@@ -254,10 +254,19 @@ class ProxyService(Service):
             self.metrics.config_reloads.labels("rejected").inc()
             return False
         old = self.config
+        try:
+            # Clusters are built before anything is swapped: if one cannot
+            # be (a load balancer refusing its endpoints, say), the running
+            # config stays whole.
+            self._apply_clusters(new)
+        except ValueError as e:
+            log.error("config reload refused, still serving version {version}: {path}: {error}",
+                      version=self.version, path=self._path, error=str(e))
+            self.metrics.config_reloads.labels("rejected").inc()
+            return False
         self._log_warnings(new)
         self.config = new
         self._mtime = self._file_mtime()
-        self._apply_clusters(new)
         wanted = {listener.name: listener for listener in new.listeners}
         for name, entry in list(self._listeners.items()):
             cfg = wanted.get(name)
