@@ -95,6 +95,7 @@ def serve(outdir: str, portfile: str) -> None:
                ("grpc.max_concurrent_streams", 2000)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
     pb_grpc.add_EchoServicer_to_server(Echo(), server)
+    server.add_generic_rpc_handlers((_health_handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     tmp = portfile + ".tmp"
@@ -104,6 +105,32 @@ def serve(outdir: str, portfile: str) -> None:
     # Exit when the test closes our stdin (or kills us).
     threading.Thread(target=lambda: (sys.stdin.read(), server.stop(0)), daemon=True).start()
     server.wait_for_termination()
+
+
+def _health_handler():
+    """
+    grpc.health.v1.Health/Check on raw bytes (no grpcio-health-checking
+    needed): the server as a whole ("") and "echo" are SERVING, "sick" is
+    NOT_SERVING, "slow" never answers in time, anything else is NOT_FOUND,
+    as grpcio's own health servicer does.
+    """
+    import grpc
+
+    def check(request: bytes, context) -> bytes:
+        # HealthCheckRequest: field 1 (service), length-delimited.
+        service = request[2:].decode() if request[:1] == b"\x0a" else ""
+        if service in ("", "echo"):
+            return b"\x08\x01"
+        if service == "sick":
+            return b"\x08\x02"
+        if service == "slow":
+            time.sleep(5)
+            return b"\x08\x01"
+        context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+        "Check": grpc.unary_unary_rpc_method_handler(check, request_deserializer=None, response_serializer=None),
+    })
 
 
 def _code(number: int):

@@ -461,12 +461,13 @@ class ConfigLoader:
             return None
         d = HealthCheckConfig()
         check = HealthCheckConfig(
-            kind=s.get("kind", _one_of(("http", "tcp")), d.kind),
+            kind=s.get("kind", _one_of(("http", "tcp", "grpc")), d.kind),
             path=s.get("path", _no_space_or_ctl, d.path),
             interval=s.get("interval", parse_duration, d.interval),
             timeout=s.get("timeout", parse_duration, d.timeout),
             healthy_threshold=s.get("healthy_threshold", _int_in(1, 1000), d.healthy_threshold),
             unhealthy_threshold=s.get("unhealthy_threshold", _int_in(1, 1000), d.unhealthy_threshold),
+            grpc_service=s.get("grpc_service", _string, d.grpc_service),
         )
         for key in ("interval", "timeout"):
             if getattr(check, key) <= 0:

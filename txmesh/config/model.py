@@ -105,7 +105,11 @@ class HealthCheckConfig:
     """
     Active health checking.
 
-    @ivar kind: C{http} (GET C{path}, 2xx is healthy) or C{tcp} (connect).
+    @ivar kind: C{http} (GET C{path}, 2xx is healthy), C{tcp} (connect) or
+        C{grpc} (C{grpc.health.v1.Health/Check} over h2c; C{SERVING} is
+        healthy).
+    @ivar grpc_service: the service name a C{grpc} check asks about; empty
+        asks about the server as a whole.
     """
 
     kind: str = "http"
@@ -114,6 +118,7 @@ class HealthCheckConfig:
     timeout: float = 1.0
     healthy_threshold: int = 1
     unhealthy_threshold: int = 3
+    grpc_service: str = ""
 
 
 @attrs.frozen

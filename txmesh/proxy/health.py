@@ -9,9 +9,11 @@ Two layers, as everywhere in txmesh:
     healthy and unhealthy.
   - L{HealthChecker}: the thin Twisted shell, with an injected reactor
     (C{IReactorTCP} and C{IReactorTime}), that runs one probe per endpoint
-    at a time: a TCP connect (C{kind: tcp}), or C{GET path} over HTTP/1.1
+    at a time: a TCP connect (C{kind: tcp}), C{GET path} over HTTP/1.1
     with C{connection: close} whose 2xx answer is a success (C{kind: http}),
-    each within C{timeout}.  The next probe of an endpoint starts
+    or gRPC's C{grpc.health.v1.Health/Check} over h2c whose C{SERVING}
+    answer (with C{grpc-status: 0}) is a success (C{kind: grpc}, as
+    Envoy's gRPC health checker), each within C{timeout}.  The next probe of an endpoint starts
     C{interval} seconds after the previous one was decided, as in Envoy;
     the first ones are spread over the first interval so that many proxies
     (and many endpoints) are not probed in step.
@@ -34,15 +36,17 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txmesh.config.model import Endpoint, HealthCheckConfig
+from txmesh.config.model import ClusterConfig, Endpoint, HealthCheckConfig
+from txmesh.proxy import grpc
 from txmesh.proxy.http1 import ProtocolError, ResponseParser, encode_request_head
+from txmesh.proxy.http2_client import HTTP2EndpointPool
 from txmesh.proxy.stream import Headers, RequestHead, ResponseHead
 
 log = Logger()
 
 USER_AGENT = b"txmesh-health-check"
 
-KINDS = frozenset({"http", "tcp"})
+KINDS = frozenset({"http", "tcp", "grpc"})
 
 
 class HealthState:
@@ -287,6 +291,184 @@ class _Probe(ClientFactory):
             self._protocol.transport.loseConnection()
 
 
+class _GrpcProbePool(HTTP2EndpointPool):
+    """
+    A one-connection h2c pool of its own for one gRPC probe, which says
+    when its connection is gone.
+    """
+
+    def __init__(self, endpoint: Endpoint, timeout: float, reactor: Any, lost: Callable[[], None]):
+        config = ClusterConfig(name="health-check", endpoints=(endpoint,), connect_timeout=timeout, http2=True)
+        super().__init__(endpoint, config, reactor)
+        self._lost = lost
+
+    def connection_lost(self, conn: Any) -> None:
+        super().connection_lost(conn)
+        self._lost()
+
+
+class _GrpcProbe:
+    """
+    One gRPC health check of one endpoint: C{grpc.health.v1.Health/Check}
+    on a fresh h2c connection, decided by the answer, then closed.
+
+    Same contract as L{_Probe}: C{decided(probe, success, reason)} at most
+    once (never after L{abort}), C{closed(probe)} once, when the
+    connection (or the attempt) is gone.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        authority: bytes,
+        service: str,
+        timeout: float,
+        reactor: Any,
+        decided: Callable[[Any, bool, str], None],
+        closed: Callable[[Any], None],
+    ):
+        self.endpoint = endpoint
+        self._authority = authority
+        self._service = service
+        self._timeout = timeout
+        self._reactor = reactor
+        self._decided_cb: Callable[[Any, bool, str], None] | None = decided
+        self._closed_cb = closed
+        self._pool = _GrpcProbePool(endpoint, timeout, reactor, self._close)
+        self._stream: Any = None
+        self._timer: IDelayedCall | None = None
+        self._head: ResponseHead | None = None
+        self._body = b""
+        self._is_closed = False
+        self._waiters: list[Deferred] = []
+
+    def start(self) -> None:
+        self._timer = self._reactor.callLater(self._timeout, self._timed_out)
+        acquired = self._pool.acquire()
+        if isinstance(acquired, Deferred):
+            acquired.addCallbacks(self._connected, self._connect_failed)
+        else:
+            self._connected(acquired)
+
+    def _connected(self, stream: Any) -> None:
+        if self._decided_cb is None:
+            # Timed out or aborted while connecting.
+            self._pool.close()
+            self._pool.release(stream)
+            return
+        self._stream = stream
+        head = RequestHead(b"POST", grpc.HEALTH_CHECK_PATH, self._authority, Headers([
+            (b"content-type", grpc.GRPC_CONTENT_TYPE), (b"te", b"trailers"), (b"user-agent", USER_AGENT),
+            (b"grpc-timeout", grpc.format_grpc_timeout(self._timeout)),
+        ]), version=b"2")
+        stream.start(head, False, self)
+        stream.send_data(grpc.frame_message(grpc.health_check_request(self._service)), True)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._decide(False, f"connect failed: {failure.getErrorMessage()}")
+        self._close()
+
+    # Verdict and teardown.
+
+    def _decide(self, success: bool, reason: str) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        cb, self._decided_cb = self._decided_cb, None
+        if cb is not None:
+            cb(self, success, reason)
+
+    def _finish(self, success: bool, reason: str) -> None:
+        self._decide(success, reason)
+        self._drop()
+
+    def _drop(self) -> None:
+        # A closed pool closes its connection once no stream is open.
+        self._pool.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.abort()
+
+    def _close(self) -> None:
+        if self._is_closed:
+            return
+        self._is_closed = True
+        self._closed_cb(self)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._finish(False, f"timed out after {self._timeout}s")
+
+    def abort(self) -> Deferred:
+        """
+        Stop now, without a verdict.
+
+        @return: a L{Deferred} that fires once the connection is closed.
+        """
+        self._decided_cb = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._is_closed:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        self._drop()
+        return d
+
+    # The upstream response handler (what the router is to a stream).
+
+    def response_informational(self, head: ResponseHead) -> None:
+        pass
+
+    def response_head(self, head: ResponseHead, end_stream: bool) -> None:
+        self._head = head
+        if end_stream:
+            # Trailers-only: the status is in the headers.
+            self._verdict(head.headers)
+
+    def response_data(self, data: bytes, end_stream: bool) -> None:
+        self._body += data
+        if end_stream:
+            self._verdict(Headers())
+
+    def response_trailers(self, trailers: Headers) -> None:
+        self._verdict(trailers)
+
+    def upstream_reset(self, flag: str, reason: str) -> None:
+        self._stream = None
+        self._finish(False, reason)
+
+    def flush(self) -> None:
+        pass
+
+    def _verdict(self, trailers: Headers) -> None:
+        self._stream = None
+        head = self._head
+        if head is None or head.status != 200:
+            self._finish(False, f"status {head.status if head else 0}")
+            return
+        status = grpc.grpc_status_of(trailers)
+        if status is None:
+            status = grpc.grpc_status_of(head.headers)
+        if status != grpc.OK:
+            message = trailers.get(b"grpc-message") or head.headers.get(b"grpc-message") or b""
+            self._finish(False, f"grpc-status {status}: {grpc.decode_grpc_message(message)}".rstrip(": "))
+            return
+        try:
+            messages, _ = grpc.unframe_messages(self._body)
+            serving = grpc.parse_health_check_response(messages[0]) if messages else grpc.HEALTH_UNKNOWN
+        except ValueError as e:
+            self._finish(False, f"bad health check response: {e}")
+            return
+        names = {grpc.HEALTH_SERVING: "SERVING", grpc.HEALTH_NOT_SERVING: "NOT_SERVING",
+                 grpc.HEALTH_SERVICE_UNKNOWN: "SERVICE_UNKNOWN"}
+        self._finish(serving == grpc.HEALTH_SERVING, names.get(serving, f"UNKNOWN ({serving})"))
+
+
 class HealthChecker:
     """
     Active health checks of one cluster's endpoints.
@@ -327,7 +509,7 @@ class HealthChecker:
             ep: _EndpointRecord(HealthState(config.healthy_threshold, config.unhealthy_threshold))
             for ep in endpoints
         }
-        self._probes: set[_Probe] = set()
+        self._probes: set[Any] = set()
         self.running = False
 
     @property
@@ -372,6 +554,13 @@ class HealthChecker:
     def _check(self, endpoint: Endpoint) -> None:
         record = self._records[endpoint]
         record.call = None
+        if self.config.kind == "grpc":
+            authority = self._host_header or str(endpoint).encode("ascii")
+            grpc_probe = _GrpcProbe(endpoint, authority, self.config.grpc_service, self.config.timeout,
+                                    self._reactor, self._decided, self._probes.discard)
+            self._probes.add(grpc_probe)
+            grpc_probe.start()
+            return
         if self.config.kind == "tcp":
             request = None
         else:

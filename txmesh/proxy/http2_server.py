@@ -140,13 +140,13 @@ class _ServerStream:
     # ResponseWriter
 
     def write_informational(self, head: ResponseHead) -> None:
-        if head.status == 101 or self.closed:
+        if head.status == 101 or self.closed or self._protocol._closing:
             return
         self._conn.send_headers(self.stream_id, response_to_h2(head), end_stream=False)
         self._protocol._flush()
 
     def write_head(self, head: ResponseHead, end_stream: bool) -> None:
-        if self.closed:
+        if self.closed or self._protocol._closing:
             return
         self._conn.send_headers(self.stream_id, response_to_h2(head), end_stream=end_stream)
         if end_stream:
@@ -154,7 +154,7 @@ class _ServerStream:
         self._protocol._flush()
 
     def write_data(self, data: bytes, end_stream: bool) -> None:
-        if self.closed:
+        if self.closed or self._protocol._closing:
             return
         if data:
             self._buffer.append(data)
@@ -165,7 +165,7 @@ class _ServerStream:
         self._protocol._flush()
 
     def write_trailers(self, trailers: Headers) -> None:
-        if self.closed:
+        if self.closed or self._protocol._closing:
             return
         self._trailers = trailers_to_h2(trailers)
         self._end_pending = True
@@ -176,7 +176,7 @@ class _ServerStream:
         self._protocol._flush()
 
     def reset_stream(self, code: int = ErrorCodes.CANCEL) -> None:
-        if self.closed:
+        if self.closed or self._protocol._closing:
             return
         try:
             self._conn.reset_stream(self.stream_id, code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -77,9 +78,13 @@ class _SniffingProtocol(Protocol):
         self._timer = None
         inner.factory = self.factory
         self._inner = inner
-        # The codec talks to the transport directly; only inbound events
-        # pass through here.
-        inner.makeConnection(self.transport)
+        # The codec talks to the transport directly; a TCP transport also
+        # delivers to it directly from now on, other transports (TLS)
+        # through this protocol.
+        transport = self.transport
+        if isinstance(transport, tcp.Connection) and transport.protocol is self:
+            transport.protocol = inner
+        inner.makeConnection(transport)
 
     def _timed_out(self) -> None:
         self._timer = None
