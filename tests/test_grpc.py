@@ -718,3 +718,135 @@ class ProxyRepliesTests(unittest.TestCase):
               - {name: app, endpoints: ["127.0.0.1:1"]}
             """)
         self.assertEqual(r["status"], "UNIMPLEMENTED", r)
+
+
+class GrpcHealthCheckConfigTests(unittest.SynchronousTestCase):
+    def load(self, health_check: str) -> Any:
+        from txmesh.config.loader import ConfigLoader
+        from txmesh.filters.registry import FilterRegistry
+
+        text = (
+            "listeners:\n"
+            "  - {name: l, address: \"tcp:8080\", routes: [{cluster: app}]}\n"
+            "clusters:\n"
+            "  - {name: app, http2: true, endpoints: [\"127.0.0.1:9001\"], health_check: " + health_check + "}\n"
+        )
+        loader = ConfigLoader(FilterRegistry(http=[RouterFactory()]))
+        return loader.load_bytes(text.encode(), "grpc.yaml").cluster("app").health_check
+
+    def test_grpc_kind(self):
+        from txmesh.config.model import HealthCheckConfig
+
+        self.assertEqual(self.load("{kind: grpc, grpc_service: echo, interval: 2s}"),
+                         HealthCheckConfig(kind="grpc", interval=2.0, grpc_service="echo"))
+        self.assertEqual(self.load("{kind: grpc}").grpc_service, "")
+
+    def test_bad_service(self):
+        from txmesh.config.errors import ConfigError
+
+        with self.assertRaises(ConfigError) as cm:
+            self.load("{kind: grpc, grpc_service: 7}")
+        self.assertEqual(cm.exception.field, "clusters[0].health_check.grpc_service")
+
+
+class GrpcHealthCheckTests(unittest.TestCase):
+    """
+    C{kind: grpc} health checks against a real grpcio server's
+    C{grpc.health.v1.Health/Check}, over the proxy's HTTP/2 client.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        reason = _grpcio_missing() or _http2_missing()
+        if reason:
+            raise unittest.SkipTest(reason)
+        self.gen = yield generated()
+
+    @defer.inlineCallbacks
+    def check(self, port: int, service: str = "", timeout: float = 2.0) -> Any:
+        """
+        Run checks until one is decided.
+
+        @return: the checker's stats of the endpoint and the health changes.
+        """
+        from txmesh.config.model import Endpoint, HealthCheckConfig
+        from txmesh.proxy.health import HealthChecker
+
+        endpoint = Endpoint("127.0.0.1", port)
+        changes: list[bool] = []
+        config = HealthCheckConfig(kind="grpc", grpc_service=service, interval=0.05, timeout=timeout,
+                                   unhealthy_threshold=1)
+        checker = HealthChecker(config, [endpoint], reactor, lambda ep, healthy: changes.append(healthy))
+        checker.start()
+        try:
+            deadline = reactor.seconds() + timeout + 10
+            while checker.stats()[str(endpoint)]["checks"] < 1:
+                if reactor.seconds() > deadline:
+                    self.fail("no health check was decided")
+                yield sleep(0.02)
+        finally:
+            yield checker.stop().addTimeout(10, reactor)
+        return checker.stats()[str(endpoint)], changes
+
+    @defer.inlineCallbacks
+    def serving_port(self) -> Any:
+        server = GrpcServer(self, self.gen)
+        port = yield server.port()
+        return port
+
+    @defer.inlineCallbacks
+    def test_serving(self):
+        port = yield self.serving_port()
+        for service in ("", "echo"):
+            stats, changes = yield self.check(port, service)
+            self.assertIsNone(stats["last_failure"], service)
+            self.assertTrue(stats["healthy"])
+            self.assertEqual(changes, [])
+
+    @defer.inlineCallbacks
+    def test_not_serving(self):
+        port = yield self.serving_port()
+        stats, changes = yield self.check(port, "sick")
+        self.assertEqual(stats["last_failure"], "NOT_SERVING")
+        self.assertEqual(changes, [False])
+
+    @defer.inlineCallbacks
+    def test_unknown_service(self):
+        port = yield self.serving_port()
+        stats, changes = yield self.check(port, "nope")
+        self.assertEqual(stats["last_failure"], "grpc-status 5: unknown service")
+        self.assertEqual(changes, [False])
+
+    @defer.inlineCallbacks
+    def test_timeout(self):
+        port = yield self.serving_port()
+        stats, changes = yield self.check(port, "slow", timeout=0.3)
+        self.assertEqual(stats["last_failure"], "timed out after 0.3s")
+        self.assertEqual(changes, [False])
+
+    @defer.inlineCallbacks
+    def test_dead_endpoint(self):
+        stats, changes = yield self.check(free_port())
+        self.assertIn("connect failed", stats["last_failure"])
+        self.assertEqual(changes, [False])
+
+    @defer.inlineCallbacks
+    def test_not_grpc(self):
+        """
+        An h2c server that is not gRPC (here: the proxy's own listener,
+        with no route) fails the check with its status.
+        """
+        proxy = ProxyHarness(self)
+        yield proxy.start("""
+            listeners:
+              - name: http
+                address: "tcp:0:interface=127.0.0.1"
+                routes: [{match: {prefix: /elsewhere}, cluster: app}]
+            clusters:
+              - {name: app, endpoints: ["127.0.0.1:1"]}
+            """)
+        stats, changes = yield self.check(proxy.port())
+        self.assertEqual(stats["last_failure"], "grpc-status 12")
+        self.assertEqual(changes, [False])

@@ -121,6 +121,22 @@ class ConversionTests(unittest.TestCase):
         self.assertEqual(settings[codes.MAX_CONCURRENT_STREAMS], 100)
         self.assertEqual(settings[codes.MAX_HEADER_LIST_SIZE], 65536)
 
+    def test_h2c_upgrade(self) -> None:
+        data = (b"GET /u HTTP/1.1\r\nHost: a:1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nAccept: */*\r\n\r\nPRI")
+        head, settings, rest = http2.parse_h2c_upgrade(data)
+        self.assertEqual((head.method, head.path, head.authority), (b"GET", b"/u", b"a:1"))
+        self.assertEqual(head.headers.items(), [(b"host", b"a:1"), (b"accept", b"*/*")])
+        self.assertEqual((settings, rest), (b"AAMAAABkAARAAAAAAAIAAAAA", b"PRI"))
+        for bad in (data.replace(b"Upgrade: h2c", b"Upgrade: websocket"),
+                    data.replace(b", HTTP2-Settings", b""),
+                    data.replace(b"Accept: */*", b"Content-Length: 5"),
+                    data.replace(b"HTTP/1.1", b"HTTP/1.0"),
+                    data.replace(b"\r\n\r\n", b"\r\n"),
+                    data.replace(b"AAMAAABkAARAAAAAAAIAAAAA", b"AAMAA!"),
+                    data.replace(b"AAMAAABkAARAAAAAAAIAAAAA", b"AAMA")):
+            self.assertIsNone(http2.parse_h2c_upgrade(bad), bad)
+
     def test_sniff(self) -> None:
         self.assertEqual(sniff(http2.PREFACE + b"rest"), "h2")
         self.assertIsNone(sniff(b"PRI * HT"))
@@ -333,6 +349,19 @@ class ServerProtocolTests(unittest.TestCase):
         [resp] = s.of(h2.events.ResponseReceived, sid)
         self.assertEqual(dict(resp.headers)[b":status"], b"403")
         self.assertEqual(s.body(sid), b"no\n")
+
+    def test_early_response_stops_request(self) -> None:
+        """
+        A response complete before its request body ends the stream with
+        RST_STREAM NO_ERROR: the client stops uploading.
+        """
+        s = InMemoryServer(auto=LocalReply(413, b"too big\n", flag=""))
+        sid = s.request(b"POST", end_stream=False)
+        s.pump()
+        self.assertEqual(s.body(sid), b"too big\n")
+        [reset] = s.of(h2.events.StreamReset, sid)
+        self.assertEqual(reset.error_code, ErrorCodes.NO_ERROR)
+        self.assertEqual(s.inner.streams, {})
 
     def test_invalid_request_reset(self) -> None:
         s = InMemoryServer()
@@ -574,6 +603,18 @@ class ProxyTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertTrue(out.startswith(b"HTTP/2 200"), out)
         self.assertTrue(out.endswith(b"path=/hello proto=http host=127.0.0.1:%d" % self.proxy.port()), out)
+
+    @defer.inlineCallbacks
+    def test_curl_h2c_upgrade(self) -> Any:
+        """
+        C{curl --http2} on plain HTTP asks for C{Upgrade: h2c} (RFC 7540
+        3.2); its request becomes stream 1.
+        """
+        out, err, code = yield curl("--http2", "-i", self.url + "/upgraded")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), out)
+        self.assertIn(b"\r\n\r\nHTTP/2 200", out)
+        self.assertTrue(out.endswith(b"path=/upgraded proto=http host=127.0.0.1:%d" % self.proxy.port()), out)
 
     @defer.inlineCallbacks
     def test_http1_on_same_port(self) -> Any:

@@ -1209,6 +1209,20 @@ class RequestShapingTests(TrafficTestCase):
         self.assertEqual((shadow.requests[-1].method, shadow.requests[-1].body), (b"POST", b"a body to copy"))
         self.assertEqual(shadow.requests[-1].header(b"host"), b"web-shadow")
         self.assertEqual(primary.requests[-1].body, b"a body to copy")
+        # A body past the mirror limit reaches the primary whole; the shadow
+        # gets no truncated copy (and the proxy keeps no copy of it).
+        from txmesh.filters.router import MIRROR_BODY_LIMIT
+
+        big = b"x" * (MIRROR_BODY_LIMIT + 4096)
+        reply = yield clients.one(b"/big", b"web", body=big)
+        self.assertEqual((reply.status, reply.upstream), (200, "primary"))
+        self.assertEqual(primary.requests[-1].body, big)
+        marker = yield clients.one(b"/after", b"web")
+        self.assertEqual(marker.status, 200)
+        deadline = reactor.seconds() + 5
+        while not any(r.path == b"/after" for r in shadow.requests) and reactor.seconds() < deadline:
+            yield sleep(0.02)
+        self.assertNotIn(b"/big", [r.path for r in shadow.requests])
 
 
 # 8. Active health checks

@@ -124,7 +124,7 @@ def _health_handler():
         if service == "sick":
             return b"\x08\x02"
         if service == "slow":
-            time.sleep(5)
+            time.sleep(2)
             return b"\x08\x01"
         context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
 

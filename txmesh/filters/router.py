@@ -193,6 +193,7 @@ class RouterFilter(HTTPFilter):
     _breaker_slot = False
     _budget_slot = False
     _stale_retried = False
+    _mirror_too_big = False
 
     def __init__(self, stream: Any):
         self._stream = stream
@@ -282,7 +283,10 @@ class RouterFilter(HTTPFilter):
     def _event(self, event: tuple[int, Any, bool], size: int) -> None:
         route = self._route
         conn = self._conn
-        keep = conn is None or (self._replayable and (route.retry is not None or route.mirror is not None))
+        mirror_fits = route.mirror is not None and self._events_bytes + size <= MIRROR_BODY_LIMIT
+        if route.mirror is not None and not mirror_fits:
+            self._mirror_too_big = True
+        keep = conn is None or (self._replayable and (route.retry is not None or mirror_fits))
         if keep:
             if self._events is None:
                 self._events = []
@@ -299,7 +303,7 @@ class RouterFilter(HTTPFilter):
                 conn.send_data(event[1], event[2])
             else:
                 conn.send_trailers(event[1])
-            if not self._replayable:
+            if not self._replayable or (not keep and route.retry is None):
                 self._events = None
         if event[2]:
             self._request_done = True
@@ -314,7 +318,7 @@ class RouterFilter(HTTPFilter):
         mirror = route.mirror
         if mirror.percent < 100 and self._rng().random() * 100 >= mirror.percent:
             return
-        if self._events_bytes > MIRROR_BODY_LIMIT or (self._events is None and not self._end_stream):
+        if self._mirror_too_big or (self._events is None and not self._end_stream):
             return
         cluster = self._stream.cluster_manager.get(mirror.cluster)
         if cluster is not None:

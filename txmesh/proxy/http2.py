@@ -9,6 +9,8 @@ L{txmesh.proxy.http2_server} and L{txmesh.proxy.http2_client} feed them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable
 
 import h2.config
@@ -213,3 +215,62 @@ def local_settings(max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
         codes.INITIAL_WINDOW_SIZE: initial_window_size,
         codes.ENABLE_PUSH: 0,
     }
+
+
+_UPGRADE_DROP = CONNECTION_SPECIFIC | {b"http2-settings", b"te"}
+
+
+def parse_h2c_upgrade(data: bytes, scheme: bytes = b"http") -> tuple[RequestHead, bytes, bytes] | None:
+    """
+    Recognise an HTTP/1.1 request asking to upgrade to h2c (RFC 7540 3.2):
+    C{Upgrade: h2c}, C{Connection: Upgrade, HTTP2-Settings} and one
+    C{HTTP2-Settings} header, with no request body.
+
+    @param data: the start of a connection, holding a complete request head.
+    @return: the request (to become stream 1), the C{HTTP2-Settings} value
+        and the bytes after the head; or C{None} if this is not such a
+        request (it is then served as HTTP/1.1, the upgrade ignored).
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or not parts[1].startswith(b"/"):
+        return None
+    items: list[tuple[bytes, bytes]] = []
+    upgrade = connection = settings = None
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            return None
+        name = name.lower()
+        value = value.strip()
+        if name == b"upgrade":
+            upgrade = value.lower()
+        elif name == b"connection":
+            connection = value.lower()
+        elif name == b"http2-settings":
+            if settings is not None:
+                return None
+            settings = value
+        elif name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return None  # a body: not worth the buffering; stay on HTTP/1.1
+        if name not in _UPGRADE_DROP:
+            items.append((name, value))
+    if upgrade is None or connection is None or settings is None:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(settings + b"=" * (-len(settings) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if len(payload) % 6:
+        return None  # not a SETTINGS payload: six bytes per setting
+    if b"h2c" not in [t.strip() for t in upgrade.split(b",")]:
+        return None
+    tokens = [t.strip() for t in connection.split(b",")]
+    if b"upgrade" not in tokens or b"http2-settings" not in tokens:
+        return None
+    headers = Headers(items)
+    head = RequestHead(parts[0], parts[1], headers.get(b"host") or b"", headers, scheme, b"2")
+    return head, settings, data[end + 4:]

@@ -44,6 +44,7 @@ from zope.interface import implementer
 from txmesh.config.model import ClusterConfig, Endpoint
 from txmesh.proxy.http2 import (
     CONNECTION_WINDOW_SIZE,
+    MAX_CONCURRENT_STREAMS,
     StreamProtocolError,
     client_config,
     local_settings,
@@ -318,6 +319,25 @@ class HTTP2Stream:
         self.connection.stream_closed(self)
 
 
+class _GracefulH2Connection(H2Connection):
+    """
+    h2's connection, except that a GOAWAY with C{NO_ERROR} does not close
+    it: nginx sends one after C{http2_max_requests} and then finishes the
+    streams up to C{last_stream_id}, whose frames h2 would otherwise refuse
+    as a protocol error.  No new stream is started after it (the pool's
+    C{goaway} flag).
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list, list]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 class HTTP2ClientConnection(Protocol):
     """
     One h2c connection to an upstream endpoint.
@@ -331,13 +351,14 @@ class HTTP2ClientConnection(Protocol):
     def __init__(self, pool: HTTP2EndpointPool, endpoint: Endpoint):
         self._pool = pool
         self.endpoint = endpoint
-        self.h2 = H2Connection(client_config())
+        self.h2 = _GracefulH2Connection(client_config())
         self.streams: dict[int, HTTP2Stream] = {}
         self.active = 0
         self.goaway = False
         self.connected = False
         self.requests_served = 0
         self.idle_since = 0.0
+        self.settings_received = False
         self._write: Callable[[bytes], None] = lambda data: None
 
     @property
@@ -347,7 +368,12 @@ class HTTP2ClientConnection(Protocol):
         """
         if not self.connected or self.goaway:
             return 0
-        return self.h2.remote_settings.max_concurrent_streams - self.active
+        limit = self.h2.remote_settings.max_concurrent_streams
+        if not self.settings_received:
+            # h2 assumes no limit until the upstream's SETTINGS arrive;
+            # assume the common default instead of risking refused streams.
+            limit = min(limit, MAX_CONCURRENT_STREAMS)
+        return limit - self.active
 
     # Twisted protocol
 
@@ -415,6 +441,7 @@ class HTTP2ClientConnection(Protocol):
                     for stream in list(streams.values()):
                         stream.send_pending()
                     if kind is RemoteSettingsChanged:
+                        self.settings_received = True
                         self._pool.capacity_changed(self)
             elif kind is ConnectionTerminated:
                 self._goaway_received(event.last_stream_id, event.error_code)

@@ -50,7 +50,7 @@ from txmesh.proxy.http2 import (
     trailers_from_h2,
     trailers_to_h2,
 )
-from txmesh.proxy.stream import Headers, ResponseFlag, ResponseHead
+from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag, ResponseHead
 
 log = Logger()
 
@@ -247,6 +247,15 @@ class _ServerStream:
         if self.closed:
             return
         self.closed = True
+        if self.request_open and not self._protocol._closing:
+            # The response is complete before the request (a local reply, an
+            # early upstream answer): the rest of the body is not wanted
+            # (RFC 9113 8.1), and the stream should not hold a slot.
+            self.request_open = False
+            try:
+                self._conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+            except (StreamClosedError, H2ProtocolError):
+                pass
         self._buffer.clear()
         self._buffered = 0
         producer, self._response_producer = self._response_producer, None
@@ -271,7 +280,13 @@ class HTTP2ServerProtocol(Protocol):
     rapid_reset_window = RAPID_RESET_WINDOW
     max_concurrent_streams = MAX_CONCURRENT_STREAMS
 
-    def __init__(self) -> None:
+    def __init__(self, upgrade: tuple[RequestHead, bytes] | None = None) -> None:
+        """
+        @param upgrade: for a connection upgraded from HTTP/1.1
+            (C{Upgrade: h2c}, RFC 7540 3.2): the request that asked, which
+            becomes stream 1, and its C{HTTP2-Settings} value.
+        """
+        self._upgrade = upgrade
         self.streams: dict[int, _ServerStream] = {}
         self._closing = False
         self._goaway_sent = False
@@ -303,7 +318,13 @@ class HTTP2ServerProtocol(Protocol):
         settings = local_settings(self.max_concurrent_streams)
         limit = settings.pop(SettingCodes.MAX_CONCURRENT_STREAMS)
         conn.local_settings = Settings(client=False, initial_values=settings)
-        conn.initiate_connection()
+        upgrade = self._upgrade
+        if upgrade is not None:
+            self._write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
+            value = upgrade[1].strip()
+            conn.initiate_upgrade_connection(value + b"=" * (-len(value) % 4))
+        else:
+            conn.initiate_connection()
         # Announced separately: h2 enforces a limit (as a connection error)
         # only once the client has acknowledged it; before that, streams
         # over the limit are refused one by one (REFUSED_STREAM, in
@@ -315,6 +336,9 @@ class HTTP2ServerProtocol(Protocol):
         self._schedule_idle_check()
         self.factory.connection_opened(self)
         self._flush()
+        if upgrade is not None:
+            self._upgrade = None
+            self._start(1, upgrade[0], True)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closing = True
@@ -391,7 +415,9 @@ class HTTP2ServerProtocol(Protocol):
             log.info("bad HTTP/2 request from {peer}: {reason}", peer=self._peer_ip.decode(), reason=str(e))
             self._conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
-        end_stream = event.stream_ended is not None
+        self._start(sid, head, event.stream_ended is not None)
+
+    def _start(self, sid: int, head: RequestHead, end_stream: bool) -> None:
         stream = _ServerStream(self, sid)
         stream.request_open = not end_stream
         self.streams[sid] = stream

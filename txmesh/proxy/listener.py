@@ -17,9 +17,12 @@ from twisted.python.failure import Failure
 
 from txmesh.proxy.connection_manager import HTTPConnectionManager
 from txmesh.proxy.http1_server import HTTP1ServerFactory, HTTP1ServerProtocol
-from txmesh.proxy.http2 import PREFACE
+from txmesh.proxy.http2 import PREFACE, parse_h2c_upgrade
 from txmesh.proxy.http2_server import HTTP2ServerProtocol
 from txmesh.proxy.tls import negotiated_protocol
+
+# How much of a request head is looked at for an h2c upgrade.
+_UPGRADE_HEAD_LIMIT = 16 * 1024
 
 
 def sniff(data: bytes) -> str | None:
@@ -68,6 +71,18 @@ class _SniffingProtocol(Protocol):
         if kind is None:
             self._buffer = data
             return
+        if kind == "http/1.1" and b"h2c" in data[:_UPGRADE_HEAD_LIMIT].lower():
+            if b"\r\n\r\n" not in data and len(data) < _UPGRADE_HEAD_LIMIT:
+                self._buffer = data  # maybe an upgrade: wait for the whole head
+                return
+            upgrade = parse_h2c_upgrade(data, self.factory.manager.listener.scheme)
+            if upgrade is not None:
+                self._buffer = b""
+                head, settings, rest = upgrade
+                self._choose(HTTP2ServerProtocol(upgrade=(head, settings)))
+                if rest:
+                    self._inner.dataReceived(rest)
+                return
         self._buffer = b""
         self._choose(HTTP2ServerProtocol() if kind == "h2" else HTTP1ServerProtocol())
         self._inner.dataReceived(data)
