@@ -301,6 +301,40 @@ class InMemoryServer:
 
 
 class ServerProtocolTests(unittest.TestCase):
+    def test_client_goaway_lets_streams_finish(self) -> None:
+        """
+        A client's GOAWAY(NO_ERROR) stops new streams, but the one in flight
+        still gets its response; then the connection closes.
+        """
+        from hyperframe.frame import GoAwayFrame
+
+        s = InMemoryServer()
+        sid = s.request()
+        s.pump()
+        [t] = s.terminal.streams
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = 0
+        goaway.error_code = 0
+        s.protocol.dataReceived(goaway.serialize())
+        self.assertFalse(s.transport.disconnecting)
+        t.stream.encode_headers(ResponseHead(200, Headers([(b"content-length", b"2")])), False)
+        t.stream.encode_data(b"ok", True)
+        s.pump()
+        self.assertEqual(s.body(sid), b"ok")
+        self.assertTrue(s.of(h2.events.StreamEnded, sid))
+        self.assertTrue(s.transport.disconnecting)
+
+    def test_client_goaway_with_error_closes_at_once(self) -> None:
+        from hyperframe.frame import GoAwayFrame
+
+        s = InMemoryServer()
+        s.request()
+        s.pump()
+        goaway = GoAwayFrame(0)
+        goaway.error_code = 2  # INTERNAL_ERROR
+        s.protocol.dataReceived(goaway.serialize())
+        self.assertTrue(s.transport.disconnecting)
+
     def test_sniffs_preface(self) -> None:
         s = InMemoryServer()
         self.assertIsInstance(s.inner, HTTP2ServerProtocol)
@@ -925,6 +959,11 @@ class UpstreamH2Tests(unittest.TestCase):
             H2LOAD, ("-n", "2000", "-c", "4", "-m", "10", self.url + "/conn"), env=os.environ)
         self.assertEqual(code, 0, err)
         self.assertIn(b"2000 succeeded, 0 failed", out)
+        # nginx ends an h2 connection with a graceful GOAWAY after 1000
+        # requests (http2_max_requests): the pool moved to a new one
+        # without failing a request.
+        [pool] = self.proxy.service._cluster_set.get("app").pools()
+        self.assertGreaterEqual(pool.total_connections, 2)
         m = re.search(rb"finished in [^,]+, ([\d.]+) req/s", out)
         if m:
             print(f"h2load through txmesh to h2c nginx: {m.group(1).decode()} req/s")
@@ -1033,6 +1072,40 @@ class InMemoryUpstream:
 
 
 class UpstreamPoolTests(unittest.TestCase):
+    def test_keepalive_ping(self) -> None:
+        """
+        An idle upstream connection is PINGed every PING_INTERVAL; an
+        answered PING keeps it, an unanswered one gets it aborted.
+        """
+        from txmesh.proxy.http2_client import PING_INTERVAL, PING_TIMEOUT
+
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        u.accept()
+        stream = self.successResultOf(d)
+        handler = u.start(stream, b"/x")
+        u.pump()
+        [req] = u.requests()
+        server = u.links[0][2]
+        server.send_headers(req.stream_id, [(b":status", b"204")], end_stream=True)
+        u.pump()
+        self.assertEqual(handler.head.status, 204)
+        [conn] = u.pool._open
+        start = conn.idle_since
+        u.pool.sweep(start + PING_INTERVAL)
+        self.assertIsNotNone(conn.ping_sent_at)
+        u.pump()  # the in-memory upstream answers the PING
+        self.assertIsNone(conn.ping_sent_at)
+        self.assertEqual(u.pool._open, [conn])
+        # Now the upstream goes silent: a PING gets no answer.
+        later = start + PING_INTERVAL + 1
+        conn.ping(later)
+        u.pool.sweep(later + PING_TIMEOUT / 2)
+        self.assertEqual(u.pool._open, [conn])
+        u.pool.sweep(later + PING_TIMEOUT)
+        self.assertEqual(u.pool._open, [])
+        self.assertTrue(u.links[0][1].disconnecting or not conn.connected)
+
     def test_exchange(self) -> None:
         u = InMemoryUpstream()
         d = u.pool.acquire()
@@ -1197,6 +1270,35 @@ class UpstreamPoolTests(unittest.TestCase):
         c = u.pool.acquire()
         self.assertIsInstance(c, defer.Deferred)
         self.assertEqual(len(u.reactor.tcpClients), 1)
+
+    def test_graceful_goaway_lets_streams_finish(self) -> None:
+        """
+        After a GOAWAY with NO_ERROR (nginx's http2_max_requests), streams
+        up to its last stream id still receive their responses, and the
+        connection closes when they are done.
+        """
+        from hyperframe.frame import GoAwayFrame
+
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        u.accept()
+        a = self.successResultOf(d)
+        b = u.pool.acquire()
+        ha, hb = u.start(a), u.start(b)
+        u.pump()
+        protocol, transport, server = u.links[0]
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = a.stream_id
+        goaway.error_code = 0
+        server.send_headers(a.stream_id, [(b":status", b"200")])
+        # GOAWAY and the rest of stream a's response in one read.
+        protocol.dataReceived(server.data_to_send() + goaway.serialize())
+        server.send_data(a.stream_id, b"done", end_stream=True)
+        u.pump()
+        self.assertEqual(hb.reset[0], "UC")
+        self.assertTrue(b.reused)
+        self.assertEqual((ha.head.status, ha.body, ha.ended, ha.reset), (200, b"done", True, None))
+        self.assertTrue(transport.disconnecting)
 
     def test_connection_lost_resets_every_stream(self) -> None:
         u = InMemoryUpstream()

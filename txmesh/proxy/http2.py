@@ -12,9 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable
+from typing import Any
 
 import h2.config
 import h2.settings
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
 
 from txmesh.proxy.stream import Headers, RequestHead, ResponseHead
 
@@ -274,3 +278,27 @@ def parse_h2c_upgrade(data: bytes, scheme: bytes = b"http") -> tuple[RequestHead
     headers = Headers(items)
     head = RequestHead(parts[0], parts[1], headers.get(b"host") or b"", headers, scheme, b"2")
     return head, settings, data[end + 4:]
+
+
+class GracefulH2Connection(H2Connection):
+    """
+    h2's connection, except that a GOAWAY with C{NO_ERROR} does not close
+    it: the peer promises no new streams but the streams up to
+    C{last_stream_id} still finish (RFC 9113 6.8), and h2 would refuse
+    their frames as a protocol error.  nginx sends one after
+    C{http2_max_requests}; clients send one when they are done.  The
+    C{ConnectionTerminated} event is still delivered, so callers stop
+    starting streams.
+
+    This overrides h2's C{_receive_goaway_frame}: recheck it when h2 is
+    upgraded.
+    """
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list, list]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]

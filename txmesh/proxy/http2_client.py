@@ -18,12 +18,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
     InformationalResponseReceived,
+    PingAckReceived,
     RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
@@ -45,6 +45,7 @@ from txmesh.config.model import ClusterConfig, Endpoint
 from txmesh.proxy.http2 import (
     CONNECTION_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
+    GracefulH2Connection,
     StreamProtocolError,
     client_config,
     local_settings,
@@ -54,6 +55,10 @@ from txmesh.proxy.http2 import (
     trailers_to_h2,
 )
 from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag
+
+# Keepalive of idle upstream connections (Envoy's connection_keepalive).
+PING_INTERVAL = 30.0
+PING_TIMEOUT = 10.0
 
 log = Logger()
 
@@ -319,25 +324,6 @@ class HTTP2Stream:
         self.connection.stream_closed(self)
 
 
-class _GracefulH2Connection(H2Connection):
-    """
-    h2's connection, except that a GOAWAY with C{NO_ERROR} does not close
-    it: nginx sends one after C{http2_max_requests} and then finishes the
-    streams up to C{last_stream_id}, whose frames h2 would otherwise refuse
-    as a protocol error.  No new stream is started after it (the pool's
-    C{goaway} flag).
-    """
-
-    def _receive_goaway_frame(self, frame: Any) -> tuple[list, list]:
-        if frame.error_code != ErrorCodes.NO_ERROR:
-            return super()._receive_goaway_frame(frame)
-        event = ConnectionTerminated()
-        event.error_code = ErrorCodes.NO_ERROR
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
 class HTTP2ClientConnection(Protocol):
     """
     One h2c connection to an upstream endpoint.
@@ -351,7 +337,7 @@ class HTTP2ClientConnection(Protocol):
     def __init__(self, pool: HTTP2EndpointPool, endpoint: Endpoint):
         self._pool = pool
         self.endpoint = endpoint
-        self.h2 = _GracefulH2Connection(client_config())
+        self.h2 = GracefulH2Connection(client_config())
         self.streams: dict[int, HTTP2Stream] = {}
         self.active = 0
         self.goaway = False
@@ -359,6 +345,8 @@ class HTTP2ClientConnection(Protocol):
         self.requests_served = 0
         self.idle_since = 0.0
         self.settings_received = False
+        self.ping_sent_at: float | None = None
+        self.last_ping = 0.0
         self._write: Callable[[bytes], None] = lambda data: None
 
     @property
@@ -445,6 +433,8 @@ class HTTP2ClientConnection(Protocol):
                         self._pool.capacity_changed(self)
             elif kind is ConnectionTerminated:
                 self._goaway_received(event.last_stream_id, event.error_code)
+            elif kind is PingAckReceived:
+                self.ping_sent_at = None
         for stream in list(streams.values()):
             handler = stream._handler
             if handler is not None:
@@ -502,6 +492,17 @@ class HTTP2ClientConnection(Protocol):
             data = self.h2.data_to_send()
             if data:
                 self._write(data)
+
+    def ping(self, now: float) -> None:
+        """
+        Send a keepalive PING; L{HTTP2EndpointPool.sweep} closes the
+        connection if its ACK does not come back in time.
+        """
+        if self.transport is None or self.goaway:
+            return
+        self.ping_sent_at = now
+        self.h2.ping(b"txmesh\x00\x00")
+        self.flush()
 
     def close(self) -> None:
         """
@@ -745,11 +746,28 @@ class HTTP2EndpointPool:
         return False
 
     def sweep(self, now: float) -> None:
+        """
+        Close connections idle past the cluster's idle timeout, and keep the
+        others honest: an idle connection is PINGed every
+        L{PING_INTERVAL}; one whose PING goes unanswered for L{PING_TIMEOUT}
+        is dead (a vanished host, a silent middlebox) and is aborted, so no
+        request is sent into it.
+        """
         limit = now - self._config.idle_timeout
         for conn in list(self._open):
             if not conn.active and conn.idle_since <= limit:
                 self._open.remove(conn)
                 conn.close()
+            elif conn.ping_sent_at is not None:
+                if now - conn.ping_sent_at >= PING_TIMEOUT:
+                    log.info("upstream {endpoint} did not answer a PING in {timeout} s; closing",
+                             endpoint=str(self.endpoint), timeout=PING_TIMEOUT)
+                    self._open.remove(conn)
+                    conn.ping_sent_at = None
+                    conn.transport.abortConnection()
+            elif not conn.active and now - max(conn.idle_since, conn.last_ping) >= PING_INTERVAL:
+                conn.last_ping = now
+                conn.ping(now)
 
     def close(self) -> None:
         self.closed = True

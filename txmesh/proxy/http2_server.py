@@ -42,6 +42,7 @@ from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_he
 from txmesh.proxy.http2 import (
     CONNECTION_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
+    GracefulH2Connection,
     StreamProtocolError,
     local_settings,
     request_from_h2,
@@ -290,6 +291,7 @@ class HTTP2ServerProtocol(Protocol):
         self.streams: dict[int, _ServerStream] = {}
         self._closing = False
         self._goaway_sent = False
+        self._goaway_received = False
         self._transport_paused = False
         self._resets: deque[float] = deque()
         self._timer: Any = None
@@ -314,7 +316,7 @@ class HTTP2ServerProtocol(Protocol):
             pass
         writes = manager.proxy.writes
         self._write = writes.writer_for(self.transport) if writes is not None else self.transport.write
-        conn = self._conn = H2Connection(server_config())
+        conn = self._conn = GracefulH2Connection(server_config())
         settings = local_settings(self.max_concurrent_streams)
         limit = settings.pop(SettingCodes.MAX_CONCURRENT_STREAMS)
         conn.local_settings = Settings(client=False, initial_values=settings)
@@ -396,9 +398,13 @@ class HTTP2ServerProtocol(Protocol):
             elif kind is RemoteSettingsChanged:
                 self._window_updated(0)
             elif kind is ConnectionTerminated:
-                self._flush()
-                self._close()
-                return
+                if event.error_code != ErrorCodes.NO_ERROR or not self.streams:
+                    self._flush()
+                    self._close()
+                    return
+                # The client is done starting streams: finish the ones in
+                # flight, then close (RFC 9113 6.8).
+                self._goaway_received = True
         if self.factory.draining and not self._goaway_sent:
             self.start_drain()
 
@@ -406,7 +412,7 @@ class HTTP2ServerProtocol(Protocol):
 
     def _request(self, event: RequestReceived) -> None:
         sid = event.stream_id
-        if self._goaway_sent or len(self.streams) >= self.max_concurrent_streams:
+        if self._goaway_sent or self._goaway_received or len(self.streams) >= self.max_concurrent_streams:
             self._conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
@@ -489,7 +495,7 @@ class HTTP2ServerProtocol(Protocol):
     def _stream_done(self, stream: _ServerStream) -> None:
         self.streams.pop(stream.stream_id, None)
         self._last_activity = self._clock.seconds()
-        if not self.streams and (self._goaway_sent or self.factory.draining):
+        if not self.streams and (self._goaway_sent or self._goaway_received or self.factory.draining):
             self._flush()
             self._close()
 

@@ -71,7 +71,9 @@ class _SniffingProtocol(Protocol):
         if kind is None:
             self._buffer = data
             return
-        if kind == "http/1.1" and b"h2c" in data[:_UPGRADE_HEAD_LIMIT].lower():
+        # h2c is HTTP/2 over cleartext only (RFC 7540 3.2).
+        if (kind == "http/1.1" and self.factory.manager.listener.tls is None
+                and b"h2c" in data[:_UPGRADE_HEAD_LIMIT].lower()):
             if b"\r\n\r\n" not in data and len(data) < _UPGRADE_HEAD_LIMIT:
                 self._buffer = data  # maybe an upgrade: wait for the whole head
                 return
