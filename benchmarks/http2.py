@@ -48,7 +48,6 @@ from http1 import (  # noqa: E402
     Proc,
     Unavailable,
     _version,
-    check_tools,
     fmt,
     free_port,
     http_get,
@@ -193,7 +192,8 @@ def parse_h2load(out: str) -> dict:
 def run_h2load(url: str, clients: int, streams: int, duration: int, requests: int | None, pinning: bool) -> dict:
     load = ["-n", str(requests)] if requests else ["-D", str(duration)]
     argv = pin(LOAD_CPU, [H2LOAD, "-t1", f"-c{clients}", f"-m{streams}", *load, url], pinning)
-    p = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=(duration if not requests else 60) + 60)
+    p = subprocess.run(argv, check=False, capture_output=True, text=True,
+                       timeout=(duration if not requests else 60) + 60)
     res = parse_h2load(p.stdout)
     if p.returncode != 0 or res["rps"] is None:
         raise RuntimeError(f"h2load failed ({p.returncode}): {last_lines(p.stderr or p.stdout)}")
@@ -235,10 +235,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for tool in (H2LOAD, CURL):
+    for tool in (NGINX, H2LOAD, CURL) + (() if args.no_pin else ("taskset",)):
         if not shutil.which(tool):
             sys.exit(f"http2.py: {tool} not found")
-    pinning = check_tools(not args.no_pin)  # nginx, taskset (and wrk, which http1.py wants)
+    pinning = not args.no_pin
+    if pinning and not {int(PROXY_CPU), int(LOAD_CPU)} <= os.sched_getaffinity(0):
+        print(f"warning: CPUs {PROXY_CPU} and {LOAD_CPU} not both available; not pinning")
+        pinning = False
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")

@@ -992,7 +992,7 @@ WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
     "ignored_kind": ([{"apiVersion": API, "kind": "Gateway", "metadata": {"name": "gw"}, "spec": {}}],
                      [(3, "kind", "Gateway is not supported by txmesh; document ignored")]),
     "passthrough": ([], [(2, "spec.trafficPolicy.loadBalancer.simple", "PASSTHROUGH")]),
-    "dr_tls": ([], [(2, "spec.trafficPolicy.tls", "upstream TLS is not supported")]),
+    "dr_tls": ([], [(2, "spec.trafficPolicy.tls.mode", "needs the mesh CA")]),
     "dr_port_level": ([], [(2, "spec.trafficPolicy.portLevelSettings", "per-port policies")]),
     "locality_details": ([], [(2, "spec.trafficPolicy.loadBalancer.localityLbSetting.failover",
                                "explicit failover regions")]),

@@ -52,6 +52,7 @@ from txmesh.config.model import (
     Route,
     RouteMatch,
     SubsetConfig,
+    UpstreamTLS,
     VirtualHost,
     WeightedDestination,
 )
@@ -779,6 +780,24 @@ class _Translation:
                 base_ejection_time=od.get("baseEjectionTime", _duration, d.base_ejection_time),
                 max_ejection_percent=od.get("maxEjectionPercent", _int_in(0, 100), d.max_ejection_percent),
             )
+        tls = tp.obj("tls", ("mode", "caCertificates", "sni"), {
+            "subjectAltNames": "txmesh checks the upstream's certificate against the sni (or host) name; "
+                               "subjectAltNames is ignored",
+            "clientCertificate": "client certificates (MUTUAL) arrive with the mesh CA; ignored",
+            "privateKey": "client certificates (MUTUAL) arrive with the mesh CA; ignored",
+            "credentialName": "Kubernetes secrets are not read by txmesh; use caCertificates",
+            "insecureSkipVerify": "txmesh always verifies upstream certificates; ignored",
+            "caCrl": _IGNORED,
+        })
+        if tls is not None:
+            mode = tls.get("mode", _one_of(("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")), "DISABLE")
+            if mode in ("MUTUAL", "ISTIO_MUTUAL"):
+                doc.warn(tls.field("mode"), f"{mode} needs the mesh CA, which txmesh does not have yet; "
+                                            "connections stay plaintext")
+            elif mode == "SIMPLE":
+                # The CA file is read by the loader (relative to the proxy
+                # config): translation stays free of I/O.
+                out["tls"] = UpstreamTLS(tls.get("caCertificates", _string), b"", tls.get("sni", _string))
         return out
 
     def consistent_hash(self, ch: _Obj) -> HashPolicy:
@@ -1350,9 +1369,8 @@ class _Translation:
 
 _UNSET = object()
 _TRAFFIC_POLICY: tuple[tuple[str, ...], dict[str, str]] = (
-    ("loadBalancer", "connectionPool", "outlierDetection"),
+    ("loadBalancer", "connectionPool", "outlierDetection", "tls"),
     {
-        "tls": "upstream TLS is not supported by txmesh yet; ignored",
         "portLevelSettings": "per-port policies are not supported by txmesh; the rule's trafficPolicy applies "
                              "to every port",
         "tunnel": _IGNORED,

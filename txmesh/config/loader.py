@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import attrs
 import yaml
 from twisted.internet.endpoints import serverFromString
 
@@ -43,6 +44,7 @@ from txmesh.config.model import (
     Route,
     RouteMatch,
     SubsetConfig,
+    UpstreamTLS,
     VirtualHost,
     WeightedDestination,
 )
@@ -57,7 +59,7 @@ from txmesh.config.values import regex as _regex
 from txmesh.config.values import string as _string
 from txmesh.filters.registry import FilterRegistry
 from txmesh.proxy.retry import KNOWN_CONDITIONS
-from txmesh.proxy.tls import ALPN_PROTOCOLS, MIN_VERSIONS, TLSConfigError, server_options
+from txmesh.proxy.tls import ALPN_PROTOCOLS, MIN_VERSIONS, TLSConfigError, load_certificates, server_options
 
 T = TypeVar("T")
 
@@ -289,7 +291,7 @@ class ConfigLoader:
                     raise ConfigError(source, f"clusters[{i}].name",
                                       f"cluster name {name!r} is also the name of a cluster translated from the "
                                       f"istio files")
-            clusters += istio.clusters
+            clusters += tuple(self._with_ca(c, source) for c in istio.clusters)
             names += [c.name for c in istio.clusters]
         listeners = tuple(
             self._listener(f, v, source, {c.name: c for c in clusters}, istio)
@@ -385,6 +387,7 @@ class ConfigLoader:
             health_check=self._health_check(s.sub("health_check")),
             locality_failover=s.get("locality_failover", _bool, False),
             http2=s.get("http2", _bool, False),
+            tls=self._upstream_tls(s.sub("tls")),
         )
         if cluster.lb_policy == "consistent_hash" and cluster.hash_policy is None:
             raise s.error("consistent_hash needs a hash_policy", s.field("lb_policy"))
@@ -394,6 +397,50 @@ class ConfigLoader:
                           s.field("hash_policy.table_size"))
         s.done()
         return cluster
+
+    def _with_ca(self, cluster: ClusterConfig, source: str | None) -> ClusterConfig:
+        """
+        Read the CA file a translated DestinationRule names (relative to
+        the proxy config file).
+        """
+        tls = cluster.tls
+        if tls is None or tls.ca_certificate is None or tls.ca_certificate_pem:
+            return cluster
+        path = os.path.join(os.path.dirname(source) if source else "", tls.ca_certificate)
+        field = f"istio: DestinationRule for {cluster.name}: trafficPolicy.tls.caCertificates"
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+            load_certificates(pem, "ca_certificate")
+        except OSError as e:
+            raise ConfigError(source, field, f"cannot read {path}: {e.strerror}") from None
+        except TLSConfigError as e:
+            raise ConfigError(source, field, f"{path}: {e.reason}") from None
+        return attrs.evolve(cluster, tls=attrs.evolve(tls, ca_certificate_pem=pem))
+
+    def _upstream_tls(self, s: _Section | None) -> UpstreamTLS | None:
+        """
+        Read a cluster's C{tls} section (TLS origination); the CA file is
+        relative to the config file and checked here.
+        """
+        if s is None:
+            return None
+        ca = s.get("ca_certificate", _string)
+        pem = b""
+        if ca is not None:
+            path = os.path.join(os.path.dirname(s.source) if s.source else "", ca)
+            try:
+                with open(path, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                raise s.error(f"cannot read {path}: {e.strerror}", s.field("ca_certificate")) from None
+            try:
+                load_certificates(pem, "ca_certificate")
+            except TLSConfigError as e:
+                raise s.error(f"{path}: {e.reason}", s.field("ca_certificate")) from None
+        tls = UpstreamTLS(ca, pem, s.get("sni", _string))
+        s.done()
+        return tls
 
     def _hash_policy(self, s: _Section | None) -> HashPolicy | None:
         if s is None:

@@ -122,6 +122,25 @@ class HealthCheckConfig:
 
 
 @attrs.frozen
+class UpstreamTLS:
+    """
+    TLS origination to a cluster's endpoints (Istio's DestinationRule
+    C{tls.mode: SIMPLE}): the upstream's certificate is verified against
+    C{ca_certificate} (or the system's roots) for the name C{sni} (or the
+    endpoint's host).
+
+    @ivar ca_certificate: path of the PEM CA bundle, or C{None} for the
+        system's trust store.
+    @ivar ca_certificate_pem: its contents when loaded (so a changed file
+        changes the config).
+    """
+
+    ca_certificate: str | None = None
+    ca_certificate_pem: bytes = attrs.field(default=b"", repr=False)
+    sni: str | None = None
+
+
+@attrs.frozen
 class SubsetConfig:
     """
     A named subset of a cluster's endpoints, selected by labels (Istio's
@@ -162,6 +181,7 @@ class ClusterConfig:
     outlier_detection: OutlierDetectionConfig | None = None
     health_check: HealthCheckConfig | None = None
     locality_failover: bool = False
+    tls: UpstreamTLS | None = None
     http2: bool = False
 
 

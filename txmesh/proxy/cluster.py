@@ -28,6 +28,8 @@ from txmesh.proxy.http2_client import HTTP2EndpointPool
 from txmesh.proxy.lb import PickContext, build_balancer
 from txmesh.proxy.outlier import OutlierDetector
 from txmesh.proxy.retry import RetryBudget
+from txmesh.proxy.tls import client_options
+from txmesh.proxy.tls import connect as tls_connect
 
 log = Logger()
 
@@ -67,6 +69,16 @@ class _ConnectFactory(ClientFactory):
             d.callback(conn)
 
 
+def upstream_tls(config: ClusterConfig, endpoint: Endpoint, alpn: bytes) -> Any:
+    """
+    @return: the TLS client options for connections to C{endpoint}, or
+        C{None} when the cluster speaks cleartext.
+    """
+    if config.tls is None:
+        return None
+    return client_options(endpoint.host, [alpn], config.tls.ca_certificate_pem, config.tls.sni)
+
+
 class UpstreamOverflow(Exception):
     """
     A circuit-breaker limit refused the request (Envoy's C{UO}).
@@ -96,6 +108,7 @@ class EndpointPool:
         self._reactor = reactor
         self._writes = writes
         self._cluster = cluster
+        self._tls = upstream_tls(config, endpoint, b"http/1.1")
         self._idle: deque[HTTP1ClientConnection] = deque()
         self._waiters: deque[Deferred] = deque()
         self.active_requests = 0
@@ -152,8 +165,8 @@ class EndpointPool:
         factory = _ConnectFactory(self, d)
         self.connections += 1
         self.total_connections += 1
-        connector = self._reactor.connectTCP(
-            self.endpoint.host, self.endpoint.port, factory, timeout=self._config.connect_timeout)
+        connector = tls_connect(self._reactor, self.endpoint.host, self.endpoint.port, factory,
+                                self._config.connect_timeout, self._tls)
 
         def cancel(d: Deferred) -> None:
             if factory._deferred is not None:

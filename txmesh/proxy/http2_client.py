@@ -55,6 +55,7 @@ from txmesh.proxy.http2 import (
     trailers_to_h2,
 )
 from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag
+from txmesh.proxy.tls import connect as tls_connect
 
 # Keepalive of idle upstream connections (Envoy's connection_keepalive).
 PING_INTERVAL = 30.0
@@ -578,6 +579,9 @@ class HTTP2EndpointPool:
         self._reactor = reactor
         self._writes = writes
         self._cluster = cluster
+        from txmesh.proxy.cluster import upstream_tls
+
+        self._tls = upstream_tls(config, endpoint, b"h2")
         self._open: list[HTTP2ClientConnection] = []
         self._connecting: Deferred | None = None
         self._waiters: deque[Deferred] = deque()
@@ -623,8 +627,8 @@ class HTTP2EndpointPool:
         factory = _ConnectFactory(self)
         self.connections += 1
         self.total_connections += 1
-        self._reactor.connectTCP(self.endpoint.host, self.endpoint.port, factory,
-                                 timeout=self._config.connect_timeout)
+        tls_connect(self._reactor, self.endpoint.host, self.endpoint.port, factory,
+                    self._config.connect_timeout, self._tls)
         d = self._connecting = factory.deferred
         d.addCallbacks(self._connected, self._connect_failed)
 

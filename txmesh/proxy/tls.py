@@ -178,3 +178,40 @@ class TLSListenerFactory(Factory):
 
     def logPrefix(self) -> str:
         return self._tls.logPrefix()
+
+
+def client_options(
+    host: str,
+    alpn: Sequence[bytes],
+    ca_certificate_pem: bytes = b"",
+    sni: str | None = None,
+) -> Any:
+    """
+    Build the OpenSSL options of a TLS client to an upstream.
+
+    @param host: the endpoint's host; the certificate must name it (or
+        C{sni}).
+    @param alpn: protocols to offer (C{[b"h2"]} or C{[b"http/1.1"]}).
+    @param ca_certificate_pem: PEM roots to trust; empty for the system's.
+    @return: an C{IOpenSSLClientConnectionCreator} for C{connectSSL}.
+    @raise TLSConfigError: if the CA bundle does not parse.
+    """
+    from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
+
+    if ca_certificate_pem:
+        roots = [Certificate(crypto.X509.from_cryptography(c))
+                 for c in load_certificates(ca_certificate_pem, "ca_certificate")]
+        trust: Any = trustRootFromCertificates(roots)
+    else:
+        trust = platformTrust()
+    return optionsForClientTLS(sni or host, trustRoot=trust, acceptableProtocols=list(alpn) or None)
+
+
+def connect(reactor: Any, host: str, port: int, factory: Any, timeout: float, creator: Any = None) -> Any:
+    """
+    Connect to an upstream, over TLS when C{creator} (from
+    L{client_options}) is given.
+    """
+    if creator is None:
+        return reactor.connectTCP(host, port, factory, timeout=timeout)
+    return reactor.connectSSL(host, port, factory, creator, timeout=timeout)
