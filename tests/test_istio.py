@@ -1025,8 +1025,7 @@ WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
                                                "ports": [{"number": 80, "name": "grpc", "protocol": "GRPC"},
                                                          {"number": 443, "name": "tls", "protocol": "TLS"}]},
                               name="api")],
-                    [(3, "spec.ports[0].protocol", "GRPC: txmesh talks HTTP/1.1 to upstreams"),
-                     (3, "spec.ports[1].protocol", "TLS: not supported by txmesh; traffic is opaque TCP")]),
+                    [(3, "spec.ports[1].protocol", "TLS: not supported by txmesh; traffic is opaque TCP")]),
     "se_endpoint_network": ([resource("ServiceEntry", {"hosts": ["api.example.com"], "resolution": "DNS",
                                                        "ports": [{"number": 80, "name": "http"}],
                                                        "endpoints": [{"address": "a.example.com", "network": "n1",
@@ -1533,3 +1532,22 @@ class RetryStatusCodeTests(SynchronousTestCase):
         config = translate([("vs.yaml", 1, doc)])
         route = [r for vh in config.virtual_hosts for r in vh.routes][0]
         self.assertEqual(route.retry.retry_on, frozenset({"5xx", "503", "409"}))
+
+
+class GrpcPortTests(SynchronousTestCase):
+    def test_grpc_port_speaks_h2(self):
+        """
+        A ServiceEntry port declared GRPC or HTTP2 gets an h2 cluster, as in
+        Istio; an HTTP port does not.
+        """
+        from txmesh.config.istio import translate
+
+        se = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "api"},
+              "spec": {"hosts": ["api.example.com"], "resolution": "STATIC",
+                       "ports": [{"number": 9000, "name": "grpc", "protocol": "GRPC"},
+                                 {"number": 80, "name": "http", "protocol": "HTTP"}],
+                       "endpoints": [{"address": "127.0.0.1"}]}}
+        config = translate([("se.yaml", 1, se)])
+        by_name = {c.name: c for c in config.clusters}
+        self.assertTrue(by_name["outbound|9000||api.example.com"].http2)
+        self.assertFalse(by_name["outbound|80||api.example.com"].http2)

@@ -589,7 +589,7 @@ class _Translation:
                     raise doc.error(p.field("name"), f"duplicate port name {port.name!r}")
             protocol = (port.protocol or "").upper()
             if protocol in ("HTTP2", "GRPC", "GRPC-WEB"):
-                doc.warn(p.field("protocol"), f"{port.protocol}: txmesh talks HTTP/1.1 to upstreams")
+                pass  # the cluster for this port speaks h2c (see clusters())
             elif protocol not in ("", "HTTP", "TCP"):
                 doc.warn(p.field("protocol"), f"{port.protocol}: not supported by txmesh; traffic is opaque TCP")
             ports.append(port)
@@ -1336,6 +1336,12 @@ class _Translation:
                 rule.used = True
                 kwargs = rule.policy
                 subsets = tuple(rule.subsets)
+            service = self.services.get(host)
+            if service is not None and "http2" not in kwargs and any(
+                    p.number == port and (p.protocol or "").upper() in ("HTTP2", "GRPC", "GRPC-WEB")
+                    for p in service.ports):
+                # As in Istio: a port declared HTTP2 or GRPC is spoken to in h2.
+                kwargs = dict(kwargs, http2=True)
             out.append(ClusterConfig(cluster_name(host, port), endpoints, subsets=subsets, **kwargs))
         for rule in self.rules.values():
             if not rule.used:

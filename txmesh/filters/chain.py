@@ -424,10 +424,13 @@ class FilterChain:
         self._req_paused = True
         extra = [(n.lower(), v) for n, v in reply.headers]
         request = self.request_head
-        if request is not None and is_grpc(request) and not has_grpc_status(extra):
+        if (request is not None and (reply.flag or reply.status >= 400) and is_grpc(request)
+                and not has_grpc_status(extra)):
             # A gRPC client cannot read an HTTP error: answer "trailers-only"
             # (200, grpc-status, grpc-message, no body).  A filter that set
-            # its own grpc-status (the fault filter) is left alone.
+            # its own grpc-status (the fault filter) is left alone, and so
+            # is a route's own non-error answer (a direct response or a
+            # redirect, which carry no flag): the operator wrote those.
             grpc_status = local_reply_grpc_status(reply.status, reply.flag)
             extra = [(n, v) for n, v in extra if n not in _GRPC_REPLACED]
             head = ResponseHead(200, Headers(trailers_only_headers(grpc_status, reply.body) + extra))

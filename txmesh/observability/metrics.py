@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from txmesh.config.model import NodeConfig
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory
+from txmesh.proxy.grpc import is_grpc
 
 # Istio's default buckets for istio_request_duration_milliseconds.
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
@@ -146,8 +147,7 @@ class MetricsFilter(HTTPFilter):
             route = stream.route
             cluster = (route.cluster or "") if route is not None else ""
         request = stream.request_head
-        content_type = request.headers.get(b"content-type") if request is not None else None
-        protocol = "grpc" if content_type is not None and content_type.startswith(b"application/grpc") else "http"
+        protocol = "grpc" if request is not None and is_grpc(request) else "http"
         flags = stream.response_flags
         self._metrics.request_series(cluster, protocol, code, ",".join(flags) if flags else "").observe(
             (stream.clock.seconds() - stream.start_time) * 1000.0)
