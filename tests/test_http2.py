@@ -1315,7 +1315,7 @@ class UpstreamPoolTests(unittest.TestCase):
     def test_connect_failure(self) -> None:
         from twisted.internet.error import ConnectionRefusedError
 
-        from txmesh.proxy.cluster import UpstreamConnectError
+        from txmesh.proxy.connect import UpstreamConnectError
 
         u = InMemoryUpstream()
         d = u.pool.acquire()

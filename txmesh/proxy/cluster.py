@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmesh.config.model import ClusterConfig, Endpoint
 from txmesh.proxy.circuit_breaker import CircuitBreaker
+from txmesh.proxy.connect import ConnectFactory, connect
 from txmesh.proxy.health import HealthChecker
 from txmesh.proxy.http1_client import HTTP1ClientConnection
 from txmesh.proxy.http2_client import HTTP2EndpointPool
@@ -29,7 +29,6 @@ from txmesh.proxy.lb import PickContext, build_balancer
 from txmesh.proxy.outlier import OutlierDetector
 from txmesh.proxy.retry import RetryBudget
 from txmesh.proxy.tls import client_options
-from txmesh.proxy.tls import connect as tls_connect
 
 log = Logger()
 
@@ -38,35 +37,6 @@ class NoHealthyUpstream(Exception):
     """
     The cluster has no endpoint to send to (Envoy's C{UH}).
     """
-
-
-class UpstreamConnectError(Exception):
-    """
-    Connecting to the chosen endpoint failed or timed out (Envoy's C{UF}).
-    """
-
-
-class _ConnectFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, pool: EndpointPool, deferred: Deferred):
-        self._pool = pool
-        self._deferred = deferred
-
-    def buildProtocol(self, addr: Any) -> HTTP1ClientConnection:
-        conn = HTTP1ClientConnection(self._pool, self._pool.endpoint)
-        conn.factory = self
-        return conn
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        d, self._deferred = self._deferred, None
-        if d is not None:
-            d.errback(UpstreamConnectError(f"{self._pool.endpoint}: {reason.getErrorMessage()}"))
-
-    def connected(self, conn: HTTP1ClientConnection) -> None:
-        d, self._deferred = self._deferred, None
-        if d is not None:
-            d.callback(conn)
 
 
 def upstream_tls(config: ClusterConfig, endpoint: Endpoint, alpn: bytes) -> Any:
@@ -161,16 +131,16 @@ class EndpointPool:
         self._cluster.breaker.remove_pending()
 
     def _connect(self) -> Deferred:
-        d: Deferred = Deferred()
-        factory = _ConnectFactory(self, d)
+        factory = ConnectFactory(self, HTTP1ClientConnection)
+        d = factory.deferred
         self.connections += 1
         self.total_connections += 1
-        connector = tls_connect(self._reactor, self.endpoint.host, self.endpoint.port, factory,
-                                self._config.connect_timeout, self._tls)
+        connector = connect(self._reactor, self.endpoint.host, self.endpoint.port, factory,
+                            self._config.connect_timeout, self._tls)
 
         def cancel(d: Deferred) -> None:
-            if factory._deferred is not None:
-                factory._deferred = None
+            if factory.deferred is not None:
+                factory.deferred = None
                 self.connections -= 1
                 connector.disconnect()
 

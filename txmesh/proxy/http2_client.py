@@ -36,12 +36,13 @@ from h2.exceptions import StreamClosedError
 from h2.settings import Settings
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txmesh.config.model import ClusterConfig, Endpoint
+from txmesh.proxy.connect import ConnectFactory, UpstreamConnectError, connect
 from txmesh.proxy.http2 import (
     CONNECTION_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
@@ -55,7 +56,6 @@ from txmesh.proxy.http2 import (
     trailers_to_h2,
 )
 from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag
-from txmesh.proxy.tls import connect as tls_connect
 
 # Keepalive of idle upstream connections (Envoy's connection_keepalive).
 PING_INTERVAL = 30.0
@@ -535,29 +535,6 @@ class HTTP2ClientConnection(Protocol):
                 handler.upstream_reset(flag, reason)
 
 
-class _ConnectFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, pool: HTTP2EndpointPool):
-        self._pool = pool
-        self.deferred: Deferred | None = Deferred()
-
-    def buildProtocol(self, addr: Any) -> HTTP2ClientConnection:
-        conn = HTTP2ClientConnection(self._pool, self._pool.endpoint)
-        conn.factory = self
-        return conn
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        d, self.deferred = self.deferred, None
-        if d is not None:
-            d.errback(reason)
-
-    def connected(self, conn: HTTP2ClientConnection) -> None:
-        d, self.deferred = self.deferred, None
-        if d is not None:
-            d.callback(conn)
-
-
 class HTTP2EndpointPool:
     """
     Multiplexed h2c connections to one endpoint: the L{EndpointPool}
@@ -624,11 +601,11 @@ class HTTP2EndpointPool:
             self._cluster.breaker.remove_pending()
 
     def _connect(self) -> None:
-        factory = _ConnectFactory(self)
+        factory = ConnectFactory(self, HTTP2ClientConnection)
         self.connections += 1
         self.total_connections += 1
-        tls_connect(self._reactor, self.endpoint.host, self.endpoint.port, factory,
-                    self._config.connect_timeout, self._tls)
+        connect(self._reactor, self.endpoint.host, self.endpoint.port, factory,
+                self._config.connect_timeout, self._tls)
         d = self._connecting = factory.deferred
         d.addCallbacks(self._connected, self._connect_failed)
 
@@ -641,13 +618,12 @@ class HTTP2EndpointPool:
         self._serve()
 
     def _connect_failed(self, failure: Failure) -> None:
-        from txmesh.proxy.cluster import UpstreamConnectError
-
         self._connecting = None
         self.connections -= 1
         self.connect_failures += 1
         waiters, self._waiters = self._waiters, deque()
-        error = UpstreamConnectError(f"{self.endpoint}: {failure.getErrorMessage()}")
+        error = failure.value if failure.check(UpstreamConnectError) else UpstreamConnectError(
+            f"{self.endpoint}: {failure.getErrorMessage()}")
         for waiter in waiters:
             if self._cluster is not None:
                 self._cluster.breaker.remove_pending()

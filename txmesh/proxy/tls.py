@@ -205,13 +205,3 @@ def client_options(
     else:
         trust = platformTrust()
     return optionsForClientTLS(sni or host, trustRoot=trust, acceptableProtocols=list(alpn) or None)
-
-
-def connect(reactor: Any, host: str, port: int, factory: Any, timeout: float, creator: Any = None) -> Any:
-    """
-    Connect to an upstream, over TLS when C{creator} (from
-    L{client_options}) is given.
-    """
-    if creator is None:
-        return reactor.connectTCP(host, port, factory, timeout=timeout)
-    return reactor.connectSSL(host, port, factory, creator, timeout=timeout)
