@@ -103,6 +103,14 @@ class HTTP1ServerProtocol(Protocol):
         self._tunnel = False
         self._held = b""
 
+    def start_drain(self) -> None:
+        """
+        Close now if no response is under way; otherwise the connection
+        ends after the current response (the factory is draining).
+        """
+        if self._stream is None:
+            self._close()
+
     # Connection lifecycle
 
     def connectionMade(self) -> None:
@@ -459,8 +467,7 @@ class HTTP1ServerFactory(Factory):
         """
         self.draining = True
         for conn in list(self.connections):
-            if conn._stream is None:
-                conn.transport.loseConnection()
+            conn.start_drain()
 
     def connection_opened(self, protocol: HTTP1ServerProtocol) -> None:
         self.connections.add(protocol)

@@ -130,15 +130,3 @@ class HTTPListenerFactory(HTTP1ServerFactory):
     protocol = _SniffingProtocol
     # What TLS listeners offer in ALPN (see ProxyService._tls_options).
     alpn_protocols = (b"h2", b"http/1.1")
-
-    def drain(self) -> None:
-        """
-        Start draining: idle connections close, busy ones end after their
-        streams.
-        """
-        self.draining = True
-        for conn in list(self.connections):
-            if isinstance(conn, HTTP2ServerProtocol):
-                conn.start_drain()
-            elif conn._stream is None:
-                conn.transport.loseConnection()
