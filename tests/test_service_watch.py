@@ -95,3 +95,39 @@ class NodeLabelTests(TestCase):
     def test_explicit_labels_win_and_unknown_is_left_out(self):
         node = NodeConfig(labels=(("app", "x"),))
         self.assertEqual(node_labels(node), {"app": "x"})
+
+
+class WhenIdleTests(TestCase):
+    """
+    L{HTTP1ServerFactory.when_idle}: what shutdown waits on instead of
+    polling.
+    """
+
+    def test_fires_when_last_connection_closes(self):
+        from txmesh.proxy.http1_server import HTTP1ServerFactory
+
+        factory = HTTP1ServerFactory.__new__(HTTP1ServerFactory)
+        factory.connections = set()
+        factory._idle_waiters = []
+        factory._gauge = lambda delta: None
+        self.assertIsNone(self.successResultOf(factory.when_idle()))
+        a, b = object(), object()
+        factory.connections.update({a, b})
+        d = factory.when_idle()
+        factory.connection_closed(a)
+        self.assertNoResult(d)
+        factory.connection_closed(b)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_cancel(self):
+        from twisted.internet.defer import CancelledError
+
+        from txmesh.proxy.http1_server import HTTP1ServerFactory
+
+        factory = HTTP1ServerFactory.__new__(HTTP1ServerFactory)
+        factory.connections = {object()}
+        factory._idle_waiters = []
+        d = factory.when_idle()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(factory._idle_waiters, [])

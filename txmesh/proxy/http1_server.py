@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -459,6 +460,7 @@ class HTTP1ServerFactory(Factory):
         self.manager = manager
         self.draining = False
         self.connections: set[HTTP1ServerProtocol] = set()
+        self._idle_waiters: list[Deferred] = []
 
     def drain(self) -> None:
         """
@@ -477,6 +479,20 @@ class HTTP1ServerFactory(Factory):
         if protocol in self.connections:
             self.connections.discard(protocol)
             self._gauge(-1)
+        if not self.connections and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> Deferred:
+        """
+        @return: a L{Deferred} that fires once no connection is open.
+        """
+        if not self.connections:
+            return succeed(None)
+        d: Deferred = Deferred(lambda d: self._idle_waiters.remove(d) if d in self._idle_waiters else None)
+        self._idle_waiters.append(d)
+        return d
 
     def _gauge(self, delta: int) -> None:
         metrics = self.manager.proxy.metrics

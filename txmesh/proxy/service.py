@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory
@@ -165,11 +166,12 @@ class ProxyService(Service):
                 if isinstance(entry.factory.inner, HTTP1ServerFactory)]
         for f in http:
             f.drain()
-        deadline = self._reactor.seconds() + self._drain_timeout
-        while any(f.connections for f in http) and self._reactor.seconds() < deadline:
-            d: Deferred = Deferred()
-            self._reactor.callLater(0.05, d.callback, None)
-            yield d
+        idle = DeferredList([f.when_idle() for f in http])
+        idle.addTimeout(self._drain_timeout, self._reactor)
+        try:
+            yield idle
+        except defer.TimeoutError:
+            log.info("drain timeout: aborting connections still open")
         for f in http:
             for conn in list(f.connections):
                 conn.transport.abortConnection()
