@@ -8,7 +8,7 @@ directory (C{proxy.yaml}: outbound listener :19090, admin :19099).  Then it
 sends traffic through the outbound listener and counts what happened:
 
   0. host names: C{reviews}, C{reviews.default}, the FQDN with its port;
-  1. the reviews canary (90% v1, 10% v2) over 1,000 requests;
+  1. the reviews canary (90% v1, 10% v2) over 2,000 requests;
   2. the A/B rule: C{end-user: jason} always sees v2;
   3. fault injection: ratings for jason is delayed 2 s;
   4. circuit breaking: a burst of 200 concurrent requests to reviews
@@ -73,7 +73,7 @@ PORTS = sorted([p for _, _, p in BACKENDS] + [OUTBOUND, INBOUND, ADMIN])
 # config in force, so the rollout is a symlink swap and a SIGHUP.
 ISTIO_FILES = ("services.yaml", "destination-rules.yaml", "virtual-services.yaml", "reviews-v3-rollout.yaml")
 
-CANARY_REQUESTS = 1000
+CANARY_REQUESTS = 2000  # ±3% is then 4.5 standard deviations of a 90/10 split
 AB_REQUESTS = 100
 BURST = 200
 OUTAGE_REQUESTS = 200
@@ -474,7 +474,7 @@ class Walkthrough:
     def canary(self) -> None:
         self.title(f"1. Canary: reviews v1 90% / v2 10% (virtual-services.yaml, route 'canary'), "
                    f"{CANARY_REQUESTS:,} requests")
-        self.say("$ for i in $(seq 1000); do curl -s -H 'Host: reviews' http://127.0.0.1:19090/reviews/1 \\\n"
+        self.say("$ for i in $(seq 2000); do curl -s -H 'Host: reviews' http://127.0.0.1:19090/reviews/1 \\\n"
                  "      | grep -o '\"version\": \"v.\"'; done | sort | uniq -c")
         client = Client()
         counts, routes, took = count(client, CANARY_REQUESTS, "reviews", "/reviews/1")

@@ -1,0 +1,567 @@
+"""
+Per-proxy snapshots: mesh config and registry endpoints in, the resources
+one proxy needs out (pure and versioned; no I/O, no reactor).
+
+A snapshot's resources are fragments of txmesh's own proxy config, in the
+shapes the YAML loader accepts, so a proxy rebuilds a whole document::
+
+    {"node": ..., "admin": ..., "listeners": [...], "clusters": [...]}
+
+and loads it with L{txmesh.config.loader.ConfigLoader.load_document}.  The
+model values are written back to that form by L{to_native}.
+
+Known limit of the written form: the loader has no way to say "a single
+destination with its own header operations" together with C{cluster}, so
+such a route is written as a one-entry C{weighted_clusters}; it routes the
+same, but the loaded route's C{cluster} is C{None}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+import attrs
+
+from txmesh.config.durations import parse_duration
+from txmesh.config.errors import ConfigError
+from txmesh.config.istio import translate
+from txmesh.config.model import (
+    DISABLED,
+    CircuitBreakerConfig,
+    ClusterConfig,
+    DirectResponse,
+    Endpoint,
+    FaultPolicy,
+    HashPolicy,
+    HeaderMatch,
+    HeaderOps,
+    HealthCheckConfig,
+    MirrorPolicy,
+    NodeConfig,
+    OutlierDetectionConfig,
+    Redirect,
+    RetryPolicy,
+    Route,
+    RouteMatch,
+    SubsetConfig,
+    UpstreamTLS,
+    VirtualHost,
+    WeightedDestination,
+)
+
+LISTENERS = "listeners"
+CLUSTERS = "clusters"
+RESOURCE_TYPES = (LISTENERS, CLUSTERS)
+
+
+@attrs.frozen
+class Node:
+    """
+    A proxy as it announces itself to the pilot.
+
+    @ivar id: unique id of the proxy.
+    @ivar workload: the workload it stands beside (names its inbound cluster).
+    @ivar namespace: its namespace; short service names resolve in it.
+    @ivar labels: the workload's labels, sorted pairs.
+    @ivar locality: C{region/zone/subzone}, or empty.
+    @ivar inbound_port: the port of its inbound listener (node metadata
+        C{inbound_port}); C{None} for a proxy with no inbound side.
+    @ivar app_port: the port its app listens on beside it (node metadata
+        C{app_port}).
+    """
+
+    id: str
+    workload: str = "unknown"
+    namespace: str = "default"
+    app: str = "unknown"
+    version: str = "unknown"
+    labels: tuple[tuple[str, str], ...] = ()
+    locality: str = ""
+    inbound_port: int | None = None
+    app_port: int | None = None
+
+
+@attrs.frozen
+class MeshConfig:
+    """
+    Everything snapshots are built from.
+
+    @ivar documents: Istio documents as C{(source, number, parsed document)}.
+    @ivar registry: endpoints by service FQDN, from discovery, for hosts no
+        ServiceEntry gives endpoints to.
+    @ivar trust_domain: the mesh's SPIFFE trust domain (not used yet).
+    @ivar default_namespace: the namespace of a node that names none.
+    @ivar domain_suffix: the DNS suffix of in-mesh services.
+    @ivar outbound_address: endpoint string of every proxy's outbound listener.
+    @ivar inbound_address: endpoint string template of the inbound listener,
+        with C{{port}} standing for the node's C{inbound_port}.
+    @ivar app_host: where the app beside the proxy listens.
+    @ivar admin_address: endpoint string of the proxy's admin, or C{None}.
+    """
+
+    documents: tuple[tuple[str | None, int, Any], ...] = attrs.field(converter=tuple, default=())
+    registry: Mapping[str, Sequence[Endpoint]] = attrs.field(factory=dict, eq=False)
+    trust_domain: str = "cluster.local"
+    default_namespace: str = "default"
+    domain_suffix: str = "svc.cluster.local"
+    outbound_address: str = "tcp:15001:interface=127.0.0.1"
+    inbound_address: str = "tcp:{port}:interface=0.0.0.0"
+    app_host: str = "127.0.0.1"
+    admin_address: str | None = "tcp:15000:interface=127.0.0.1"
+
+
+@attrs.frozen
+class Snapshot:
+    """
+    The resources of one proxy at one version.
+
+    @ivar resources: JSON-serialisable config fragments by type
+        (C{listeners}, C{clusters}).
+    @ivar version: hash of the whole snapshot (node and admin included).
+    @ivar per_type_versions: hash of each resource type's list.
+    @ivar node: the document's C{node} section.
+    @ivar admin_address: the proxy's admin endpoint, or C{None}.
+    @ivar warnings: what the Istio translation could not (fully) apply.
+    """
+
+    resources: dict[str, list[dict[str, Any]]]
+    version: str
+    per_type_versions: dict[str, str]
+    node: dict[str, Any]
+    admin_address: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def document(self) -> dict[str, Any]:
+        """
+        @return: a complete proxy config document for
+            L{ConfigLoader.load_document
+            <txmesh.config.loader.ConfigLoader.load_document>}.
+        """
+        doc: dict[str, Any] = {"node": self.node}
+        if self.admin_address is not None:
+            doc["admin"] = {"address": self.admin_address}
+        doc.update({t: self.resources[t] for t in RESOURCE_TYPES})
+        return doc
+
+
+def content_hash(value: Any) -> str:
+    """
+    @return: a stable hash of a JSON-serialisable value (key order does not
+        matter).
+    """
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def inbound_cluster_name(node: Node) -> str:
+    """
+    @return: the name of the cluster of the app beside C{node}.
+    """
+    return f"inbound|{node.app_port}||{node.workload}"
+
+
+def build_snapshot(mesh: MeshConfig, node: Node) -> Snapshot:
+    """
+    Build the resources C{node} needs: an outbound listener with the
+    translated routes, the clusters those routes name, and (when the node
+    has C{inbound_port} and C{app_port}) an inbound listener to its app.
+
+    @raise ConfigError: if the Istio documents are invalid, or a cluster
+        a route needs has no endpoints (the proxy's loader refuses it).
+    """
+    namespace = node.namespace or mesh.default_namespace
+    istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry)
+    needed: set[str] = set()
+    for vh in istio.virtual_hosts:
+        for route in vh.routes:
+            needed.update(_clusters_of(route))
+    clusters = []
+    for cluster in istio.clusters:
+        if cluster.name not in needed:
+            continue
+        if not cluster.endpoints:
+            raise ConfigError(
+                None,
+                f"clusters: {cluster.name}",
+                "has no endpoints (none from a ServiceEntry or service discovery); a proxy "
+                "cannot load a cluster without endpoints",
+            )
+        clusters.append(to_native(cluster))
+    listeners = []
+    if istio.virtual_hosts:
+        listeners.append(
+            {
+                "name": "outbound",
+                "address": mesh.outbound_address,
+                "virtual_hosts": [to_native(vh) for vh in istio.virtual_hosts],
+            }
+        )
+    if node.inbound_port is not None and node.app_port is not None:
+        name = inbound_cluster_name(node)
+        clusters.append({"name": name, "endpoints": [{"address": mesh.app_host, "port": node.app_port}]})
+        listeners.append(
+            {
+                "name": "inbound",
+                "address": mesh.inbound_address.format(port=node.inbound_port),
+                "routes": [{"name": "inbound", "cluster": name, "timeout": "0s"}],
+            }
+        )
+    resources = {LISTENERS: listeners, CLUSTERS: clusters}
+    native_node = to_native(
+        NodeConfig(node.id, node.workload, namespace, node.app, node.version, node.labels, node.locality)
+    )
+    per_type = {t: content_hash(resources[t]) for t in RESOURCE_TYPES}
+    version = content_hash({"node": native_node, "admin": mesh.admin_address, "types": per_type})
+    return Snapshot(
+        resources, version, per_type, native_node, mesh.admin_address, tuple(str(w) for w in istio.warnings)
+    )
+
+
+def _clusters_of(route: Route) -> set[str]:
+    names = {d.cluster for d in route.destinations}
+    if route.cluster is not None:
+        names.add(route.cluster)
+    if route.mirror is not None:
+        names.add(route.mirror.cluster)
+    return names
+
+
+# --- model values back to native config ---------------------------------------
+
+
+def duration(seconds: float) -> str:
+    """
+    @return: C{seconds} as C{"<n>ms"} or C{"<n>s"}, read back by
+        L{parse_duration} as exactly the same float.
+    """
+    ms = seconds * 1000
+    if ms == int(ms):
+        text = f"{int(ms)}ms"
+        if parse_duration(text) == seconds:
+            return text
+    # repr is the shortest exact form; Decimal spells it without exponent.
+    return f"{format(Decimal(repr(float(seconds))), 'f')}s"
+
+
+def _latin1(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
+def _utf8(value: bytes) -> str:
+    return value.decode("utf-8")
+
+
+def _pairs(pairs: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {_latin1(k): _utf8(v) for k, v in pairs}
+
+
+def _header_ops(ops: HeaderOps) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ops.set:
+        out["set"] = _pairs(ops.set)
+    if ops.add:
+        out["add"] = _pairs(ops.add)
+    if ops.remove:
+        out["remove"] = [_latin1(n) for n in ops.remove]
+    return out
+
+
+def _header_match(m: HeaderMatch) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": _latin1(m.name)}
+    if m.exact is not None:
+        out["exact"] = _latin1(m.exact)
+    if m.prefix is not None:
+        out["prefix"] = _latin1(m.prefix)
+    if m.regex is not None:
+        out["regex"] = _utf8(m.regex.pattern)
+    if m.present is not None:
+        out["present"] = m.present
+    if m.invert:
+        out["invert"] = True
+    return out
+
+
+def _match(m: RouteMatch) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if m.path is not None:
+        out["path"] = _latin1(m.path)
+    elif m.regex is not None:
+        out["regex"] = _utf8(m.regex.pattern)
+    elif m.prefix is not None:
+        out["prefix"] = _latin1(m.prefix)
+    if m.headers:
+        out["headers"] = [_header_match(h) for h in m.headers]
+    if m.methods:
+        out["methods"] = [_latin1(x) for x in m.methods]
+    if m.query_params:
+        out["query_params"] = [_header_match(q) for q in m.query_params]
+    if m.port is not None:
+        out["port"] = m.port
+    if m.source_labels:
+        out["source_labels"] = dict(m.source_labels)
+    return out
+
+
+def _hash_policy(h: HashPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if h.header is not None:
+        out["header"] = _latin1(h.header)
+    if h.cookie is not None:
+        out["cookie"] = _latin1(h.cookie)
+    if h.query_param is not None:
+        out["query_param"] = _latin1(h.query_param)
+    if h.source_ip:
+        out["source_ip"] = True
+    out["algorithm"] = h.algorithm
+    out["table_size"] = h.table_size
+    return out
+
+
+def _retry(r: RetryPolicy) -> dict[str, Any]:
+    return {
+        "attempts": r.attempts,
+        "per_try_timeout": duration(r.per_try_timeout),
+        "retry_on": sorted(r.retry_on),
+        "backoff_base": duration(r.backoff_base),
+        "backoff_max": duration(r.backoff_max),
+        "max_buffered_body": r.max_buffered_body,
+    }
+
+
+def _fault(f: FaultPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if f.delay:
+        out["delay"] = duration(f.delay)
+    if f.delay_percent:
+        out["delay_percent"] = f.delay_percent
+    if f.abort_status:
+        out["abort_status"] = f.abort_status
+    if f.abort_grpc_status is not None:
+        out["abort_grpc_status"] = f.abort_grpc_status
+    if f.abort_percent:
+        out["abort_percent"] = f.abort_percent
+    return out
+
+
+def _mirror(m: MirrorPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {"cluster": m.cluster, "percent": m.percent}
+    if m.subset is not None:
+        out["subset"] = m.subset
+    return out
+
+
+def _redirect(r: Redirect) -> dict[str, Any]:
+    out: dict[str, Any] = {"code": r.code}
+    for key in ("uri", "authority", "scheme"):
+        value = getattr(r, key)
+        if value is not None:
+            out[key] = _latin1(value)
+    if r.port is not None:
+        out["port"] = r.port
+    return out
+
+
+def _destination(d: WeightedDestination) -> dict[str, Any]:
+    out: dict[str, Any] = {"cluster": d.cluster, "weight": d.weight}
+    if d.subset is not None:
+        out["subset"] = d.subset
+    for key in ("request_headers", "response_headers"):
+        ops = _header_ops(getattr(d, key))
+        if ops:
+            out[key] = ops
+    return out
+
+
+def _is_plain(d: WeightedDestination, cluster: str) -> bool:
+    return (
+        d.cluster == cluster
+        and d.weight == 100
+        and d.request_headers == HeaderOps()
+        and d.response_headers == HeaderOps()
+    )
+
+
+def _route(r: Route) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": r.name, "match": _match(r.match)}
+    dests = r.destinations
+    if r.cluster is not None and (not dests or (len(dests) == 1 and _is_plain(dests[0], r.cluster))):
+        out["cluster"] = r.cluster
+        if dests and dests[0].subset is not None:
+            out["subset"] = dests[0].subset
+    elif dests:
+        out["weighted_clusters"] = [_destination(d) for d in dests]
+    if r.direct_response is not None:
+        out["direct_response"] = {"status": r.direct_response.status, "body": _utf8(r.direct_response.body)}
+    if r.redirect is not None:
+        out["redirect"] = _redirect(r.redirect)
+    out["timeout"] = duration(r.timeout)
+    if r.prefix_rewrite is not None:
+        out["prefix_rewrite"] = _latin1(r.prefix_rewrite)
+    if r.host_rewrite is not None:
+        out["host_rewrite"] = _latin1(r.host_rewrite)
+    if r.request_headers_to_add:
+        out["request_headers_to_add"] = _pairs(r.request_headers_to_add)
+    if r.response_headers_to_add:
+        out["response_headers_to_add"] = _pairs(r.response_headers_to_add)
+    if r.filter_overrides:
+        filters = {}
+        for name, config in r.filter_overrides:
+            if config is not DISABLED:
+                # A parsed filter config has no general way back to YAML.
+                raise ValueError(f"route {r.name!r}: the config of filter {name!r} cannot be written back")
+            filters[name] = None
+        out["filters"] = filters
+    if r.retry is not None:
+        out["retry"] = _retry(r.retry)
+    if r.fault is not None:
+        out["fault"] = _fault(r.fault)
+    if r.mirror is not None:
+        out["mirror"] = _mirror(r.mirror)
+    for key in ("request_headers", "response_headers"):
+        ops = _header_ops(getattr(r, key))
+        if ops:
+            out[key] = ops
+    if r.hash_policy is not None:
+        out["hash_policy"] = _hash_policy(r.hash_policy)
+    return out
+
+
+def _endpoint(e: Endpoint) -> dict[str, Any]:
+    out: dict[str, Any] = {"address": e.host, "port": e.port, "weight": e.weight}
+    if e.labels:
+        out["labels"] = dict(e.labels)
+    if e.locality:
+        out["locality"] = e.locality
+    return out
+
+
+def _subset(s: SubsetConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": s.name, "labels": dict(s.labels)}
+    if s.lb_policy is not None:
+        out["lb_policy"] = s.lb_policy
+    return out
+
+
+def _circuit_breaker(c: CircuitBreakerConfig) -> dict[str, Any]:
+    return attrs.asdict(c)
+
+
+def _outlier(o: OutlierDetectionConfig) -> dict[str, Any]:
+    return {
+        "consecutive_5xx": o.consecutive_5xx,
+        "consecutive_gateway_errors": o.consecutive_gateway_errors,
+        "interval": duration(o.interval),
+        "base_ejection_time": duration(o.base_ejection_time),
+        "max_ejection_percent": o.max_ejection_percent,
+    }
+
+
+def _health_check(h: HealthCheckConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "kind": h.kind,
+        "path": _latin1(h.path),
+        "interval": duration(h.interval),
+        "timeout": duration(h.timeout),
+        "healthy_threshold": h.healthy_threshold,
+        "unhealthy_threshold": h.unhealthy_threshold,
+    }
+    if h.grpc_service:
+        out["grpc_service"] = h.grpc_service
+    return out
+
+
+def _tls(t: UpstreamTLS) -> dict[str, Any]:
+    # Only the CA's path travels: the proxy reads (and checks) the file.
+    out: dict[str, Any] = {}
+    if t.ca_certificate is not None:
+        out["ca_certificate"] = t.ca_certificate
+    if t.sni is not None:
+        out["sni"] = t.sni
+    return out
+
+
+def _cluster(c: ClusterConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": c.name,
+        "endpoints": [_endpoint(e) for e in c.endpoints],
+        "connect_timeout": duration(c.connect_timeout),
+        "lb_policy": c.lb_policy,
+        "max_idle_per_endpoint": c.max_idle_per_endpoint,
+        "idle_timeout": duration(c.idle_timeout),
+        "circuit_breaker": _circuit_breaker(c.circuit_breaker),
+        "locality_failover": c.locality_failover,
+        "http2": c.http2,
+    }
+    if c.hash_policy is not None:
+        out["hash_policy"] = _hash_policy(c.hash_policy)
+    if c.subsets:
+        out["subsets"] = [_subset(s) for s in c.subsets]
+    if c.outlier_detection is not None:
+        out["outlier_detection"] = _outlier(c.outlier_detection)
+    if c.health_check is not None:
+        out["health_check"] = _health_check(c.health_check)
+    if c.tls is not None:
+        out["tls"] = _tls(c.tls)
+    return out
+
+
+def _node(n: NodeConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": n.id,
+        "workload": n.workload,
+        "namespace": n.namespace,
+        "app": n.app,
+        "version": n.version,
+    }
+    if n.labels:
+        out["labels"] = dict(n.labels)
+    if n.locality:
+        out["locality"] = n.locality
+    return out
+
+
+_WRITERS: dict[type, Any] = {
+    VirtualHost: lambda vh: {"name": vh.name, "domains": list(vh.domains), "routes": [_route(r) for r in vh.routes]},
+    Route: _route,
+    RouteMatch: _match,
+    HeaderMatch: _header_match,
+    HeaderOps: _header_ops,
+    WeightedDestination: _destination,
+    RetryPolicy: _retry,
+    FaultPolicy: _fault,
+    MirrorPolicy: _mirror,
+    Redirect: _redirect,
+    DirectResponse: lambda d: {"status": d.status, "body": _utf8(d.body)},
+    HashPolicy: _hash_policy,
+    ClusterConfig: _cluster,
+    Endpoint: _endpoint,
+    SubsetConfig: _subset,
+    CircuitBreakerConfig: _circuit_breaker,
+    OutlierDetectionConfig: _outlier,
+    HealthCheckConfig: _health_check,
+    UpstreamTLS: _tls,
+    NodeConfig: _node,
+}
+
+
+def to_native(value: Any) -> dict[str, Any]:
+    """
+    Write a config model value back in the form the YAML loader reads
+    (durations as C{"<n>s"}/C{"<n>ms"}, bytes as strings, label pairs as
+    mappings).
+
+    @param value: a L{VirtualHost}, L{Route}, L{ClusterConfig}, L{NodeConfig}
+        or any of their parts.
+    @return: a JSON-serialisable mapping.
+    @raise TypeError: for a value of another type.
+    @raise ValueError: for a route with a filter config (other than
+        L{DISABLED}), which has no general way back to YAML.
+    """
+    writer = _WRITERS.get(type(value))
+    if writer is None:
+        raise TypeError(f"no native form for {type(value).__name__}")
+    return writer(value)
