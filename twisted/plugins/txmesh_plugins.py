@@ -85,3 +85,57 @@ from txmesh.filters.fault import FaultFactory  # noqa: E402  (appended: the faul
 
 fault = FaultFactory()
 alsoProvides(fault, IPlugin)
+
+import os  # noqa: E402  (appended: the txmesh-pilot plugin)
+
+
+class PilotOptions(usage.Options):
+    """
+    Options of C{twistd txmesh-pilot}.
+    """
+
+    synopsis = "--config-dir DIR [options]"
+    longdesc = (
+        "Run a txmesh pilot: watch Istio documents (DIR/istio/*.yaml) and service "
+        "registrations (DIR/services/*.yaml, optional), push each connected proxy its "
+        "config over the pilot channel, and serve a JSON operator API (/proxies, "
+        "/proxies/<id>/config, /services, /status). An invalid change is refused and "
+        "the last good config keeps being served."
+    )
+    optParameters = [
+        ["config-dir", "d", None, "Directory holding istio/ and services/ (required)."],
+        ["listen", "l", "tcp:15010:interface=127.0.0.1", "Endpoint string the proxies connect to."],
+        ["api", "a", "tcp:15011:interface=127.0.0.1", "Endpoint string of the operator API."],
+        ["poll-interval", None, 0.2, "Seconds between checks of the config files.", float],
+    ]
+    compData = usage.Completions(optActions={"config-dir": usage.CompleteDirs()})
+
+    def postOptions(self) -> None:
+        if not self["config-dir"]:
+            raise usage.UsageError("--config-dir DIR is required")
+        if not os.path.isdir(self["config-dir"]):
+            raise usage.UsageError(f"--config-dir {self['config-dir']}: not a directory")
+
+
+@implementer(IServiceMaker, IPlugin)
+class PilotServiceMaker:
+    """
+    Makes the C{txmesh-pilot} service.
+    """
+
+    tapname = "txmesh-pilot"
+    description = "txmesh control plane: pushes proxy config built from Istio documents."
+    options = PilotOptions
+
+    def makeService(self, options: PilotOptions) -> object:
+        from twisted.internet import reactor
+
+        from txmesh.pilot.service import PilotService
+
+        return PilotService(
+            options["config-dir"], reactor, options["listen"], options["api"],
+            poll_interval=options["poll-interval"],
+        )
+
+
+txmeshPilot = PilotServiceMaker()

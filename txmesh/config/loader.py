@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import attrs
 import yaml
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import clientFromString, serverFromString
 
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError, FilterConfigError
@@ -38,6 +38,7 @@ from txmesh.config.model import (
     MirrorPolicy,
     NodeConfig,
     OutlierDetectionConfig,
+    PilotConfig,
     ProxyConfig,
     Redirect,
     RetryPolicy,
@@ -178,6 +179,17 @@ def _server_endpoint(value: Any) -> str:
     return desc
 
 
+def _client_endpoint(value: Any) -> str:
+    desc = _string(value)
+    try:
+        # Parsing only: a client endpoint does nothing with its reactor
+        # until connect() is called.
+        clientFromString(None, desc)
+    except Exception as e:
+        raise ValueError(f"not a valid Twisted client endpoint string ({e})") from None
+    return desc
+
+
 def _header_pairs(value: Any) -> tuple[tuple[bytes, bytes], ...]:
     if not isinstance(value, Mapping):
         raise ValueError(f"expected a mapping of header name to value, got {_kind(value)}")
@@ -273,6 +285,7 @@ class ConfigLoader:
         """
         top = _Section(source, "", doc if doc is not None else {})
         node = self._node(top.sub("node"))
+        pilot = self._pilot(top.sub("pilot"))
         admin_address = None
         admin = top.sub("admin")
         if admin is not None:
@@ -295,7 +308,8 @@ class ConfigLoader:
             names += [c.name for c in istio.clusters]
         listeners = tuple(
             self._listener(f, v, source, {c.name: c for c in clusters}, istio)
-            for f, v in top.items("listeners", required=True)
+            # With a pilot, listeners may come from it alone.
+            for f, v in top.items("listeners", required=pilot is None)
         )
         seen: dict[str, str] = {}
         for i, listener in enumerate(listeners):
@@ -307,7 +321,22 @@ class ConfigLoader:
         warnings = tuple(str(w) for w in istio.warnings) if istio is not None else ()
         included, self._included = self._included, ()
         return ProxyConfig(listeners, clusters, admin_address, node, source, doc, warnings=warnings,
-                           included_files=included if istio is not None else ())
+                           included_files=included if istio is not None else (), pilot=pilot)
+
+    def _pilot(self, s: _Section | None) -> PilotConfig | None:
+        if s is None:
+            return None
+        items = s.items("addresses", required=True)
+        addresses = _each(s.source, items, _client_endpoint)
+        if not addresses:
+            raise s.error("list at least one pilot address", s.field("addresses"))
+        pilot = PilotConfig(
+            addresses=addresses,
+            inbound_port=s.get("inbound_port", _int_in(1, 65535)),
+            app_port=s.get("app_port", _int_in(1, 65535)),
+        )
+        s.done()
+        return pilot
 
     def _istio(self, s: _Section | None, source: str | None) -> IstioConfig | None:
         """

@@ -470,6 +470,25 @@ class NodeConfig:
 
 
 @attrs.frozen
+class PilotConfig:
+    """
+    Where the proxy gets its listeners and clusters from (the bootstrap
+    file's C{pilot} section).
+
+    @ivar addresses: Twisted client endpoint strings of the pilot replicas,
+        e.g. C{tcp:127.0.0.1:15010}, tried in turn.
+    @ivar inbound_port: the port the proxy takes inbound traffic on, told to
+        the pilot as node label C{txmesh.io/inbound-port}.
+    @ivar app_port: the port the workload listens on, told to the pilot as
+        node label C{txmesh.io/app-port}.
+    """
+
+    addresses: tuple[str, ...]
+    inbound_port: int | None = None
+    app_port: int | None = None
+
+
+@attrs.frozen
 class ProxyConfig:
     """
     Everything a proxy runs from.
@@ -480,6 +499,8 @@ class ProxyConfig:
         documents), watched for changes like the config file itself.
     @ivar warnings: things in the config that are valid but not (fully)
         applied, e.g. unsupported Istio fields, for the service to log.
+    @ivar pilot: where to get listeners and clusters from, or C{None} to run
+        from this config alone.
     """
 
     listeners: tuple[ListenerConfig, ...]
@@ -490,6 +511,7 @@ class ProxyConfig:
     raw: Any = attrs.field(default=None, eq=False, repr=False)
     warnings: tuple[str, ...] = ()
     included_files: tuple[str, ...] = ()
+    pilot: PilotConfig | None = None
 
     def cluster(self, name: str) -> ClusterConfig | None:
         """

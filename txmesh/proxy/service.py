@@ -6,10 +6,12 @@ endpoint and config reloads -- as a Twisted service.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import threading
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
@@ -23,12 +25,14 @@ from txmesh.config.loader import ConfigLoader
 from txmesh.config.model import ListenerConfig, ProxyConfig
 from txmesh.filters.registry import FilterRegistry
 from txmesh.observability.metrics import ProxyMetrics
+from txmesh.pilot.messages import Node
 from txmesh.proxy.admin import AdminResource, AdminSite
 from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.deadlines import DeadlineWheel
 from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.listener import HTTPListenerFactory
+from txmesh.proxy.pilot_client import PilotClient
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, server_options
 from txmesh.proxy.write_coalescer import WriteCoalescer
@@ -65,6 +69,15 @@ class ProxyService(Service):
     """
     txmesh-proxy running from a static config file.
 
+    With a C{pilot} section in the file, the file is a bootstrap: after the
+    service starts, a L{PilotClient} connects to the pilot and every push is
+    applied as the file's C{node} and C{admin} plus the pushed C{listeners}
+    and C{clusters}, the same way a reload is; a refused push, or a pilot
+    that cannot be reached, leaves the last applied config serving. The
+    proxy tells the pilot its C{pilot.inbound_port} and C{pilot.app_port} as
+    the node labels C{txmesh.io/inbound-port} and C{txmesh.io/app-port}
+    (decimal strings).
+
     @ivar config: the live L{ProxyConfig}.
     @ivar version: increases with every config applied.
     """
@@ -76,6 +89,8 @@ class ProxyService(Service):
         registry: FilterRegistry | None = None,
         watch_interval: float = 0.0,
         drain_timeout: float = 5.0,
+        pilot_backoff_base: float = 0.5,
+        pilot_backoff_max: float = 15.0,
     ):
         """
         @param config_path: the YAML file to run from.
@@ -84,12 +99,16 @@ class ProxyService(Service):
         @param watch_interval: seconds between checks of the file for
             changes; 0 reloads only on C{SIGHUP} or L{reload}.
         @param drain_timeout: seconds in-flight requests get at shutdown.
+        @param pilot_backoff_base: seconds; ceiling of the first wait before
+            reconnecting to the pilot (see L{PilotClient}).
+        @param pilot_backoff_max: seconds; cap of those waits.
         """
         self._path = config_path
         self._reactor = reactor
         self._loader = ConfigLoader(registry or FilterRegistry.from_plugins())
         self._watch_interval = watch_interval
         self._drain_timeout = drain_timeout
+        self._pilot_backoff = (pilot_backoff_base, pilot_backoff_max)
         self._writes = WriteCoalescer(reactor)
         self._deadlines = DeadlineWheel(reactor)
         self._clusters = ClusterManager(reactor, writes=self._writes)
@@ -104,6 +123,8 @@ class ProxyService(Service):
         self.config: ProxyConfig | None = None
         self.metrics: ProxyMetrics | None = None
         self._cluster_set: ClusterSet | None = None
+        self.pilot: PilotClient | None = None
+        self._bootstrap: ProxyConfig | None = None
 
     def load_initial(self) -> ProxyConfig:
         """
@@ -146,10 +167,14 @@ class ProxyService(Service):
             self._watcher.clock = self._reactor
             self._watcher.start(self._watch_interval, now=False)
         log.info("txmesh-proxy ready: {n} listener(s) from {path}", n=len(config.listeners), path=self._path)
+        if config.pilot is not None:
+            self._start_pilot(config)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
         self._ready = False
+        if self.pilot is not None:
+            self.pilot.stop()
         if self._watcher is not None and self._watcher.running:
             self._watcher.stop()
         self._restore_sighup()
@@ -238,7 +263,8 @@ class ProxyService(Service):
     def reload(self) -> Deferred:
         """
         Re-read the config file and apply it if valid; if not, log why and
-        keep serving the current config.
+        keep serving the current config. With a pilot the file is only the
+        bootstrap: nothing is reloaded (changes need a restart).
 
         @return: a L{Deferred} firing with C{True} if the new config was
             applied, C{False} if it was refused.
@@ -248,6 +274,11 @@ class ProxyService(Service):
     @inlineCallbacks
     def _reload(self) -> Any:
         self._mtime = self._file_mtime()
+        if self.pilot is not None:
+            # The file is only a bootstrap now: applying it would drop the
+            # listeners and clusters the pilot pushed.
+            log.warn("{path} changed; it is the pilot bootstrap, so changes need a restart", path=self._path)
+            return False
         try:
             new = self._loader.load_file(self._path)
         except ConfigError as e:
@@ -255,6 +286,29 @@ class ProxyService(Service):
                       version=self.version, error=str(e))
             self.metrics.config_reloads.labels("rejected").inc()
             return False
+        try:
+            yield self._apply_config(new, self._path, after_swap=self._remember_mtime)
+        except ConfigError as e:
+            log.error("config reload refused, still serving version {version}: {error}",
+                      version=self.version, error=str(e))
+            self.metrics.config_reloads.labels("rejected").inc()
+            return False
+        return True
+
+    def _remember_mtime(self) -> None:
+        self._mtime = self._file_mtime()
+
+    @inlineCallbacks
+    def _apply_config(self, new: ProxyConfig, source: str, after_swap: Any = None) -> Any:
+        """
+        Make C{new} the running config: clusters, then listeners (opened,
+        closed or given new routes in place).
+
+        @param source: where C{new} came from, for the log.
+        @param after_swap: called once C{self.config} is C{new}.
+        @raise ConfigError: (as a failure) if C{new}'s clusters cannot be
+            built; nothing has changed then.
+        """
         old = self.config
         try:
             # Clusters are built before anything is swapped: if one cannot
@@ -262,13 +316,11 @@ class ProxyService(Service):
             # config stays whole.
             self._apply_clusters(new)
         except ValueError as e:
-            log.error("config reload refused, still serving version {version}: {path}: {error}",
-                      version=self.version, path=self._path, error=str(e))
-            self.metrics.config_reloads.labels("rejected").inc()
-            return False
+            raise ConfigError(source, "", str(e)) from None
         self._log_warnings(new)
         self.config = new
-        self._mtime = self._file_mtime()
+        if after_swap is not None:
+            after_swap()
         wanted = {listener.name: listener for listener in new.listeners}
         for name, entry in list(self._listeners.items()):
             cfg = wanted.get(name)
@@ -300,8 +352,63 @@ class ProxyService(Service):
         self.version += 1
         self.loaded_at = self._reactor.seconds()
         self.metrics.config_reloads.labels("applied").inc()
-        log.info("config version {version} applied from {path}", version=self.version, path=self._path)
-        return True
+        log.info("config version {version} applied from {path}", version=self.version, path=source)
+
+    # The pilot
+
+    def _start_pilot(self, config: ProxyConfig) -> None:
+        self._bootstrap = config
+        pilot = config.pilot
+        labels = dict(config.node.labels)
+        if pilot.inbound_port is not None:
+            labels["txmesh.io/inbound-port"] = str(pilot.inbound_port)
+        if pilot.app_port is not None:
+            labels["txmesh.io/app-port"] = str(pilot.app_port)
+        node = config.node
+        self.pilot = PilotClient(
+            list(pilot.addresses),
+            Node(id=node.id, workload=node.workload, namespace=node.namespace or "default", app=node.app,
+                 version=node.version, labels=labels, locality=node.locality),
+            self._reactor,
+            self._apply_pushed,
+            random.Random(),
+            backoff_base=self._pilot_backoff[0],
+            backoff_max=self._pilot_backoff[1],
+        )
+        self.pilot.start()
+
+    def _apply_pushed(self, document: dict) -> Deferred:
+        """
+        Apply a document pushed by the pilot: the bootstrap's C{node} and
+        C{admin} with the pushed C{listeners} and C{clusters}.
+
+        @raise ConfigError: if the result is not a valid config; the running
+            config is unchanged.
+        """
+        raw = self._bootstrap.raw if isinstance(self._bootstrap.raw, dict) else {}
+        full = {key: raw[key] for key in ("node", "admin") if raw.get(key) is not None}
+        full["listeners"] = document.get("listeners", [])
+        full["clusters"] = document.get("clusters", [])
+        source = f"pilot {self.pilot.connected_address}" if self.pilot is not None else "pilot"
+        try:
+            new = self._loader.load_document(full, source)
+        except ConfigError:
+            self.metrics.config_reloads.labels("rejected").inc()
+            raise
+        new = attrs.evolve(new, pilot=self._bootstrap.pilot)
+
+        def rejected(failure: Any) -> Any:
+            self.metrics.config_reloads.labels("rejected").inc()
+            return failure
+
+        return self._apply_config(new, source).addErrback(rejected)
+
+    def pilot_status(self) -> dict | None:
+        """
+        @return: the pilot channel's status (see L{PilotClient.status}), or
+            C{None} when the proxy runs without a pilot.
+        """
+        return self.pilot.status() if self.pilot is not None else None
 
     def _file_mtime(self) -> tuple[float | None, ...]:
         """

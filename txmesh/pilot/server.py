@@ -1,0 +1,206 @@
+"""
+The pilot's end of the pilot ↔ proxy channel: a thin Twisted shell around
+the sans-IO L{txmesh.pilot.messages} layer (see C{docs/channel.md}).
+
+Node metadata: the channel's L{Node <txmesh.pilot.messages.Node>} has no
+ports, so a proxy announces its inbound listener port and its app's port as
+the labels C{txmesh.io/inbound-port} and C{txmesh.io/app-port} (decimal
+strings).  Both must be given for the proxy to get an inbound listener; a
+value that is not a port number refuses the proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txmesh.pilot import messages
+from txmesh.pilot.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    ChannelDecoder,
+    ChannelProtocolError,
+    Hello,
+    Nack,
+    Ping,
+    Pong,
+    ProxySyncState,
+    Push,
+    Refused,
+    encode,
+)
+from txmesh.pilot.snapshot import Node, Snapshot
+
+INBOUND_PORT_LABEL = "txmesh.io/inbound-port"
+APP_PORT_LABEL = "txmesh.io/app-port"
+
+
+class PilotBackend(TypingProtocol):
+    """
+    What a channel needs from the pilot (L{txmesh.pilot.service.PilotService}).
+    """
+
+    def register(self, channel: PilotChannelProtocol) -> Snapshot | None:
+        """
+        Add a channel whose proxy said hello; return its first snapshot.
+        """
+
+    def unregister(self, channel: PilotChannelProtocol) -> None:
+        """
+        Forget a channel that closed.
+        """
+
+
+def _port(labels: dict[str, str], key: str) -> int | None:
+    if key not in labels:
+        return None
+    text = labels[key]
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"node.labels.{key}: must be a port number (1-65535), not {text!r}")
+    return int(text)
+
+
+def snapshot_node(node: messages.Node) -> Node:
+    """
+    @return: the snapshot builder's view of a channel node, with the ports
+        taken from the C{txmesh.io/*-port} labels.
+    @raise ValueError: a port label is not a port number.
+    """
+    labels = dict(node.labels)
+    return Node(
+        id=node.id,
+        workload=node.workload or "unknown",
+        namespace=node.namespace,
+        app=node.app or "unknown",
+        version=node.version or "unknown",
+        labels=tuple(sorted(labels.items())),
+        locality=node.locality,
+        inbound_port=_port(labels, INBOUND_PORT_LABEL),
+        app_port=_port(labels, APP_PORT_LABEL),
+    )
+
+
+class PilotChannelProtocol(Protocol):
+    """
+    One proxy's channel.  Its first message must be L{Hello}; after that the
+    pilot pushes snapshots and the proxy answers them.
+
+    @ivar node: the proxy's node, once it said hello.
+    @ivar sync: its L{ProxySyncState}, once it said hello.
+    @ivar snapshot: the last snapshot pushed to it.
+    """
+
+    log = Logger()
+
+    def __init__(self, backend: PilotBackend):
+        self._backend = backend
+        self._decoder = ChannelDecoder()
+        self._nonces = 0
+        self._closing = False
+        self._registered = False
+        self.node: Node | None = None
+        self.sync: ProxySyncState | None = None
+        self.snapshot: Snapshot | None = None
+
+    def _close(self, reason: str) -> None:
+        self.log.warn("closing pilot channel from {peer}: {reason}", peer=self._peer(), reason=reason)
+        self._closing = True
+        self.transport.loseConnection()
+
+    def _peer(self) -> str:
+        if self.node is not None:
+            return self.node.id
+        return str(self.transport.getPeer()) if self.transport is not None else "?"
+
+    def _refuse(self, reason: str) -> None:
+        self.transport.write(encode(Refused(reason=reason)))
+        self._close(f"refused: {reason}")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            received = self._decoder.receive_data(data)
+            for message in received:
+                if self._closing:
+                    return
+                self._handle(message)
+        except ChannelProtocolError as e:
+            self._close(e.reason)
+
+    def _handle(self, message: Any) -> None:
+        if self.sync is None:
+            if not isinstance(message, Hello):
+                self._refuse(f"the first message must be hello, not {message.TYPE}")
+                return
+            self._hello(message)
+        elif isinstance(message, Hello):
+            raise ChannelProtocolError("hello sent twice")
+        elif isinstance(message, Ack):
+            self.sync.acked(message.nonce, message.version)
+        elif isinstance(message, Nack):
+            if self.sync.nacked(message.nonce, message.version, message.error):
+                self.log.warn(
+                    "proxy {node} rejected version {version}: {error}",
+                    node=self.sync.node_id, version=message.version, error=message.error,
+                )
+        elif isinstance(message, Ping):
+            self.transport.write(encode(Pong(id=message.id)))
+        elif isinstance(message, Pong):
+            pass
+        else:
+            raise ChannelProtocolError(f"a proxy does not send {message.TYPE} messages")
+
+    def _hello(self, hello: Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            self._refuse(f"protocol version {hello.protocol_version} is not spoken here (only {PROTOCOL_VERSION})")
+            return
+        try:
+            node = snapshot_node(hello.node)
+        except ValueError as e:
+            self._refuse(str(e))
+            return
+        self.node = node
+        self.sync = ProxySyncState(node.id)
+        self._registered = True
+        snapshot = self._backend.register(self)
+        if snapshot is not None:
+            self.push(snapshot)
+
+    def push(self, snapshot: Snapshot) -> bool:
+        """
+        Send C{snapshot} unless it is the version last pushed.
+
+        @return: whether a push was sent.
+        """
+        if self.sync is None or self._closing:
+            return False
+        if self.snapshot is not None and self.snapshot.version == snapshot.version:
+            return False
+        self._nonces += 1
+        nonce = str(self._nonces)
+        self.snapshot = snapshot
+        self.sync.pushed(snapshot.version, nonce)
+        self.transport.write(encode(Push(version=snapshot.version, nonce=nonce, resources=snapshot.resources)))
+        return True
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._registered:
+            self._registered = False
+            self._backend.unregister(self)
+
+
+class PilotChannelFactory(Factory):
+    """
+    Makes a L{PilotChannelProtocol} per accepted connection.
+    """
+
+    def __init__(self, backend: PilotBackend):
+        self._backend = backend
+
+    def buildProtocol(self, addr: object) -> PilotChannelProtocol:
+        return PilotChannelProtocol(self._backend)
