@@ -125,49 +125,27 @@ class _ProbeProtocol(Protocol):
         self._probe.connection_lost(reason)
 
 
-class _Probe(ClientFactory):
+class _ProbeLifecycle:
     """
-    One health check of one endpoint: connect, maybe ask, decide, close.
-
-    The verdict goes to C{decided(probe, success, reason)} once, unless the
-    probe was aborted first; C{closed(probe)} is called once the connection
-    attempt or the connection is gone for good, in every case.
+    What every probe shares: a timeout, a verdict given at most once (never
+    after L{abort}), and a close reported once, whatever ended the probe.
+    Subclasses provide C{start} and C{_drop} (close the connection or give
+    up connecting).
     """
 
-    noisy = False
-
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        request: bytes | None,
-        timeout: float,
-        reactor: Any,
-        decided: Callable[[_Probe, bool, str], None],
-        closed: Callable[[_Probe], None],
-    ):
-        """
-        @param request: the HTTP request to send, or C{None} for a TCP check.
-        """
+    def __init__(self, endpoint: Endpoint, timeout: float, reactor: Any,
+                 decided: Callable[[Any, bool, str], None], closed: Callable[[Any], None]):
         self.endpoint = endpoint
-        self._request = request
         self._timeout = timeout
         self._reactor = reactor
-        self._decided_cb: Callable[[_Probe, bool, str], None] | None = decided
+        self._decided_cb: Callable[[Any, bool, str], None] | None = decided
         self._closed_cb = closed
-        self._connector: Any = None
-        self._protocol: _ProbeProtocol | None = None
         self._timer: IDelayedCall | None = None
-        self._parser: ResponseParser | None = None
-        self._status = 0
         self._is_closed = False
         self._waiters: list[Deferred] = []
 
-    def start(self) -> None:
-        self._timer = self._reactor.callLater(self._timeout, self._timed_out)
-        self._connector = self._reactor.connectTCP(
-            self.endpoint.host, self.endpoint.port, self, timeout=self._timeout)
-
-    # Verdict and teardown.
+    def _drop(self) -> None:
+        raise NotImplementedError
 
     def _decide(self, success: bool, reason: str) -> None:
         timer, self._timer = self._timer, None
@@ -185,19 +163,6 @@ class _Probe(ClientFactory):
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
-
-    def _drop(self) -> None:
-        """
-        Close the connection, or give up connecting.
-        """
-        if self._protocol is not None:
-            self._protocol.transport.abortConnection()
-        elif self._connector is not None:
-            try:
-                # Synchronous: clientConnectionFailed runs before this returns.
-                self._connector.stopConnecting()
-            except NotConnectingError:
-                pass
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -220,6 +185,55 @@ class _Probe(ClientFactory):
         self._waiters.append(d)
         self._drop()
         return d
+
+
+class _Probe(_ProbeLifecycle, ClientFactory):
+    """
+    One health check of one endpoint: connect, maybe ask, decide, close.
+
+    The verdict goes to C{decided(probe, success, reason)} once, unless the
+    probe was aborted first; C{closed(probe)} is called once the connection
+    attempt or the connection is gone for good, in every case.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        request: bytes | None,
+        timeout: float,
+        reactor: Any,
+        decided: Callable[[_Probe, bool, str], None],
+        closed: Callable[[_Probe], None],
+    ):
+        """
+        @param request: the HTTP request to send, or C{None} for a TCP check.
+        """
+        super().__init__(endpoint, timeout, reactor, decided, closed)
+        self._request = request
+        self._connector: Any = None
+        self._protocol: _ProbeProtocol | None = None
+        self._parser: ResponseParser | None = None
+        self._status = 0
+
+    def start(self) -> None:
+        self._timer = self._reactor.callLater(self._timeout, self._timed_out)
+        self._connector = self._reactor.connectTCP(
+            self.endpoint.host, self.endpoint.port, self, timeout=self._timeout)
+
+    def _drop(self) -> None:
+        """
+        Close the connection, or give up connecting.
+        """
+        if self._protocol is not None:
+            self._protocol.transport.abortConnection()
+        elif self._connector is not None:
+            try:
+                # Synchronous: clientConnectionFailed runs before this returns.
+                self._connector.stopConnecting()
+            except NotConnectingError:
+                pass
 
     # ClientFactory
 
@@ -307,7 +321,7 @@ class _GrpcProbePool(HTTP2EndpointPool):
         self._lost()
 
 
-class _GrpcProbe:
+class _GrpcProbe(_ProbeLifecycle):
     """
     One gRPC health check of one endpoint: C{grpc.health.v1.Health/Check}
     on a fresh h2c connection, decided by the answer, then closed.
@@ -327,20 +341,13 @@ class _GrpcProbe:
         decided: Callable[[Any, bool, str], None],
         closed: Callable[[Any], None],
     ):
-        self.endpoint = endpoint
+        super().__init__(endpoint, timeout, reactor, decided, closed)
         self._authority = authority
         self._service = service
-        self._timeout = timeout
-        self._reactor = reactor
-        self._decided_cb: Callable[[Any, bool, str], None] | None = decided
-        self._closed_cb = closed
         self._pool = _GrpcProbePool(endpoint, timeout, reactor, self._close)
         self._stream: Any = None
-        self._timer: IDelayedCall | None = None
         self._head: ResponseHead | None = None
         self._body = b""
-        self._is_closed = False
-        self._waiters: list[Deferred] = []
 
     def start(self) -> None:
         self._timer = self._reactor.callLater(self._timeout, self._timed_out)
@@ -370,14 +377,6 @@ class _GrpcProbe:
 
     # Verdict and teardown.
 
-    def _decide(self, success: bool, reason: str) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        cb, self._decided_cb = self._decided_cb, None
-        if cb is not None:
-            cb(self, success, reason)
-
     def _finish(self, success: bool, reason: str) -> None:
         self._decide(success, reason)
         self._drop()
@@ -388,36 +387,6 @@ class _GrpcProbe:
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.abort()
-
-    def _close(self) -> None:
-        if self._is_closed:
-            return
-        self._is_closed = True
-        self._closed_cb(self)
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._finish(False, f"timed out after {self._timeout}s")
-
-    def abort(self) -> Deferred:
-        """
-        Stop now, without a verdict.
-
-        @return: a L{Deferred} that fires once the connection is closed.
-        """
-        self._decided_cb = None
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        if self._is_closed:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._waiters.append(d)
-        self._drop()
-        return d
 
     # The upstream response handler (what the router is to a stream).
 
