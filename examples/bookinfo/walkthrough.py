@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import http.client
 import importlib.util
 import json
@@ -45,6 +44,11 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+# The demo's process handling (children that die with us, signals as Stop,
+# busy-port checks) serves the walkthrough too.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo"))
+from demo import Stop, _die_with_parent, _on_signal, busy_ports  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -133,24 +137,6 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """
-    @return: a C{preexec_fn} that makes the child get SIGTERM when this
-        process dies, even by SIGKILL (Linux only; elsewhere a no-op).
-    """
-
-    def preexec() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
-
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=0.5):
@@ -230,20 +216,6 @@ def wait_ready(children: list[Child], timeout: float) -> str | None:
             return f"not ready after {timeout:.0f}s: {', '.join(c.name for c in pending)}"
         time.sleep(0.05)
     return None
-
-
-def busy_ports(ports: list[int]) -> list[int]:
-    busy = []
-    for port in ports:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            busy.append(port)
-        finally:
-            s.close()
-    return busy
 
 
 def tail(path: str, n: int = 15) -> str:
@@ -597,14 +569,6 @@ class Walkthrough:
 
 
 # --- main -------------------------------------------------------------------------
-
-
-class Stop(Exception):
-    pass
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    raise Stop(signal.Signals(signum).name)
 
 
 def _say(line: str) -> None:
