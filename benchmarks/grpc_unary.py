@@ -25,10 +25,8 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,10 +43,12 @@ from http1 import (  # noqa: E402
     Unavailable,
     fmt,
     free_port,
+    harness,
     http_get,
     last_lines,
     med,
     pin,
+    pinning_available,
     port_open,
 )
 
@@ -216,31 +216,8 @@ def main(argv=None) -> int:
         child_client(argv[1], argv[2], int(argv[3]), float(argv[4]), int(argv[5]))
         return 0
     args = parse_args(argv)
-    pinning = not args.no_pin and bool(shutil.which("taskset"))
-    if pinning and not {int(PROXY_CPU), int(LOAD_CPU)} <= os.sched_getaffinity(0):
-        print(f"warning: CPUs {PROXY_CPU} and {LOAD_CPU} not both available; not pinning")
-        pinning = False
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    tmp = Path(tempfile.mkdtemp(prefix="txmesh-bench-grpc-"))
-    procs: list[Proc] = []
-    try:
-        return run(args, pinning, tmp, procs)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for p in reversed(procs):
-            p.stop()
-        if args.keep_tmp:
-            print(f"temp dir kept: {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    pinning = pinning_available(not args.no_pin and bool(shutil.which("taskset")))
+    return harness("grpc", args, pinning, run)
 
 
 def run(args, pinning: bool, tmp: Path, procs: list) -> int:

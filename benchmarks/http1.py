@@ -475,9 +475,13 @@ def check_tools(pinning: bool) -> bool:
     return pinning
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    pinning = check_tools(not args.no_pin)
+def harness(name: str, args, pinning: bool, run) -> int:
+    """
+    Run C{run(args, pinning, tmp, procs)} with what every benchmark needs
+    around it: SIGTERM/SIGHUP/Ctrl-C stop it cleanly, every process it
+    appended to C{procs} is stopped, and its temp dir is removed (unless
+    C{--keep-tmp}).
+    """
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -485,7 +489,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
 
-    tmp = Path(tempfile.mkdtemp(prefix="txmesh-bench-http1-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"txmesh-bench-{name}-"))
     procs: list[Proc] = []
     try:
         return run(args, pinning, tmp, procs)
@@ -500,6 +504,21 @@ def main(argv=None) -> int:
             print(f"temp dir kept: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pinning_available(pinning: bool) -> bool:
+    """
+    @return: C{pinning}, unless the proxy and load CPUs are not both ours.
+    """
+    if pinning and not {int(PROXY_CPU), int(LOAD_CPU)} <= os.sched_getaffinity(0):
+        print(f"warning: CPUs {PROXY_CPU} and {LOAD_CPU} not both available; not pinning")
+        return False
+    return pinning
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return harness("http1", args, check_tools(not args.no_pin), run)
 
 
 def run(args, pinning: bool, tmp: Path, procs: list) -> int:

@@ -29,10 +29,8 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,10 +48,12 @@ from http1 import (  # noqa: E402
     _version,
     fmt,
     free_port,
+    harness,
     http_get,
     last_lines,
     med,
     pin,
+    pinning_available,
     port_open,
     start_nginx,
 )
@@ -238,31 +238,8 @@ def main(argv=None) -> int:
     for tool in (NGINX, H2LOAD, CURL) + (() if args.no_pin else ("taskset",)):
         if not shutil.which(tool):
             sys.exit(f"http2.py: {tool} not found")
-    pinning = not args.no_pin
-    if pinning and not {int(PROXY_CPU), int(LOAD_CPU)} <= os.sched_getaffinity(0):
-        print(f"warning: CPUs {PROXY_CPU} and {LOAD_CPU} not both available; not pinning")
-        pinning = False
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    tmp = Path(tempfile.mkdtemp(prefix="txmesh-bench-http2-"))
-    procs: list[Proc] = []
-    try:
-        return run(args, pinning, tmp, procs)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for p in reversed(procs):
-            p.stop()
-        if args.keep_tmp:
-            print(f"temp dir kept: {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    pinning = pinning_available(not args.no_pin)
+    return harness("http2", args, pinning, run)
 
 
 def run(args, pinning: bool, tmp: Path, procs: list) -> int:
