@@ -342,17 +342,23 @@ class HTTP2ServerProtocol(Protocol):
             self._upgrade = None
             self._start(1, upgrade[0], True)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+    def _reset_all_streams(self) -> None:
+        """
+        The connection is going: every stream in flight ends as a client reset.
+        """
         streams = list(self.streams.values())
         self.streams.clear()
         for stream in streams:
             stream.closed = True
             if stream.chain is not None:
                 stream.chain.downstream_reset()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._reset_all_streams()
         self.factory.connection_closed(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -516,12 +522,7 @@ class HTTP2ServerProtocol(Protocol):
         self._conn.close_connection(code)
         self._receiving = False
         self._flush()
-        streams = list(self.streams.values())
-        self.streams.clear()
-        for stream in streams:
-            stream.closed = True
-            if stream.chain is not None:
-                stream.chain.downstream_reset()
+        self._reset_all_streams()
         self._close()
 
     def start_drain(self) -> None:
