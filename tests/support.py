@@ -41,6 +41,24 @@ def free_port() -> int:
     return port
 
 
+def busy_ports(ports: tuple[int, ...]) -> list[int]:
+    """
+    @return: those of C{ports} on 127.0.0.1 that something else holds (for
+        tests of programs with fixed ports, which skip rather than collide).
+    """
+    busy = []
+    for port in ports:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            busy.append(port)
+        finally:
+            s.close()
+    return busy
+
+
 def sleep(seconds: float) -> defer.Deferred:
     """
     Wait on the reactor; only for tests that drive real external processes.

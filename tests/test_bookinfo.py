@@ -8,30 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from twisted.trial import unittest
 
+from tests.support import busy_ports
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WALKTHROUGH = os.path.join(REPO, "examples", "bookinfo", "walkthrough.py")
 PORTS = (19080, 19081, 19082, 19083, 19084, 19085, 19086, 19090, 19091, 19099)
 TIMEOUT = 120
-
-
-def _busy(ports: tuple[int, ...]) -> list[int]:
-    busy = []
-    for port in ports:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            busy.append(port)
-        finally:
-            s.close()
-    return busy
 
 
 class BookinfoWalkthroughTests(unittest.TestCase):
@@ -42,7 +29,7 @@ class BookinfoWalkthroughTests(unittest.TestCase):
         self.python = os.path.join(venv, "bin", "python")
         if not os.access(self.python, os.X_OK):
             raise unittest.SkipTest(f"no {self.python} to run the walkthrough with")
-        busy = _busy(PORTS)
+        busy = busy_ports(PORTS)
         if busy:
             raise unittest.SkipTest(f"ports {busy} on 127.0.0.1 are in use")
         self.state = os.path.abspath(self.mktemp())
@@ -71,7 +58,7 @@ class BookinfoWalkthroughTests(unittest.TestCase):
         self.assertIn("walkthrough --check: OK", text)
         self.assertNotIn("check: FAILED", text)
         self.assertIn("walkthrough: stopped", text)
-        self.assertEqual(_busy(PORTS), [], "the walkthrough left a process listening")
+        self.assertEqual(busy_ports(PORTS), [], "the walkthrough left a process listening")
         for name in sorted(os.listdir(self.state)):
             if name.endswith(".log"):
                 with open(os.path.join(self.state, name), encoding="utf-8", errors="replace") as f:

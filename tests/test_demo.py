@@ -10,30 +10,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 from twisted.trial import unittest
 
+from tests.support import busy_ports
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "scripts", "demo")
 DEMO_PORTS = (15800, 15801, 15802, 15810, 15811, 15812, 15819, 15820, 15829, 15830, 15839)
 TIMEOUT = 120
-
-
-def _busy(ports: tuple[int, ...]) -> list[int]:
-    busy = []
-    for port in ports:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            busy.append(port)
-        finally:
-            s.close()
-    return busy
 
 
 class DemoTests(unittest.TestCase):
@@ -81,7 +68,7 @@ class DemoTests(unittest.TestCase):
         """
         # One test method for both runs: trial --jobs must never run two
         # demos at once, they use the same fixed ports.
-        busy = _busy(DEMO_PORTS)
+        busy = busy_ports(DEMO_PORTS)
         if busy:
             raise unittest.SkipTest(f"demo ports {busy} are in use (a demo running? scripts/demo --stop)")
         variants = [{"TXMESH_DEMO_CURL": "none"}]
@@ -95,7 +82,7 @@ class DemoTests(unittest.TestCase):
             self.assertIn("demo: stopped", out)
             self.assertLogsClean()
             self.assertFalse(os.path.exists(os.path.join(self.state, "pids.json")))
-            self.assertEqual(_busy(DEMO_PORTS), [], "the demo left ports open")
+            self.assertEqual(busy_ports(DEMO_PORTS), [], "the demo left ports open")
 
     def test_stop_when_not_running(self) -> None:
         """
