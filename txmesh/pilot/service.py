@@ -18,7 +18,6 @@ starts, proxies get an empty snapshot until it is fixed.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -30,11 +29,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from txmesh.config.errors import ConfigError
 from txmesh.config.istio import translate
+from txmesh.pilot.api import OperatorAPI
 from txmesh.pilot.registry.file import FileRegistry
 from txmesh.pilot.server import PilotChannelFactory, PilotChannelProtocol
 from txmesh.pilot.snapshot import MeshConfig, Snapshot, build_snapshot
@@ -289,37 +288,3 @@ class PilotService(Service):
             }
             for host, svc in sorted(self.registry.services().items())
         }
-
-
-class OperatorAPI(Resource):
-    """
-    C{GET /proxies}, C{/proxies/<id>/config}, C{/services}, C{/status}, as JSON.
-    """
-
-    isLeaf = True
-
-    def __init__(self, pilot: PilotService):
-        super().__init__()
-        self._pilot = pilot
-
-    def _json(self, request: Any, code: int, body: Any) -> bytes:
-        request.setResponseCode(code)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-
-    def render_GET(self, request: Any) -> bytes:
-        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
-        if path == ["proxies"]:
-            return self._json(request, 200, self._pilot.proxies())
-        if len(path) == 3 and path[0] == "proxies" and path[2] == "config":
-            for channel in self._pilot.channels:
-                if channel.node is not None and channel.node.id == path[1]:
-                    if channel.snapshot is None:
-                        return self._json(request, 404, {"error": f"nothing pushed to {path[1]} yet"})
-                    return self._json(request, 200, channel.snapshot.document())
-            return self._json(request, 404, {"error": f"no connected proxy {path[1]}"})
-        if path == ["services"]:
-            return self._json(request, 200, self._pilot.services())
-        if path == ["status"]:
-            return self._json(request, 200, self._pilot.status())
-        return self._json(request, 404, {"error": "not found (try /proxies, /services, /status)"})
