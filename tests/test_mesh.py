@@ -91,7 +91,7 @@ class MeshTests(unittest.TestCase):
         proxy = ProxyHarness(self)
         yield proxy.start(f"""
             node: {{id: web-client, workload: client, namespace: default}}
-            pilot: {{addresses: ["tcp:127.0.0.1:{pilot_port}"]}}
+            pilot: {{addresses: ["tcp:127.0.0.1:{pilot_port}"], insecure: true}}
             """)
         data = yield self.wait_for(proxy, b"v1")
         self.assertTrue(data.endswith(b"v1"), data)

@@ -387,5 +387,5 @@ class PluginTests(TestCase):
         self.assertEqual(code, 0, err)
         text = out.decode()
         self.assertIn("Usage: twistd [options] txmesh-pilot --config-dir DIR [options]", text)
-        self.assertRegex(text, r"-d, --config-dir=\s+Directory holding istio/")
+        self.assertRegex(text, r"-d, --config-dir=\s+Directory holding mesh.yaml, istio/")
         self.assertRegex(text, r"--listen=.*\[default:\s+tcp:15010:interface=127.0.0.1\]")

@@ -124,6 +124,7 @@ class ProxyWithPilotTests(TestCase):
                   addresses: [{listed}]
                   inbound_port: 15006
                   app_port: 9080
+                  insecure: true
                 """))
         service = ProxyService(path, reactor, registry=FilterRegistry.from_plugins(), drain_timeout=1.0,
                                pilot_backoff_base=0.02, pilot_backoff_max=0.1)
@@ -213,6 +214,23 @@ class ProxyWithPilotTests(TestCase):
         data = yield self.get(service)
         self.assertTrue(data.endswith(b"other"))
         self.assertEqual(service.pilot_status()["versions"], {"clusters": "v2", "listeners": "v1"})
+
+    @defer.inlineCallbacks
+    def test_per_type_versions_recorded_and_resumed(self) -> Any:
+        """
+        The per-type versions of a push are recorded and sent back in the
+        next hello, so a pilot can resume.
+        """
+        upstream = yield self.upstream()
+        pilot = FakePilot(lambda p: p.send(Push(version="v1", nonce="n1", resources=resources(upstream),
+                                                versions={"listeners": "L1", "clusters": "C1"})))
+        address = yield pilot.listen(self)
+        service = yield self.start_proxy(address)
+        yield wait_until(lambda: pilot.of_type(Ack))
+        self.assertEqual(service.pilot_status()["versions"], {"listeners": "L1", "clusters": "C1"})
+        pilot.connections[0].transport.loseConnection()
+        yield wait_until(lambda: len(pilot.of_type(Hello)) == 2)
+        self.assertEqual(pilot.of_type(Hello)[1].versions, {"listeners": "L1", "clusters": "C1"})
 
     @defer.inlineCallbacks
     def test_file_reload_keeps_pushed_config(self) -> Any:
@@ -315,7 +333,7 @@ class LoaderPilotSectionTests(TestCase):
         self.loader = ConfigLoader(FilterRegistry.from_plugins())
 
     def test_pilot_section(self) -> None:
-        config = self.loader.load_bytes(b"pilot: {addresses: ['tcp:127.0.0.1:15010'], inbound_port: 15006}\n")
+        config = self.loader.load_bytes(b"pilot: {addresses: ['tcp:127.0.0.1:15010'], inbound_port: 15006, insecure: true}\n")
         self.assertEqual(config.listeners, ())
         self.assertEqual(config.pilot.addresses, ("tcp:127.0.0.1:15010",))
         self.assertEqual((config.pilot.inbound_port, config.pilot.app_port), (15006, None))
@@ -335,9 +353,37 @@ class LoaderPilotSectionTests(TestCase):
             self.loader.load_bytes(b"pilot: {addresses: []}\n")
         self.assertEqual(e.exception.field, "pilot.addresses")
 
+    def test_tls_needs_ca_file(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            self.loader.load_bytes(b"pilot: {addresses: ['tcp:127.0.0.1:1']}\n")
+        self.assertEqual((e.exception.field, e.exception.reason), ("pilot.ca_file", "is required"))
+
+    def test_tls_and_token_files(self) -> None:
+        from txmesh.pilot.channel_security import load_channel_security
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        security = load_channel_security(os.path.join(directory, "ca"), "cluster.local", reactor)
+        with open(os.path.join(directory, "root.pem"), "wb") as f:
+            f.write(security.root_pem)
+        with open(os.path.join(directory, "token"), "w") as f:
+            f.write("txm1.abc.def\n")
+        path = os.path.join(directory, "proxy.yaml")
+        with open(path, "w") as f:
+            f.write("pilot: {addresses: ['tcp:127.0.0.1:1'], ca_file: root.pem, token_file: token,"
+                    " outbound_address: 'tcp:15001:interface=127.0.0.2'}\n")
+        pilot = self.loader.load_file(path).pilot
+        self.assertEqual((pilot.ca_pem, pilot.token, pilot.insecure), (security.root_pem, "txm1.abc.def", False))
+        self.assertEqual(pilot.outbound_address, "tcp:15001:interface=127.0.0.2")
+        with open(path, "w") as f:
+            f.write("pilot: {addresses: ['tcp:127.0.0.1:1'], ca_file: token}\n")
+        with self.assertRaises(ConfigError) as e:
+            self.loader.load_file(path)
+        self.assertEqual(e.exception.field, "pilot.ca_file")
+
     def test_unknown_field(self) -> None:
         with self.assertRaises(ConfigError) as e:
-            self.loader.load_bytes(b"pilot: {addresses: ['tcp:127.0.0.1:1'], port: 3}\n")
+            self.loader.load_bytes(b"pilot: {addresses: ['tcp:127.0.0.1:1'], insecure: true, port: 3}\n")
         self.assertEqual(e.exception.field, "pilot.port")
 
 

@@ -1,19 +1,40 @@
 """
-The C{txmesh} command: operator tools that need no running proxy.
+The C{txmesh} command: operator tools.
 
-    txmesh validate [-f] FILE...   check proxy config files and Istio documents offline,
-                                   printing warnings; exit 1 if any is invalid
+    txmesh validate [-f] FILE...      check proxy config files and Istio documents offline,
+                                      printing warnings; exit 1 if any is invalid
+    txmesh proxy-status               the sync state of every proxy connected to the pilot
+    txmesh proxy-config {routes,clusters,endpoints} PROXY
+                                      one view of the config the pilot pushed to a proxy
+    txmesh services                   the services the pilot's registry knows
+    txmesh token create --config-dir DIR --namespace NS --service-account SA [--ttl 24h]
+                                      a join token for a proxy (run on the pilot's host:
+                                      it signs with the key in DIR/ca)
+
+The last three ask the pilot's operator API (C{docs/operator-api.md}) at
+C{--pilot URL} (default C{$TXMESH_PILOT} or C{http://127.0.0.1:15011}) with
+C{--token} (default C{$TXMESH_TOKEN}); any failure is one line on stderr and
+exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
+import attrs
+import treq
 import yaml
+from twisted.internet import defer, task
+from twisted.internet.error import TimeoutError as ConnectTimeout
 
+from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError
 from txmesh.config.istio import translate
 from txmesh.config.loader import ConfigLoader
@@ -83,23 +104,338 @@ def validate(paths: Sequence[str], out: Any = sys.stdout, err: Any = sys.stderr)
     return status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# --- talking to the pilot's operator API ------------------------------------------
+
+DEFAULT_PILOT = "http://127.0.0.1:15011"
+DEFAULT_TIMEOUT = 10.0
+_TIMED_OUT = (defer.CancelledError, ConnectTimeout)
+
+
+class PilotAPIError(Exception):
     """
-    Entry point of the C{txmesh} console script.
+    The pilot could not be asked, or refused the request; the message is one
+    line for the operator.
     """
-    parser = argparse.ArgumentParser(prog="txmesh", description="txmesh operator tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+
+
+@attrs.frozen
+class PilotClient:
+    """
+    A client of the pilot's operator API.
+
+    @ivar url: the API's base URL, e.g. C{http://127.0.0.1:15011}.
+    @ivar token: the bearer token, or C{None}.
+    @ivar timeout: seconds to wait for an answer.
+    @ivar http: a treq-like object (C{get(url, headers=, timeout=)}); by
+        default the C{treq} module.
+    """
+
+    url: str
+    token: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    http: Any = None
+
+    @defer.inlineCallbacks
+    def get(self, path: str) -> Any:
+        """
+        C{GET} a path of the API.
+
+        @param path: the path, starting with C{/}, already quoted.
+        @return: a L{Deferred} firing with the decoded JSON body.
+        @raise PilotAPIError: (as the Deferred's failure) the pilot cannot be
+            reached in time, refuses the token, or answers anything but 200.
+        """
+        http = self.http if self.http is not None else treq
+        headers = {b"accept": [b"application/json"]}
+        if self.token:
+            headers[b"authorization"] = [b"Bearer " + self.token.encode("utf-8")]
+        url = self.url.rstrip("/") + path
+        try:
+            response = yield http.get(url, headers=headers, timeout=self.timeout)
+            body = yield response.content()
+        except Exception as e:  # any transport failure means the same to the operator
+            raise PilotAPIError(f"cannot reach the pilot at {self.url}: {_reason(e, self.timeout)}") from None
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise PilotAPIError(f"the pilot at {self.url} answered {response.code} with a body that is not JSON "
+                                f"(is {self.url} the pilot's operator API?)") from None
+        if response.code == 200:
+            return data
+        error = data.get("error", "") if isinstance(data, dict) else ""
+        if response.code == 401:
+            hint = "the token was refused" if self.token else "it needs a token (--token or TXMESH_TOKEN)"
+            raise PilotAPIError(f"the pilot at {self.url} refused the request: {hint}")
+        raise PilotAPIError(f"{error or 'error'} ({response.code} from {url})")
+
+
+def _reason(e: BaseException, timeout: float) -> str:
+    # treq's ResponseFailed and friends carry the real causes as Failures.
+    reasons = getattr(e, "reasons", None) or []
+    if isinstance(e, _TIMED_OUT) or any(r.check(*_TIMED_OUT) for r in reasons):
+        return f"no answer in {timeout:g}s"
+    text = "; ".join(r.getErrorMessage() for r in reasons) if reasons else str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(headers)] + [["-" if c is None or c == "" else " ".join(str(c).split()) for c in row]
+                               for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "".join("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in cells)
+
+
+def _remote(fetch: Callable[[], defer.Deferred], render: Callable[[Any], str], output: str,
+            out: Any, err: Any) -> defer.Deferred:
+    def shown(data: Any) -> int:
+        out.write(json.dumps(data, indent=2, sort_keys=True) + "\n" if output == "json" else render(data))
+        return 0
+
+    def failed(failure: Any) -> int:
+        failure.trap(PilotAPIError)
+        err.write(f"txmesh: {failure.value}\n")
+        return 1
+
+    d = defer.maybeDeferred(fetch)
+    d.addCallbacks(shown, failed)
+    return d
+
+
+def _status_table(proxies: Sequence[Mapping[str, Any]]) -> str:
+    return _table(["NAME", "STATUS", "ACKED VERSION", "PUSHED VERSION", "LAST ERROR"], [
+        [p.get("id"), p.get("status"), p.get("acked_version"), p.get("pushed_version"),
+         p.get("last_nack_error") if p.get("status") == "NACKED" else None]
+        for p in proxies
+    ])
+
+
+def proxy_status(client: PilotClient, out: Any = sys.stdout, err: Any = sys.stderr,
+                 output: str = "table") -> defer.Deferred:
+    """
+    Print every connected proxy's sync state (C{GET /proxies}).
+
+    @param output: C{table} or C{json}.
+    @return: a L{Deferred} firing with the exit code: 0, or 1 if the pilot
+        could not be asked (the reason printed on C{err}).
+    """
+    return _remote(lambda: client.get("/proxies"), _status_table, output, out, err)
+
+
+def _match(route: Mapping[str, Any]) -> str:
+    match = route.get("match") or {}
+    if "path" in match:
+        text = match["path"]
+    elif "regex" in match:
+        text = f"~{match['regex']}"
+    else:
+        text = f"{match.get('prefix', '/')}*"
+    extra = [f"{h['name']}" for h in match.get("headers", [])]
+    if match.get("methods"):
+        extra.insert(0, "|".join(match["methods"]))
+    return f"{text} [{', '.join(extra)}]" if extra else text
+
+
+def _destination(route: Mapping[str, Any]) -> str:
+    if "cluster" in route:
+        return route["cluster"] + (f" ({route['subset']})" if route.get("subset") else "")
+    if "weighted_clusters" in route:
+        return ", ".join(f"{d['cluster']}{' (' + d['subset'] + ')' if d.get('subset') else ''} {d['weight']}%"
+                         for d in route["weighted_clusters"])
+    if "direct_response" in route:
+        return f"direct response {route['direct_response'].get('status')}"
+    if "redirect" in route:
+        return f"redirect {route['redirect'].get('code', '')}".strip()
+    return ""
+
+
+def _routes_table(routes: Sequence[Mapping[str, Any]]) -> str:
+    return _table(["LISTENER", "VIRTUAL HOST", "DOMAINS", "MATCH", "DESTINATION", "TIMEOUT"], [
+        [r.get("listener"), r.get("virtual_host"), ",".join(r.get("domains", [])), _match(r), _destination(r),
+         r.get("timeout")]
+        for r in routes
+    ])
+
+
+def _clusters_table(clusters: Sequence[Mapping[str, Any]]) -> str:
+    return _table(["NAME", "LB POLICY", "ENDPOINTS", "SUBSETS", "CONNECT TIMEOUT"], [
+        [c.get("name"), c.get("lb_policy"), c.get("endpoint_count"),
+         ",".join(s["name"] for s in c.get("subsets", [])), c.get("connect_timeout")]
+        for c in clusters
+    ])
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _endpoints_table(endpoints: Sequence[Mapping[str, Any]]) -> str:
+    return _table(["ENDPOINT", "CLUSTER", "WEIGHT", "LOCALITY", "LABELS"], [
+        [e.get("endpoint"), e.get("cluster"), e.get("weight"), e.get("locality"), _labels(e.get("labels", {}))]
+        for e in endpoints
+    ])
+
+
+PROXY_CONFIG_VIEWS: dict[str, Callable[[Any], str]] = {
+    "routes": _routes_table,
+    "clusters": _clusters_table,
+    "endpoints": _endpoints_table,
+}
+
+
+def proxy_config(client: PilotClient, view: str, proxy: str, out: Any = sys.stdout, err: Any = sys.stderr,
+                 output: str = "table") -> defer.Deferred:
+    """
+    Print one view of the config the pilot last pushed to a proxy
+    (C{GET /proxies/<id>/config/<view>}).
+
+    @param view: C{routes}, C{clusters} or C{endpoints}.
+    @param proxy: the proxy's node id.
+    @param output: C{table} or C{json}.
+    @return: a L{Deferred} firing with the exit code: 0, or 1 (no such
+        proxy, or the pilot could not be asked; the reason printed on C{err}).
+    """
+    path = f"/proxies/{quote(proxy, safe='')}/config/{view}"
+    return _remote(lambda: client.get(path), PROXY_CONFIG_VIEWS[view], output, out, err)
+
+
+def _services_table(services: Mapping[str, Mapping[str, Any]]) -> str:
+    return _table(["HOST", "PORTS", "ENDPOINTS", "ADDRESSES"], [
+        [host,
+         ",".join(f"{p.get('number')}/{p.get('protocol')}" for p in svc.get("ports", [])),
+         len(svc.get("endpoints", [])),
+         ",".join(f"{e.get('address')}:{e.get('port')}" for e in svc.get("endpoints", []))]
+        for host, svc in sorted(services.items())
+    ])
+
+
+def services(client: PilotClient, out: Any = sys.stdout, err: Any = sys.stderr,
+             output: str = "table") -> defer.Deferred:
+    """
+    Print the services the pilot's registry knows (C{GET /services}).
+
+    @param output: C{table} or C{json}.
+    @return: a L{Deferred} firing with the exit code: 0, or 1 if the pilot
+        could not be asked (the reason printed on C{err}).
+    """
+    return _remote(lambda: client.get("/services"), _services_table, output, out, err)
+
+
+def _run(command: Callable[[], defer.Deferred]) -> int:
+    """
+    Run a command returning a L{Deferred} of an exit code on the global
+    reactor, synchronously.
+    """
+    codes: list[int] = []
+
+    def go(reactor: Any) -> defer.Deferred:
+        return command().addCallback(codes.append)
+
+    try:
+        task.react(go)
+    except SystemExit:
+        pass
+    return codes[0] if codes else 1
+
+
+def token_create(ca_dir: str, namespace: str, service_account: str, ttl: float, now: float,
+                 out: Any = sys.stdout, err: Any = sys.stderr) -> int:
+    """
+    Print a join token for a proxy of C{namespace}, signed with the key in
+    the pilot's CA directory (created there if missing).
+
+    @param ttl: seconds the token is valid.
+    @param now: the current time (POSIX seconds).
+    @return: the exit code.
+    """
+    from txmesh.pilot.channel_security import token_authority
+    from txmesh.pilot.tokens import TokenKeyError
+
+    try:
+        token = token_authority(ca_dir).create(namespace, service_account, now, ttl)
+    except (TokenKeyError, OSError, ValueError) as e:
+        err.write(f"txmesh token create: {e}\n")
+        return 1
+    out.write(token + "\n")
+    return 0
+
+
+# --- the command line ---------------------------------------------------------------
+
+
+def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """
+    @param environ: where C{TXMESH_PILOT} and C{TXMESH_TOKEN} are read
+        (default C{os.environ}).
+    @return: the C{txmesh} argument parser.
+    """
+    environ = os.environ if environ is None else environ
+    p = argparse.ArgumentParser(prog="txmesh", description="txmesh operator tools")
+    p.add_argument("--pilot", metavar="URL", default=environ.get("TXMESH_PILOT") or DEFAULT_PILOT,
+                   help=f"the pilot's operator API (default: $TXMESH_PILOT or {DEFAULT_PILOT})")
+    p.add_argument("--token", metavar="TOKEN", default=environ.get("TXMESH_TOKEN") or None,
+                   help="bearer token of the operator API (default: $TXMESH_TOKEN)")
+    p.add_argument("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"how long to wait for the pilot (default: {DEFAULT_TIMEOUT:g})")
+    commands = p.add_subparsers(dest="command", required=True)
     v = commands.add_parser("validate", help="check proxy configs and Istio documents offline "
                                              "(file, field and reason on error)")
     v.add_argument("-f", "--file", action="append", default=[], metavar="FILE", dest="flagged",
                    help="a file to check (repeatable)")
     v.add_argument("files", nargs="*", metavar="FILE")
-    args = parser.parse_args(argv)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                        help="table (default) or json")
+    commands.add_parser("proxy-status", parents=[output],
+                        help="the sync state of every proxy connected to the pilot")
+    c = commands.add_parser("proxy-config", parents=[output],
+                            help="one view of the config the pilot last pushed to a proxy")
+    c.add_argument("view", choices=sorted(PROXY_CONFIG_VIEWS))
+    c.add_argument("proxy", metavar="PROXY", help="the proxy's node id (see proxy-status)")
+    commands.add_parser("services", parents=[output], help="the services the pilot's registry knows")
+    t = commands.add_parser("token", help="join tokens for proxies (on the pilot's host)")
+    token_commands = t.add_subparsers(dest="token_command", required=True)
+    tc = token_commands.add_parser("create", help="print a join token bound to a namespace")
+    tc.add_argument("--config-dir", required=True, metavar="DIR", help="the pilot's config directory")
+    tc.add_argument("--ca-dir", metavar="DIR", help="the pilot's --ca-dir, if not DIR/ca")
+    tc.add_argument("--namespace", "-n", required=True, help="the proxy's namespace")
+    tc.add_argument("--service-account", "-s", required=True, help="the workload's service account")
+    tc.add_argument("--ttl", default="24h", help="how long the token is valid (default: 24h)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """
+    Entry point of the C{txmesh} console script.
+
+    @return: the exit code (argparse exits 2 itself on a usage error).
+    """
+    p = parser(environ)
+    args = p.parse_args(argv)
     if args.command == "validate":
         files = args.flagged + args.files
         if not files:
-            v.error("name at least one FILE")
+            p.error("validate: name at least one FILE")
         return validate(files)
+    if args.command == "token":
+        from txmesh.pilot.channel_security import ca_directory
+
+        try:
+            ttl = parse_duration(args.ttl)
+        except ValueError as e:
+            p.error(f"--ttl: {e}")
+        if ttl <= 0:
+            p.error("--ttl: must be positive")
+        return token_create(args.ca_dir or ca_directory(args.config_dir), args.namespace, args.service_account,
+                            ttl, time.time())
+    if not args.pilot.startswith(("http://", "https://")):
+        p.error(f"--pilot: {args.pilot!r} is not an http:// or https:// URL")
+    client = PilotClient(args.pilot, args.token, args.timeout)
+    if args.command == "proxy-status":
+        return _run(lambda: proxy_status(client, output=args.output))
+    if args.command == "proxy-config":
+        return _run(lambda: proxy_config(client, args.view, args.proxy, output=args.output))
+    if args.command == "services":
+        return _run(lambda: services(client, output=args.output))
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

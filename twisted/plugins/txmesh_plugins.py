@@ -103,18 +103,43 @@ class PilotOptions(usage.Options):
         "the last good config keeps being served."
     )
     optParameters = [
-        ["config-dir", "d", None, "Directory holding istio/ and services/ (required)."],
-        ["listen", "l", "tcp:15010:interface=127.0.0.1", "Endpoint string the proxies connect to."],
+        ["config-dir", "d", None, "Directory holding mesh.yaml, istio/ and services/ (required)."],
+        ["listen", "l", "tcp:15010:interface=127.0.0.1", "Endpoint string the proxies connect to (TLS)."],
         ["api", "a", "tcp:15011:interface=127.0.0.1", "Endpoint string of the operator API."],
+        ["api-token-file", None, None, "File holding the bearer token the operator API requires "
+         "(required when the API listens beyond loopback)."],
+        ["ca-dir", None, None, "The CA and join-token key directory [default: CONFIG_DIR/ca]."],
+        ["server-names", None, "", "Comma-separated extra DNS names / IP addresses for the pilot's "
+         "certificate (localhost, 127.0.0.1, ::1, txmesh-pilot and the host name are always in)."],
+        ["keepalive", None, "15,45", "Channel keepalive INTERVAL,TIMEOUT in seconds."],
         ["poll-interval", None, 0.2, "Seconds between checks of the config files.", float],
     ]
-    compData = usage.Completions(optActions={"config-dir": usage.CompleteDirs()})
+    optFlags = [
+        ["insecure", None, "Plaintext channel admitting any proxy without a credential (development only)."],
+    ]
+    compData = usage.Completions(optActions={"config-dir": usage.CompleteDirs(), "ca-dir": usage.CompleteDirs()})
 
     def postOptions(self) -> None:
         if not self["config-dir"]:
             raise usage.UsageError("--config-dir DIR is required")
         if not os.path.isdir(self["config-dir"]):
             raise usage.UsageError(f"--config-dir {self['config-dir']}: not a directory")
+        try:
+            interval, timeout = (float(v) for v in self["keepalive"].split(","))
+        except ValueError:
+            raise usage.UsageError(f"--keepalive {self['keepalive']}: expected INTERVAL,TIMEOUT in seconds") from None
+        if not 0 < interval <= timeout:
+            raise usage.UsageError("--keepalive: need 0 < INTERVAL <= TIMEOUT")
+        self["keepalive"] = (interval, timeout)
+        self["api-token"] = None
+        if self["api-token-file"]:
+            try:
+                with open(self["api-token-file"], encoding="utf-8") as f:
+                    self["api-token"] = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--api-token-file {self['api-token-file']}: {e.strerror}") from None
+            if not self["api-token"]:
+                raise usage.UsageError(f"--api-token-file {self['api-token-file']}: the file is empty")
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -130,12 +155,27 @@ class PilotServiceMaker:
     def makeService(self, options: PilotOptions) -> object:
         from twisted.internet import reactor
 
+        from txmesh.config.errors import ConfigError
+        from txmesh.pilot.ca import CAError
+        from txmesh.pilot.channel_security import ca_directory, load_channel_security
+        from txmesh.pilot.mesh_config import load_pilot_settings
         from txmesh.pilot.service import PilotService
 
-        return PilotService(
-            options["config-dir"], reactor, options["listen"], options["api"],
-            poll_interval=options["poll-interval"],
-        )
+        config_dir = options["config-dir"]
+        security = None
+        try:
+            if not options["insecure"]:
+                settings = load_pilot_settings(config_dir)
+                names = [n.strip() for n in options["server-names"].split(",") if n.strip()]
+                security = load_channel_security(options["ca-dir"] or ca_directory(config_dir),
+                                                 settings.mesh.trust_domain, reactor, names)
+            return PilotService(
+                config_dir, reactor, options["listen"], options["api"],
+                poll_interval=options["poll-interval"], security=security,
+                api_token=options["api-token"], keepalive=options["keepalive"],
+            )
+        except (ConfigError, CAError, ValueError) as e:
+            raise SystemExit(f"txmesh-pilot: {e}") from None
 
 
 txmeshPilot = PilotServiceMaker()

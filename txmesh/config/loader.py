@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import attrs
 import yaml
-from twisted.internet.endpoints import clientFromString, serverFromString
 
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError, FilterConfigError
@@ -49,7 +48,9 @@ from txmesh.config.model import (
     VirtualHost,
     WeightedDestination,
 )
+from txmesh.config.section import Section as _Section
 from txmesh.config.values import boolean as _bool
+from txmesh.config.values import client_endpoint as _client_endpoint
 from txmesh.config.values import header_value as _header_value
 from txmesh.config.values import int_in as _int_in
 from txmesh.config.values import kind_of as _kind
@@ -57,6 +58,7 @@ from txmesh.config.values import labels as _labels
 from txmesh.config.values import one_of as _one_of
 from txmesh.config.values import percent as _percent
 from txmesh.config.values import regex as _regex
+from txmesh.config.values import server_endpoint as _server_endpoint
 from txmesh.config.values import string as _string
 from txmesh.filters.registry import FilterRegistry
 from txmesh.proxy.retry import KNOWN_CONDITIONS
@@ -70,60 +72,10 @@ LB_POLICIES = ("round_robin", "random", "least_request", "consistent_hash")
 PROTOCOLS = ("http", "tcp")
 
 
-class _Section:
-    """
-    A mapping being validated, with its field path, so every error knows
-    where it is.
-    """
-
-    def __init__(self, source: str | None, path: str, value: Any):
-        self.source = source
-        self.path = path
-        if not isinstance(value, Mapping):
-            raise self.error(f"expected a mapping, got {_kind(value)}", path)
-        self.value = value
-        self.seen: set[str] = set()
-
-    def error(self, reason: str, field: str | None = None) -> ConfigError:
-        return ConfigError(self.source, self.path if field is None else field, reason)
-
-    def field(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str, convert: Callable[[Any], T], default: Any = None, required: bool = False) -> T:
-        self.seen.add(key)
-        if key not in self.value or self.value[key] is None:
-            if required:
-                raise self.error("is required", self.field(key))
-            return default
-        try:
-            return convert(self.value[key])
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as e:
-            raise self.error(str(e), self.field(key)) from None
-
-    def sub(self, key: str) -> _Section | None:
-        self.seen.add(key)
-        if self.value.get(key) is None:
-            return None
-        return _Section(self.source, self.field(key), self.value[key])
-
-    def items(self, key: str, required: bool = False) -> list[tuple[str, Any]]:
-        self.seen.add(key)
-        value = self.value.get(key)
-        if value is None:
-            if required:
-                raise self.error("is required", self.field(key))
-            return []
-        if not isinstance(value, list):
-            raise self.error(f"expected a list, got {_kind(value)}", self.field(key))
-        return [(f"{self.field(key)}[{i}]", v) for i, v in enumerate(value)]
-
-    def done(self) -> None:
-        unknown = sorted(set(map(str, self.value)) - self.seen)
-        if unknown:
-            raise self.error(f"unknown field (known: {', '.join(sorted(self.seen))})", self.field(unknown[0]))
+def _positive_seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _bytes(value: Any) -> bytes:
@@ -166,28 +118,6 @@ def _one_of_int(choices: tuple[int, ...]) -> Callable[[Any], int]:
             raise ValueError(f"must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
     return convert
-
-
-def _server_endpoint(value: Any) -> str:
-    desc = _string(value)
-    try:
-        # Parsing only: a TCP/UNIX/SSL server endpoint does nothing with
-        # its reactor until listen() is called.
-        serverFromString(None, desc)
-    except Exception as e:
-        raise ValueError(f"not a valid Twisted server endpoint string ({e})") from None
-    return desc
-
-
-def _client_endpoint(value: Any) -> str:
-    desc = _string(value)
-    try:
-        # Parsing only: a client endpoint does nothing with its reactor
-        # until connect() is called.
-        clientFromString(None, desc)
-    except Exception as e:
-        raise ValueError(f"not a valid Twisted client endpoint string ({e})") from None
-    return desc
 
 
 def _header_pairs(value: Any) -> tuple[tuple[bytes, bytes], ...]:
@@ -330,13 +260,60 @@ class ConfigLoader:
         addresses = _each(s.source, items, _client_endpoint)
         if not addresses:
             raise s.error("list at least one pilot address", s.field("addresses"))
+        insecure = s.get("insecure", _bool, default=False)
+        ca_pem = b""
+        if not insecure:
+            ca_pem = self._read_pem(s, "ca_file", required=True)
+        token = s.get("token", _string, default="")
+        token_file = s.get("token_file", _string)
+        if token_file is not None:
+            if token:
+                raise s.error("give token or token_file, not both", s.field("token_file"))
+            path = os.path.join(os.path.dirname(s.source) if s.source else "", token_file)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise s.error(f"cannot read {path}: {getattr(e, 'strerror', None) or e}",
+                              s.field("token_file")) from None
         pilot = PilotConfig(
             addresses=addresses,
             inbound_port=s.get("inbound_port", _int_in(1, 65535)),
             app_port=s.get("app_port", _int_in(1, 65535)),
+            outbound_address=s.get("outbound_address", _server_endpoint),
+            insecure=insecure,
+            ca_pem=ca_pem,
+            server_name=s.get("server_name", _string),
+            token=token,
+            backoff_base=s.get("backoff_base", _positive_seconds),
+            backoff_max=s.get("backoff_max", _positive_seconds),
+            keepalive_interval=s.get("keepalive_interval", _positive_seconds, default=15.0),
+            keepalive_timeout=s.get("keepalive_timeout", _positive_seconds, default=45.0),
         )
+        if pilot.keepalive_timeout < pilot.keepalive_interval:
+            raise s.error("must be at least keepalive_interval", s.field("keepalive_timeout"))
         s.done()
         return pilot
+
+    def _read_pem(self, s: _Section, key: str, required: bool = False) -> bytes:
+        """
+        Read the certificates in the file C{s[key]} names (relative to the
+        config file), checked.
+        """
+        name = s.get(key, _string, required=required)
+        if name is None:
+            return b""
+        path = os.path.join(os.path.dirname(s.source) if s.source else "", name)
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise s.error(f"cannot read {path}: {e.strerror}", s.field(key)) from None
+        try:
+            load_certificates(pem, key)
+        except TLSConfigError as e:
+            raise s.error(f"{path}: {e.reason}", s.field(key)) from None
+        return pem
 
     def _istio(self, s: _Section | None, source: str | None) -> IstioConfig | None:
         """
@@ -454,20 +431,8 @@ class ConfigLoader:
         """
         if s is None:
             return None
-        ca = s.get("ca_certificate", _string)
-        pem = b""
-        if ca is not None:
-            path = os.path.join(os.path.dirname(s.source) if s.source else "", ca)
-            try:
-                with open(path, "rb") as f:
-                    pem = f.read()
-            except OSError as e:
-                raise s.error(f"cannot read {path}: {e.strerror}", s.field("ca_certificate")) from None
-            try:
-                load_certificates(pem, "ca_certificate")
-            except TLSConfigError as e:
-                raise s.error(f"{path}: {e.reason}", s.field("ca_certificate")) from None
-        tls = UpstreamTLS(ca, pem, s.get("sni", _string))
+        pem = self._read_pem(s, "ca_certificate")
+        tls = UpstreamTLS(s.get("ca_certificate", _string), pem, s.get("sni", _string))
         s.done()
         return tls
 

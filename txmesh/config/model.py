@@ -481,11 +481,34 @@ class PilotConfig:
         the pilot as node label C{txmesh.io/inbound-port}.
     @ivar app_port: the port the workload listens on, told to the pilot as
         node label C{txmesh.io/app-port}.
+    @ivar outbound_address: server endpoint string of this proxy's outbound
+        listener when it is not the mesh's (several proxies on one host),
+        told to the pilot as node label C{txmesh.io/outbound-address}.
+    @ivar insecure: a plaintext channel (only to a pilot run with
+        C{--insecure}, for development).
+    @ivar ca_pem: the mesh root the pilot's certificate must chain to.
+    @ivar server_name: the name the pilot's certificate must carry; by
+        default the host of each address.
+    @ivar token: the join token sent in the hello (C{txmesh token create}).
+    @ivar backoff_base: seconds; ceiling of the first reconnect wait, or
+        C{None} for the proxy's default.
+    @ivar backoff_max: seconds; cap of the reconnect waits, or C{None}.
+    @ivar keepalive_interval: seconds of quiet before pinging the pilot.
+    @ivar keepalive_timeout: seconds of silence before reconnecting.
     """
 
     addresses: tuple[str, ...]
     inbound_port: int | None = None
     app_port: int | None = None
+    outbound_address: str | None = None
+    insecure: bool = False
+    ca_pem: bytes = attrs.field(default=b"", repr=False)
+    server_name: str | None = None
+    token: str = attrs.field(default="", repr=False)
+    backoff_base: float | None = None
+    backoff_max: float | None = None
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
 
 
 @attrs.frozen

@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from twisted.internet.endpoints import clientFromString, serverFromString
+
 _CTL_EXCEPT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -129,3 +131,31 @@ def labels(value: Any) -> tuple[tuple[str, str], ...]:
         if not isinstance(v, str):
             raise ValueError(f"label {k!r}: values must be strings (quote them), got {kind_of(v)}")
     return tuple(sorted(value.items()))
+
+
+def server_endpoint(value: Any) -> str:
+    """
+    @return: C{value}, a valid Twisted server endpoint string.
+    """
+    desc = string(value)
+    try:
+        # Parsing only: a TCP/UNIX/SSL server endpoint does nothing with
+        # its reactor until listen() is called.
+        serverFromString(None, desc)
+    except Exception as e:
+        raise ValueError(f"not a valid Twisted server endpoint string ({e})") from None
+    return desc
+
+
+def client_endpoint(value: Any) -> str:
+    """
+    @return: C{value}, a valid Twisted client endpoint string.
+    """
+    desc = string(value)
+    try:
+        # Parsing only: a client endpoint does nothing with its reactor
+        # until connect() is called.
+        clientFromString(None, desc)
+    except Exception as e:
+        raise ValueError(f"not a valid Twisted client endpoint string ({e})") from None
+    return desc

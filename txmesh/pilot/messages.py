@@ -334,6 +334,10 @@ class Push(_MessageBase):
         pilot can tell a reply to this push from one to an older push.
     @ivar resources: resource type (see L{KNOWN_RESOURCE_TYPES}) to a list of
         JSON objects.
+    @ivar versions: resource type to the version of that type's content, for
+        some or all of the types in C{resources}; a type it leaves out has
+        C{version}.  The proxy records these and sends them back in its next
+        L{Hello} so a pilot can skip what it already has.
     """
 
     TYPE: ClassVar[str] = "push"
@@ -341,13 +345,43 @@ class Push(_MessageBase):
     version: str = attrs.field(validator=_validator(_non_empty_str))
     nonce: str = attrs.field(validator=_validator(_non_empty_str))
     resources: Mapping[str, list[dict[str, Any]]] = attrs.field(factory=dict, converter=_resources, hash=False)
+    versions: Mapping[str, str] = attrs.field(
+        factory=dict, converter=lambda v: _str_map("versions", v, empty_values=False), hash=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        for rtype in self.versions:
+            if rtype not in self.resources:
+                raise MessageValidationError(f"versions.{rtype}", "names a resource type the push does not carry")
+
+    def type_version(self, rtype: str) -> str:
+        """
+        @return: the version of resource type C{rtype}'s content in this push.
+        """
+        return self.versions.get(rtype, self.version)
 
     def _fields_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": self.version,
             "nonce": self.nonce,
             "resources": {k: list(v) for k, v in self.resources.items()},
         }
+        if self.versions:
+            out["versions"] = dict(self.versions)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: object) -> Push:
+        """
+        @param obj: a decoded JSON value.
+        @return: the C{Push} it describes (C{versions} is optional).
+        @raise MessageValidationError: C{obj} is not a valid C{Push}.
+        """
+        obj = cls._check_type(obj)
+        kwargs = {k: _require(cls.TYPE, obj, k) for k in ("version", "nonce", "resources")}
+        if "versions" in obj:
+            kwargs["versions"] = obj["versions"]
+        return _nested(cls.TYPE, "", lambda: cls(**kwargs))
 
 
 def unknown_resource_types(push: Push) -> list[str]:
@@ -617,6 +651,14 @@ class ProxySyncState:
         self.pushed_version = version
         self.pushed_nonce = nonce
         self.status = SyncStatus.STALE
+
+    def resumed(self, version: str) -> None:
+        """
+        The proxy said hello with the versions the pilot would push, so
+        nothing is sent: it is in sync at C{version}.
+        """
+        self.acked_version = version
+        self.status = SyncStatus.SYNCED
 
     def _current(self, nonce: str, version: str, what: str) -> bool:
         if self.pushed_nonce is None or nonce != self.pushed_nonce:

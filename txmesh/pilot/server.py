@@ -14,11 +14,13 @@ from __future__ import annotations
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmesh.pilot import messages
+from txmesh.pilot.keepalive import Keepalive
 from txmesh.pilot.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -31,12 +33,14 @@ from txmesh.pilot.messages import (
     ProxySyncState,
     Push,
     Refused,
+    SyncStatus,
     encode,
 )
-from txmesh.pilot.snapshot import Node, Snapshot
+from txmesh.pilot.snapshot import RESOURCE_TYPES, Node, Snapshot
 
 INBOUND_PORT_LABEL = "txmesh.io/inbound-port"
 APP_PORT_LABEL = "txmesh.io/app-port"
+OUTBOUND_ADDRESS_LABEL = "txmesh.io/outbound-address"
 
 
 class PilotBackend(TypingProtocol):
@@ -52,6 +56,13 @@ class PilotBackend(TypingProtocol):
     def unregister(self, channel: PilotChannelProtocol) -> None:
         """
         Forget a channel that closed.
+        """
+
+    def authenticate(self, hello: Hello) -> str | None:
+        """
+        Check a proxy's hello (its credential, for its node).
+
+        @return: C{None} to admit it, or why it is refused.
         """
 
 
@@ -81,6 +92,7 @@ def snapshot_node(node: messages.Node) -> Node:
         locality=node.locality,
         inbound_port=_port(labels, INBOUND_PORT_LABEL),
         app_port=_port(labels, APP_PORT_LABEL),
+        outbound_address=labels.get(OUTBOUND_ADDRESS_LABEL) or None,
     )
 
 
@@ -89,22 +101,50 @@ class PilotChannelProtocol(Protocol):
     One proxy's channel.  Its first message must be L{Hello}; after that the
     pilot pushes snapshots and the proxy answers them.
 
+    Pushes carry only the resource types whose content differs from what the
+    proxy has (per-type content versions); a proxy that reconnects with the
+    versions of the current config in its hello gets no push at all.
+
     @ivar node: the proxy's node, once it said hello.
     @ivar sync: its L{ProxySyncState}, once it said hello.
-    @ivar snapshot: the last snapshot pushed to it.
+    @ivar snapshot: the newest snapshot for it (pushed, or already held).
+    @ivar applied: resource type to the version the proxy has applied, as
+        far as the pilot knows (from its hello, then from its ACKs).
     """
 
     log = Logger()
 
-    def __init__(self, backend: PilotBackend):
+    def __init__(self, backend: PilotBackend, clock: IReactorTime, keepalive: tuple[float, float] | None = None):
+        """
+        @param backend: the pilot.
+        @param clock: schedules the keepalive.
+        @param keepalive: C{(interval, timeout)} in seconds, or C{None} for
+            none (see L{Keepalive}).
+        """
         self._backend = backend
+        self._clock = clock
+        self._keepalive_settings = keepalive
+        self._keepalive: Keepalive | None = None
         self._decoder = ChannelDecoder()
         self._nonces = 0
         self._closing = False
         self._registered = False
+        self._sent: dict[str, str] = {}
+        self._in_flight: dict[str, str] = {}
         self.node: Node | None = None
         self.sync: ProxySyncState | None = None
         self.snapshot: Snapshot | None = None
+        self.applied: dict[str, str] = {}
+
+    def connectionMade(self) -> None:
+        if self._keepalive_settings is not None:
+            interval, timeout = self._keepalive_settings
+            self._keepalive = Keepalive(
+                self._clock, interval, timeout,
+                lambda ping_id: self.transport.write(encode(Ping(id=ping_id))),
+                lambda quiet: self._close(f"no word from the proxy in {quiet:.0f} s"),
+            )
+            self._keepalive.start()
 
     def _close(self, reason: str) -> None:
         self.log.warn("closing pilot channel from {peer}: {reason}", peer=self._peer(), reason=reason)
@@ -123,6 +163,8 @@ class PilotChannelProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._keepalive is not None:
+            self._keepalive.received()
         try:
             received = self._decoder.receive_data(data)
             for message in received:
@@ -141,9 +183,12 @@ class PilotChannelProtocol(Protocol):
         elif isinstance(message, Hello):
             raise ChannelProtocolError("hello sent twice")
         elif isinstance(message, Ack):
-            self.sync.acked(message.nonce, message.version)
+            if self.sync.acked(message.nonce, message.version):
+                self.applied.update(self._in_flight)
         elif isinstance(message, Nack):
             if self.sync.nacked(message.nonce, message.version, message.error):
+                # The proxy kept what it had: the next push compares with that.
+                self._sent = dict(self.applied)
                 self.log.warn(
                     "proxy {node} rejected version {version}: {error}",
                     node=self.sync.node_id, version=message.version, error=message.error,
@@ -159,6 +204,10 @@ class PilotChannelProtocol(Protocol):
         if hello.protocol_version != PROTOCOL_VERSION:
             self._refuse(f"protocol version {hello.protocol_version} is not spoken here (only {PROTOCOL_VERSION})")
             return
+        refusal = self._backend.authenticate(hello)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
         try:
             node = snapshot_node(hello.node)
         except ValueError as e:
@@ -166,6 +215,8 @@ class PilotChannelProtocol(Protocol):
             return
         self.node = node
         self.sync = ProxySyncState(node.id)
+        self.applied = {t: v for t, v in hello.versions.items() if t in RESOURCE_TYPES}
+        self._sent = dict(self.applied)
         self._registered = True
         snapshot = self._backend.register(self)
         if snapshot is not None:
@@ -173,22 +224,32 @@ class PilotChannelProtocol(Protocol):
 
     def push(self, snapshot: Snapshot) -> bool:
         """
-        Send C{snapshot} unless it is the version last pushed.
+        Send the resource types of C{snapshot} whose content the proxy does
+        not have (or has not been sent) yet.
 
         @return: whether a push was sent.
         """
         if self.sync is None or self._closing:
             return False
-        if self.snapshot is not None and self.snapshot.version == snapshot.version:
+        self.snapshot = snapshot
+        changed = {t: v for t, v in snapshot.per_type_versions.items() if self._sent.get(t) != v}
+        if not changed:
+            if self.sync.status is SyncStatus.NOT_SENT:
+                self.sync.resumed(snapshot.version)
             return False
         self._nonces += 1
         nonce = str(self._nonces)
-        self.snapshot = snapshot
+        self._sent.update(changed)
+        self._in_flight = changed
         self.sync.pushed(snapshot.version, nonce)
-        self.transport.write(encode(Push(version=snapshot.version, nonce=nonce, resources=snapshot.resources)))
+        resources = {t: snapshot.resources[t] for t in changed}
+        self.transport.write(encode(Push(version=snapshot.version, nonce=nonce, resources=resources,
+                                         versions=changed)))
         return True
 
     def connectionLost(self, reason: Failure = None) -> None:
+        if self._keepalive is not None:
+            self._keepalive.stop()
         if self._registered:
             self._registered = False
             self._backend.unregister(self)
@@ -199,8 +260,17 @@ class PilotChannelFactory(Factory):
     Makes a L{PilotChannelProtocol} per accepted connection.
     """
 
-    def __init__(self, backend: PilotBackend):
+    def __init__(self, backend: PilotBackend, clock: IReactorTime, keepalive: tuple[float, float] | None = None):
+        """
+        @param backend: the pilot.
+        @param clock: schedules each channel's keepalive.
+        @param keepalive: C{(interval, timeout)} in seconds, or C{None}.
+        """
         self._backend = backend
+        self._clock = clock
+        self._keepalive = keepalive
 
     def buildProtocol(self, addr: object) -> PilotChannelProtocol:
-        return PilotChannelProtocol(self._backend)
+        protocol = PilotChannelProtocol(self._backend, self._clock, self._keepalive)
+        protocol.factory = self
+        return protocol

@@ -5,11 +5,15 @@ connected proxy's snapshot and pushes it over the channel
 
 Layout of the config directory::
 
+    CONFIG_DIR/mesh.yaml         the pilot's settings and registries (optional,
+                                 see L{txmesh.pilot.mesh_config}); read at start
     CONFIG_DIR/istio/*.yaml      Istio documents (several per file allowed)
     CONFIG_DIR/services/*.yaml   service registrations (optional, see
                                  L{txmesh.pilot.registry.file})
+    CONFIG_DIR/ca/               the CA and the join-token key (see
+                                 L{txmesh.pilot.channel_security})
 
-Both are watched by polling.  A change is debounced, then every connected
+The documents and the registries are watched.  A change is debounced, then every connected
 proxy's snapshot is rebuilt and pushed if its version changed.  An invalid
 change is refused as a whole: the last good config keeps being served and
 C{GET /status} shows the error.  If the config is invalid when the pilot
@@ -22,58 +26,31 @@ import os
 from typing import Any
 
 import attrs
-import yaml
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txmesh.config.errors import ConfigError
 from txmesh.config.istio import translate
-from txmesh.pilot.api import OperatorAPI
-from txmesh.pilot.registry.file import FileRegistry
+from txmesh.pilot.api import operator_site
+from txmesh.pilot.channel_security import ChannelSecurity
+from txmesh.pilot.documents import Document, istio_files, load_istio_documents
+from txmesh.pilot.mesh_config import build_registries, load_pilot_settings
+from txmesh.pilot.messages import Hello
+from txmesh.pilot.registry.base import CombinedRegistry
 from txmesh.pilot.server import PilotChannelFactory, PilotChannelProtocol
-from txmesh.pilot.snapshot import MeshConfig, Snapshot, build_snapshot
-
-
-def load_istio_documents(directory: str) -> list[tuple[str, int, Any]]:
-    """
-    Read every C{*.yaml}/C{*.yml} file of C{directory}, in name order.
-
-    @return: C{(file, number, document)} for each non-empty document.
-    @raise ConfigError: a file cannot be read or is not valid YAML.
-    """
-    documents: list[tuple[str, int, Any]] = []
-    for name in _yaml_files(directory):
-        try:
-            with open(name, encoding="utf-8") as f:
-                docs = list(yaml.safe_load_all(f))
-        except OSError as e:
-            raise ConfigError(name, "", f"cannot read: {e.strerror or e}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(name, "", f"not valid YAML: {e}") from None
-        documents += [(name, i, d) for i, d in enumerate(docs, start=1) if d is not None]
-    return documents
-
-
-def _yaml_files(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(
-        os.path.join(directory, n)
-        for n in os.listdir(directory)
-        if n.endswith((".yaml", ".yml")) and not n.startswith(".")
-    )
+from txmesh.pilot.snapshot import MeshConfig, NamespaceView, Node, Snapshot, build_snapshot, namespace_view
 
 
 def _signature(directory: str) -> object:
     stamp = []
     try:
-        for name in _yaml_files(directory):
-            st = os.stat(name)
+        for name in istio_files(directory):
+            st = os.stat(os.path.join(directory, name))
             stamp.append((name, st.st_mtime_ns, st.st_size))
     except OSError as e:
         return ("error", str(e))
@@ -100,29 +77,43 @@ class PilotService(Service):
         api: str | None,
         poll_interval: float = 0.2,
         mesh_defaults: MeshConfig | None = None,
+        security: ChannelSecurity | None = None,
+        api_token: str | None = None,
+        keepalive: tuple[float, float] | None = (15.0, 45.0),
     ):
         """
-        @param config_dir: the directory holding C{istio/} and C{services/}.
+        @param config_dir: the directory holding C{mesh.yaml}, C{istio/} and
+            C{services/}.
         @param reactor: the reactor to listen on and schedule polling with.
         @param listen: server endpoint string of the channel.
         @param api: server endpoint string of the operator API, or C{None}.
         @param mesh_defaults: the mesh settings snapshots are built with
-            (listener addresses, domain suffix...); the documents and the
-            registry view come from C{config_dir}.
+            (listener addresses, domain suffix...) where C{mesh.yaml} does not
+            say; the documents and the registry view come from C{config_dir}.
         @param poll_interval: seconds between checks of the files.
+        @param security: the channel's TLS and credential check; C{None}
+            for a plaintext channel that admits any proxy (development only).
+        @param api_token: the bearer token the operator API requires, or
+            C{None} (then the API must listen on loopback only).
+        @param keepalive: C{(interval, timeout)} of each channel's keepalive
+            in seconds, or C{None}.
+        @raise ConfigError: C{mesh.yaml} is invalid.
         """
         self.config_dir = config_dir
         self._reactor = reactor
         self._listen = listen
         self._api = api
+        self._api_token = api_token
         self._poll_interval = poll_interval
         self._istio_dir = os.path.join(config_dir, "istio")
-        services_dir = os.path.join(config_dir, "services")
-        self.registry: FileRegistry | None = (
-            FileRegistry(services_dir, reactor, poll_interval) if os.path.isdir(services_dir) else None
-        )
-        self._mesh_defaults = mesh_defaults or MeshConfig()
+        self.security = security
+        self._keepalive = keepalive
+        settings = load_pilot_settings(config_dir, mesh_defaults)
+        registries = build_registries(settings, reactor, config_dir, poll_interval)
+        self.registry: CombinedRegistry | None = CombinedRegistry(registries, reactor) if registries else None
+        self._mesh_defaults = settings.mesh
         self.mesh = self._mesh_defaults
+        self._views: dict[str, NamespaceView] = {}
         self._documents: list[tuple[str, int, Any]] = []
         self.config_error: str | None = None
         self.config_version = 0
@@ -147,20 +138,50 @@ class PilotService(Service):
         @return: whether the new config was taken.
         """
         try:
-            documents = load_istio_documents(self._istio_dir)
-            mesh = attrs.evolve(self._mesh_defaults, documents=documents, registry=self._registry_view())
-            translate(mesh.documents, mesh.default_namespace, mesh.domain_suffix, registry=mesh.registry)
-            snapshots = [(c, build_snapshot(mesh, c.node)) for c in self.channels if c.node is not None]
+            mesh, views, _ = self.prepare(load_istio_documents(self._istio_dir))
+            snapshots = [(c, self._build(mesh, views, c.node)) for c in self.channels if c.node is not None]
         except ConfigError as e:
             self.config_error = str(e)
             self.log.error("pilot config refused, keeping the last good one: {error}", error=self.config_error)
             return False
         self.mesh = mesh
+        self._views = views
         self.config_error = None
         self.config_version += 1
         for channel, snapshot in snapshots:
             channel.push(snapshot)
         return True
+
+    def prepare(self, documents: list[Document]) -> tuple[MeshConfig, dict[str, NamespaceView], list[str]]:
+        """
+        Check C{documents} as the pilot would take them, changing nothing:
+        translated for the mesh's default namespace and for the namespace of
+        every connected proxy.
+
+        @return: the mesh config they make, the namespace views built, and
+            the translation's warnings.
+        @raise ConfigError: they are invalid, or a connected proxy's
+            snapshot cannot be built from them.
+        """
+        mesh = attrs.evolve(self._mesh_defaults, documents=documents, registry=self._registry_view())
+        result = translate(mesh.documents, mesh.default_namespace, mesh.domain_suffix, registry=mesh.registry)
+        views: dict[str, NamespaceView] = {}
+        for channel in self.channels:
+            if channel.node is not None:
+                self._build(mesh, views, channel.node)
+        return mesh, views, [str(w) for w in result.warnings]
+
+    @staticmethod
+    def _build(mesh: MeshConfig, views: dict[str, NamespaceView], node: Node) -> Snapshot:
+        """
+        Build C{node}'s snapshot, translating its namespace's view only once
+        per config (C{views} caches them).
+        """
+        namespace = node.namespace or mesh.default_namespace
+        view = views.get(namespace)
+        if view is None:
+            view = views[namespace] = namespace_view(mesh, namespace)
+        return build_snapshot(mesh, node, view)
 
     def _check(self) -> None:
         stamp = _signature(self._istio_dir)
@@ -194,6 +215,15 @@ class PilotService(Service):
         """
         if channel in self.channels:
             self.channels.remove(channel)
+            self.log.info("proxy {node} disconnected", node=channel.node.id)
+
+    def authenticate(self, hello: Hello) -> str | None:
+        """
+        @return: why the proxy saying C{hello} is refused, or C{None}.
+        """
+        if self.security is None:
+            return None
+        return self.security.authenticate(hello)
 
     def snapshot_for(self, channel: PilotChannelProtocol) -> Snapshot | None:
         """
@@ -201,7 +231,7 @@ class PilotService(Service):
             if it cannot be built (logged).
         """
         try:
-            return build_snapshot(self.mesh, channel.node)
+            return self._build(self.mesh, self._views, channel.node)
         except ConfigError as e:
             self.log.error("no snapshot for proxy {node}: {error}", node=channel.node.id, error=str(e))
             return None
@@ -223,9 +253,14 @@ class PilotService(Service):
         self._poll = LoopingCall(self._check)
         self._poll.clock = self._reactor
         self._poll.start(self._poll_interval, now=False)
-        self.channel_port = yield serverFromString(self._reactor, self._listen).listen(PilotChannelFactory(self))
+        factory: Any = PilotChannelFactory(self, self._reactor, self._keepalive)
+        if self.security is not None:
+            factory = TLSMemoryBIOFactory(self.security.server_options, False, factory)
+        else:
+            self.log.warn("the pilot channel is plaintext and admits any proxy (--insecure): development only")
+        self.channel_port = yield serverFromString(self._reactor, self._listen).listen(factory)
         if self._api is not None:
-            site = Site(OperatorAPI(self))
+            site = operator_site(self, self._api, self._api_token)
             self.api_port = yield serverFromString(self._reactor, self._api).listen(site)
 
     @defer.inlineCallbacks

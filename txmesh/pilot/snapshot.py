@@ -72,6 +72,8 @@ class Node:
         C{inbound_port}); C{None} for a proxy with no inbound side.
     @ivar app_port: the port its app listens on beside it (node metadata
         C{app_port}).
+    @ivar outbound_address: endpoint string of its outbound listener, when
+        it is not the mesh's (several proxies on one host).
     """
 
     id: str
@@ -83,6 +85,7 @@ class Node:
     locality: str = ""
     inbound_port: int | None = None
     app_port: int | None = None
+    outbound_address: str | None = None
 
 
 @attrs.frozen
@@ -164,16 +167,34 @@ def inbound_cluster_name(node: Node) -> str:
     return f"inbound|{node.app_port}||{node.workload}"
 
 
-def build_snapshot(mesh: MeshConfig, node: Node) -> Snapshot:
+@attrs.frozen
+class NamespaceView:
     """
-    Build the resources C{node} needs: an outbound listener with the
-    translated routes, the clusters those routes name, and (when the node
-    has C{inbound_port} and C{app_port}) an inbound listener to its app.
+    What every proxy of one namespace shares: the translated routes and the
+    clusters they name, in written form, with their hashes.  Built once per
+    namespace per config, so a config change costs one translation per
+    namespace rather than one per proxy, and the proxies' snapshots share
+    these lists.
+
+    @ivar virtual_hosts: the outbound listener's virtual hosts.
+    @ivar clusters: the clusters the routes name.
+    @ivar warnings: what the Istio translation could not (fully) apply.
+    """
+
+    virtual_hosts: tuple[dict[str, Any], ...]
+    clusters: tuple[dict[str, Any], ...]
+    warnings: tuple[str, ...]
+    virtual_hosts_hash: str
+    clusters_hash: str
+
+
+def namespace_view(mesh: MeshConfig, namespace: str) -> NamespaceView:
+    """
+    Translate the mesh's documents as seen from C{namespace}.
 
     @raise ConfigError: if the Istio documents are invalid, or a cluster
         a route needs has no endpoints (the proxy's loader refuses it).
     """
-    namespace = node.namespace or mesh.default_namespace
     istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry)
     needed: set[str] = set()
     for vh in istio.virtual_hosts:
@@ -191,34 +212,64 @@ def build_snapshot(mesh: MeshConfig, node: Node) -> Snapshot:
                 "cannot load a cluster without endpoints",
             )
         clusters.append(to_native(cluster))
-    listeners = []
-    if istio.virtual_hosts:
-        listeners.append(
-            {
-                "name": "outbound",
-                "address": mesh.outbound_address,
-                "virtual_hosts": [to_native(vh) for vh in istio.virtual_hosts],
-            }
-        )
+    virtual_hosts = tuple(to_native(vh) for vh in istio.virtual_hosts)
+    return NamespaceView(
+        virtual_hosts,
+        tuple(clusters),
+        tuple(str(w) for w in istio.warnings),
+        content_hash(virtual_hosts),
+        content_hash(clusters),
+    )
+
+
+def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = None) -> Snapshot:
+    """
+    Build the resources C{node} needs: an outbound listener with the
+    translated routes, the clusters those routes name, and (when the node
+    has C{inbound_port} and C{app_port}) an inbound listener to its app.
+
+    Each type's version is a hash of its content, computed from the
+    shared view's hashes and the node's own additions, so pilots building
+    the same config give the same versions (a proxy can resume on another
+    replica).
+
+    @param view: the node's namespace view, when the caller shares one
+        between proxies (see L{namespace_view}); built here otherwise.
+    @raise ConfigError: see L{namespace_view}.
+    """
+    namespace = node.namespace or mesh.default_namespace
+    if view is None:
+        view = namespace_view(mesh, namespace)
+    listeners: list[dict[str, Any]] = []
+    outbound_address = None
+    if view.virtual_hosts:
+        outbound_address = node.outbound_address or mesh.outbound_address
+        listeners.append({"name": "outbound", "address": outbound_address, "virtual_hosts": list(view.virtual_hosts)})
+    clusters = list(view.clusters)
+    inbound_listener = inbound_cluster = None
     if node.inbound_port is not None and node.app_port is not None:
         name = inbound_cluster_name(node)
-        clusters.append({"name": name, "endpoints": [{"address": mesh.app_host, "port": node.app_port}]})
-        listeners.append(
-            {
-                "name": "inbound",
-                "address": mesh.inbound_address.format(port=node.inbound_port),
-                "routes": [{"name": "inbound", "cluster": name, "timeout": "0s"}],
-            }
-        )
+        inbound_cluster = {"name": name, "endpoints": [{"address": mesh.app_host, "port": node.app_port}]}
+        inbound_listener = {
+            "name": "inbound",
+            "address": mesh.inbound_address.format(port=node.inbound_port),
+            "routes": [{"name": "inbound", "cluster": name, "timeout": "0s"}],
+        }
+        clusters.append(inbound_cluster)
+        listeners.append(inbound_listener)
     resources = {LISTENERS: listeners, CLUSTERS: clusters}
     native_node = to_native(
         NodeConfig(node.id, node.workload, namespace, node.app, node.version, node.labels, node.locality)
     )
-    per_type = {t: content_hash(resources[t]) for t in RESOURCE_TYPES}
+    per_type = {
+        LISTENERS: content_hash(
+            {"virtual_hosts": view.virtual_hosts_hash if view.virtual_hosts else None,
+             "outbound_address": outbound_address, "inbound": inbound_listener}
+        ),
+        CLUSTERS: content_hash({"shared": view.clusters_hash, "inbound": inbound_cluster}),
+    }
     version = content_hash({"node": native_node, "admin": mesh.admin_address, "types": per_type})
-    return Snapshot(
-        resources, version, per_type, native_node, mesh.admin_address, tuple(str(w) for w in istio.warnings)
-    )
+    return Snapshot(resources, version, per_type, native_node, mesh.admin_address, view.warnings)
 
 
 def _clusters_of(route: Route) -> set[str]:

@@ -49,19 +49,22 @@ class AdminResource(Resource):
     """
     The admin API's root.
 
-    Pages: C{/ready}, C{/config_dump}, C{/clusters}, C{/stats/prometheus}.
+    Pages: C{/ready}, C{/config_dump}, C{/clusters}, C{/stats/prometheus},
+    C{/pilot} (the pilot channel's status; C{null} without a pilot).
     """
 
     def __init__(self, state: Any):
         """
         @param state: the proxy, which offers C{is_ready()},
-            C{config_dump()}, C{clusters_dump()} and C{metrics_text()}.
+            C{config_dump()}, C{clusters_dump()}, C{pilot_status()} and
+            C{metrics_text()}.
         """
         super().__init__()
         self._state = state
         self.putChild(b"ready", _Leaf(self._ready))
         self.putChild(b"config_dump", _Leaf(lambda r: _json(r, state.config_dump())))
         self.putChild(b"clusters", _Leaf(lambda r: _json(r, state.clusters_dump())))
+        self.putChild(b"pilot", _Leaf(lambda r: _json(r, state.pilot_status())))
         stats = Resource()
         stats.putChild(b"prometheus", _Leaf(self._prometheus))
         self.putChild(b"stats", stats)
@@ -81,4 +84,4 @@ class AdminResource(Resource):
 
     def _index(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
-        return b"txmesh-proxy admin: /ready /config_dump /clusters /stats/prometheus\n"
+        return b"txmesh-proxy admin: /ready /config_dump /clusters /pilot /stats/prometheus\n"

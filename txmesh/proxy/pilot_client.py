@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from txmesh.config.errors import ConfigError
 from txmesh.pilot import messages
+from txmesh.pilot.keepalive import Keepalive
 from txmesh.pilot.messages import (
     Ack,
     ChannelDecoder,
@@ -34,12 +35,30 @@ from txmesh.pilot.messages import (
     unknown_resource_types,
 )
 
-__all__ = ["APPLIED_TYPES", "PilotClient", "backoff_delay"]
+__all__ = ["APPLIED_TYPES", "PilotClient", "backoff_delay", "pilot_tls_options"]
 
 log = Logger()
 
 APPLIED_TYPES = ("listeners", "clusters")
 """The resource types a push may carry that the proxy applies."""
+
+
+def pilot_tls_options(server_name: str | None, ca_pem: bytes, address: str) -> Any:
+    """
+    TLS options for the channel to the pilot at C{address}: its certificate
+    must chain to the mesh root C{ca_pem} and carry C{server_name}, or, by
+    default, the host C{address} dials.
+
+    @param address: a client endpoint string, e.g. C{tcp:127.0.0.1:15010}.
+    """
+    from txmesh.pilot.ca import client_tls_options
+
+    if server_name is None:
+        endpoint = clientFromString(None, address)
+        # TCP4/6 endpoints keep the host as _host, HostnameEndpoint as _hostText.
+        host = getattr(endpoint, "_host", None) or getattr(endpoint, "_hostText", None)
+        server_name = host if isinstance(host, str) and host else "txmesh-pilot"
+    return client_tls_options(server_name, ca_pem)
 
 
 def backoff_delay(attempt: int, rng: Any, base: float, cap: float) -> float:
@@ -68,15 +87,21 @@ class _ChannelProtocol(Protocol):
         self._client = client
         self.address = address
         self._decoder = ChannelDecoder()
+        self.keepalive: Keepalive | None = None
 
     def connectionMade(self) -> None:
         self._client._channel_open(self)
+        self.keepalive = self._client._keepalive_for(self)
+        if self.keepalive is not None:
+            self.keepalive.start()
 
     def send(self, message: messages.Message) -> None:
         if self.transport is not None:
             self.transport.write(encode(message))
 
     def dataReceived(self, data: bytes) -> None:
+        if self.keepalive is not None:
+            self.keepalive.received()
         try:
             received = self._decoder.receive_data(data)
         except ChannelProtocolError as e:
@@ -90,6 +115,8 @@ class _ChannelProtocol(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
         self._client._channel_lost(self, reason)
 
 
@@ -133,6 +160,8 @@ class PilotClient:
         backoff_base: float = 0.5,
         backoff_max: float = 15.0,
         credential: str = "",
+        tls: Callable[[str], Any] | None = None,
+        keepalive: tuple[float, float] | None = (15.0, 45.0),
     ):
         """
         @param addresses: Twisted client endpoint strings of the pilot
@@ -146,6 +175,12 @@ class PilotClient:
         @param backoff_base: seconds; ceiling of the first reconnect wait.
         @param backoff_max: seconds; cap of any reconnect wait.
         @param credential: the bootstrap credential sent in L{Hello}.
+        @param tls: given an address, the TLS client connection creator to
+            wrap its connection with (see L{txmesh.proxy.tls}); C{None} for a
+            plaintext channel.
+        @param keepalive: C{(interval, timeout)} in seconds: ping a pilot
+            quiet for C{interval}, reconnect to another after C{timeout} of
+            silence (see L{Keepalive}); C{None} for no keepalive.
         @raise ValueError: if C{addresses} is empty.
         """
         if not addresses:
@@ -158,6 +193,8 @@ class PilotClient:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._credential = credential
+        self._tls = tls
+        self._keepalive = keepalive
         self._next_index = 0
         self._attempt = 0
         self._running = False
@@ -221,6 +258,8 @@ class PilotClient:
         self._next_index += 1
         try:
             endpoint = clientFromString(self._reactor, address)
+            if self._tls is not None:
+                endpoint = wrapClientTLS(self._tls(address), endpoint)
         except Exception as e:
             self._failed(address, f"invalid pilot address: {e}")
             return
@@ -258,6 +297,18 @@ class PilotClient:
         self.connected_address = channel.address
         log.info("pilot channel open to {address}", address=channel.address)
         channel.send(Hello(node=self._node, credential=self._credential, versions=dict(self.versions)))
+
+    def _keepalive_for(self, channel: _ChannelProtocol) -> Keepalive | None:
+        if self._keepalive is None:
+            return None
+        interval, timeout = self._keepalive
+
+        def expired(quiet: float) -> None:
+            self.last_error = f"{channel.address}: no word from the pilot in {quiet:.0f} s"
+            log.warn("{error}; reconnecting", error=self.last_error)
+            channel.transport.abortConnection()
+
+        return Keepalive(self._reactor, interval, timeout, lambda ping_id: channel.send(Ping(id=ping_id)), expired)
 
     def _channel_lost(self, channel: _ChannelProtocol, reason: Any) -> None:
         self._queue = [(c, p) for c, p in self._queue if c is not channel]
@@ -319,7 +370,7 @@ class PilotClient:
             # Only what was applied: a resuming pilot may skip what is named.
             for rtype in APPLIED_TYPES:
                 if rtype in push.resources:
-                    self.versions[rtype] = push.version
+                    self.versions[rtype] = push.type_version(rtype)
             for rtype in APPLIED_TYPES:
                 self._resources[rtype] = document[rtype]
             self.acked_version = push.version

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import threading
+from functools import partial
 from typing import Any
 
 import attrs
@@ -32,7 +33,7 @@ from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.deadlines import DeadlineWheel
 from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.listener import HTTPListenerFactory
-from txmesh.proxy.pilot_client import PilotClient
+from txmesh.proxy.pilot_client import PilotClient, pilot_tls_options
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, server_options
 from txmesh.proxy.write_coalescer import WriteCoalescer
@@ -364,6 +365,8 @@ class ProxyService(Service):
             labels["txmesh.io/inbound-port"] = str(pilot.inbound_port)
         if pilot.app_port is not None:
             labels["txmesh.io/app-port"] = str(pilot.app_port)
+        if pilot.outbound_address is not None:
+            labels["txmesh.io/outbound-address"] = pilot.outbound_address
         node = config.node
         self.pilot = PilotClient(
             list(pilot.addresses),
@@ -372,8 +375,11 @@ class ProxyService(Service):
             self._reactor,
             self._apply_pushed,
             random.Random(),
-            backoff_base=self._pilot_backoff[0],
-            backoff_max=self._pilot_backoff[1],
+            backoff_base=pilot.backoff_base if pilot.backoff_base is not None else self._pilot_backoff[0],
+            backoff_max=pilot.backoff_max if pilot.backoff_max is not None else self._pilot_backoff[1],
+            credential=pilot.token,
+            keepalive=(pilot.keepalive_interval, pilot.keepalive_timeout),
+            tls=None if pilot.insecure else partial(pilot_tls_options, pilot.server_name, pilot.ca_pem),
         )
         self.pilot.start()
 

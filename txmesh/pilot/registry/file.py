@@ -62,6 +62,55 @@ def _list(source: str, field: str, body: Any) -> list[Any]:
     return body
 
 
+def _at(field: str, key: str) -> str:
+    return f"{field}.{key}" if field else key
+
+
+def parse_service(body: Any, source: str, field: str = "") -> ServiceEndpoints:
+    """
+    Read one service registration (C{host}, C{ports}, C{endpoints},
+    C{healthy}); shared with the registries that keep one service per
+    entry (etcd).
+
+    @param body: the parsed entry.
+    @param source: where it came from, for errors.
+    @param field: the entry's path inside the source (C{services[2]}), or
+        C{""} when the entry is the whole document.
+    @return: the service.
+    @raise ConfigError: naming the field and the reason.
+    """
+    svc = _mapping(source, field, body, {"host", "ports", "endpoints", "healthy"})
+    host = _read(source, field, svc, "host", values.string)
+    ports = []
+    for j, pbody in enumerate(_list(source, _at(field, "ports"), svc.get("ports", []))):
+        pfield = _at(field, f"ports[{j}]")
+        p = _mapping(source, pfield, pbody, {"name", "number", "protocol"})
+        number = _read(source, pfield, p, "number", _port_number)
+        ports.append(
+            ServicePort(
+                _read(source, pfield, p, "name", values.string, str(number)),
+                number,
+                _read(source, pfield, p, "protocol", _protocol, "TCP"),
+            )
+        )
+    endpoints = []
+    for j, ebody in enumerate(_list(source, _at(field, "endpoints"), svc.get("endpoints", []))):
+        efield = _at(field, f"endpoints[{j}]")
+        e = _mapping(source, efield, ebody, {"address", "port", "labels", "weight", "locality"})
+        endpoints.append(
+            Endpoint(
+                host=_read(source, efield, e, "address", values.string),
+                port=_read(source, efield, e, "port", _port_number),
+                labels=_read(source, efield, e, "labels", values.labels, ()),
+                weight=_read(source, efield, e, "weight", _weight, 1),
+                locality=_read(source, efield, e, "locality", values.text, ""),
+            )
+        )
+    return ServiceEndpoints(
+        host, tuple(ports), tuple(endpoints), _read(source, field, svc, "healthy", values.boolean, True)
+    )
+
+
 def parse_services(doc: Any, source: str) -> dict[str, ServiceEndpoints]:
     """
     Read one document of service registrations.
@@ -77,38 +126,10 @@ def parse_services(doc: Any, source: str) -> dict[str, ServiceEndpoints]:
     out: dict[str, ServiceEndpoints] = {}
     for i, body in enumerate(_list(source, "services", top.get("services", []))):
         field = f"services[{i}]"
-        svc = _mapping(source, field, body, {"host", "ports", "endpoints", "healthy"})
-        host = _read(source, field, svc, "host", values.string)
-        if host in out:
-            raise ConfigError(source, f"{field}.host", f"{host} is registered twice")
-        ports = []
-        for j, pbody in enumerate(_list(source, f"{field}.ports", svc.get("ports", []))):
-            pfield = f"{field}.ports[{j}]"
-            p = _mapping(source, pfield, pbody, {"name", "number", "protocol"})
-            number = _read(source, pfield, p, "number", _port_number)
-            ports.append(
-                ServicePort(
-                    _read(source, pfield, p, "name", values.string, str(number)),
-                    number,
-                    _read(source, pfield, p, "protocol", _protocol, "TCP"),
-                )
-            )
-        endpoints = []
-        for j, ebody in enumerate(_list(source, f"{field}.endpoints", svc.get("endpoints", []))):
-            efield = f"{field}.endpoints[{j}]"
-            e = _mapping(source, efield, ebody, {"address", "port", "labels", "weight", "locality"})
-            endpoints.append(
-                Endpoint(
-                    host=_read(source, efield, e, "address", values.string),
-                    port=_read(source, efield, e, "port", _port_number),
-                    labels=_read(source, efield, e, "labels", values.labels, ()),
-                    weight=_read(source, efield, e, "weight", _weight, 1),
-                    locality=_read(source, efield, e, "locality", values.text, ""),
-                )
-            )
-        out[host] = ServiceEndpoints(
-            host, tuple(ports), tuple(endpoints), _read(source, field, svc, "healthy", values.boolean, True)
-        )
+        svc = parse_service(body, source, field)
+        if svc.host in out:
+            raise ConfigError(source, f"{field}.host", f"{svc.host} is registered twice")
+        out[svc.host] = svc
     return out
 
 

@@ -1,0 +1,85 @@
+"""
+The pilot's C{mesh.yaml}: mesh settings and the registries it combines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet import task
+from twisted.trial.unittest import SynchronousTestCase
+
+from txmesh.config.errors import ConfigError
+from txmesh.pilot.mesh_config import build_registries, load_pilot_settings
+from txmesh.pilot.registry.dns import DNSRegistry
+from txmesh.pilot.registry.file import FileRegistry
+from txmesh.pilot.snapshot import MeshConfig
+
+
+class PilotSettingsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.clock = task.Clock()
+
+    def write(self, text: str) -> str:
+        path = os.path.join(self.dir, "mesh.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_no_file_no_services(self) -> None:
+        settings = load_pilot_settings(self.dir)
+        self.assertEqual((settings.mesh, settings.registries, settings.source), (MeshConfig(), (), None))
+
+    def test_no_file_services_dir_is_file_registry(self) -> None:
+        os.mkdir(os.path.join(self.dir, "services"))
+        settings = load_pilot_settings(self.dir)
+        [registry] = build_registries(settings, self.clock, self.dir, poll_interval=0.25)
+        self.assertIsInstance(registry, FileRegistry)
+
+    def test_mesh_fields_override_defaults(self) -> None:
+        self.write("trust_domain: example.org\noutbound_address: 'tcp:16001:interface=127.0.0.1'\n")
+        settings = load_pilot_settings(self.dir, MeshConfig(app_host="10.0.0.1"))
+        self.assertEqual(settings.mesh.trust_domain, "example.org")
+        self.assertEqual(settings.mesh.outbound_address, "tcp:16001:interface=127.0.0.1")
+        self.assertEqual(settings.mesh.app_host, "10.0.0.1")
+
+    def test_registries_in_order(self) -> None:
+        self.write(
+            "registries:\n"
+            "  - {type: file, path: more, poll_interval: 2}\n"
+            "  - {type: dns, names: [{host: db.example.com, port: 5432, kind: A}]}\n"
+        )
+        registries = build_registries(load_pilot_settings(self.dir), self.clock, self.dir)
+        self.assertEqual([type(r) for r in registries], [FileRegistry, DNSRegistry])
+
+    def assertError(self, text: str, field: str, reason: str) -> None:
+        path = self.write(text)
+        with self.assertRaises(ConfigError) as e:
+            build_registries(load_pilot_settings(self.dir), self.clock, self.dir)
+        self.assertEqual((e.exception.source, e.exception.field), (path, field))
+        self.assertIn(reason, e.exception.reason)
+
+    def test_unknown_registry_type(self) -> None:
+        self.assertError("registries: [{type: consul}]\n", "registries[0].type", "consul")
+
+    def test_unknown_field(self) -> None:
+        self.assertError("trust_domian: x\n", "trust_domian", "unknown field")
+
+    def test_bad_outbound_address(self) -> None:
+        self.assertError("outbound_address: 'nope:1'\n", "outbound_address", "endpoint")
+
+    def test_inbound_address_needs_port(self) -> None:
+        self.assertError("inbound_address: 'tcp:80'\n", "inbound_address", "{port}")
+
+    def test_bad_file_registry_field(self) -> None:
+        self.assertError("registries: [{type: file, poll_interval: -1}]\n", "registries[0].poll_interval", "positive")
+
+    def test_dns_registry_without_names(self) -> None:
+        self.assertError("registries: [{type: dns}]\n", "registries[0].names", "required")
+
+    def test_not_yaml(self) -> None:
+        self.assertError("registries: [\n", "", "not valid YAML")

@@ -1,0 +1,591 @@
+"""
+The etcd registry: the watch-stream parser, message reading, the key table
+and config validation as plain values; the registry's retry and compaction
+logic on a fake HTTP client and a L{Clock}; and the real thing against a
+real C{etcd} (Debian's etcd-server) on loopback ports: the first read, puts
+and deletes through the watch, a bad value, etcd killed and restarted,
+changes made while the registry was cut off, and a compaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols import portforward
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.client import Agent
+from zope.interface.verify import verifyObject
+
+from tests.support import free_port, sleep
+from txmesh.config.errors import ConfigError
+from txmesh.config.model import Endpoint
+from txmesh.pilot.registry import IRegistry, ServicePort
+from txmesh.pilot.registry.etcd import (
+    EtcdError,
+    EtcdRegistry,
+    ServiceTable,
+    WatchStreamParser,
+    from_config,
+    prefix_range_end,
+    read_watch_message,
+)
+
+ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+ETCDCTL = shutil.which("etcdctl")
+PREFIX = "/txmesh/services/"
+
+
+def b64(text: str | bytes) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def service(host: str, *ports: int, port: int = 9080) -> str:
+    """
+    @return: a JSON service entry with one endpoint per port in C{ports}.
+    """
+    return json.dumps({
+        "host": host,
+        "ports": [{"name": "http", "number": port, "protocol": "HTTP"}],
+        "endpoints": [{"address": "127.0.0.1", "port": p} for p in ports],
+    })
+
+
+def put_line(key: str, value: str, revision: int) -> bytes:
+    return json.dumps({"result": {"header": {"revision": str(revision)}, "events": [
+        {"kv": {"key": b64(key), "value": b64(value), "mod_revision": str(revision)}}]}}).encode() + b"\n"
+
+
+# --- plain values ----------------------------------------------------------
+
+
+class WatchStreamParserTests(SynchronousTestCase):
+    def test_pieces(self):
+        """
+        Objects split anywhere, several in one piece, blank lines between.
+        """
+        stream = b'{"result": {"created": true}}\n\n{"a": "\xc3\xa9"}\n{"b": 1}{"c": 2}\n'
+        parser = WatchStreamParser()
+        got = []
+        for i in range(len(stream)):
+            got += parser.feed(stream[i:i + 1])
+        self.assertEqual(got, [{"result": {"created": True}}, {"a": "é"}, {"b": 1}, {"c": 2}])
+        self.assertEqual(WatchStreamParser().feed(stream), got)
+
+    def test_incomplete_waits(self):
+        parser = WatchStreamParser()
+        self.assertEqual(parser.feed(b'{"result": {"hea'), [])
+        self.assertEqual(parser.feed(b'der": {}}}\n'), [{"result": {"header": {}}}])
+
+    def test_garbage(self):
+        self.assertRaises(EtcdError, WatchStreamParser().feed, b"<html>502</html>\n")
+        self.assertRaises(EtcdError, WatchStreamParser().feed, b'{"a": \xff}\n')
+
+    def test_too_long(self):
+        parser = WatchStreamParser(max_message=10)
+        self.assertRaises(EtcdError, parser.feed, b'{"aaaaaaaaaaaaaaaa')
+
+
+class ReadWatchMessageTests(SynchronousTestCase):
+    def test_events(self):
+        """
+        The gateway leaves out C{type} for PUT (the enum's zero) and the
+        value for DELETE; int64s come as strings.
+        """
+        msg = read_watch_message({"result": {"header": {"revision": "7"}, "events": [
+            {"kv": {"key": b64("/p/a"), "value": b64("x"), "mod_revision": "6"}},
+            {"type": "DELETE", "kv": {"key": b64("/p/b"), "mod_revision": "7"}},
+        ]}})
+        self.assertEqual(msg.revision, 7)
+        self.assertEqual([(e.kind, e.key, e.value, e.revision) for e in msg.events],
+                         [("PUT", "/p/a", b"x", 6), ("DELETE", "/p/b", b"", 7)])
+
+    def test_created_and_compacted(self):
+        self.assertTrue(read_watch_message({"result": {"header": {"revision": "3"}, "created": True}}).created)
+        msg = read_watch_message({"result": {"header": {}, "canceled": True, "compact_revision": "3"}})
+        self.assertEqual((msg.canceled, msg.compact_revision), (True, 3))
+
+    def test_errors(self):
+        e = self.assertRaises(EtcdError, read_watch_message, {"error": {"message": "etcdserver: no leader"}})
+        self.assertIn("no leader", str(e))
+        self.assertRaises(EtcdError, read_watch_message, [])
+        self.assertRaises(EtcdError, read_watch_message, {"result": {"events": [{"kv": {"key": "!!"}}]}})
+
+    def test_prefix_range_end(self):
+        self.assertEqual(prefix_range_end(b"/txmesh/services/"), b"/txmesh/services0")
+        self.assertEqual(prefix_range_end(b"a\xff\xff"), b"b")
+        self.assertEqual(prefix_range_end(b"\xff"), b"\0")
+
+
+class ServiceTableTests(SynchronousTestCase):
+    def test_bad_value_keeps_previous(self):
+        table = ServiceTable()
+        self.assertIsNone(table.put("/p/a", service("a", 1).encode()))
+        reason = table.put("/p/a", b"{host: a, ports: [{number: 99999}]}")
+        self.assertIn("etcd key /p/a: ports[0].number", reason)
+        self.assertEqual(table.entries["/p/a"].endpoints, (Endpoint(host="127.0.0.1", port=1),))
+        self.assertIn("/p/a", table.errors)
+        self.assertIn("not valid YAML", table.put("/p/b", b"{[:"))
+        self.assertNotIn("/p/b", table.entries)
+        table.delete("/p/b")
+        self.assertEqual(list(table.errors), ["/p/a"])
+
+    def test_reset(self):
+        table = ServiceTable()
+        table.put("/p/a", service("a", 1).encode())
+        table.put("/p/gone", service("gone", 1).encode())
+        errors = table.reset([("/p/a", b"nonsense: [")])
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(list(table.entries), ["/p/a"])
+
+    def test_yaml_and_conflicts(self):
+        table = ServiceTable()
+        table.put("/p/b", b"host: a\nports: [{name: grpc, number: 9090, protocol: GRPC}]\n")
+        table.put("/p/a", service("a", 1).encode())
+        view, conflicts = table.view()
+        self.assertEqual(view["a"].endpoints, (Endpoint(host="127.0.0.1", port=1),))
+        self.assertEqual(conflicts, ["etcd key /p/b: host a is also registered under /p/a"])
+
+
+class FromConfigTests(SynchronousTestCase):
+    def build(self, body):
+        return from_config("mesh.yaml", "registries[1]", body, Clock())
+
+    def test_valid(self):
+        reg = self.build({"type": "etcd", "endpoints": ["http://127.0.0.1:2379/", "https://etcd:2379"],
+                          "prefix": "/mesh/"})
+        self.assertTrue(verifyObject(IRegistry, reg))
+        self.assertEqual(reg.endpoints, ["http://127.0.0.1:2379", "https://etcd:2379"])
+        self.assertEqual(reg.prefix, "/mesh/")
+        self.assertEqual(self.build({"endpoints": ["http://e:2379"]}).prefix, "/txmesh/services/")
+
+    def test_errors(self):
+        cases = [
+            ({}, "registries[1].endpoints", "is required"),
+            ({"endpoints": []}, "registries[1].endpoints", "non-empty list"),
+            ({"endpoints": "http://e:2379", "prefix": ""}, "registries[1].prefix", "non-empty string"),
+            ({"endpoints": ["e:2379"]}, "registries[1].endpoints[0]", "http://"),
+            ({"endpoints": ["http://e:2379/v3"]}, "registries[1].endpoints[0]", "has a path"),
+            ({"endpoints": ["http://e:99999"]}, "registries[1].endpoints[0]", "not a URL"),
+            ({"endpoints": ["http://e:2379"], "timeout": 3}, "registries[1].timeout", "unknown field"),
+        ]
+        for body, field, reason in cases:
+            e = self.assertRaises(ConfigError, self.build, body)
+            self.assertEqual((e.source, e.field), ("mesh.yaml", field), body)
+            self.assertIn(reason, e.reason)
+
+
+# --- the registry on a fake client ------------------------------------------
+
+
+class FakeTransport:
+    def __init__(self):
+        self.closed = False
+
+    def loseConnection(self):
+        self.closed = True
+
+
+class FakeResponse:
+    def __init__(self, code: int, body: bytes = b""):
+        self.code = code
+        self._body = body
+        self.protocol: Any = None
+
+    def content(self):
+        return defer.succeed(self._body)
+
+    def deliverBody(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(FakeTransport())
+
+
+class FakeHTTP:
+    """
+    Records each C{post}; the test answers them.
+    """
+
+    def __init__(self):
+        self.requests: list[tuple[str, dict, defer.Deferred]] = []
+
+    def post(self, url, json=None, **kw):
+        d: defer.Deferred = defer.Deferred()
+        self.requests.append((url, json, d))
+        return d
+
+    def answer(self, response):
+        url, body, d = self.requests[-1]
+        d.callback(response)
+        return url, body
+
+
+def range_body(revision: int, **kvs: str) -> bytes:
+    return json.dumps({"header": {"revision": str(revision)}, "kvs": [
+        {"key": b64(PREFIX + k), "value": b64(v)} for k, v in kvs.items()]}).encode()
+
+
+class FakeClientRegistryTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.http = FakeHTTP()
+        self.reg = EtcdRegistry(["http://a:2379", "http://b:2379"], self.clock, http=self.http,
+                                min_backoff=1, max_backoff=4)
+        self.reg.start()
+
+    def test_range_watch_backoff_compaction(self):
+        url, body = self.http.answer(FakeResponse(200, range_body(5, a=service("a", 1))))
+        self.assertEqual(url, "http://a:2379/v3/kv/range")
+        self.assertEqual(body, {"key": b64(PREFIX), "range_end": b64("/txmesh/services0")})
+        self.assertEqual(list(self.reg.services()), ["a"])
+        watch = FakeResponse(200)
+        url, body = self.http.answer(watch)
+        self.assertEqual((url, body["create_request"]["start_revision"]), ("http://a:2379/v3/watch", "6"))
+        watch.protocol.dataReceived(b'{"result": {"header": {"revision": "5"}, "created": true}}\n'
+                                    + put_line(PREFIX + "b", service("b", 2), 8)[:-20])
+        watch.protocol.dataReceived(put_line(PREFIX + "b", service("b", 2), 8)[-20:])
+        self.assertEqual(sorted(self.reg.services()), ["a", "b"])
+        self.assertTrue(self.reg.status()["ok"])
+
+        # The stream ends: retry after 1 s on the next endpoint, from 8 + 1.
+        watch.protocol.connectionLost(None)
+        status = self.reg.status()
+        self.assertEqual((status["ok"], status["phase"], status["services"]), (False, "waiting", 2))
+        self.assertIn("http://a:2379: watch stream ended", status["error"])
+        count = len(self.http.requests)
+        self.clock.advance(1)
+        url, body = self.http.requests[-1][:2]
+        self.assertEqual(len(self.http.requests), count + 1)
+        self.assertEqual((url, body["create_request"]["start_revision"]), ("http://b:2379/v3/watch", "9"))
+        self.http.answer(FakeResponse(503, b'{"message": "no leader"}'))
+        self.assertIn("HTTP 503: 'no leader'", self.reg.status()["error"])
+        self.clock.advance(1.9)
+        self.assertEqual(len(self.http.requests), count + 1)  # now waits 2 s
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.http.requests), count + 2)
+
+        # History compacted: read again; "b" was deleted meanwhile.
+        watch = FakeResponse(200)
+        self.http.answer(watch)
+        watch.protocol.dataReceived(b'{"result": {"header": {"revision": "20"}, "created": true}}\n'
+                                    b'{"result": {"header": {}, "canceled": true, "compact_revision": "15"}}\n')
+        self.assertTrue(watch.protocol.transport.closed)
+        url, _ = self.http.answer(FakeResponse(200, range_body(20, a=service("a", 1, 3))))
+        self.assertEqual(url, "http://a:2379/v3/kv/range")
+        self.assertEqual(list(self.reg.services()), ["a"])
+        self.assertEqual(len(self.reg.services()["a"].endpoints), 2)
+        self.assertEqual(self.http.requests[-1][1]["create_request"]["start_revision"], "21")
+        self.assertEqual(self.reg.revision, 20)
+
+    def test_stop(self):
+        self.http.answer(FakeResponse(200, range_body(5)))
+        watch = FakeResponse(200)
+        self.http.answer(watch)
+        d = self.reg.stop()
+        self.assertTrue(watch.protocol.transport.closed)
+        watch.protocol.connectionLost(None)
+        self.successResultOf(d)
+        self.assertEqual(self.reg.status()["phase"], "stopped")
+        self.assertFalse(self.clock.getDelayedCalls())
+
+
+# --- a real etcd -------------------------------------------------------------
+
+
+class Etcd:
+    """
+    A real single-member etcd on loopback ports, in a temporary data dir.
+    """
+
+    def __init__(self, testcase: Any):
+        if ETCD is None:
+            raise SkipTest("etcd is not installed (apt-get install etcd-server etcd-client)")
+        self.dir = tempfile.mkdtemp(prefix="txmesh-etcd-")
+        testcase.addCleanup(shutil.rmtree, self.dir, True)
+        testcase.addCleanup(self.kill)
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.http = HTTPClient(Agent(reactor))
+
+    @defer.inlineCallbacks
+    def start(self, timeout: float = 10.0) -> Any:
+        """
+        Start etcd and wait until it answers a read.
+        """
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(os.path.join(self.dir, "etcd.log"), "ab") as log:
+            self.process = subprocess.Popen(
+                [ETCD, "--name", "t", "--data-dir", os.path.join(self.dir, "data"),
+                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"t={peer}", "--heartbeat-interval", "20", "--election-timeout", "200"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = reactor.seconds() + timeout
+        while True:
+            if self.process.poll() is not None:
+                with open(os.path.join(self.dir, "etcd.log"), "rb") as f:
+                    raise RuntimeError("etcd exited: " + f.read()[-2000:].decode("utf-8", "replace"))
+            try:
+                yield self.call("/v3/kv/range", {"key": b64("/")}, timeout=1)
+                return
+            except Exception:
+                if reactor.seconds() > deadline:
+                    raise
+            yield sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    @defer.inlineCallbacks
+    def call(self, path: str, body: dict, timeout: float = 5) -> Any:
+        response = yield self.http.post(self.url + path, json=body, timeout=timeout)
+        content = yield response.content()
+        if response.code != 200:
+            raise RuntimeError(f"etcd {path}: {response.code} {content!r}")
+        return json.loads(content)
+
+    @defer.inlineCallbacks
+    def put(self, key: str, value: str) -> Any:
+        """
+        @return: the revision of the put.
+        """
+        answer = yield self.call("/v3/kv/put", {"key": b64(PREFIX + key), "value": b64(value)})
+        return int(answer["header"]["revision"])
+
+    def delete(self, key: str) -> defer.Deferred:
+        return self.call("/v3/kv/deleterange", {"key": b64(PREFIX + key)})
+
+    @defer.inlineCallbacks
+    def compact(self) -> Any:
+        answer = yield self.call("/v3/kv/range", {"key": b64("/")})
+        revision = answer["header"]["revision"]
+        yield self.call("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return int(revision)
+
+
+class _GateServer(portforward.ProxyServer):
+    def connectionMade(self):
+        if not self.factory.open:
+            self.transport.abortConnection()
+            return
+        self.factory.live.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        self.factory.live.discard(self)
+        super().connectionLost(reason)
+
+
+class Gate(portforward.ProxyFactory):
+    """
+    A TCP forwarder that can cut every connection through it and refuse
+    new ones: a network partition between the registry and etcd.
+    """
+
+    protocol = _GateServer
+    noisy = False
+
+    def __init__(self, testcase: Any, port: int):
+        super().__init__("127.0.0.1", port)
+        self.open = True
+        self.live: set[_GateServer] = set()
+        self.listening = reactor.listenTCP(0, self, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.listening.getHost().port}"
+        testcase.addCleanup(self.close)
+
+    def cut(self) -> None:
+        self.open = False
+        for server in list(self.live):
+            server.transport.abortConnection()
+
+    def heal(self) -> None:
+        self.open = True
+
+    @defer.inlineCallbacks
+    def close(self) -> Any:
+        self.cut()
+        yield self.listening.stopListening()
+        yield sleep(0.05)
+
+
+class CountingHTTP:
+    """
+    A treq client that counts the requests per path.
+    """
+
+    def __init__(self):
+        self.client = HTTPClient(Agent(reactor))
+        self.paths: list[str] = []
+
+    def post(self, url, **kw):
+        self.paths.append(url.split("/", 3)[-1])
+        return self.client.post(url, **kw)
+
+
+class RealEtcdTests(TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.etcd = Etcd(self)
+        yield self.etcd.start()
+        self.http = CountingHTTP()
+        self.changes: list[dict] = []
+
+    def registry(self, url: str | None = None) -> EtcdRegistry:
+        reg = EtcdRegistry([url or self.etcd.url], reactor, http=self.http,
+                           min_backoff=0.05, max_backoff=0.3, request_timeout=2)
+        reg.subscribe(lambda r: self.changes.append(dict(r.services())))
+        self.addCleanup(reg.stop)
+        reg.start()
+        return reg
+
+    @defer.inlineCallbacks
+    def until(self, reg: EtcdRegistry, cond: Any, what: str, timeout: float = 5.0) -> Any:
+        """
+        Wait (bounded) until C{cond(reg)} is true.
+        """
+        deadline = reactor.seconds() + timeout
+        while not cond(reg):
+            if reactor.seconds() > deadline:
+                self.fail(f"timed out waiting for {what}; status {reg.status()}, view {sorted(reg.services())}")
+            yield sleep(0.02)
+
+    @defer.inlineCallbacks
+    def test_initial_range(self):
+        """
+        Keys put before the registry starts are read at once, JSON or YAML.
+        """
+        yield self.etcd.put("reviews", service("reviews.default.svc", 19083, 19084))
+        yaml_value = ("host: ratings.default.svc\nports: [{name: grpc, number: 9090, protocol: GRPC}]\n"
+                      "endpoints: [{address: 10.0.0.9, port: 9090, labels: {version: v1}, weight: 3}]\n")
+        if ETCDCTL:
+            out, err, code = yield getProcessOutputAndValue(
+                ETCDCTL, ["--endpoints", self.etcd.url, "put", PREFIX + "ratings", yaml_value],
+                env={**os.environ, "ETCDCTL_API": "3"})
+            self.assertEqual(code, 0, err)
+        else:
+            yield self.etcd.put("ratings", yaml_value)
+        for outside in ("/txmesh/services", "/txmesh/services0", "/txmesh/servicesX"):
+            yield self.etcd.call("/v3/kv/put", {"key": b64(outside), "value": b64(service("nope", 1))})
+        reg = self.registry()
+        yield self.until(reg, lambda r: r.status()["phase"] == "watching" and len(r.services()) >= 2, "the range")
+        view = reg.services()
+        self.assertIn("reviews.default.svc", view)
+        ratings = view["ratings.default.svc"]
+        self.assertEqual(ratings.ports, (ServicePort("grpc", 9090, "GRPC"),))
+        self.assertEqual(ratings.endpoints,
+                         (Endpoint(host="10.0.0.9", port=9090, labels=(("version", "v1"),), weight=3),))
+        status = reg.status()
+        self.assertTrue(status["ok"], status)
+        self.assertEqual(self.http.paths, ["v3/kv/range", "v3/watch"])
+
+    @defer.inlineCallbacks
+    def test_put_delete_through_watch(self):
+        reg = self.registry()
+        yield self.until(reg, lambda r: r.status()["phase"] == "watching" and r.status()["last_update"], "start")
+        self.assertEqual(dict(reg.services()), {})
+        yield self.etcd.put("a", service("a.svc", 1))
+        yield self.until(reg, lambda r: "a.svc" in r.services(), "a put")
+        yield self.etcd.put("a", service("a.svc", 1, 2))
+        yield self.until(reg, lambda r: len(r.services()["a.svc"].endpoints) == 2, "a updated")
+        yield self.etcd.delete("a")
+        yield self.until(reg, lambda r: not r.services(), "a deleted")
+        self.assertEqual([sorted(c) for c in self.changes], [["a.svc"], ["a.svc"], []])
+        self.assertEqual(self.http.paths, ["v3/kv/range", "v3/watch"])
+
+    @defer.inlineCallbacks
+    def test_bad_value(self):
+        """
+        A value that does not parse keeps the key's last service and the
+        other keys, and is named in status() until fixed.
+        """
+        yield self.etcd.put("a", service("a.svc", 1))
+        yield self.etcd.put("b", service("b.svc", 2))
+        reg = self.registry()
+        yield self.until(reg, lambda r: len(r.services()) == 2, "start")
+        yield self.etcd.put("b", "{host: b.svc, ports: [{number: 0}]}")
+        yield self.etcd.put("c", "this: [is not yaml")
+        yield self.etcd.put("d", service("d.svc", 4))
+        yield self.until(reg, lambda r: "d.svc" in r.services(), "d put")
+        self.assertEqual(sorted(reg.services()), ["a.svc", "b.svc", "d.svc"])
+        self.assertEqual(reg.services()["b.svc"].endpoints, (Endpoint(host="127.0.0.1", port=2),))
+        status = reg.status()
+        self.assertFalse(status["ok"])
+        self.assertIn(f"etcd key {PREFIX}b: ports[0].number", status["error"])
+        self.assertIn(f"etcd key {PREFIX}c: not valid YAML", status["error"])
+        yield self.etcd.put("b", service("b.svc", 5))
+        yield self.etcd.delete("c")
+        yield self.until(reg, lambda r: r.status()["ok"], "the errors to clear")
+        self.assertEqual(reg.services()["b.svc"].endpoints, (Endpoint(host="127.0.0.1", port=5),))
+
+    @defer.inlineCallbacks
+    def test_etcd_killed_and_restarted(self):
+        yield self.etcd.put("a", service("a.svc", 1))
+        reg = self.registry()
+        yield self.until(reg, lambda r: "a.svc" in r.services() and r.status()["phase"] == "watching", "start")
+        self.etcd.kill()
+        yield self.until(reg, lambda r: not r.status()["ok"], "the error")
+        yield sleep(0.5)  # several retries fail meanwhile
+        self.assertEqual(list(reg.services()), ["a.svc"])
+        self.assertIn(self.etcd.url, reg.status()["error"])
+        yield self.etcd.start()
+        yield self.etcd.put("b", service("b.svc", 2))
+        yield self.until(reg, lambda r: "b.svc" in r.services() and r.status()["ok"], "b after the restart")
+        self.assertEqual(sorted(reg.services()), ["a.svc", "b.svc"])
+        self.assertEqual(self.http.paths.count("v3/kv/range"), 1)
+
+    @defer.inlineCallbacks
+    def test_changes_while_cut_off(self):
+        """
+        Changes made while the registry could not reach etcd arrive as
+        events when it resumes the watch, without reading the prefix again.
+        """
+        gate = Gate(self, self.etcd.port)
+        yield self.etcd.put("a", service("a.svc", 1))
+        reg = self.registry(gate.url)
+        yield self.until(reg, lambda r: "a.svc" in r.services() and r.status()["phase"] == "watching", "start")
+        gate.cut()
+        yield self.until(reg, lambda r: not r.status()["ok"], "the error")
+        yield self.etcd.delete("a")
+        yield self.etcd.put("b", service("b.svc", 2))
+        yield sleep(0.2)
+        self.assertEqual(list(reg.services()), ["a.svc"])
+        gate.heal()
+        yield self.until(reg, lambda r: list(r.services()) == ["b.svc"] and r.status()["ok"], "the changes")
+        self.assertEqual(self.http.paths.count("v3/kv/range"), 1)
+
+    @defer.inlineCallbacks
+    def test_compaction_reads_again(self):
+        """
+        When the history since the last revision seen was compacted away,
+        the registry reads the prefix again.
+        """
+        gate = Gate(self, self.etcd.port)
+        yield self.etcd.put("a", service("a.svc", 1))
+        yield self.etcd.put("b", service("b.svc", 2))
+        reg = self.registry(gate.url)
+        yield self.until(reg, lambda r: len(r.services()) == 2 and r.status()["phase"] == "watching", "start")
+        gate.cut()
+        yield self.until(reg, lambda r: not r.status()["ok"], "the error")
+        yield self.etcd.delete("a")
+        yield self.etcd.put("c", service("c.svc", 3))
+        compacted = yield self.etcd.compact()
+        gate.heal()
+        yield self.until(reg, lambda r: sorted(r.services()) == ["b.svc", "c.svc"] and r.status()["ok"],
+                         "the second read")
+        self.assertEqual(self.http.paths.count("v3/kv/range"), 2)
+        self.assertGreaterEqual(reg.revision, compacted)

@@ -1,0 +1,184 @@
+"""
+The pilot's own settings: C{CONFIG_DIR/mesh.yaml} (optional), read once at
+start.
+
+    trust_domain: cluster.local          # SPIFFE trust domain
+    default_namespace: default
+    domain_suffix: svc.cluster.local
+    outbound_address: "tcp:15001:interface=127.0.0.1"   # every proxy's outbound listener
+    inbound_address: "tcp:{port}:interface=0.0.0.0"     # {port}: the node's inbound port
+    app_host: 127.0.0.1
+    admin_address: "tcp:15000:interface=127.0.0.1"
+    registries:                          # discovery sources, merged in this order
+      - {type: file, path: services}     # the default when the key is absent
+      - {type: dns, names: [{host: db.example.com, port: 5432, kind: A}]}
+      - {type: etcd, endpoints: ["http://127.0.0.1:2379"], prefix: /txmesh/services/}
+      - {type: kubernetes, api: "https://10.0.0.1:443", token_file: ..., ca_file: ...}
+
+Without the file (or without C{registries}) the pilot reads service
+registrations from C{CONFIG_DIR/services/} when that directory exists.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import yaml
+
+from txmesh.config import values
+from txmesh.config.errors import ConfigError
+from txmesh.config.section import Section
+from txmesh.pilot.registry.base import IRegistry
+from txmesh.pilot.snapshot import MeshConfig
+
+MESH_FILE = "mesh.yaml"
+REGISTRY_TYPES = ("file", "dns", "etcd", "kubernetes")
+
+_MESH_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "trust_domain": values.string,
+    "default_namespace": values.string,
+    "domain_suffix": values.string,
+    "outbound_address": values.server_endpoint,
+    "inbound_address": values.string,
+    "app_host": values.string,
+    "admin_address": values.server_endpoint,
+}
+
+
+@attrs.frozen
+class PilotSettings:
+    """
+    What C{mesh.yaml} says.
+
+    @ivar mesh: the mesh settings snapshots are built with (no documents or
+        registry view yet).
+    @ivar registries: each registry's section, as C{(field, mapping)}; the
+        field (C{registries[1]}) names it in errors.
+    @ivar source: the file read, or C{None} when there is none.
+    """
+
+    mesh: MeshConfig
+    registries: tuple[tuple[str, Mapping[str, Any]], ...]
+    source: str | None = None
+
+
+def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> PilotSettings:
+    """
+    Read C{config_dir/mesh.yaml}.
+
+    @param defaults: the mesh settings the file's keys override.
+    @raise ConfigError: naming the file, the field and the reason.
+    """
+    mesh = defaults or MeshConfig()
+    path = os.path.join(config_dir, MESH_FILE)
+    default_registries: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    if os.path.isdir(os.path.join(config_dir, "services")):
+        default_registries = (("registries[default]", {"type": "file", "path": "services"}),)
+    if not os.path.exists(path):
+        return PilotSettings(mesh, default_registries)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(path, "", f"not valid YAML: {e}") from None
+    top = Section(path, "", doc if doc is not None else {})
+    changes = {key: top.get(key, convert) for key, convert in _MESH_FIELDS.items() if key in top.value}
+    if "inbound_address" in changes and "{port}" not in changes["inbound_address"]:
+        raise ConfigError(path, "inbound_address", "must contain {port} (the node's inbound port)")
+    registries: list[tuple[str, Mapping[str, Any]]] = []
+    if "registries" in top.value:
+        for field, body in top.items("registries"):
+            section = Section(path, field, body)
+            section.get("type", values.one_of(REGISTRY_TYPES), required=True)
+            registries.append((field, body))
+    else:
+        registries = list(default_registries)
+    top.done()
+    return PilotSettings(attrs.evolve(mesh, **changes), tuple(registries), path)
+
+
+def _file_registry(source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str) -> IRegistry:
+    from txmesh.pilot.registry.file import FileRegistry
+
+    section = Section(source, field, body)
+    section.get("type", values.string)
+    path = section.get("path", values.string, default="services")
+    interval = section.get("poll_interval", _positive, default=body.get("_default_poll_interval", 1.0))
+    section.seen.add("_default_poll_interval")
+    section.done()
+    return FileRegistry(os.path.join(config_dir, path), reactor, interval)
+
+
+def _dns_registry(source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str) -> IRegistry:
+    from twisted.names import cache, client, hosts, resolve
+
+    from txmesh.pilot.registry.dns import DNSRegistry
+
+    section = Section(source, field, body)
+    section.get("type", values.string)
+    names = [item for _, item in section.items("names", required=True)]
+    min_ttl = section.get("min_ttl", _positive, default=1.0)
+    max_ttl = section.get("max_ttl", _positive, default=300.0)
+    section.done()
+    try:
+        # What client.createResolver() builds, but on the given reactor.
+        resolver = resolve.ResolverChain([
+            hosts.Resolver(),
+            cache.CacheResolver(reactor=reactor),
+            client.Resolver(resolv="/etc/resolv.conf", reactor=reactor),
+        ])
+        return DNSRegistry(names, resolver, reactor, min_ttl, max_ttl)
+    except ConfigError as e:
+        raise ConfigError(source, f"{field}.{e.field}" if e.field else field, e.reason) from None
+
+
+def _etcd_registry(source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str) -> IRegistry:
+    from txmesh.pilot.registry import etcd
+
+    return etcd.from_config(source, field, body, reactor)
+
+
+def _kubernetes_registry(
+    source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str
+) -> IRegistry:
+    from txmesh.pilot.registry import kubernetes
+
+    return kubernetes.from_config(source, field, body, reactor)
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+_FACTORIES: dict[str, Callable[[str, str, Mapping[str, Any], Any, str], IRegistry]] = {
+    "file": _file_registry,
+    "dns": _dns_registry,
+    "etcd": _etcd_registry,
+    "kubernetes": _kubernetes_registry,
+}
+
+
+def build_registries(
+    settings: PilotSettings, reactor: Any, config_dir: str, poll_interval: float = 1.0
+) -> list[IRegistry]:
+    """
+    Make the registries C{settings} lists (not started).
+
+    @param poll_interval: seconds between checks of a C{file} registry that
+        names no C{poll_interval}.
+    @raise ConfigError: a registry's section is invalid.
+    """
+    source = settings.source or os.path.join(config_dir, MESH_FILE)
+    made = []
+    for field, body in settings.registries:
+        if body["type"] == "file":
+            body = {**body, "_default_poll_interval": poll_interval}
+        made.append(_FACTORIES[body["type"]](source, field, body, reactor, config_dir))
+    return made

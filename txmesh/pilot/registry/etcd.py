@@ -1,0 +1,776 @@
+"""
+A registry of services kept in etcd (v3), read through etcd's JSON gateway
+(C{/v3/kv/range}, C{/v3/watch}) with C{treq}.
+
+One key per service under a prefix (C{/txmesh/services/} by default); the
+value is one service entry in the file registry's shape, as YAML or JSON::
+
+    etcdctl put /txmesh/services/reviews \\
+      '{host: reviews.default.svc.cluster.local,
+        ports: [{name: http, number: 9080, protocol: HTTP}],
+        endpoints: [{address: 10.0.0.7, port: 9080, labels: {version: v1}}]}'
+
+The registry reads the whole prefix, then watches it from the next
+revision. A lost stream is resumed from the last revision seen (changes made
+meanwhile arrive as events); when etcd has compacted that history away the
+prefix is read again. A value that does not parse keeps that key's previous
+service (or none) and is reported in C{status()} and the log; the other keys
+are unaffected. While etcd cannot be reached the last view stays and the
+registry retries with a growing delay, going round the endpoints given.
+
+The pure parts (L{WatchStreamParser}, L{read_watch_message},
+L{ServiceTable}) take and return plain values; L{EtcdRegistry} is the shell
+that does the I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from zope.interface import implementer
+
+from txmesh.config import values
+from txmesh.config.errors import ConfigError
+from txmesh.pilot.registry.base import IRegistry, RegistryState, ServiceEndpoints
+from txmesh.pilot.registry.file import parse_service
+
+DEFAULT_PREFIX = "/txmesh/services/"
+
+
+class EtcdError(Exception):
+    """
+    etcd answered with an error, or with something that is not an etcd
+    answer.
+    """
+
+
+# --- keys ----------------------------------------------------------------
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """
+    The end of the key range holding every key that starts with C{prefix}
+    (as etcd's C{clientv3.GetPrefixRangeEnd}).
+
+    @return: C{prefix} with its last byte below 0xff incremented and what
+        follows dropped; C{b"\\0"} (to the end of the keyspace) when there is
+        none.
+    """
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\0"
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: Any, what: str) -> bytes:
+    if value is None:
+        return b""
+    if not isinstance(value, str):
+        raise EtcdError(f"{what}: expected base64 text, got {values.kind_of(value)}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError as e:
+        raise EtcdError(f"{what}: not base64: {e}") from None
+
+
+def _key_text(key: bytes) -> str:
+    # Injective, so a PUT and a later DELETE of the same bytes meet.
+    return key.decode("utf-8", "backslashreplace")
+
+
+def _int(value: Any, what: str) -> int:
+    # The gateway writes int64 fields as JSON strings.
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise EtcdError(f"{what}: expected an integer, got {value!r}") from None
+
+
+# --- the watch stream ------------------------------------------------------
+
+
+class WatchStreamParser:
+    """
+    Split the body of a streaming gateway response into JSON values.
+
+    The gateway writes one JSON object per line; an object may arrive in any
+    number of pieces, and several may arrive in one. Feed the body as it
+    comes; each call returns the values completed by that piece.
+    """
+
+    def __init__(self, max_message: int = 16 * 1024 * 1024):
+        """
+        @param max_message: the longest message accepted, in characters;
+            a longer one is an error rather than a growing buffer.
+        """
+        self._max = max_message
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._buffer = ""
+        self._json = json.JSONDecoder()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """
+        @param data: the next piece of the body.
+        @return: the JSON values completed by C{data}, in order.
+        @raise EtcdError: when the stream is not JSON (it cannot be
+            resynchronised, so the caller drops the stream).
+        """
+        try:
+            self._buffer += self._decoder.decode(data)
+        except UnicodeDecodeError as e:
+            raise EtcdError(f"watch stream is not UTF-8: {e}") from None
+        out: list[Any] = []
+        while True:
+            line, newline, rest = self._buffer.partition("\n")
+            if not newline:
+                break
+            self._buffer = rest
+            out.extend(self._values(line))
+        if len(self._buffer) > self._max:
+            raise EtcdError(f"watch stream message longer than {self._max} characters")
+        return out
+
+    def _values(self, line: str) -> list[Any]:
+        out = []
+        pos = 0
+        while True:
+            while pos < len(line) and line[pos] in " \t\r":
+                pos += 1
+            if pos == len(line):
+                return out
+            try:
+                value, pos = self._json.raw_decode(line, pos)
+            except json.JSONDecodeError as e:
+                raise EtcdError(f"watch stream is not JSON: {e}: {line[:200]!r}") from None
+            out.append(value)
+
+
+@attrs.frozen
+class WatchEvent:
+    """
+    One change to one key.
+
+    @ivar kind: C{PUT} or C{DELETE}.
+    @ivar key: the key, as text.
+    @ivar value: the new value (empty for C{DELETE}).
+    @ivar revision: the revision of the change.
+    """
+
+    kind: Literal["PUT", "DELETE"]
+    key: str
+    value: bytes
+    revision: int
+
+
+@attrs.frozen
+class WatchMessage:
+    """
+    One message of a watch stream.
+
+    @ivar revision: the store revision in the message's header (0 if none).
+    @ivar created: the watch was set up.
+    @ivar canceled: etcd ended the watch.
+    @ivar compact_revision: when canceled because the start revision was
+        compacted, the compaction's revision; otherwise 0.
+    @ivar cancel_reason: etcd's reason for ending the watch, if it gave one.
+    @ivar events: the changes, oldest first.
+    """
+
+    revision: int = 0
+    created: bool = False
+    canceled: bool = False
+    compact_revision: int = 0
+    cancel_reason: str = ""
+    events: tuple[WatchEvent, ...] = ()
+
+
+def read_watch_message(message: Any) -> WatchMessage:
+    """
+    Interpret one JSON value of a C{/v3/watch} stream.
+
+    @param message: C{{"result": WatchResponse}} or C{{"error": ...}}.
+    @return: the message.
+    @raise EtcdError: for an error message or a value of the wrong shape.
+    """
+    if not isinstance(message, Mapping):
+        raise EtcdError(f"watch stream: expected an object, got {values.kind_of(message)}")
+    if "error" in message:
+        error = message["error"]
+        if isinstance(error, Mapping):
+            error = error.get("message") or error.get("error") or json.dumps(error)
+        raise EtcdError(f"watch failed: {error}")
+    result = message.get("result")
+    if not isinstance(result, Mapping):
+        raise EtcdError(f"watch stream: no result in {json.dumps(message)[:200]}")
+    header = result.get("header") or {}
+    events = []
+    for i, event in enumerate(result.get("events") or ()):
+        where = f"watch event {i}"
+        if not isinstance(event, Mapping) or not isinstance(event.get("kv"), Mapping):
+            raise EtcdError(f"{where}: expected an object with a kv")
+        kind = event.get("type", "PUT")
+        if kind not in ("PUT", "DELETE"):
+            raise EtcdError(f"{where}: unknown type {kind!r}")
+        kv = event["kv"]
+        events.append(
+            WatchEvent(
+                kind,
+                _key_text(_unb64(kv.get("key"), f"{where}.key")),
+                _unb64(kv.get("value"), f"{where}.value") if kind == "PUT" else b"",
+                _int(kv.get("mod_revision"), f"{where}.mod_revision"),
+            )
+        )
+    return WatchMessage(
+        revision=_int(header.get("revision") if isinstance(header, Mapping) else None, "header.revision"),
+        created=bool(result.get("created", False)),
+        canceled=bool(result.get("canceled", False)),
+        compact_revision=_int(result.get("compact_revision"), "compact_revision"),
+        cancel_reason=str(result.get("cancel_reason") or ""),
+        events=tuple(events),
+    )
+
+
+def read_range_response(body: Any) -> tuple[int, list[tuple[str, bytes]]]:
+    """
+    Interpret a C{/v3/kv/range} answer.
+
+    @return: the store revision and the C{(key, value)} pairs.
+    @raise EtcdError: for an answer of the wrong shape.
+    """
+    if not isinstance(body, Mapping) or not isinstance(body.get("header"), Mapping):
+        raise EtcdError(f"range: not an etcd answer: {json.dumps(body)[:200]}")
+    revision = _int(body["header"].get("revision"), "range header.revision")
+    if revision <= 0:
+        raise EtcdError("range: no revision in the answer")
+    kvs = []
+    for i, kv in enumerate(body.get("kvs") or ()):
+        if not isinstance(kv, Mapping):
+            raise EtcdError(f"range kvs[{i}]: expected an object")
+        kvs.append((_key_text(_unb64(kv.get("key"), f"range kvs[{i}].key")), _unb64(kv.get("value"), "value")))
+    return revision, kvs
+
+
+# --- keys to services ------------------------------------------------------
+
+
+def parse_entry(key: str, value: bytes) -> ServiceEndpoints:
+    """
+    Read one key's value: a service entry in the file registry's shape
+    (see L{txmesh.pilot.registry.file.parse_service}), as YAML or JSON.
+
+    @raise ConfigError: naming the key, the field and the reason.
+    """
+    source = f"etcd key {key}"
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, "", f"not UTF-8: {e}") from None
+    try:
+        # JSON first: what programs write, and not all of it is YAML.
+        return parse_service(json.loads(text), source)
+    except ValueError:
+        pass
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(source, "", f"not valid YAML or JSON: {e}") from None
+    return parse_service(doc, source)
+
+
+class ServiceTable:
+    """
+    What the registry knows of the keys under its prefix: the last good
+    service of each key and the keys whose current value is bad.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, ServiceEndpoints] = {}
+        self.errors: dict[str, str] = {}
+
+    def put(self, key: str, value: bytes) -> str | None:
+        """
+        Take a key's new value; a bad one leaves the key's last good
+        service in place.
+
+        @return: the reason the value is bad, or C{None}.
+        """
+        try:
+            self.entries[key] = parse_entry(key, value)
+        except ConfigError as e:
+            self.errors[key] = str(e)
+            return str(e)
+        except Exception as e:
+            # Whatever a value does to the parser, the other keys stand.
+            self.errors[key] = f"etcd key {key}: cannot parse: {e!r}"
+            return self.errors[key]
+        self.errors.pop(key, None)
+        return None
+
+    def delete(self, key: str) -> None:
+        """
+        Forget a key.
+        """
+        self.entries.pop(key, None)
+        self.errors.pop(key, None)
+
+    def reset(self, kvs: Iterable[tuple[str, bytes]]) -> list[str]:
+        """
+        Replace the table with a full read; a key whose value is now bad
+        keeps the service it had, keys not read are forgotten.
+
+        @return: the reasons of the bad values.
+        """
+        kvs = list(kvs)
+        present = {key for key, _ in kvs}
+        for key in list(self.entries):
+            if key not in present:
+                del self.entries[key]
+        self.errors.clear()
+        return [reason for key, value in kvs if (reason := self.put(key, value)) is not None]
+
+    def view(self) -> tuple[dict[str, ServiceEndpoints], list[str]]:
+        """
+        @return: host name to service, and the conflicts: a host registered
+            under two keys belongs to the first key in key order.
+        """
+        view: dict[str, ServiceEndpoints] = {}
+        owner: dict[str, str] = {}
+        conflicts = []
+        for key in sorted(self.entries):
+            svc = self.entries[key]
+            if svc.host in view:
+                conflicts.append(f"etcd key {key}: host {svc.host} is also registered under {owner[svc.host]}")
+                continue
+            view[svc.host] = svc
+            owner[svc.host] = key
+        return view, conflicts
+
+
+# --- config ----------------------------------------------------------------
+
+
+def from_config(source: str, field: str, body: Mapping[str, Any], reactor: Any) -> EtcdRegistry:
+    """
+    Build an etcd registry from its entry in the mesh config's
+    C{registries} list: C{{type: etcd, endpoints: [http://host:2379, ...],
+    prefix: /txmesh/services/}} (C{type} is the caller's; C{prefix} is
+    optional).
+
+    @param source: the config file, for errors.
+    @param field: the entry's path in it, e.g. C{registries[1]}.
+    @param reactor: the reactor (time and TCP) the registry runs on.
+    @raise ConfigError: naming C{field.endpoints} or C{field.prefix}.
+    """
+    known = {"type", "endpoints", "prefix"}
+    if not isinstance(body, Mapping):
+        raise ConfigError(source, field, f"expected a mapping, got {values.kind_of(body)}")
+    for key in body:
+        if key not in known:
+            raise ConfigError(source, f"{field}.{key}", f"unknown field (expected one of {', '.join(sorted(known))})")
+    if "endpoints" not in body:
+        raise ConfigError(source, f"{field}.endpoints", "is required (a list of URLs like http://127.0.0.1:2379)")
+    endpoints = body["endpoints"]
+    if isinstance(endpoints, str):
+        endpoints = [endpoints]
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ConfigError(
+            source, f"{field}.endpoints", f"expected a non-empty list of URLs, got {values.kind_of(endpoints)}"
+        )
+    urls = []
+    for i, url in enumerate(endpoints):
+        try:
+            urls.append(check_endpoint(url))
+        except ValueError as e:
+            raise ConfigError(source, f"{field}.endpoints[{i}]", str(e)) from None
+    prefix = body.get("prefix", DEFAULT_PREFIX)
+    if not isinstance(prefix, str) or not prefix:
+        raise ConfigError(source, f"{field}.prefix", f"expected a non-empty string, got {values.kind_of(prefix)}")
+    return EtcdRegistry(urls, reactor, prefix=prefix)
+
+
+def check_endpoint(url: Any) -> str:
+    """
+    @return: C{url}, an etcd client URL, without a trailing slash.
+    @raise ValueError: when it is not an C{http} or C{https} URL with a
+        host and no path.
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"expected a URL like http://127.0.0.1:2379, got {values.kind_of(url)}")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError as e:
+        raise ValueError(f"{url!r} is not a URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host (e.g. http://127.0.0.1:2379)")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r} has a path; give the client URL only (e.g. http://127.0.0.1:2379)")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+# --- the registry ----------------------------------------------------------
+
+
+def describe(failure: Failure) -> str:
+    """
+    @return: a one-line reason for a failed request: an L{EtcdError}'s
+        message, or the error's type and message (for Twisted's wrapped
+        client errors, the first underlying one's).
+    """
+    if failure.check(EtcdError):
+        return failure.getErrorMessage()
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons and isinstance(reasons[0], Failure):
+        failure = reasons[0]
+    if failure.check(ResponseDone):
+        return "etcd closed it"
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}".rstrip(": ")
+
+
+class _WatchBody(Protocol):
+    """
+    Receives a watch response's body and hands it to the registry.
+    """
+
+    def __init__(self, registry: EtcdRegistry, attempt: int):
+        self._registry = registry
+        self._attempt = attempt
+        self.closed = False
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._registry._watch_data(self._attempt, data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed = True
+        self._registry._watch_ended(self._attempt, reason)
+        self.lost.callback(None)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.loseConnection()  # type: ignore[attr-defined]
+
+
+Phase = Literal["stopped", "ranging", "watching", "waiting"]
+
+
+@implementer(IRegistry)
+class EtcdRegistry:
+    """
+    Services from the keys under a prefix in etcd, kept current by a watch.
+
+    @ivar revision: the etcd revision the view reflects (C{None} before the
+        first read, or after a compaction until the next one).
+    @ivar phase: C{stopped}, C{ranging} (reading the prefix), C{watching},
+        or C{waiting} (to retry after an error).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        reactor: Any,
+        prefix: str = DEFAULT_PREFIX,
+        http: Any = None,
+        min_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        request_timeout: float = 10.0,
+    ):
+        """
+        @param endpoints: etcd client URLs (C{http://127.0.0.1:2379});
+            tried in turn, moving on after each failure.
+        @param reactor: the clock for retries and C{status()}; also the
+            reactor the default HTTP client connects with.
+        @param prefix: the key prefix the services are under.
+        @param http: a treq-like client: an object with treq's C{post}
+            (C{treq.client.HTTPClient}, C{treq.testing.StubTreq}); by
+            default a non-persistent C{HTTPClient} on C{reactor}.
+        @param min_backoff: seconds before the first retry after an error.
+        @param max_backoff: the longest wait between retries; the wait
+            doubles after each failure in a row.
+        @param request_timeout: seconds to wait for a response's head.
+        @raise ValueError: for no endpoints, a bad URL, an empty prefix or
+            bad backoffs.
+        """
+        if not endpoints:
+            raise ValueError("endpoints: at least one etcd URL is required")
+        if not prefix:
+            raise ValueError("prefix: must not be empty")
+        if not 0 < min_backoff <= max_backoff:
+            raise ValueError(f"min_backoff: must be > 0 and <= max_backoff ({max_backoff}), got {min_backoff}")
+        self.endpoints = [check_endpoint(url) for url in endpoints]
+        self.prefix = prefix
+        self.name = f"etcd:{','.join(self.endpoints)}{prefix if prefix.startswith('/') else '/' + prefix}"
+        self._reactor: IReactorTime = reactor
+        if http is None:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent
+
+            # Agent's own pool is not persistent: nothing lingers after stop().
+            http = HTTPClient(Agent(reactor))
+        self._http = http
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self._timeout = request_timeout
+        self._state = RegistryState(self.name, reactor)
+        self._table = ServiceTable()
+        self._key = prefix.encode("utf-8")
+        self._range_end = prefix_range_end(self._key)
+        self.revision: int | None = None
+        self.phase: Phase = "stopped"
+        # Every attempt (a range or a watch) has a number; answers to an
+        # attempt that is no longer current are ignored.
+        self._attempt = 0
+        self._index = 0
+        self._failures = 0
+        self._connection_error: str | None = None
+        self._logged: dict[str, str] = {}
+        self._request: defer.Deferred[Any] | None = None
+        self._body: _WatchBody | None = None
+        self._parser = WatchStreamParser()
+        self._retry: IDelayedCall | None = None
+
+    # IRegistry
+
+    def start(self) -> None:
+        """
+        Read the prefix now, then watch it.
+        """
+        if self.phase != "stopped":
+            return
+        self._connect()
+
+    def stop(self) -> defer.Deferred[None]:
+        """
+        Drop the watch and any request in flight; no subscriber is called
+        after this.
+
+        @return: a L{Deferred} that fires when the watch's connection is
+            closed.
+        """
+        self.phase = "stopped"
+        body = self._body
+        self._abandon()
+        if body is None or body.closed:
+            return defer.succeed(None)
+        return body.lost
+
+    def services(self) -> Mapping[str, ServiceEndpoints]:
+        """
+        @return: the last good view.
+        """
+        return self._state.view
+
+    def subscribe(self, callback: Callable[[IRegistry], object]) -> None:
+        """
+        Call C{callback(self)} when the view changes.
+        """
+        self._state.subscribe(callback)
+
+    def status(self) -> dict[str, Any]:
+        """
+        @return: see L{IRegistry.status}; also C{revision} and C{phase}.
+            C{error} joins the connection's error and every bad key's.
+        """
+        status = self._state.status()
+        status["revision"] = self.revision
+        status["phase"] = self.phase
+        return status
+
+    # the attempts
+
+    def _abandon(self) -> None:
+        self._attempt += 1
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        request, self._request = self._request, None
+        if request is not None:
+            request.cancel()
+        body, self._body = self._body, None
+        if body is not None:
+            body.close()
+
+    def _endpoint(self) -> str:
+        return self.endpoints[self._index % len(self.endpoints)]
+
+    def _post(self, path: str, payload: Mapping[str, Any], unbuffered: bool = False) -> defer.Deferred[Any]:
+        d = self._http.post(
+            self._endpoint() + path,
+            json=dict(payload),
+            unbuffered=unbuffered,
+            timeout=self._timeout,
+            reactor=self._reactor,
+        )
+        self._request = d
+        return d
+
+    def _connect(self) -> None:
+        self._abandon()
+        if self.revision is None:
+            self._range()
+        else:
+            self._watch()
+
+    def _range(self) -> None:
+        self.phase = "ranging"
+        attempt = self._attempt
+        d = self._post("/v3/kv/range", {"key": _b64(self._key), "range_end": _b64(self._range_end)})
+        d.addCallback(self._json_answer, "range")
+        d.addCallback(self._ranged, attempt)
+        d.addErrback(self._failed, attempt)
+
+    @defer.inlineCallbacks
+    def _json_answer(self, response: Any, what: str) -> Any:
+        body = yield response.content()
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if response.code != 200:
+            detail = doc.get("message") or doc.get("error") if isinstance(doc, Mapping) else body[:200]
+            raise EtcdError(f"{what}: HTTP {response.code}: {detail!r}")
+        if doc is None:
+            raise EtcdError(f"{what}: the answer is not JSON: {body[:200]!r}")
+        return doc
+
+    def _ranged(self, body: Any, attempt: int) -> None:
+        if attempt != self._attempt:
+            return
+        self._request = None
+        revision, kvs = read_range_response(body)
+        self._table.reset(kvs)
+        self.revision = revision
+        self._connection_error = None
+        self._publish()
+        self._watch()
+
+    def _watch(self) -> None:
+        self.phase = "watching"
+        attempt = self._attempt
+        assert self.revision is not None
+        self._parser = WatchStreamParser()
+        d = self._post(
+            "/v3/watch",
+            {
+                "create_request": {
+                    "key": _b64(self._key),
+                    "range_end": _b64(self._range_end),
+                    "start_revision": str(self.revision + 1),
+                }
+            },
+            unbuffered=True,
+        )
+        d.addCallback(self._watch_response, attempt)
+        d.addErrback(self._failed, attempt)
+
+    def _watch_response(self, response: Any, attempt: int) -> Any:
+        if attempt != self._attempt:
+            return None
+        self._request = None
+        if response.code != 200:
+            return self._json_answer(response, "watch")
+        self._body = _WatchBody(self, attempt)
+        response.deliverBody(self._body)
+        return None
+
+    def _watch_data(self, attempt: int, data: bytes) -> None:
+        if attempt != self._attempt:
+            return
+        try:
+            for message in self._parser.feed(data):
+                self._watch_message(read_watch_message(message))
+                if attempt != self._attempt:
+                    # The message ended this watch (a compaction).
+                    return
+        except Exception:
+            self._failed(Failure(), attempt)
+
+    def _watch_message(self, message: WatchMessage) -> None:
+        if message.canceled:
+            if message.compact_revision > 0:
+                self.log.info(
+                    "registry {name}: revisions up to {compacted} were compacted; reading {prefix} again",
+                    name=self.name,
+                    compacted=message.compact_revision,
+                    prefix=self.prefix,
+                )
+                self.revision = None
+                self._connect()
+                return
+            raise EtcdError(f"watch canceled by etcd: {message.cancel_reason or 'no reason given'}")
+        if message.created:
+            self._failures = 0
+            if self._connection_error is not None:
+                self.log.info("registry {name}: watching again from revision {revision}",
+                              name=self.name, revision=(self.revision or 0) + 1)
+            self._connection_error = None
+        for event in message.events:
+            if event.kind == "DELETE":
+                self._table.delete(event.key)
+            else:
+                self._table.put(event.key, event.value)
+            self.revision = max(self.revision or 0, event.revision)
+        self._publish()
+
+    def _watch_ended(self, attempt: int, reason: Failure | None) -> None:
+        if attempt != self._attempt:
+            return
+        self._body = None
+        text = describe(reason) if reason is not None else "etcd closed it"
+        self._failed(Failure(EtcdError(f"watch stream ended: {text}")), attempt)
+
+    def _failed(self, failure: Failure, attempt: int) -> None:
+        if attempt != self._attempt:
+            return
+        endpoint = self._endpoint()
+        reason = describe(failure)
+        self._connection_error = f"{endpoint}: {reason}"
+        self._abandon()
+        self._state.fail(self._error_text() or reason)
+        delay = min(self._max_backoff, self._min_backoff * 2 ** min(self._failures, 30))
+        self._failures += 1
+        self._index += 1
+        self.phase = "waiting"
+        self._retry = self._reactor.callLater(delay, self._connect)
+
+    # the view
+
+    def _publish(self) -> None:
+        view, conflicts = self._table.view()
+        problems = dict(self._table.errors)
+        for conflict in conflicts:
+            problems[conflict] = conflict
+        for key, reason in problems.items():
+            if self._logged.get(key) != reason:
+                self.log.warn("registry {name}: {reason}; keeping the rest", name=self.name, reason=reason)
+        self._logged = problems
+        self._state.update(self, view, self._error_text(conflicts))
+
+    def _error_text(self, conflicts: list[str] | None = None) -> str | None:
+        if conflicts is None:
+            conflicts = self._table.view()[1]
+        parts = [] if self._connection_error is None else [self._connection_error]
+        parts += [self._table.errors[key] for key in sorted(self._table.errors)]
+        parts += conflicts
+        return "; ".join(parts) or None
