@@ -112,7 +112,7 @@ class ProxyWithPilotTests(TestCase):
     """
 
     @defer.inlineCallbacks
-    def start_proxy(self, *addresses: str) -> Any:
+    def start_proxy(self, *addresses: str, static: str = "") -> Any:
         tmp = tempfile.mkdtemp(prefix="txmesh-pilot-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
         path = os.path.join(tmp, "bootstrap.yaml")
@@ -125,7 +125,7 @@ class ProxyWithPilotTests(TestCase):
                   inbound_port: 15006
                   app_port: 9080
                   insecure: true
-                """))
+                """) + textwrap.dedent(static))
         service = ProxyService(path, reactor, registry=FilterRegistry.from_plugins(), drain_timeout=1.0,
                                pilot_backoff_base=0.02, pilot_backoff_max=0.1)
         service.load_initial()
@@ -231,6 +231,33 @@ class ProxyWithPilotTests(TestCase):
         pilot.connections[0].transport.loseConnection()
         yield wait_until(lambda: len(pilot.of_type(Hello)) == 2)
         self.assertEqual(pilot.of_type(Hello)[1].versions, {"listeners": "L1", "clusters": "C1"})
+
+    @defer.inlineCallbacks
+    def test_static_resources_kept_beside_pushed(self) -> Any:
+        """
+        The bootstrap's own listeners and clusters stay beside the pushed
+        ones (Envoy's static and dynamic resources); a pushed listener that
+        takes a static one's name is refused with a NACK naming it.
+        """
+        upstream = yield self.upstream()
+        local = yield self.upstream(b"static")
+        pilot = FakePilot(lambda p: p.send(Push(version="v1", nonce="n1", resources=resources(upstream))))
+        address = yield pilot.listen(self)
+        service = yield self.start_proxy(address, static=f"""\
+            clusters: [{{name: local, endpoints: ["127.0.0.1:{local}"]}}]
+            listeners: [{{name: local, address: "tcp:0:interface=127.0.0.1", routes: [{{cluster: local}}]}}]
+            """)
+        yield wait_until(lambda: pilot.of_type(Ack))
+        self.assertTrue((yield self.get(service)).endswith(b"pushed"))
+        port = service.listening_port("local").getHost().port
+        self.assertTrue((yield raw_exchange(self, port, REQUEST)).endswith(b"static"))
+        clashing = resources(upstream)
+        clashing["listeners"][0]["name"] = "local"
+        pilot.connections[0].send(Push(version="v2", nonce="n2", resources=clashing))
+        yield wait_until(lambda: pilot.of_type(Nack))
+        self.assertIn("local", pilot.of_type(Nack)[0].error)
+        self.assertIn("static listeners", pilot.of_type(Nack)[0].error)
+        self.assertTrue((yield self.get(service)).endswith(b"pushed"))
 
     @defer.inlineCallbacks
     def test_file_reload_keeps_pushed_config(self) -> Any:

@@ -84,6 +84,8 @@ def _bytes(value: Any) -> bytes:
     return _string(value).encode("latin-1")
 
 
+_EPHEMERAL_PORT = re.compile(r"(tcp6?|ssl):(port=)?0(:|$)")
+
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _CTL_OR_SPACE = re.compile(rb"[\x00-\x20\x7f]")
 
@@ -244,6 +246,8 @@ class ConfigLoader:
         seen: dict[str, str] = {}
         for i, listener in enumerate(listeners):
             for key, what in ((listener.name, "name"), (listener.address, "address")):
+                if what == "address" and _EPHEMERAL_PORT.match(key):
+                    continue  # port 0: each listener gets its own port
                 if (what, key) in seen:
                     raise ConfigError(source, f"listeners[{i}].{what}", f"duplicate listener {what} {key!r}")
                 seen[(what, key)] = key  # type: ignore[index]

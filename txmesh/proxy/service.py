@@ -72,8 +72,8 @@ class ProxyService(Service):
 
     With a C{pilot} section in the file, the file is a bootstrap: after the
     service starts, a L{PilotClient} connects to the pilot and every push is
-    applied as the file's C{node} and C{admin} plus the pushed C{listeners}
-    and C{clusters}, the same way a reload is; a refused push, or a pilot
+    applied as the file's C{node}, C{admin} and static C{listeners} and
+    C{clusters} plus the pushed ones, the same way a reload is; a refused push, or a pilot
     that cannot be reached, leaves the last applied config serving. The
     proxy tells the pilot its C{pilot.inbound_port} and C{pilot.app_port} as
     the node labels C{txmesh.io/inbound-port} and C{txmesh.io/app-port}
@@ -386,15 +386,24 @@ class ProxyService(Service):
     def _apply_pushed(self, document: dict) -> Deferred:
         """
         Apply a document pushed by the pilot: the bootstrap's C{node} and
-        C{admin} with the pushed C{listeners} and C{clusters}.
+        C{admin}, and its own (static) C{listeners} and C{clusters} followed
+        by the pushed (dynamic) ones, as Envoy's static and dynamic resources.
+        A pushed resource with a static one's name is refused.
 
         @raise ConfigError: if the result is not a valid config; the running
             config is unchanged.
         """
         raw = self._bootstrap.raw if isinstance(self._bootstrap.raw, dict) else {}
         full = {key: raw[key] for key in ("node", "admin") if raw.get(key) is not None}
-        full["listeners"] = document.get("listeners", [])
-        full["clusters"] = document.get("clusters", [])
+        for rtype in ("listeners", "clusters"):
+            static = raw.get(rtype) or []
+            pushed = document.get(rtype, [])
+            names = {item.get("name") for item in static if isinstance(item, dict)}
+            clash = sorted(str(item.get("name")) for item in pushed if item.get("name") in names)
+            if clash:
+                raise ConfigError(f"pilot {self.pilot.connected_address}", rtype,
+                                  f"pushed {', '.join(clash)} clash with the bootstrap's static {rtype}")
+            full[rtype] = [*static, *pushed]
         source = f"pilot {self.pilot.connected_address}" if self.pilot is not None else "pilot"
         try:
             new = self._loader.load_document(full, source)
