@@ -98,12 +98,17 @@ class PilotService(Service):
         @param keepalive: C{(interval, timeout)} of each channel's keepalive
             in seconds, or C{None}.
         @raise ConfigError: C{mesh.yaml} is invalid.
+        @raise ValueError: C{api} listens beyond loopback and no
+            C{api_token} is given.
         """
         self.config_dir = config_dir
         self._reactor = reactor
         self._listen = listen
         self._api = api
         self._api_token = api_token
+        # Built now so that an API open beyond loopback without a token is
+        # refused before anything starts.
+        self._site = operator_site(self, api, api_token) if api is not None else None
         self._poll_interval = poll_interval
         self._istio_dir = os.path.join(config_dir, "istio")
         self.security = security
@@ -259,9 +264,8 @@ class PilotService(Service):
         else:
             self.log.warn("the pilot channel is plaintext and admits any proxy (--insecure): development only")
         self.channel_port = yield serverFromString(self._reactor, self._listen).listen(factory)
-        if self._api is not None:
-            site = operator_site(self, self._api, self._api_token)
-            self.api_port = yield serverFromString(self._reactor, self._api).listen(site)
+        if self._site is not None:
+            self.api_port = yield serverFromString(self._reactor, self._api).listen(self._site)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
