@@ -13,12 +13,13 @@ from typing import Any
 
 from treq.client import HTTPClient
 from treq.testing import StubTreq
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from tests.test_pilot import ChannelClient
 from txmesh.pilot.api import (
     MAX_BODY_BYTES,
     OPENAPI,
@@ -28,7 +29,7 @@ from txmesh.pilot.api import (
     openapi_text,
     operator_site,
 )
-from txmesh.pilot.messages import Ack, ChannelDecoder, Hello, Node, Push, encode
+from txmesh.pilot.messages import Ack, Hello, Node, Push
 from txmesh.pilot.server import APP_PORT_LABEL, INBOUND_PORT_LABEL
 from txmesh.pilot.service import PilotService
 
@@ -90,29 +91,6 @@ services:
     ports: [{name: http, number: 8080, protocol: HTTP}]
     endpoints: [{address: 127.0.0.1, port: 18080}, {address: 127.0.0.2, port: 18080}]
 """
-
-
-class ChannelClient(protocol.Protocol):
-    """
-    The proxy's end of the channel, just enough to have a proxy on
-    C{/proxies}: decoded messages go to a queue.
-    """
-
-    def __init__(self) -> None:
-        self.decoder = ChannelDecoder()
-        self.messages: defer.DeferredQueue = defer.DeferredQueue()
-
-    def dataReceived(self, data: bytes) -> None:
-        for message in self.decoder.receive_data(data):
-            self.messages.put(message)
-
-    def send(self, message: Any) -> None:
-        self.transport.write(encode(message))
-
-    def next(self, timeout: float = TIMEOUT) -> defer.Deferred:
-        d = self.messages.get()
-        d.addTimeout(timeout, reactor)
-        return d
 
 
 def pause(seconds: float) -> defer.Deferred:

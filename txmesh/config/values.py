@@ -133,29 +133,26 @@ def labels(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(value.items()))
 
 
+def _endpoint(value: Any, parse: Callable[[Any, str], object], kind: str) -> str:
+    desc = string(value)
+    try:
+        # Parsing only: an endpoint does nothing with its reactor until
+        # listen() or connect() is called.
+        parse(None, desc)
+    except Exception as e:
+        raise ValueError(f"not a valid Twisted {kind} endpoint string ({e})") from None
+    return desc
+
+
 def server_endpoint(value: Any) -> str:
     """
     @return: C{value}, a valid Twisted server endpoint string.
     """
-    desc = string(value)
-    try:
-        # Parsing only: a TCP/UNIX/SSL server endpoint does nothing with
-        # its reactor until listen() is called.
-        serverFromString(None, desc)
-    except Exception as e:
-        raise ValueError(f"not a valid Twisted server endpoint string ({e})") from None
-    return desc
+    return _endpoint(value, serverFromString, "server")
 
 
 def client_endpoint(value: Any) -> str:
     """
     @return: C{value}, a valid Twisted client endpoint string.
     """
-    desc = string(value)
-    try:
-        # Parsing only: a client endpoint does nothing with its reactor
-        # until connect() is called.
-        clientFromString(None, desc)
-    except Exception as e:
-        raise ValueError(f"not a valid Twisted client endpoint string ({e})") from None
-    return desc
+    return _endpoint(value, clientFromString, "client")

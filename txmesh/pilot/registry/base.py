@@ -166,6 +166,33 @@ class RegistryState:
         }
 
 
+class StateBackedRegistry:
+    """
+    The C{IRegistry} methods every registry that keeps a L{RegistryState}
+    in C{self._state} answers the same way.
+    """
+
+    _state: RegistryState
+
+    def services(self) -> Mapping[str, ServiceEndpoints]:
+        """
+        @return: the last good view; what failed keeps its last endpoints.
+        """
+        return self._state.view
+
+    def subscribe(self, callback: Callable[[IRegistry], object]) -> None:
+        """
+        Call C{callback(self)} when the view changes.
+        """
+        self._state.subscribe(callback)
+
+    def status(self) -> dict[str, Any]:
+        """
+        @return: see L{IRegistry.status}; C{error} says what failed last.
+        """
+        return self._state.status()
+
+
 def merge(views: Iterable[Mapping[str, ServiceEndpoints]]) -> dict[str, ServiceEndpoints]:
     """
     Merge views in order: a host seen again gains the later endpoints and

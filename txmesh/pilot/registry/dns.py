@@ -22,7 +22,15 @@ from zope.interface import implementer
 from txmesh.config import values
 from txmesh.config.errors import ConfigError
 from txmesh.config.model import Endpoint
-from txmesh.pilot.registry.base import PROTOCOLS, IRegistry, RegistryState, ServiceEndpoints, ServicePort, merge
+from txmesh.pilot.registry.base import (
+    PROTOCOLS,
+    IRegistry,
+    RegistryState,
+    ServiceEndpoints,
+    ServicePort,
+    StateBackedRegistry,
+    merge,
+)
 
 KINDS = ("A", "AAAA", "SRV")
 
@@ -113,7 +121,7 @@ def endpoints_from(entry: DNSName, answers: Iterable[dns.RRHeader]) -> tuple[tup
 
 
 @implementer(IRegistry)
-class DNSRegistry:
+class DNSRegistry(StateBackedRegistry):
     """
     Services from DNS names, re-resolved on their TTL.
     """
@@ -233,23 +241,3 @@ class DNSRegistry:
             if call.active():
                 call.cancel()
         self._calls.clear()
-
-    def services(self) -> Mapping[str, ServiceEndpoints]:
-        """
-        @return: the current view; a name that failed keeps its last
-            endpoints.
-        """
-        return self._state.view
-
-    def subscribe(self, callback: Callable[[IRegistry], object]) -> None:
-        """
-        Call C{callback(self)} when the view changes.
-        """
-        self._state.subscribe(callback)
-
-    def status(self) -> dict[str, Any]:
-        """
-        @return: see L{IRegistry.status}; C{error} lists every name whose
-            last lookup failed.
-        """
-        return self._state.status()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from txmesh.config import values
 from txmesh.config.errors import ConfigError
-from txmesh.pilot.registry.base import IRegistry, RegistryState, ServiceEndpoints
+from txmesh.pilot.registry.base import IRegistry, RegistryState, ServiceEndpoints, StateBackedRegistry
 from txmesh.pilot.registry.file import parse_service
 
 DEFAULT_PREFIX = "/txmesh/services/"
@@ -474,7 +474,7 @@ Phase = Literal["stopped", "ranging", "watching", "waiting"]
 
 
 @implementer(IRegistry)
-class EtcdRegistry:
+class EtcdRegistry(StateBackedRegistry):
     """
     Services from the keys under a prefix in etcd, kept current by a watch.
 
@@ -575,24 +575,12 @@ class EtcdRegistry:
             return defer.succeed(None)
         return body.lost
 
-    def services(self) -> Mapping[str, ServiceEndpoints]:
-        """
-        @return: the last good view.
-        """
-        return self._state.view
-
-    def subscribe(self, callback: Callable[[IRegistry], object]) -> None:
-        """
-        Call C{callback(self)} when the view changes.
-        """
-        self._state.subscribe(callback)
-
     def status(self) -> dict[str, Any]:
         """
         @return: see L{IRegistry.status}; also C{revision} and C{phase}.
             C{error} joins the connection's error and every bad key's.
         """
-        status = self._state.status()
+        status = super().status()
         status["revision"] = self.revision
         status["phase"] = self.phase
         return status

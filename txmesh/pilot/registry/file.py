@@ -23,7 +23,14 @@ from zope.interface import implementer
 from txmesh.config import values
 from txmesh.config.errors import ConfigError
 from txmesh.config.model import Endpoint
-from txmesh.pilot.registry.base import PROTOCOLS, IRegistry, RegistryState, ServiceEndpoints, ServicePort
+from txmesh.pilot.registry.base import (
+    PROTOCOLS,
+    IRegistry,
+    RegistryState,
+    ServiceEndpoints,
+    ServicePort,
+    StateBackedRegistry,
+)
 
 _port_number = values.int_in(1, 65535)
 _weight = values.int_in(1, 2**31 - 1)
@@ -134,7 +141,7 @@ def parse_services(doc: Any, source: str) -> dict[str, ServiceEndpoints]:
 
 
 @implementer(IRegistry)
-class FileRegistry:
+class FileRegistry(StateBackedRegistry):
     """
     Services from a YAML file or a directory of C{*.yaml} files.
 
@@ -229,21 +236,3 @@ class FileRegistry:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-
-    def services(self) -> Mapping[str, ServiceEndpoints]:
-        """
-        @return: the last good view.
-        """
-        return self._state.view
-
-    def subscribe(self, callback: Callable[[IRegistry], object]) -> None:
-        """
-        Call C{callback(self)} when the view changes.
-        """
-        self._state.subscribe(callback)
-
-    def status(self) -> dict[str, Any]:
-        """
-        @return: see L{IRegistry.status}.
-        """
-        return self._state.status()

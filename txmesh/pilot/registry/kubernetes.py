@@ -37,7 +37,7 @@ from zope.interface import implementer
 from txmesh.config import values
 from txmesh.config.errors import ConfigError
 from txmesh.config.model import Endpoint
-from txmesh.pilot.registry.base import IRegistry, RegistryState, ServiceEndpoints, ServicePort
+from txmesh.pilot.registry.base import IRegistry, RegistryState, ServiceEndpoints, ServicePort, StateBackedRegistry
 
 IN_CLUSTER_API = "https://kubernetes.default.svc"
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -632,7 +632,7 @@ def _https_policy(reactor: Any, ca_file: str) -> Any:
 
 
 @implementer(IRegistry)
-class KubernetesRegistry:
+class KubernetesRegistry(StateBackedRegistry):
     """
     Services, EndpointSlices and Pods from a Kubernetes API server, listed
     and watched; see the module docstring and L{build_view}.
@@ -775,26 +775,6 @@ class KubernetesRegistry:
         self._running = False
         for watcher in self._watchers:
             watcher.stop()
-
-    def services(self) -> Mapping[str, ServiceEndpoints]:
-        """
-        @return: the last good view.
-        """
-        return self._state.view
-
-    def subscribe(self, callback: Callable[[IRegistry], object]) -> None:
-        """
-        Call C{callback(self)} when the view changes.
-        """
-        self._state.subscribe(callback)
-
-    def status(self) -> dict[str, Any]:
-        """
-        @return: see L{IRegistry.status}; C{error} names every collection
-            whose last read failed.
-        """
-        return self._state.status()
-
 
 _KEYS = {"type", "api", "token_file", "ca_file", "namespaces", "domain_suffix"}
 
