@@ -88,6 +88,17 @@ pilot:
   backoff_max: 0.5
 """
 
+# The third proxy names its pilots, root and token on the command line
+# (twistd txmesh-proxy --pilot ...); its file only places its ports.
+PROXY_BY_OPTIONS = """\
+node: {{id: {node}, workload: {node}, namespace: default}}
+admin: {{address: "tcp:{{admin}}:interface=127.0.0.1"}}
+pilot:
+  outbound_address: "tcp:{{http}}:interface=127.0.0.1"
+  backoff_base: 0.1
+  backoff_max: 0.5
+"""
+
 
 class PilotProcess:
     """
@@ -236,12 +247,18 @@ class ControlPlaneTests(unittest.TestCase):
             f.write(made.stdout.strip())
 
         proxies = []
-        for i in range(3):
+        root = os.path.join(self.dir, "ca", "root-cert.pem")
+        for i in range(2):
             proxy = ProxyProcess(self)
             proxy.write(PROXY.format(node=f"client-{i}", addresses=f'"{pilot_a.address}", "{pilot_b.address}"',
-                                     ca_file=os.path.join(self.dir, "ca", "root-cert.pem"), token_file=token_file))
+                                     ca_file=root, token_file=token_file))
             proxy.start()
             proxies.append(proxy)
+        proxy = ProxyProcess(self)
+        proxy.write(PROXY_BY_OPTIONS.format(node="client-2"))
+        proxy.start("--pilot", f"127.0.0.1:{pilot_a.port}", "--pilot", pilot_b.address,
+                    "--pilot-ca", root, "--pilot-token-file", token_file)
+        proxies.append(proxy)
         for proxy in proxies:
             yield proxy.wait_ready()
 
@@ -309,4 +326,8 @@ class ControlPlaneTests(unittest.TestCase):
         for proxy in proxies:
             out, _, _ = yield curl("-s", proxy.admin + "/pilot")
             self.assertEqual(json.loads(out)["connected"], pilot_b.address)
+        # Last, the operator's view of one proxy, through the CLI.
+        routes = run_txmesh("proxy-config", "routes", "client-2", pilot=pilot_b)
+        self.assertEqual(routes.returncode, 0, routes.stderr)
+        self.assertIn("outbound|80||web.default.svc.cluster.local (v2)", routes.stdout)
         yield pilot_a.start()  # for stop(): a clean exit rather than a killed process

@@ -5,6 +5,7 @@ built-in filters (found by name through L{twisted.plugin.getPlugins}).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application.reactors import Reactor
@@ -22,23 +23,46 @@ class ProxyOptions(usage.Options):
     Options of C{twistd txmesh-proxy}.
     """
 
-    synopsis = "--config FILE [options]"
+    synopsis = "--config FILE [options]  |  --pilot ADDRESS --pilot-ca FILE --pilot-token-file FILE [options]"
     longdesc = (
         "Run a txmesh sidecar proxy from a static YAML config file: HTTP/1.1 and "
         "TCP listeners, routes, clusters and filters, plus an admin endpoint. "
         "SIGHUP (or --watch) reloads the file; an invalid file is refused and the "
-        "running config keeps serving."
+        "running config keeps serving. With --pilot the proxy gets its listeners "
+        "and clusters from a txmesh-pilot instead (no file needed; a file given "
+        "too is the bootstrap: node, admin, static resources)."
     )
     optParameters = [
-        ["config", "c", None, "The proxy's YAML config file (required)."],
+        ["config", "c", None, "The proxy's YAML config file (required without --pilot)."],
         ["watch", "w", 0.0, "Seconds between checks of the config file for changes (0: only on SIGHUP).", float],
         ["drain-timeout", None, 5.0, "Seconds in-flight requests get to finish at shutdown.", float],
+        ["pilot-ca", None, None, "With --pilot: the mesh root file (the pilot's ca/root-cert.pem)."],
+        ["pilot-token-file", None, None, "With --pilot: the join token file (txmesh token create)."],
+        ["node-id", None, None, "With --pilot: this proxy's node id [default: the file's, or the host name]."],
+        ["namespace", None, None, "With --pilot: this proxy's namespace [default: the file's, or default]."],
+        ["workload", None, None, "With --pilot: the workload beside this proxy."],
+    ]
+    optFlags = [
+        ["pilot-insecure", None, "With --pilot: plaintext channel (only to a pilot run with --insecure)."],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.yaml")})
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["pilot"] = []
+
+    def opt_pilot(self, address: str) -> None:
+        """
+        A pilot replica to get config from: an endpoint string
+        (tcp:pilot:15010) or HOST:PORT; repeat for several.
+        """
+        self["pilot"].append(address)
+
     def postOptions(self) -> None:
-        if not self["config"]:
-            raise usage.UsageError("--config FILE is required")
+        if not self["config"] and not self["pilot"]:
+            raise usage.UsageError("--config FILE or --pilot ADDRESS is required")
+        if self["pilot"] and not (self["pilot-ca"] or self["pilot-insecure"] or self["config"]):
+            raise usage.UsageError("--pilot needs --pilot-ca FILE (the mesh root) or --pilot-insecure")
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -57,9 +81,12 @@ class ProxyServiceMaker:
         from txmesh.config.errors import ConfigError
         from txmesh.proxy.service import ProxyService
 
+        document = None
+        if options["pilot"]:
+            document = _pilot_bootstrap(options)
         service = ProxyService(
-            options["config"], reactor,
-            watch_interval=options["watch"], drain_timeout=options["drain-timeout"],
+            options["config"] or "<command line>", reactor,
+            watch_interval=options["watch"], drain_timeout=options["drain-timeout"], document=document,
         )
         try:
             service.load_initial()
@@ -67,6 +94,37 @@ class ProxyServiceMaker:
             sys.stderr.write(f"txmesh-proxy: invalid config: {e}\n")
             raise SystemExit(2) from None
         return service
+
+
+def _pilot_bootstrap(options: ProxyOptions) -> dict:
+    """
+    The bootstrap document for C{--pilot}: the config file's, if any, with
+    the pilot and node options merged in.
+    """
+    import socket
+
+    import yaml
+
+    from txmesh.proxy.bootstrap import PilotOptions, bootstrap_document
+
+    base = None
+    if options["config"]:
+        try:
+            with open(options["config"], encoding="utf-8") as f:
+                base = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            sys.stderr.write(f"txmesh-proxy: invalid config: {options['config']}: {e}\n")
+            raise SystemExit(2) from None
+    def absolute(path: str | None) -> str | None:
+        # Paths in the file are relative to it; paths on the command line are not.
+        return None if path is None else os.path.abspath(path)
+
+    pilot = PilotOptions(
+        options["pilot"], absolute(options["pilot-ca"]), absolute(options["pilot-token-file"]),
+        bool(options["pilot-insecure"]),
+        options["node-id"], options["namespace"], options["workload"],
+    )
+    return bootstrap_document(base, pilot, socket.gethostname())
 
 
 txmeshProxy = ProxyServiceMaker()
@@ -86,7 +144,6 @@ from txmesh.filters.fault import FaultFactory  # noqa: E402  (appended: the faul
 fault = FaultFactory()
 alsoProvides(fault, IPlugin)
 
-import os  # noqa: E402  (appended: the txmesh-pilot plugin)
 
 
 class PilotOptions(usage.Options):

@@ -92,9 +92,11 @@ class ProxyService(Service):
         drain_timeout: float = 5.0,
         pilot_backoff_base: float = 0.5,
         pilot_backoff_max: float = 15.0,
+        document: dict | None = None,
     ):
         """
-        @param config_path: the YAML file to run from.
+        @param config_path: the YAML file to run from (a name for messages
+            when C{document} is given).
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
         @param registry: filter factories (default: installed plugins).
         @param watch_interval: seconds between checks of the file for
@@ -103,8 +105,13 @@ class ProxyService(Service):
         @param pilot_backoff_base: seconds; ceiling of the first wait before
             reconnecting to the pilot (see L{PilotClient}).
         @param pilot_backoff_max: seconds; cap of those waits.
+        @param document: the config document to run from instead of the
+            file's (a bootstrap made from the command line, see
+            L{txmesh.proxy.bootstrap}); relative paths in it are relative
+            to C{config_path}'s directory.
         """
         self._path = config_path
+        self._document = document
         self._reactor = reactor
         self._loader = ConfigLoader(registry or FilterRegistry.from_plugins())
         self._watch_interval = watch_interval
@@ -134,7 +141,10 @@ class ProxyService(Service):
 
         @raise ConfigError: if the file is invalid.
         """
-        self.config = self._loader.load_file(self._path)
+        if self._document is not None:
+            self.config = self._loader.load_document(self._document, self._path)
+        else:
+            self.config = self._loader.load_file(self._path)
         self._mtime = self._file_mtime()
         self._log_warnings(self.config)
         return self.config
