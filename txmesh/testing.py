@@ -240,6 +240,9 @@ class FilterHarness:
         node: NodeConfig = NodeConfig(),
         metrics: Any = None,
         clock: Clock | None = None,
+        downstream_principal: str | None = None,
+        downstream_address: Any = None,
+        downstream_port: int | None = 8080,
     ):
         """
         @param filters: C{(factory, raw_config)} pairs in chain order; each
@@ -247,12 +250,20 @@ class FilterHarness:
             from YAML (so config errors surface here too).
         @param route: the route the request matches (default: any path to
             a cluster named C{test}).
+        @param downstream_principal: the caller's verified identity the
+            stream reports (as over mutual TLS), or C{None} (plaintext).
+        @param downstream_address: the caller's address (default
+            C{127.0.0.1:40000}).
+        @param downstream_port: the local port the request arrived on.
         """
         self.clock = clock or Clock()
         self.upstream = upstream or StubUpstream()
         self._configs = [FilterConfig(f.name, f, f.parse_config(raw)) for f, raw in filters]
         self._route = route or Route(name="test", match=RouteMatch(), cluster="test")
         self._proxy = ProxyContext(node, self.clock, metrics)
+        self._principal = downstream_principal
+        self._address = downstream_address or IPv4Address("TCP", "127.0.0.1", 40000)
+        self._port = downstream_port
 
     def start(
         self,
@@ -272,10 +283,12 @@ class FilterHarness:
         router = FilterConfig("router", _StubRouterFactory(self.upstream, response))
         route = self._route
         stream = FilterChain(
-            _Writer(response), self.clock, "test", IPv4Address("TCP", "127.0.0.1", 40000),
+            _Writer(response), self.clock, "test", self._address,
             new_request_id(), lambda head: route, None, tuple(self._configs) + (router,),
         )
         stream.proxy = self._proxy
+        stream.downstream_principal = self._principal
+        stream.downstream_port = self._port
         head = RequestHead(_b(method).upper(), _b(path), _b(authority), Headers(list(_pairs(headers))))
         stream.request_headers(head, end_stream)
         response.flags = stream.response_flags

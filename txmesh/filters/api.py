@@ -73,6 +73,16 @@ class IStreamContext(Interface):
         "The downstream peer, an L{twisted.internet.interfaces.IAddress}."
     )
     listener_name = Attribute("Name of the listener that accepted the stream.")
+    downstream_principal = Attribute(
+        "The downstream peer's verified identity (its certificate's SPIFFE ID, "
+        "C{spiffe://<trust-domain>/ns/<ns>/sa/<sa>}) when the connection is mutual "
+        "TLS, else C{None}."
+    )
+    downstream_port = Attribute("The local port the stream arrived on (C{int}), or C{None}.")
+    metadata = Attribute(
+        "A C{dict} filters share per stream, as Envoy's dynamic metadata: e.g. the "
+        "jwt filter leaves C{metadata['request.auth']} for the authz filter."
+    )
     route = Attribute("The matched route (L{txmesh.config.model.Route}) or None.")
     response_flags = Attribute("A list of response-flag strings set so far.")
     clock = Attribute("The L{twisted.internet.interfaces.IReactorTime} to wait with.")

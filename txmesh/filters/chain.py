@@ -106,6 +106,9 @@ class FilterChain:
     # Per-stream state with class-level defaults: set on the instance only
     # when it changes, which keeps stream creation cheap.
     proxy: Any = None
+    downstream_principal: str | None = None
+    downstream_port: int | None = None
+    _metadata: dict | None = None
     upstream_host: Any = None
     upstream_cluster: str | None = None
     route: Any = None
@@ -123,6 +126,13 @@ class FilterChain:
     _resp_origin = 0
 
     # IStreamContext
+
+    @property
+    def metadata(self) -> dict:
+        # Made on first use: most streams carry none.
+        if self._metadata is None:
+            self._metadata = {}
+        return self._metadata
 
     def add_response_flag(self, flag: str) -> None:
         if flag and flag not in self.response_flags:
