@@ -98,7 +98,7 @@ class Channel:
 
     def __init__(self, insecure: bool = False) -> None:
         self.insecure = insecure
-        self.credential = ""
+        self._tokens = None
         self._tls = None
 
     def pilot_args(self, port: int) -> list[str]:
@@ -116,7 +116,16 @@ class Channel:
 
         ca = ca_directory(str(config_dir))
         self._tls = client_tls_options("127.0.0.1", (Path(ca) / "root-cert.pem").read_bytes())
-        self.credential = token_authority(ca).create("default", "bench", time.time(), 3600)
+        self._tokens = token_authority(ca)
+
+    def credential(self) -> str:
+        """
+        @return: a fresh join token (each is good once), or nothing on the
+            plaintext channel.
+        """
+        if self._tokens is None:
+            return ""
+        return self._tokens.create("default", "bench", time.time(), 3600)
 
     def client_endpoint(self, reactor, port: int):
         from twisted.internet.endpoints import clientFromString, wrapClientTLS
@@ -275,7 +284,7 @@ def make_client_protocol(fleet: Fleet, node_id: str, workload: str):
         def connectionMade(self) -> None:
             self.connected = True
             node = Node(id=node_id, namespace="default", workload=workload, app="client", version="v1")
-            self.transport.write(encode(Hello(node=node, credential=fleet.channel.credential)))
+            self.transport.write(encode(Hello(node=node, credential=fleet.channel.credential())))
 
         def dataReceived(self, data: bytes) -> None:
             self.bytes_received += len(data)

@@ -2,7 +2,8 @@
 The demo mesh (C{scripts/demo}, C{examples/demo/}) still starts and does
 what its tour says: C{scripts/demo --check} is run as a child process, in
 this test's own Python environment (C{TXMESH_VENV}, so nothing is installed
-and no network is needed).
+and no network is needed). The mesh is a pilot, three apps and their
+sidecars; the tour changes the pilot's routes live.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from twisted.trial import unittest
 
@@ -19,8 +21,10 @@ from tests.support import busy_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "scripts", "demo")
-DEMO_PORTS = (15800, 15801, 15802, 15810, 15811, 15812, 15819, 15820, 15829, 15830, 15839)
+DEMO_PORTS = (15800, 15801, 15802, 15810, 15811, 15812, 15819, 15820, 15821, 15829, 15830, 15831, 15839,
+              15840, 15841)
 TIMEOUT = 120
+TOUR_STEPS = 15
 
 
 class DemoTests(unittest.TestCase):
@@ -62,9 +66,10 @@ class DemoTests(unittest.TestCase):
 
     def test_check(self) -> None:
         """
-        C{scripts/demo --check} starts the mesh, runs the tour with its
-        assertions and stops everything: with curl when it is installed,
-        and with the demo's curl-less fallback.
+        C{scripts/demo --check} starts the mesh (the pilot first), runs the
+        tour with its assertions and stops everything: with curl when it is
+        installed, and with the demo's curl-less fallback.  Then a demo left
+        running stops with C{scripts/demo --stop}.
         """
         # One test method for both runs: trial --jobs must never run two
         # demos at once, they use the same fixed ports.
@@ -77,12 +82,54 @@ class DemoTests(unittest.TestCase):
         for env in variants:
             code, out = self.demo("--check", **env)
             self.assertEqual(code, 0, f"scripts/demo --check ({env}) failed:\n{out}")
-            self.assertIn("demo --check: OK (7 steps)", out)
+            self.assertIn(f"demo --check: OK ({TOUR_STEPS} steps)", out)
             self.assertIn("$ curl -s -H 'x-version: v2' http://127.0.0.1:15810/", out)
+            self.assertIn(" --pilot http://127.0.0.1:15841 proxy-status\n", out)
+            self.assertIn(" apply -f examples/demo/canary-50-50.yaml --name backend-routes.yaml\n", out)
+            self.assertIn("txmesh apply: refused, nothing changed: ", out)
             self.assertIn("demo: stopped", out)
             self.assertLogsClean()
             self.assertFalse(os.path.exists(os.path.join(self.state, "pids.json")))
             self.assertEqual(busy_ports(DEMO_PORTS), [], "the demo left ports open")
+            # The pilot's generated CA and the join tokens are in the state
+            # directory, never in the repository.
+            self.assertTrue(os.path.exists(os.path.join(self.state, "pilot", "ca", "root-cert.pem")))
+            self.assertTrue(os.path.exists(os.path.join(self.state, "frontend-sidecar.token")))
+            self.assertFalse(os.path.exists(os.path.join(REPO, "examples", "demo", "pilot", "ca")))
+        self.check_stop()
+
+    def check_stop(self) -> None:
+        """
+        A demo left running (the foreground C{scripts/demo}) is stopped by
+        C{scripts/demo --stop} from elsewhere: every process, the pilot too.
+        """
+        full_env = dict(os.environ, TXMESH_VENV=self.venv, TXMESH_DEMO_DIR=self.state, CI="true",
+                        TXMESH_DEMO_CURL="none")
+        log = os.path.join(os.path.abspath(self.mktemp()) + ".log")
+        with open(log, "wb") as out:
+            running = subprocess.Popen(["bash", DEMO], cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                with open(log, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+                if "demo: running." in text:
+                    break
+                if running.poll() is not None or time.monotonic() > deadline:
+                    self.fail(f"scripts/demo did not come up:\n{text}")
+                time.sleep(0.2)
+            self.assertEqual(len(busy_ports(DEMO_PORTS)), len(DEMO_PORTS))
+            code, out = self.demo("--stop")
+            self.assertEqual(code, 0, out)
+            self.assertIn("demo: stopped", out)
+            running.wait(15)
+        finally:
+            if running.poll() is None:
+                os.killpg(running.pid, signal.SIGKILL)
+                running.wait()
+        self.assertEqual(busy_ports(DEMO_PORTS), [], "--stop left ports open (the pilot's: 15840, 15841)")
+        self.assertFalse(os.path.exists(os.path.join(self.state, "pids.json")))
 
     def test_stop_when_not_running(self) -> None:
         """

@@ -184,6 +184,20 @@ class ControlPlaneTests(unittest.TestCase):
         os.replace(tmp, path)
         return reactor.seconds()
 
+    def join_token(self, account: str) -> str:
+        """
+        Make a join token with the real command (each is good once).
+
+        @return: the file holding it.
+        """
+        made = run_txmesh("token", "create", "--config-dir", self.dir, "--namespace", "default",
+                          "--service-account", account)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        path = os.path.join(self.dir, f"{account}.token")
+        with open(path, "w") as f:
+            f.write(made.stdout.strip())
+        return path
+
     def istio(self, subset: str) -> str:
         return ISTIO.format(subset=subset, **self.ports)
 
@@ -239,25 +253,18 @@ class ControlPlaneTests(unittest.TestCase):
         pilot_b = PilotProcess(self, self.dir, "b")
         yield pilot_a.start()
 
-        made = run_txmesh("token", "create", "--config-dir", self.dir, "--namespace", "default",
-                          "--service-account", "client")
-        self.assertEqual(made.returncode, 0, made.stderr)
-        token_file = os.path.join(self.dir, "join-token")
-        with open(token_file, "w") as f:
-            f.write(made.stdout.strip())
-
         proxies = []
         root = os.path.join(self.dir, "ca", "root-cert.pem")
         for i in range(2):
             proxy = ProxyProcess(self)
             proxy.write(PROXY.format(node=f"client-{i}", addresses=f'"{pilot_a.address}", "{pilot_b.address}"',
-                                     ca_file=root, token_file=token_file))
+                                     ca_file=root, token_file=self.join_token(f"client-{i}")))
             proxy.start()
             proxies.append(proxy)
         proxy = ProxyProcess(self)
         proxy.write(PROXY_BY_OPTIONS.format(node="client-2"))
         proxy.start("--pilot", f"127.0.0.1:{pilot_a.port}", "--pilot", pilot_b.address,
-                    "--pilot-ca", root, "--pilot-token-file", token_file)
+                    "--pilot-ca", root, "--pilot-token-file", self.join_token("client-2"))
         proxies.append(proxy)
         for proxy in proxies:
             yield proxy.wait_ready()

@@ -11,17 +11,33 @@ import shutil
 import tempfile
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_pilot import SERVICE_ENTRY, SERVICES, VIRTUAL_SERVICE, ChannelClient, write
+from txmesh.identity import certificate_identity
 from txmesh.pilot.ca import client_tls_options
 from txmesh.pilot.channel_security import ca_directory, load_channel_security, token_authority
 from txmesh.pilot.keepalive import Keepalive
-from txmesh.pilot.messages import Ack, Hello, Nack, Node, Ping, Pong, Push, Refused
+from txmesh.pilot.messages import (
+    Ack,
+    CertificateDenied,
+    CertificateIssued,
+    CertificateRequest,
+    Hello,
+    Nack,
+    Node,
+    Ping,
+    Pong,
+    Push,
+    Refused,
+)
 from txmesh.pilot.server import APP_PORT_LABEL, INBOUND_PORT_LABEL, OUTBOUND_ADDRESS_LABEL
 from txmesh.pilot.service import PilotService
+from txmesh.proxy.pilot_client import pilot_tls_options
+from txmesh.proxy.workload_identity import WorkloadIdentity
 
 LABELS = {INBOUND_PORT_LABEL: "15006", APP_PORT_LABEL: "9080"}
 
@@ -302,5 +318,113 @@ class SecureChannelTests(_PilotCase):
     def test_plaintext_client_gets_nothing(self) -> Any:
         client = yield self.connect()
         client.send(Hello(node=Node(id="p1", labels=LABELS), credential=self.token()))
+        yield client.closed()
+        self.assertEqual(self.pilot.channels, [])
+
+
+class WorkloadCertificateTests(_PilotCase):
+    """
+    Workload certificates over the channel: a join token is good once and
+    names the only identity the pilot signs; the certificate then is the
+    credential.
+    """
+
+    security = True
+
+    def token(self, namespace: str = "default", account: str = "web") -> str:
+        return token_authority(ca_directory(self.dir)).create(namespace, account, reactor.seconds(), 3600)
+
+    @defer.inlineCallbacks
+    def admitted(self, credential: str, identity: WorkloadIdentity | None = None, namespace: str = "default") -> Any:
+        address = f"tcp:127.0.0.1:{self.pilot.channel_port.getHost().port}"
+        tls = pilot_tls_options(None, self.channel_security.root_pem, address, identity, reactor.seconds())
+        client = yield self.connect(tls)
+        client.send(Hello(node=Node(id="p1", namespace=namespace, labels=LABELS), credential=credential))
+        first = yield client.next()
+        return client, first
+
+    @defer.inlineCallbacks
+    def certify(self, client: Any, identity: WorkloadIdentity, request_id: int = 1) -> Any:
+        client.send(CertificateRequest(id=request_id, csr=identity.new_request().decode()))
+        answer = yield client.next()
+        return answer
+
+    @defer.inlineCallbacks
+    def test_csr_signed_for_the_token_identity(self) -> Any:
+        client, push = yield self.admitted(self.token())
+        self.assertIsInstance(push, Push)
+        identity = WorkloadIdentity("spiffe://cluster.local/ns/default/sa/web")
+        issued = yield self.certify(client, identity)
+        self.assertIsInstance(issued, CertificateIssued)
+        self.assertEqual(issued.id, 1)
+        identity.install(issued.chain.encode(), issued.roots.encode(), reactor.seconds())
+        self.assertTrue(identity.valid_at(reactor.seconds()))
+        self.assertEqual(issued.roots.encode(), self.channel_security.root_pem)
+        self.assertEqual(self.pilot.certificates_signed, 1)
+
+    @defer.inlineCallbacks
+    def test_other_identity_denied_channel_kept(self) -> Any:
+        client, _ = yield self.admitted(self.token(account="web"))
+        denied = yield self.certify(client, WorkloadIdentity("spiffe://cluster.local/ns/default/sa/admin"))
+        self.assertIsInstance(denied, CertificateDenied)
+        self.assertIn("asks for spiffe://cluster.local/ns/default/sa/admin", denied.reason)
+        self.assertIn("grants spiffe://cluster.local/ns/default/sa/web", denied.reason)
+        client.send(CertificateRequest(id=2, csr="-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n"))
+        garbage = yield client.next()
+        self.assertIsInstance(garbage, CertificateDenied)
+        self.assertIn("not a PEM certificate signing request", garbage.reason)
+        client.send(Ping(id=3))
+        self.assertEqual((yield client.next()), Pong(id=3))
+        self.assertEqual(self.pilot.certificates_signed, 0)
+
+    @defer.inlineCallbacks
+    def test_replayed_token_refused(self) -> Any:
+        token = self.token()
+        client, first = yield self.admitted(token)
+        self.assertIsInstance(first, Push)
+        again, refused = yield self.admitted(token)
+        self.assertIsInstance(refused, Refused)
+        self.assertIn("was used already", refused.reason)
+
+    @defer.inlineCallbacks
+    def test_certificate_is_the_credential_on_reconnect(self) -> Any:
+        client, _ = yield self.admitted(self.token())
+        identity = WorkloadIdentity("spiffe://cluster.local/ns/default/sa/web")
+        issued = yield self.certify(client, identity)
+        identity.install(issued.chain.encode(), issued.roots.encode(), reactor.seconds())
+        client.transport.loseConnection()
+        yield client.closed()
+        again, push = yield self.admitted("", identity)
+        self.assertIsInstance(push, Push)
+        self.assertEqual(self.pilot.channels[0].identity, "spiffe://cluster.local/ns/default/sa/web")
+        renewed = yield self.certify(again, identity, 7)
+        self.assertIsInstance(renewed, CertificateIssued)
+        leaf = x509.load_pem_x509_certificates(renewed.chain.encode())[0]
+        self.assertEqual(certificate_identity(leaf), identity.spiffe_id)
+
+    @defer.inlineCallbacks
+    def test_certificate_for_another_namespace_refused(self) -> Any:
+        client, _ = yield self.admitted(self.token())
+        identity = WorkloadIdentity("spiffe://cluster.local/ns/default/sa/web")
+        issued = yield self.certify(client, identity)
+        identity.install(issued.chain.encode(), issued.roots.encode(), reactor.seconds())
+        again, refused = yield self.admitted("", identity, namespace="payments")
+        self.assertIsInstance(refused, Refused)
+        self.assertIn("for namespace 'default'", refused.reason)
+
+    @defer.inlineCallbacks
+    def test_foreign_client_certificate_fails_handshake(self) -> Any:
+        other = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, other, True)
+        foreign = load_channel_security(other, "cluster.local", reactor)
+        identity = WorkloadIdentity("spiffe://cluster.local/ns/default/sa/web")
+        csr = identity.new_request()
+        chain = foreign.ca.sign_csr(csr, identity.spiffe_id, foreign._now(), foreign.workload_ttl)
+        identity.install(chain, foreign.root_pem, reactor.seconds())
+        address = f"tcp:127.0.0.1:{self.pilot.channel_port.getHost().port}"
+        # Trusts the right root for the pilot, but presents a foreign-CA certificate.
+        tls = pilot_tls_options(None, self.channel_security.root_pem, address, identity, reactor.seconds())
+        client = yield self.connect(tls)
+        client.send(Hello(node=Node(id="p1", labels=LABELS)))
         yield client.closed()
         self.assertEqual(self.pilot.channels, [])

@@ -432,7 +432,7 @@ class ProxyProcessTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         text = out.decode()
         self.assertIn("Usage: twistd [options] txmesh-proxy --config FILE [options]", text)
-        self.assertRegex(text, r"-c, --config=\s+The proxy's YAML config file \(required\)\.")
+        self.assertRegex(text, r"-c, --config=\s+The proxy's YAML config file \(required without")
         self.assertRegex(text, r"-w, --watch=\s+Seconds between checks")
         self.assertRegex(text, r"--drain-timeout=\s+Seconds in-flight requests")
         self.assertIn("[default: 5.0]", text)
@@ -446,7 +446,7 @@ class ProxyProcessTests(unittest.TestCase):
         out, err, code = yield getProcessOutputAndValue(
             TWISTD, ("-n", "--pidfile=", "txmesh-proxy"), env=child_env(), path=REPO)
         self.assertNotEqual(code, 0)
-        self.assertIn(b"--config FILE is required", out + err)
+        self.assertIn(b"--config FILE or --pilot ADDRESS is required", out + err)
 
     # 2. Refusing to start
 

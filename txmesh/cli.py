@@ -7,11 +7,14 @@ The C{txmesh} command: operator tools.
     txmesh proxy-config {routes,clusters,endpoints} PROXY
                                       one view of the config the pilot pushed to a proxy
     txmesh services                   the services the pilot's registry knows
+    txmesh apply -f FILE [--name NAME]
+                                      validate Istio documents at the pilot and, if valid,
+                                      make them its istio/NAME (default: FILE's base name)
     txmesh token create --config-dir DIR --namespace NS --service-account SA [--ttl 24h]
                                       a join token for a proxy (run on the pilot's host:
                                       it signs with the key in DIR/ca)
 
-The last three ask the pilot's operator API (C{docs/operator-api.md}) at
+The commands but C{validate} and C{token} ask the pilot's operator API (C{docs/operator-api.md}) at
 C{--pilot URL} (default C{$TXMESH_PILOT} or C{http://127.0.0.1:15011}) with
 C{--token} (default C{$TXMESH_TOKEN}); any failure is one line on stderr and
 exit code 1.
@@ -115,7 +118,15 @@ class PilotAPIError(Exception):
     """
     The pilot could not be asked, or refused the request; the message is one
     line for the operator.
+
+    @ivar code: the HTTP status the pilot answered, or C{None} if it did not.
+    @ivar error: the API's own C{error} text, or C{""}.
     """
+
+    def __init__(self, message: str, code: int | None = None, error: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.error = error
 
 
 @attrs.frozen
@@ -135,8 +146,7 @@ class PilotClient:
     timeout: float = DEFAULT_TIMEOUT
     http: Any = None
 
-    @defer.inlineCallbacks
-    def get(self, path: str) -> Any:
+    def get(self, path: str) -> defer.Deferred:
         """
         C{GET} a path of the API.
 
@@ -145,28 +155,52 @@ class PilotClient:
         @raise PilotAPIError: (as the Deferred's failure) the pilot cannot be
             reached in time, refuses the token, or answers anything but 200.
         """
+        return self._request("GET", path)
+
+    def put(self, path: str, body: bytes, content_type: bytes = b"application/yaml") -> defer.Deferred:
+        """
+        C{PUT} a body to a path of the API.
+
+        @param path: the path, starting with C{/}, already quoted.
+        @param body: the request body.
+        @param content_type: its C{content-type}.
+        @return: a L{Deferred} firing with the decoded JSON body.
+        @raise PilotAPIError: as L{get}; for a refused change (C{422}) its
+            C{error} is the pilot's reason.
+        """
+        return self._request("PUT", path, body, content_type)
+
+    @defer.inlineCallbacks
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 content_type: bytes | None = None) -> Any:
         http = self.http if self.http is not None else treq
         headers = {b"accept": [b"application/json"]}
         if self.token:
             headers[b"authorization"] = [b"Bearer " + self.token.encode("utf-8")]
+        if content_type is not None:
+            headers[b"content-type"] = [content_type]
         url = self.url.rstrip("/") + path
         try:
-            response = yield http.get(url, headers=headers, timeout=self.timeout)
-            body = yield response.content()
+            if method == "GET":
+                response = yield http.get(url, headers=headers, timeout=self.timeout)
+            else:
+                response = yield http.request(method, url, data=body, headers=headers, timeout=self.timeout)
+            content = yield response.content()
         except Exception as e:  # any transport failure means the same to the operator
             raise PilotAPIError(f"cannot reach the pilot at {self.url}: {_reason(e, self.timeout)}") from None
         try:
-            data = json.loads(body)
+            data = json.loads(content)
         except ValueError:
             raise PilotAPIError(f"the pilot at {self.url} answered {response.code} with a body that is not JSON "
-                                f"(is {self.url} the pilot's operator API?)") from None
+                                f"(is {self.url} the pilot's operator API?)", response.code) from None
         if response.code == 200:
             return data
         error = data.get("error", "") if isinstance(data, dict) else ""
+        error = error if isinstance(error, str) else str(error)
         if response.code == 401:
             hint = "the token was refused" if self.token else "it needs a token (--token or TXMESH_TOKEN)"
-            raise PilotAPIError(f"the pilot at {self.url} refused the request: {hint}")
-        raise PilotAPIError(f"{error or 'error'} ({response.code} from {url})")
+            raise PilotAPIError(f"the pilot at {self.url} refused the request: {hint}", 401, error)
+        raise PilotAPIError(f"{error or 'error'} ({response.code} from {url})", response.code, error)
 
 
 def _reason(e: BaseException, timeout: float) -> str:
@@ -320,6 +354,50 @@ def services(client: PilotClient, out: Any = sys.stdout, err: Any = sys.stderr,
     return _remote(lambda: client.get("/services"), _services_table, output, out, err)
 
 
+def apply(client: PilotClient, path: str, name: str | None = None, out: Any = sys.stdout, err: Any = sys.stderr,
+          output: str = "table") -> defer.Deferred:
+    """
+    Validate the Istio documents in a file at the pilot and, if they are
+    valid, make them the pilot's C{istio/<name>} (C{PUT /config/istio/<name>}):
+    the pilot writes the file, reloads and pushes the change to its proxies.
+
+    @param path: the file to send.
+    @param name: the file name at the pilot; by default C{path}'s base name.
+    @param output: C{table} (one line) or C{json} (the API's answer).
+    @return: a L{Deferred} firing with the exit code: 0 applied; 1 refused
+        (the pilot's reason printed on C{err}, nothing changed) or the pilot
+        could not be asked.
+    """
+    target = name or os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            body = f.read()
+    except OSError as e:
+        err.write(f"txmesh apply: {path}: {e.strerror or e}\n")
+        return defer.succeed(1)
+
+    def shown(data: Any) -> int:
+        if output == "json":
+            out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        else:
+            out.write(f"applied {path} as {data.get('applied', target)} "
+                      f"(pilot config generation {data.get('generation', '?')})\n")
+        return 0
+
+    def failed(failure: Any) -> int:
+        failure.trap(PilotAPIError)
+        e = failure.value
+        if e.code == 422 and e.error:
+            err.write(f"txmesh apply: refused, nothing changed: {e.error}\n")
+        else:
+            err.write(f"txmesh: {e}\n")
+        return 1
+
+    d = defer.maybeDeferred(client.put, f"/config/istio/{quote(target, safe='')}", body)
+    d.addCallbacks(shown, failed)
+    return d
+
+
 def _run(command: Callable[[], defer.Deferred]) -> int:
     """
     Run a command returning a L{Deferred} of an exit code on the global
@@ -392,6 +470,13 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("view", choices=sorted(PROXY_CONFIG_VIEWS))
     c.add_argument("proxy", metavar="PROXY", help="the proxy's node id (see proxy-status)")
     commands.add_parser("services", parents=[output], help="the services the pilot's registry knows")
+    a = commands.add_parser("apply", parents=[output],
+                            help="validate Istio documents at the pilot and, if valid, apply them "
+                                 "(PUT /config/istio/NAME)")
+    a.add_argument("-f", "--file", required=True, metavar="FILE", help="the YAML file of Istio documents")
+    a.add_argument("--name", metavar="NAME",
+                   help="the file it becomes in the pilot's istio/ directory (default: FILE's base name); "
+                        "naming an existing file replaces it")
     t = commands.add_parser("token", help="join tokens for proxies (on the pilot's host)")
     token_commands = t.add_subparsers(dest="token_command", required=True)
     tc = token_commands.add_parser("create", help="print a join token bound to a namespace")
@@ -436,6 +521,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return _run(lambda: proxy_config(client, args.view, args.proxy, output=args.output))
     if args.command == "services":
         return _run(lambda: services(client, output=args.output))
+    if args.command == "apply":
+        return _run(lambda: apply(client, args.file, args.name, output=args.output))
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,6 +1,8 @@
 """
-Run the txmesh demo mesh: sample apps with txmesh-proxy sidecars on
-127.0.0.1 (static YAML configs, no control plane), then a short tour.
+Run the txmesh demo mesh on 127.0.0.1: a txmesh-pilot (the control plane,
+with the Istio documents of C{examples/demo/pilot/}), sample apps, and a
+txmesh-proxy sidecar beside each app, bootstrapped to the pilot over TLS
+with a join token each; then a short tour, which changes the routing live.
 
 Started by C{scripts/demo} (which makes the virtualenv first)::
 
@@ -8,9 +10,12 @@ Started by C{scripts/demo} (which makes the virtualenv first)::
     scripts/demo --check    # start, run the tour, assert its results, stop; exit 0/1
     scripts/demo --stop     # stop a demo left running
 
-State (logs, pids) lives in C{.demo/} at the repository root, or in
-C{$TXMESH_DEMO_DIR}.  This file uses only the standard library, so
-C{--stop} works without the virtualenv.
+State (logs, pids, the pilot's config directory with the CA and token key
+it generates, the sidecars' bootstrap files and join tokens) lives in
+C{.demo/} at the repository root, or in C{$TXMESH_DEMO_DIR}; each start
+copies C{examples/demo/pilot/} and the sidecar files there afresh.  This
+file uses only the standard library, so C{--stop} works without the
+virtualenv.
 """
 
 from __future__ import annotations
@@ -34,39 +39,49 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 STATE_DIR = os.environ.get("TXMESH_DEMO_DIR") or os.path.join(ROOT, ".demo")
 PIDS = "pids.json"
-START_TIMEOUT = float(os.environ.get("TXMESH_DEMO_START_TIMEOUT", "20"))
-MARKER = os.path.join(ROOT, "examples", "demo")  # in every demo process's command line
+START_TIMEOUT = float(os.environ.get("TXMESH_DEMO_START_TIMEOUT", "30"))
+MARKER = os.path.join(ROOT, "examples", "demo")  # in the apps' command lines
+STATE_MARKER = os.path.join(STATE_DIR, "")  # in the pilot's and the sidecars'
+PILOT_DIR = os.path.join(STATE_DIR, "pilot")
+# Each sidecar and its workload's service account.
+SERVICE_ACCOUNTS = {"backend-v1-sidecar": "backend", "backend-v2-sidecar": "backend", "frontend-sidecar": "frontend"}
+SIDECARS = tuple(SERVICE_ACCOUNTS)
 
 HOST = "127.0.0.1"
 FRONTEND_INBOUND = 15810
 FRONTEND_OUTBOUND = 15811
 FRONTEND_TCP = 15812
 FRONTEND_ADMIN = 15819
+PILOT_CHANNEL = 15840
+PILOT_API = 15841
+PILOT_URL = f"http://{HOST}:{PILOT_API}"
+NAMESPACE = "demo"
 
 
 class Component:
     """
-    One process of the demo: a sample app (ready when its port accepts) or
-    a sidecar (ready when its admin C{/ready} answers 200).
+    One process of the demo: a sample app (ready when its port accepts), a
+    sidecar (ready when its admin C{/ready} answers 200) or the pilot (ready
+    when its operator API's C{/status} answers 200).
     """
 
-    def __init__(self, name: str, argv: list[str], ports: list[int], ready_port: int, admin: bool):
+    def __init__(self, name: str, argv: list[str], ports: list[int], ready_port: int, ready_path: str | None):
         self.name = name
         self.argv = argv
         self.ports = ports
         self.ready_port = ready_port
-        self.admin = admin
+        self.ready_path = ready_path
         self.process: subprocess.Popen | None = None
         self.log = os.path.join(STATE_DIR, name + ".log")
 
     def is_ready(self) -> bool:
-        if not self.admin:
+        if self.ready_path is None:
             try:
                 with socket.create_connection((HOST, self.ready_port), timeout=0.5):
                     return True
             except OSError:
                 return False
-        status, _, _ = http_get(self.ready_port, "/ready", timeout=1.0)
+        status, _, _ = http_get(self.ready_port, self.ready_path, timeout=1.0)
         return status == 200
 
 
@@ -88,28 +103,126 @@ def admin_port(path: str) -> int:
     return int(m.group(1))
 
 
+def txmesh_argv() -> list[str]:
+    """
+    @return: how to run the C{txmesh} command of this Python environment.
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "txmesh")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "txmesh.cli"]
+
+
+def pilot_component() -> Component:
+    return Component(
+        "pilot",
+        twistd_argv() + ["-n", "--pidfile=", "txmesh-pilot", "--config-dir", PILOT_DIR,
+                         "--listen", f"tcp:{PILOT_CHANNEL}:interface={HOST}",
+                         "--api", f"tcp:{PILOT_API}:interface={HOST}", "--poll-interval", "0.2"],
+        [PILOT_CHANNEL, PILOT_API], PILOT_API, "/status")
+
+
+def twistd_argv() -> list[str]:
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return [twistd] if os.path.exists(twistd) else [
+        sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
 def components() -> list[Component]:
+    """
+    @return: the apps and the sidecars, in starting order (the pilot is
+        L{pilot_component}, started before them).
+    """
     python = sys.executable
-    twistd = os.path.join(os.path.dirname(python), "twistd")
-    twistd_argv = [twistd] if os.path.exists(twistd) else [
-        python, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
     services = os.path.join(HERE, "services.py")
     out = [
         Component("backend-v1", [python, services, "--role", "backend", "--version", "v1", "--port", "15801"],
-                  [15801], 15801, False),
+                  [15801], 15801, None),
         Component("backend-v2", [python, services, "--role", "backend", "--version", "v2", "--port", "15802"],
-                  [15802], 15802, False),
+                  [15802], 15802, None),
         Component("frontend", [python, services, "--role", "frontend", "--port", "15800",
-                               "--backend-url", f"http://{HOST}:{FRONTEND_OUTBOUND}/"],
-                  [15800], 15800, False),
+                               "--backend-url", "http://backend/", "--connect-to", f"{HOST}:{FRONTEND_OUTBOUND}"],
+                  [15800], 15800, None),
     ]
-    for name in ("backend-v1-sidecar", "backend-v2-sidecar", "frontend-sidecar"):
-        config = os.path.join(HERE, name + ".yaml")
+    for name in SIDECARS:
+        source = os.path.join(HERE, name + ".yaml")
+        # The sidecar runs from its copy in the state directory, where the
+        # pilot section's relative paths (CA file, join token) lead.
+        config = os.path.join(STATE_DIR, name + ".yaml")
         out.append(Component(
             name,
-            twistd_argv + ["-n", "--pidfile=", "txmesh-proxy", "--config", config, "--drain-timeout", "1"],
-            yaml_ports(config), admin_port(config), True))
+            twistd_argv() + ["-n", "--pidfile=", "txmesh-proxy", "--config", config, "--drain-timeout", "1"],
+            yaml_ports(source), admin_port(source), "/ready"))
     return out
+
+
+def prepare_state() -> str | None:
+    """
+    Fill the state directory afresh: the pilot's config directory (a copy
+    of C{examples/demo/pilot/}, so the CA and token key it generates and the
+    tour's live changes stay out of the repository) and the sidecars'
+    bootstrap files.
+
+    @return: C{None}, or what went wrong.
+    """
+    os.makedirs(STATE_DIR, exist_ok=True)
+    try:
+        shutil.rmtree(PILOT_DIR, ignore_errors=True)
+        shutil.copytree(os.path.join(HERE, "pilot"), PILOT_DIR)
+        for name in SIDECARS:
+            shutil.copyfile(os.path.join(HERE, name + ".yaml"), os.path.join(STATE_DIR, name + ".yaml"))
+            if os.path.exists(token_file(name)):
+                os.unlink(token_file(name))
+    except OSError as e:
+        return f"cannot prepare {STATE_DIR}: {e}"
+    return None
+
+
+def token_file(sidecar: str) -> str:
+    """
+    @return: where a sidecar's join token is kept (its bootstrap's
+        C{pilot.token_file}, relative to the state directory).
+    """
+    return os.path.join(STATE_DIR, sidecar + ".token")
+
+
+def make_tokens() -> str | None:
+    """
+    Make each sidecar's join token with C{txmesh token create} (signed with
+    the key the pilot generated in its CA directory); one per sidecar, as a
+    join token admits one proxy.
+
+    @return: C{None}, or what went wrong.
+    """
+    for sidecar, account in SERVICE_ACCOUNTS.items():
+        argv = txmesh_argv() + ["token", "create", "--config-dir", PILOT_DIR, "--namespace", NAMESPACE,
+                                "--service-account", account]
+        print(f"demo: {display(argv)} > {rel(token_file(sidecar))}")
+        try:
+            done = subprocess.run(argv, env=child_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=30, check=False)
+        except subprocess.TimeoutExpired:
+            return "txmesh token create took over 30 s"
+        if done.returncode != 0 or not done.stdout.strip():
+            return f"txmesh token create failed ({done.returncode}): {done.stderr.strip()}"
+        fd = os.open(token_file(sidecar), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(done.stdout.strip() + "\n")
+    return None
+
+
+def rel(path: str) -> str:
+    """
+    @return: C{path} relative to the repository when it is inside it.
+    """
+    return os.path.relpath(path, ROOT) if path.startswith(os.path.join(ROOT, "")) else path
+
+
+def display(argv: list[str]) -> str:
+    """
+    @return: a command as a person would type it from the repository root.
+    """
+    if argv[:2] == [sys.executable, "-m"]:
+        argv = ["python", "-m"] + argv[2:]
+    return " ".join(rel(a) if os.path.isabs(a) else a for a in argv)
 
 
 def child_env() -> dict[str, str]:
@@ -182,7 +295,8 @@ def _ours(pid: int) -> bool:
         return False
     if not os.path.isdir("/proc"):
         return True  # cannot tell; trust the pid file
-    return MARKER in _cmdline(pid)
+    cmdline = _cmdline(pid)
+    return MARKER in cmdline or STATE_MARKER in cmdline
 
 
 def _read_pids() -> dict[str, Any]:
@@ -302,13 +416,15 @@ def busy_ports(ports: list[int]) -> list[int]:
 
 class Step:
     """
-    One tour stop: a curl command (with an optional C{| grep} or
-    C{| head}), and what C{--check} expects of its output.
+    One tour stop: a curl command (with an optional C{| grep}, C{| tail} or
+    a loop counted with C{| sort | uniq -c}), and what C{--check} expects
+    of its output.
     """
 
     def __init__(self, title: str, port: int, path: str = "/", headers: dict[str, str] | None = None,
                  include: bool = False, grep: str | None = None, tail: int | None = None,
-                 repeat: int = 1, check: Callable[[str], str | None] | None = None, note: str = ""):
+                 repeat: int = 1, count: bool = False, check: Callable[[str], str | None] | None = None,
+                 note: str = ""):
         self.title = title
         self.port = port
         self.path = path
@@ -317,6 +433,7 @@ class Step:
         self.grep = grep
         self.tail = tail
         self.repeat = repeat
+        self.count = count
         self.check = check
         self.note = note
 
@@ -333,19 +450,29 @@ class Step:
         if self.tail is not None:
             cmd += f" | tail -n {self.tail}"
         if self.repeat > 1:
-            cmd = f"for i in {' '.join(str(i + 1) for i in range(self.repeat))}; do {cmd}; done"
+            seq = " ".join(str(i + 1) for i in range(self.repeat)) if self.repeat <= 3 else f"$(seq {self.repeat})"
+            cmd = f"for i in {seq}; do {cmd}; done"
+        if self.count:
+            cmd += " | sort | uniq -c"
         return cmd
 
     def run(self, curl: str | None) -> str:
         if curl is not None:
             try:
                 result = subprocess.run(["sh", "-c", self.command()], check=False, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=20)
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=30)
                 out = result.stdout
             except subprocess.TimeoutExpired as e:
-                out = (e.stdout or b"") + b"\n(timed out after 20 s)\n"
+                out = (e.stdout or b"") + b"\n(timed out after 30 s)\n"
             return out.decode("utf-8", "replace").replace("\r\n", "\n")
-        return "".join(self._emulate() for _ in range(self.repeat))
+        out = "".join(self._emulate() for _ in range(self.repeat))
+        if self.count:
+            lines = sorted(out.splitlines())
+            out = "".join(f"{lines.count(line):7d} {line}\n" for line in sorted(set(lines)))
+        return out
+
+    def verify(self, out: str) -> str | None:
+        return None if self.check is None else self.check(out)
 
     def _emulate(self) -> str:
         """
@@ -367,6 +494,96 @@ class Step:
         return "".join(lines)
 
 
+class TxmeshStep(Step):
+    """
+    One tour stop that runs the C{txmesh} operator command against the
+    demo's pilot.
+
+    @ivar expect_status: the exit status C{--check} expects.
+    @ivar await_push: after the command, wait (bounded) until the pilot has
+        pushed a new config and every sidecar has ACKed it, so the next
+        step's traffic sees the change.
+    """
+
+    def __init__(self, title: str, args: list[str], check: Callable[[str], str | None] | None = None,
+                 expect_status: int = 0, await_push: bool = False, note: str = ""):
+        super().__init__(title, PILOT_API, check=check, note=note)
+        self.args = args
+        self.expect_status = expect_status
+        self.await_push = await_push
+        self.status: int | None = None
+
+    def argv(self) -> list[str]:
+        return txmesh_argv() + ["--pilot", PILOT_URL] + self.args
+
+    def command(self) -> str:
+        return display(self.argv())
+
+    def run(self, curl: str | None) -> str:
+        before = acked_versions()
+        try:
+            done = subprocess.run(self.argv(), check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, cwd=ROOT, env=child_env(), timeout=30)
+            self.status = done.returncode
+            out = done.stdout.decode("utf-8", "replace")
+        except subprocess.TimeoutExpired as e:
+            self.status = None
+            out = (e.stdout or b"").decode("utf-8", "replace") + "\n(timed out after 30 s)\n"
+        if self.status not in (0, None):
+            out += f"(exit status {self.status})\n"
+        if self.await_push and self.status == 0:
+            waited = wait_pushed(before, PUSH_TIMEOUT)
+            if waited is None:
+                out += f"(no sidecar ACKed a new config within {PUSH_TIMEOUT:.0f} s)\n"
+            else:
+                out += f"(pushed: all {len(before)} sidecars ACKed the new config {waited:.2f} s after the command)\n"
+        return out
+
+    def verify(self, out: str) -> str | None:
+        if self.status != self.expect_status:
+            return f"expected exit status {self.expect_status}, got {self.status}"
+        if self.await_push and "(pushed: " not in out:
+            return "the change did not reach the sidecars"
+        return super().verify(out)
+
+
+PUSH_TIMEOUT = 10.0
+
+
+def pilot_proxies() -> list[dict[str, Any]]:
+    """
+    @return: the pilot's C{GET /proxies}, or C{[]} if it cannot be had.
+    """
+    status, _, body = http_get(PILOT_API, "/proxies", timeout=2.0)
+    if status != 200:
+        return []
+    try:
+        proxies = json.loads(body)
+    except ValueError:
+        return []
+    return proxies if isinstance(proxies, list) else []
+
+
+def acked_versions() -> dict[str, Any]:
+    return {p.get("id"): p.get("acked_version") for p in pilot_proxies()}
+
+
+def wait_pushed(before: dict[str, Any], timeout: float) -> float | None:
+    """
+    Wait until every sidecar in C{before} is SYNCED at another version.
+
+    @return: the seconds it took, or C{None} after C{timeout}.
+    """
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        now = {p.get("id"): p for p in pilot_proxies()}
+        if all(i in now and now[i].get("status") == "SYNCED" and now[i].get("acked_version") != v
+               for i, v in before.items()):
+            return time.monotonic() - began
+        time.sleep(0.05)
+    return None
+
+
 def _json_body(out: str) -> Any:
     try:
         return json.loads(out[out.index("{"):])
@@ -384,8 +601,10 @@ def check_default(out: str) -> str | None:
         return f"expected backend v1, got {backend.get('version')!r}"
     if not doc.get("request_id") or headers.get("x-request-id") != doc["request_id"]:
         return "x-request-id did not follow the request from frontend to backend"
-    if headers.get("x-mesh-source") != "frontend":
-        return "the outbound listener's add-header filter did not set x-mesh-source"
+    if headers.get("host") != "backend":
+        return f"expected the frontend's call to be for host 'backend', got {headers.get('host')!r}"
+    if headers.get("x-mesh-inbound") != "backend-v1-sidecar":
+        return "the backend sidecar's add-header filter did not set x-mesh-inbound"
     if "x-forwarded-for" not in headers:
         return "no x-forwarded-for at the backend"
     return None
@@ -411,37 +630,86 @@ def check_tcp(out: str) -> str | None:
     return None
 
 
+def check_status(out: str) -> str | None:
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1}
+    wrong = {s: rows.get(s) for s in SIDECARS if rows.get(s) != "SYNCED"}
+    return f"expected every sidecar SYNCED, got {wrong}" if wrong else None
+
+
+def check_routes(out: str) -> str | None:
+    for needle in ("outbound ", "[x-version]", "|backend.demo.svc.cluster.local (v2)",
+                   "|backend.demo.svc.cluster.local (v1)"):
+        if needle not in out:
+            return f"no {needle!r} in the pushed routes"
+    return None
+
+
+def check_applied(out: str) -> str | None:
+    return None if "applied " in out else "the pilot did not apply the file"
+
+
+def _versions_counted(out: str) -> dict[str, int]:
+    return {v: int(n) for n, v in re.findall(r'^\s*(\d+)\s+"version": "(v\d)"', out, re.M)}
+
+
+def check_split(out: str) -> str | None:
+    seen = _versions_counted(out)
+    if set(seen) != {"v1", "v2"}:
+        return f"expected both v1 and v2 with the 50/50 canary, saw {seen}"
+    return None
+
+
+def check_refused(out: str) -> str | None:
+    if "refused" not in out or "subset 'v3' is not defined" not in out:
+        return "expected the pilot to refuse the file, saying subset 'v3' is not defined"
+    return None
+
+
+def check_v1_only(out: str) -> str | None:
+    seen = _versions_counted(out)
+    if set(seen) != {"v1"}:
+        return f"expected only v1 after the restore, saw {seen}"
+    return None
+
+
 def check_metrics(out: str) -> str | None:
-    for needle in ('destination_service="backend-v1"', 'destination_service="backend-v2"',
-                   'response_code="200"', 'response_code="403"', 'source_workload="frontend"'):
+    for needle in ('destination_service="frontend"', 'response_code="200"', 'response_code="403"',
+                   'source_workload="frontend"'):
         if needle not in out:
             return f"no istio_requests_total series with {needle}"
     return None
 
 
 def check_clusters(out: str) -> str | None:
-    clusters = ("frontend", "backend", "backend-v1", "backend-v2")
-    missing = [c for c in clusters if f'\n  "{c}": {{' not in "\n" + out]
+    pushed = "outbound|80||backend.demo.svc.cluster.local"
+    missing = [c for c in ("frontend", "backend", pushed) if f'\n  "{c}": {{' not in "\n" + out]
     if missing:
         return f"missing clusters {missing}"
-    if re.search(r'"backend-v1": \{\n(?:.*\n)*?\s*"upstream_requests": [1-9]', out) is None:
-        return "backend-v1 counted no upstream requests"
+    if re.search(r'"outbound\|80\|\|backend.demo.svc.cluster.local": \{\n(?:.*\n)*?\s*"upstream_requests": [1-9]',
+                 out) is None:
+        return "the pushed backend cluster counted no upstream requests"
     return None
 
 
 def check_config(out: str) -> str | None:
-    if not re.search(r'"version": 1\n', out) or "frontend-sidecar.yaml" not in out:
-        return "expected version 1 loaded from frontend-sidecar.yaml"
+    if "frontend-sidecar.yaml" not in out:
+        return "expected the bootstrap loaded from frontend-sidecar.yaml"
     return None
 
 
 def tour_steps() -> list[Step]:
     admin = FRONTEND_ADMIN
+    # Relative to the repository, where txmesh runs, as a person would type them.
+    routes = rel(os.path.join(HERE, "pilot", "istio", "backend-routes.yaml"))
+    canary = rel(os.path.join(HERE, "canary-50-50.yaml"))
+    bad = rel(os.path.join(HERE, "bad-route.yaml"))
     return [
         Step("Default route: frontend's sidecar -> frontend -> its sidecar's outbound listener -> backend v1",
              FRONTEND_INBOUND, check=check_default,
-             note="One x-request-id follows the request through every hop; the add-header filter "
-                  "set x-mesh-source,\n# each sidecar appended to x-forwarded-for."),
+             note="One x-request-id follows the request through every hop; the frontend called host "
+                  "\"backend\", which\n# the outbound listener (pushed by the pilot) routed to subset v1; "
+                  "backend v1's sidecar's add-header\n# filter set x-mesh-inbound; each sidecar appended to "
+                  "x-forwarded-for."),
         Step("Header route: x-version: v2 (propagated by the app) sends it to backend v2",
              FRONTEND_INBOUND, headers={"x-version": "v2"}, grep='"version"', check=check_v2),
         Step("A filter from examples/filters (reject-header) answers locally",
@@ -449,11 +717,31 @@ def tour_steps() -> list[Step]:
         Step(f"An L4 (protocol: tcp) listener :{FRONTEND_TCP}: one connection each, round-robin over "
              "both versions",
              FRONTEND_TCP, grep='"version"', repeat=2, check=check_tcp),
-        Step("Admin: Istio-named metrics", admin, "/stats/prometheus", grep="^istio_requests_total",
-             check=check_metrics),
-        Step("Admin: clusters, their endpoints and counters (just the main lines)", admin, "/clusters",
-             grep='^  "|"address"|"upstream_requests"', check=check_clusters),
-        Step("Admin: the running config (its tail; the file as loaded is under \"config\")", admin,
+        TxmeshStep("The control plane: every sidecar connected to the pilot and running its latest config",
+                   ["proxy-status"], check=check_status),
+        TxmeshStep("The routes the pilot pushed to frontend's sidecar, translated from "
+                   "examples/demo/pilot/istio/backend-routes.yaml",
+                   ["proxy-config", "routes", "frontend-sidecar"], check=check_routes),
+        TxmeshStep("A canary rollout, live: half of backend's default traffic to v2 (validated, written and "
+                   "pushed by the pilot)",
+                   ["apply", "-f", canary, "--name", "backend-routes.yaml"],
+                   check=check_applied, await_push=True),
+        Step("... and requests now reach both versions", FRONTEND_INBOUND, grep='"version"', repeat=20,
+             count=True, check=check_split),
+        TxmeshStep("A mistake: a VirtualService routing to subset v3, which no DestinationRule defines",
+                   ["apply", "-f", bad, "--name", "backend-routes.yaml"],
+                   check=check_refused, expect_status=1,
+                   note="Refused at the pilot with the file, field and reason; nothing was written or pushed."),
+        Step("... so traffic is unchanged: still the canary", FRONTEND_INBOUND, grep='"version"', repeat=20,
+             count=True, check=check_split),
+        TxmeshStep("Restore the original routes", ["apply", "-f", routes], check=check_applied, await_push=True),
+        Step("... and the default route is v1 again", FRONTEND_INBOUND, grep='"version"', repeat=5,
+             count=True, check=check_v1_only),
+        Step("Admin: Istio-named metrics (of the static inbound listener's metrics filter)", admin,
+             "/stats/prometheus", grep="^istio_requests_total", check=check_metrics),
+        Step("Admin: clusters, static and pushed, their endpoints and counters (just the main lines)", admin,
+             "/clusters", grep='^  "|"address"|"upstream_requests"', check=check_clusters),
+        Step("Admin: the running config (its tail; the bootstrap file as loaded is under \"config\")", admin,
              "/config_dump", tail=4, check=check_config),
     ]
 
@@ -468,18 +756,19 @@ def run_tour(check: bool) -> list[str]:
     curl = None if os.environ.get("TXMESH_DEMO_CURL") == "none" else shutil.which("curl")
     print("\n=== Tour: try these yourself while the demo runs ===")
     if curl is None:
-        print("(curl is not installed: each command below is run with Python's http.client instead,\n"
+        print("(curl is not installed: each curl command below is run with Python's http.client instead,\n"
               " printing what curl would print; apt-get install curl to run them yourself)")
     failures = []
     for i, step in enumerate(tour_steps(), 1):
         print(f"\n# {i}. {step.title}")
         print(f"$ {step.command()}")
+        sys.stdout.flush()
         out = step.run(curl)
         sys.stdout.write(out if out.endswith("\n") or not out else out + "\n")
         if step.note:
             print(f"# {step.note}")
-        if check and step.check is not None:
-            problem = step.check(out)
+        if check:
+            problem = step.verify(out)
             if problem is None:
                 print("# check: ok")
             else:
@@ -508,7 +797,10 @@ def _tail(path: str, n: int = 25) -> str:
     return "\n".join("    " + line for line in lines[-n:])
 
 
-def start(comps: list[Component]) -> None:
+def start(comps: list[Component], everything: list[Component]) -> None:
+    """
+    Start C{comps}; record the pids of all of C{everything} started so far.
+    """
     os.makedirs(STATE_DIR, exist_ok=True)
     env = child_env()
     me = os.getpid()
@@ -517,7 +809,7 @@ def start(comps: list[Component]) -> None:
             c.process = subprocess.Popen(
                 c.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=STATE_DIR, env=env, start_new_session=True, preexec_fn=_die_with_parent(me))  # noqa: PLW1509 (no threads here)
-        _write_pids(me, {x.name: x.process.pid for x in comps if x.process is not None})
+        _write_pids(me, {x.name: x.process.pid for x in everything if x.process is not None})
 
 
 def wait_ready(comps: list[Component], timeout: float) -> str | None:
@@ -542,6 +834,31 @@ def wait_ready(comps: list[Component], timeout: float) -> str | None:
     return None
 
 
+def wait_synced(comps: list[Component], timeout: float) -> str | None:
+    """
+    Wait until the pilot reports every sidecar connected and SYNCED (its
+    first push applied), so the tour starts on the pilot's routes.
+
+    @return: C{None}, or what went wrong.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        for c in comps:
+            code = c.process.poll()
+            if code is not None:
+                return f"{c.name} exited with status {code}; its log ({c.log}):\n" + _tail(c.log)
+        proxies = {p.get("id"): p for p in pilot_proxies()}
+        pending = [s for s in SIDECARS if proxies.get(s, {}).get("status") != "SYNCED"]
+        if not pending:
+            return None
+        if time.monotonic() > deadline:
+            return (f"sidecars not SYNCED with the pilot after {timeout:.0f}s: "
+                    + ", ".join(f"{s} ({proxies.get(s, {}).get('status', 'not connected')})" for s in pending)
+                    + "\n" + "\n".join(f"  {s} ({os.path.join(STATE_DIR, s + '.log')}):\n"
+                                       f"{_tail(os.path.join(STATE_DIR, s + '.log'), 10)}" for s in pending))
+        time.sleep(0.1)
+
+
 def stop_all(comps: list[Component]) -> None:
     pids = [c.process.pid for c in comps if c.process is not None and c.process.poll() is None]
     if pids:
@@ -556,11 +873,14 @@ def stop_all(comps: list[Component]) -> None:
 
 
 def print_map(comps: list[Component], elapsed: float) -> None:
-    rel = os.path.relpath(STATE_DIR, os.getcwd()) if STATE_DIR.startswith(os.getcwd()) else STATE_DIR
+    state = os.path.relpath(STATE_DIR, os.getcwd()) if STATE_DIR.startswith(os.getcwd()) else STATE_DIR
     print(f"""
-demo: the mesh is up ({len(comps)} processes, ready in {elapsed:.1f}s; logs in {rel}/)
+demo: the mesh is up ({len(comps)} processes, ready in {elapsed:.1f}s; logs in {state}/)
 
-  curl ─► :15810 frontend-sidecar ─► :15800 frontend ─► :15811 frontend-sidecar (outbound)
+  pilot:  :{PILOT_CHANNEL} channel (TLS; join tokens) ─► every sidecar's outbound listener and clusters
+          :{PILOT_API} operator API: {display(txmesh_argv())} --pilot {PILOT_URL} proxy-status
+          config: {state}/pilot/istio/*.yaml (copied from examples/demo/pilot/)
+  curl ─► :15810 frontend-sidecar ─► :15800 frontend ─► :15811 frontend-sidecar (outbound, from the pilot)
              x-version: v2 ─► :15830 backend-v2-sidecar ─► :15802 backend v2
              otherwise     ─► :15820 backend-v1-sidecar ─► :15801 backend v1
   curl ─► :15812 frontend-sidecar (tcp listener) ─► round-robin over :15820 and :15830
@@ -580,7 +900,9 @@ def _say(line: str) -> None:
 
 
 def run(check: bool) -> int:
-    comps = components()
+    pilot = pilot_component()
+    apps_and_sidecars = components()
+    comps = [pilot] + apps_and_sidecars
     ports = sorted({p for c in comps for p in c.ports})
 
     state = _read_pids()
@@ -604,10 +926,23 @@ def run(check: bool) -> int:
     status = 0
     try:
         began = time.monotonic()
-        print(f"demo: starting {', '.join(c.name for c in comps)}")
-        sys.stdout.flush()
-        start(comps)
-        problem = wait_ready(comps, START_TIMEOUT)
+        problem = prepare_state()
+        if problem is None:
+            print(f"demo: starting the pilot ({display(pilot.argv)})")
+            sys.stdout.flush()
+            start([pilot], comps)
+            problem = wait_ready([pilot], START_TIMEOUT)
+        if problem is None:
+            problem = make_tokens()
+        if problem is None:
+            print(f"demo: starting {', '.join(c.name for c in apps_and_sidecars)}")
+            sys.stdout.flush()
+            start(apps_and_sidecars, comps)
+            remaining = max(1.0, START_TIMEOUT - (time.monotonic() - began))
+            problem = wait_ready(comps, remaining)
+        if problem is None:
+            remaining = max(1.0, START_TIMEOUT - (time.monotonic() - began))
+            problem = wait_synced(comps, remaining)
         if problem is not None:
             print(f"demo: {problem}", file=sys.stderr)
             return 1

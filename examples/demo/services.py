@@ -6,9 +6,11 @@ They know nothing about txmesh ("mesh-agnostic"):
   - C{backend} answers every request with JSON naming its version and the
     request headers it received (so you can see what the sidecars added:
     C{x-request-id}, C{x-forwarded-for}, ...);
-  - C{frontend} answers every request by calling the backend at the one
-    URL it is given -- its own sidecar's outbound listener on localhost --
-    and wraps the backend's answer in its own JSON.  Like Istio's sample
+  - C{frontend} answers every request by calling the backend by its
+    service name (C{http://backend/}) and wraps the backend's answer in its
+    own JSON.  The call goes to its own sidecar's outbound listener on
+    localhost (C{--connect-to}), which routes it by that name; in
+    Kubernetes, Istio's iptables capture does this instead.  Like Istio's sample
     apps, it propagates C{x-request-id} (so one id follows the request
     through every hop) and C{x-version} (so a routing header set by the
     caller reaches the sidecar that routes on it).
@@ -17,7 +19,7 @@ Run::
 
     python examples/demo/services.py --role backend --version v1 --port 15801
     python examples/demo/services.py --role frontend --port 15800 \\
-        --backend-url http://127.0.0.1:15811/
+        --backend-url http://backend/ --connect-to 127.0.0.1:15811
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ import warnings
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
 
 # Twisted's HTTP client hands the body protocol a transport without
 # abortConnection; readBody warns about it on every call.
@@ -73,13 +77,33 @@ class Backend(Resource):
         })
 
 
+@implementer(IAgentEndpointFactory)
+class ConnectTo:
+    """
+    Connect every request to one address, whatever its URL's host: the
+    URL's host is still the C{Host} header, which the sidecar routes by.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host = host
+        self.port = port
+
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:  # noqa: N802 (Twisted's interface)
+        return TCP4ClientEndpoint(reactor, self.host, self.port, timeout=5)
+
+
 class Frontend(Resource):
     isLeaf = True
 
-    def __init__(self, backend_url: str):
+    def __init__(self, backend_url: str, connect_to: str | None = None):
         super().__init__()
         self.backend_url = backend_url.encode("ascii")
-        self.agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        if connect_to is None:
+            self.agent = Agent(reactor, pool=pool)
+        else:
+            host, _, port = connect_to.rpartition(":")
+            self.agent = Agent.usingEndpointFactory(reactor, ConnectTo(host, int(port)), pool=pool)
 
     def render_GET(self, request: Any) -> Any:
         self._call_backend(request)
@@ -136,15 +160,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--role", choices=("frontend", "backend"), required=True)
     parser.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
     parser.add_argument("--version", default="v1", help="backend: the version it reports")
-    parser.add_argument("--backend-url", default="http://127.0.0.1:15811/",
-                        help="frontend: where to call the backend (its sidecar's outbound listener)")
+    parser.add_argument("--backend-url", default="http://backend/",
+                        help="frontend: the backend's URL (by its service name, which the mesh routes by)")
+    parser.add_argument("--connect-to", metavar="HOST:PORT", default=None,
+                        help="frontend: send the backend calls to this address (its sidecar's outbound "
+                             "listener) instead of resolving the URL's host")
     args = parser.parse_args(argv)
 
     if args.role == "backend":
         resource: Resource = Backend(args.version)
         role = f"backend-{args.version}"
     else:
-        resource = Frontend(args.backend_url)
+        resource = Frontend(args.backend_url, args.connect_to)
         role = "frontend"
     site = QuietSite(resource)
     site.role = role

@@ -210,6 +210,8 @@ class PilotServiceMaker:
     options = PilotOptions
 
     def makeService(self, options: PilotOptions) -> object:
+        from datetime import timedelta
+
         from twisted.internet import reactor
 
         from txmesh.config.errors import ConfigError
@@ -225,7 +227,8 @@ class PilotServiceMaker:
                 settings = load_pilot_settings(config_dir)
                 names = [n.strip() for n in options["server-names"].split(",") if n.strip()]
                 security = load_channel_security(options["ca-dir"] or ca_directory(config_dir),
-                                                 settings.mesh.trust_domain, reactor, names)
+                                                 settings.mesh.trust_domain, reactor, names,
+                                                 timedelta(seconds=settings.workload_cert_ttl))
             return PilotService(
                 config_dir, reactor, options["listen"], options["api"],
                 poll_interval=options["poll-interval"], security=security,

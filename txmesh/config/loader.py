@@ -293,11 +293,23 @@ class ConfigLoader:
             backoff_max=s.get("backoff_max", _positive_seconds),
             keepalive_interval=s.get("keepalive_interval", _positive_seconds, default=15.0),
             keepalive_timeout=s.get("keepalive_timeout", _positive_seconds, default=45.0),
+            trust_domain=s.get("trust_domain", _string, default="cluster.local"),
+            service_account=s.get("service_account", _string),
+            identity_dir=self._relative(s, s.get("identity_dir", _string)),
         )
         if pilot.keepalive_timeout < pilot.keepalive_interval:
             raise s.error("must be at least keepalive_interval", s.field("keepalive_timeout"))
         s.done()
         return pilot
+
+    @staticmethod
+    def _relative(s: _Section, path: str | None) -> str | None:
+        """
+        @return: C{path} relative to the config file's directory.
+        """
+        if path is None:
+            return None
+        return os.path.join(os.path.dirname(s.source) if s.source else "", path)
 
     def _read_pem(self, s: _Section, key: str, required: bool = False) -> bytes:
         """

@@ -495,6 +495,11 @@ class PilotConfig:
     @ivar backoff_max: seconds; cap of the reconnect waits, or C{None}.
     @ivar keepalive_interval: seconds of quiet before pinging the pilot.
     @ivar keepalive_timeout: seconds of silence before reconnecting.
+    @ivar trust_domain: the mesh's SPIFFE trust domain.
+    @ivar service_account: the workload's service account, for its SPIFFE
+        ID; C{None} for the join token's, else C{default}.
+    @ivar identity_dir: where the workload key and certificate are kept
+        across restarts (a join token is good once), or C{None}.
     """
 
     addresses: tuple[str, ...]
@@ -509,6 +514,9 @@ class PilotConfig:
     backoff_max: float | None = None
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
+    trust_domain: str = "cluster.local"
+    service_account: str | None = None
+    identity_dir: str | None = None
 
 
 @attrs.frozen

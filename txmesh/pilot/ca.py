@@ -631,7 +631,8 @@ class CertificateAuthority:
         return _pem(cert) + self.chain_pem
 
 
-def server_tls_options(issued: IssuedCertificate, trust_roots_pem: bytes | None = None) -> CertificateOptions:
+def server_tls_options(issued: IssuedCertificate, trust_roots_pem: bytes | None = None,
+                       require_client_certificate: bool = True) -> CertificateOptions:
     """
     TLS server options for the pilot's channel, via
     L{txmesh.proxy.tls.server_options}: TLS 1.2 at least, no ALPN.
@@ -646,11 +647,15 @@ def server_tls_options(issued: IssuedCertificate, trust_roots_pem: bytes | None 
     @param trust_roots_pem: when given, clients must present a certificate
         chaining to one of these roots (mutual TLS, for when proxies hold
         workload certificates); C{None} for server-authenticated TLS only.
+    @param require_client_certificate: with C{trust_roots_pem}, whether a
+        client must present a certificate; if not, one that is presented
+        must still chain to the roots.
     @raise CAError: if the certificate and key do not make a TLS context.
     """
     try:
         return server_options(issued.full_chain_pem, issued.private_key_pem, alpn=(), min_version="1.2",
-                              client_ca_pem=trust_roots_pem)
+                              client_ca_pem=trust_roots_pem,
+                              require_client_certificate=require_client_certificate)
     except TLSConfigError as e:
         raise CAError(f"cannot make TLS server options: {e}") from None
 

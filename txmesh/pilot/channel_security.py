@@ -6,6 +6,7 @@ proxy's L{Hello}, bound to the proxy's namespace.
     CONFIG_DIR/ca/root-cert.pem   the mesh root: what proxies trust (pilot.ca_file)
     CONFIG_DIR/ca/root-key.pem    its key (0600), or ca-key.pem/ca-cert.pem from the operator
     CONFIG_DIR/ca/token.key       the key join tokens are signed with (0600)
+    CONFIG_DIR/ca/used-tokens     join tokens already used (each is good once)
 """
 
 from __future__ import annotations
@@ -20,11 +21,22 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from txmesh.pilot.ca import CertificateAuthority, check_dns_label, server_tls_options
+from txmesh.identity import requested_identity
+from txmesh.pilot.ca import (
+    CAError,
+    CertificateAuthority,
+    check_dns_label,
+    parse_spiffe_id,
+    server_tls_options,
+    spiffe_id,
+)
 from txmesh.pilot.messages import Hello
-from txmesh.pilot.tokens import InvalidCredential, TokenAuthority, load_or_create_key
+from txmesh.pilot.tokens import InvalidCredential, TokenAuthority, UsedTokens, load_or_create_key
 
 TOKEN_KEY_FILE = "token.key"
+USED_TOKENS_FILE = "used-tokens"
+DEFAULT_WORKLOAD_TTL = timedelta(hours=24)
+"""How long a workload certificate lasts unless C{mesh.yaml} says (proxies renew at half-life)."""
 SERVER_CERT_TTL = timedelta(days=365)
 """How long the pilot's own serving certificate lasts; a new one is issued at every start."""
 
@@ -49,36 +61,119 @@ def token_authority(ca_dir: str) -> TokenAuthority:
 
 
 @attrs.frozen
+class Admission:
+    """
+    The pilot's answer to a proxy's hello.
+
+    @ivar identity: the SPIFFE ID the proxy may have certificates for, or
+        C{None} (a plaintext pilot signs nothing).
+    @ivar refusal: why the proxy is refused, or C{None} when admitted.
+    """
+
+    identity: str | None = None
+    refusal: str | None = None
+
+
+class CertificateRefused(Exception):
+    """
+    A CSR the pilot will not sign; C{str()} says why.
+    """
+
+
+@attrs.define
 class ChannelSecurity:
     """
     The pilot end of a secure channel.
 
-    @ivar server_options: TLS server options with the pilot's certificate.
+    A proxy proves who it is with a workload certificate from this CA (the
+    TLS client certificate, checked against the mesh root) or, before it
+    has one, with a join token, good once.  Either names its identity
+    C{spiffe://<trust domain>/ns/<namespace>/sa/<service account>}, which
+    is the only identity the pilot signs for that channel.
+
+    @ivar server_options: TLS server options with the pilot's certificate,
+        asking clients for an optional certificate.
     @ivar tokens: checks the proxies' join tokens.
-    @ivar clock: the time tokens are checked at.
-    @ivar root_pem: the mesh root, for operators and proxies to trust.
+    @ivar clock: the time tokens and certificates are checked and made at.
+    @ivar ca: signs workload certificates.
+    @ivar used_tokens: the join tokens already used.
+    @ivar workload_ttl: the lifetime of workload certificates.
     """
 
     server_options: Any
     tokens: TokenAuthority
     clock: IReactorTime
-    root_pem: bytes
+    ca: CertificateAuthority
+    used_tokens: UsedTokens
+    workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL
 
-    def authenticate(self, hello: Hello) -> str | None:
+    @property
+    def root_pem(self) -> bytes:
         """
-        @return: why the proxy saying C{hello} is refused, or C{None} to
-            admit it.
+        @return: the mesh trust bundle.
         """
+        return self.ca.root_pem
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+
+    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission:
+        """
+        Decide on a proxy's hello.
+
+        @param peer_identity: the SPIFFE ID of the client certificate the
+            proxy presented (already verified against the mesh root by
+            TLS), or C{None}.
+        @return: the proxy's identity, or why it is refused.
+        """
+        namespace = hello.node.namespace
+        if peer_identity is not None:
+            try:
+                trust_domain, cert_namespace, _ = parse_spiffe_id(peer_identity)
+            except ValueError as e:
+                return Admission(refusal=f"client certificate: {e}")
+            if trust_domain != self.ca.trust_domain:
+                return Admission(refusal=f"client certificate {peer_identity} is not of trust domain "
+                                         f"{self.ca.trust_domain!r}")
+            if cert_namespace != namespace:
+                return Admission(refusal=f"client certificate {peer_identity} is for namespace "
+                                         f"{cert_namespace!r}, but the proxy says it is in {namespace!r}")
+            return Admission(identity=peer_identity)
         if not hello.credential:
-            return "no credential: the proxy needs a join token (txmesh token create)"
+            return Admission(refusal="no credential: the proxy needs a join token (txmesh token create) "
+                                     "or a workload certificate")
+        now = self.clock.seconds()
         try:
-            claims = self.tokens.verify(hello.credential, self.clock.seconds())
+            claims = self.tokens.verify(hello.credential, now)
         except InvalidCredential as e:
-            return f"invalid credential: {e}"
-        if claims.namespace != hello.node.namespace:
-            return (f"the credential is for namespace {claims.namespace!r}, but the proxy says it is in "
-                    f"{hello.node.namespace!r}")
-        return None
+            return Admission(refusal=f"invalid credential: {e}")
+        if claims.namespace != namespace:
+            return Admission(refusal=f"the credential is for namespace {claims.namespace!r}, but the proxy "
+                                     f"says it is in {namespace!r}")
+        if not self.used_tokens.use(claims, now):
+            return Admission(refusal=f"join token {claims.token_id} was used already; a join token is good "
+                                     "once (the proxy then authenticates with its workload certificate)")
+        return Admission(identity=spiffe_id(self.ca.trust_domain, claims.namespace, claims.service_account))
+
+    def sign(self, csr_pem: bytes, identity: str) -> tuple[bytes, bytes]:
+        """
+        Sign a proxy's CSR for C{identity}, the one its channel proved.
+
+        @return: the chain (leaf first) and the trust bundle, PEM.
+        @raise CertificateRefused: the CSR does not parse or verify, asks
+            for another identity, or has a key other than ECDSA P-256.
+        """
+        try:
+            asked = requested_identity(csr_pem)
+        except ValueError as e:
+            raise CertificateRefused(str(e)) from None
+        if asked != identity:
+            raise CertificateRefused(f"the CSR asks for {asked}, but this proxy's credential grants {identity}")
+        try:
+            chain = self.ca.sign_csr(csr_pem, identity, self._now(), self.workload_ttl)
+        except CAError as e:
+            raise CertificateRefused(e.reason) from None
+        return chain, self.ca.root_pem
 
 
 def _split_names(names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -107,7 +202,11 @@ def _host_name() -> list[str]:
 
 
 def load_channel_security(
-    ca_dir: str, trust_domain: str, clock: IReactorTime, server_names: Iterable[str] = ()
+    ca_dir: str,
+    trust_domain: str,
+    clock: IReactorTime,
+    server_names: Iterable[str] = (),
+    workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL,
 ) -> ChannelSecurity:
     """
     Load (or create) the CA in C{ca_dir} and issue the pilot a serving
@@ -115,10 +214,13 @@ def load_channel_security(
 
     @param server_names: extra DNS names and IP addresses the pilot is
         reached by (the defaults and the host name are always in).
+    @param workload_ttl: the lifetime of the workload certificates it signs.
     @raise txmesh.pilot.ca.CAError: the CA directory is unusable.
     """
     now = datetime.fromtimestamp(clock.seconds(), timezone.utc)
     ca = CertificateAuthority.load_or_create(ca_dir, trust_domain, now)
     dns_names, ips = _split_names([*DEFAULT_SERVER_NAMES, *_host_name(), *server_names])
     issued = ca.issue_server_certificate(dns_names, ips, now, SERVER_CERT_TTL)
-    return ChannelSecurity(server_tls_options(issued), token_authority(ca_dir), clock, ca.root_pem)
+    options = server_tls_options(issued, ca.root_pem, require_client_certificate=False)
+    return ChannelSecurity(options, token_authority(ca_dir), clock, ca,
+                           UsedTokens(os.path.join(ca_dir, USED_TOKENS_FILE)), workload_ttl)

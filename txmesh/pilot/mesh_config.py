@@ -9,6 +9,7 @@ start.
     inbound_address: "tcp:{port}:interface=0.0.0.0"     # {port}: the node's inbound port
     app_host: 127.0.0.1
     admin_address: "tcp:15000:interface=127.0.0.1"
+    workload_cert_ttl: 24h               # proxies renew at half-life; at least 1m
     registries:                          # discovery sources, merged in this order
       - {type: file, path: services}     # the default when the key is absent
       - {type: dns, names: [{host: db.example.com, port: 5432, kind: A}]}
@@ -29,6 +30,7 @@ import attrs
 import yaml
 
 from txmesh.config import values
+from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError
 from txmesh.config.section import Section
 from txmesh.pilot.registry.base import IRegistry
@@ -58,11 +60,14 @@ class PilotSettings:
     @ivar registries: each registry's section, as C{(field, mapping)}; the
         field (C{registries[1]}) names it in errors.
     @ivar source: the file read, or C{None} when there is none.
+    @ivar workload_cert_ttl: seconds a workload certificate lasts (proxies
+        renew at half-life); at least a minute.
     """
 
     mesh: MeshConfig
     registries: tuple[tuple[str, Mapping[str, Any]], ...]
     source: str | None = None
+    workload_cert_ttl: float = 24 * 3600.0
 
 
 def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> PilotSettings:
@@ -90,6 +95,7 @@ def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> 
     changes = {key: top.get(key, convert) for key, convert in _MESH_FIELDS.items() if key in top.value}
     if "inbound_address" in changes and "{port}" not in changes["inbound_address"]:
         raise ConfigError(path, "inbound_address", "must contain {port} (the node's inbound port)")
+    ttl = top.get("workload_cert_ttl", _certificate_ttl, default=24 * 3600.0)
     registries: list[tuple[str, Mapping[str, Any]]] = []
     if "registries" in top.value:
         for field, body in top.items("registries"):
@@ -99,7 +105,14 @@ def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> 
     else:
         registries = list(default_registries)
     top.done()
-    return PilotSettings(attrs.evolve(mesh, **changes), tuple(registries), path)
+    return PilotSettings(attrs.evolve(mesh, **changes), tuple(registries), path, ttl)
+
+
+def _certificate_ttl(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < 60:
+        raise ValueError(f"must be at least 1m (proxies renew at half-life), got {value!r}")
+    return seconds
 
 
 def _file_registry(source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str) -> IRegistry:

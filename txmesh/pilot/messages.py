@@ -467,10 +467,76 @@ class Pong(_MessageBase):
     id: int = attrs.field(validator=_validator(_int))
 
 
-Message = Hello | Push | Ack | Nack | Refused | Ping | Pong
+MAX_PEM_CHARS = 64 * 1024
+"""Longest CSR or certificate chain a message may carry."""
+
+
+def _pem(field: str, value: object) -> None:
+    _non_empty_str(field, value)
+    if len(value) > MAX_PEM_CHARS:  # type: ignore[arg-type]
+        raise MessageValidationError(field, f"longer than {MAX_PEM_CHARS} characters")
+
+
+@attrs.frozen
+class CertificateRequest(_MessageBase):
+    """
+    Proxy to pilot: sign this CSR (the proxy's workload key never leaves
+    it).  The pilot answers L{CertificateIssued} or L{CertificateDenied}
+    with the same C{id}; a denial does not close the channel.
+
+    @ivar id: chosen by the proxy, echoed in the answer.
+    @ivar csr: a PEM certificate signing request naming the SPIFFE ID the
+        proxy asks for as its only URI SAN.
+    """
+
+    TYPE: ClassVar[str] = "csr"
+
+    id: int = attrs.field(validator=_validator(_int))
+    csr: str = attrs.field(validator=_validator(_pem), repr=False)
+
+
+@attrs.frozen
+class CertificateIssued(_MessageBase):
+    """
+    Pilot to proxy: the signed certificate.
+
+    @ivar id: the request's C{id}.
+    @ivar chain: PEM, the leaf first, then any intermediates.
+    @ivar roots: PEM, the mesh trust bundle (more than one root during a
+        root rotation).
+    """
+
+    TYPE: ClassVar[str] = "certificate"
+
+    id: int = attrs.field(validator=_validator(_int))
+    chain: str = attrs.field(validator=_validator(_pem), repr=False)
+    roots: str = attrs.field(validator=_validator(_pem), repr=False)
+
+
+@attrs.frozen
+class CertificateDenied(_MessageBase):
+    """
+    Pilot to proxy: the CSR with C{id} was not signed.
+
+    @ivar id: the request's C{id}.
+    @ivar reason: why, for the operator.
+    """
+
+    TYPE: ClassVar[str] = "certificate_denied"
+
+    id: int = attrs.field(validator=_validator(_int))
+    reason: str = attrs.field(validator=_validator(_non_empty_str))
+
+
+Message = (
+    Hello | Push | Ack | Nack | Refused | Ping | Pong | CertificateRequest | CertificateIssued | CertificateDenied
+)
 """Any channel message."""
 
-_MESSAGE_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Hello, Push, Ack, Nack, Refused, Ping, Pong)}
+_MESSAGE_TYPES: dict[str, type] = {
+    cls.TYPE: cls
+    for cls in (Hello, Push, Ack, Nack, Refused, Ping, Pong, CertificateRequest, CertificateIssued, CertificateDenied)
+}
 
 
 def message_from_json(obj: object) -> Message:

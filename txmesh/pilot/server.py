@@ -19,14 +19,18 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txmesh.identity import certificate_identity
 from txmesh.pilot import messages
+from txmesh.pilot.channel_security import Admission
 from txmesh.pilot.keepalive import Keepalive
 from txmesh.pilot.messages import (
     PROTOCOL_VERSION,
     Ack,
+    CertificateRequest,
     ChannelDecoder,
     ChannelProtocolError,
     Hello,
+    Message,
     Nack,
     Ping,
     Pong,
@@ -58,11 +62,20 @@ class PilotBackend(TypingProtocol):
         Forget a channel that closed.
         """
 
-    def authenticate(self, hello: Hello) -> str | None:
+    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission:
         """
-        Check a proxy's hello (its credential, for its node).
+        Check a proxy's hello (its credential or client certificate, for its
+        node).
 
-        @return: C{None} to admit it, or why it is refused.
+        @param peer_identity: the SPIFFE ID of the verified client
+            certificate, or C{None}.
+        """
+
+    def sign(self, channel: PilotChannelProtocol, request: CertificateRequest) -> Message:
+        """
+        Answer a proxy's CSR.
+
+        @return: L{CertificateIssued} or L{CertificateDenied}.
         """
 
 
@@ -110,6 +123,9 @@ class PilotChannelProtocol(Protocol):
     @ivar snapshot: the newest snapshot for it (pushed, or already held).
     @ivar applied: resource type to the version the proxy has applied, as
         far as the pilot knows (from its hello, then from its ACKs).
+    @ivar identity: the SPIFFE ID the proxy proved (join token or client
+        certificate), the only one signed for it; C{None} on a plaintext
+        pilot.
     """
 
     log = Logger()
@@ -135,6 +151,7 @@ class PilotChannelProtocol(Protocol):
         self.sync: ProxySyncState | None = None
         self.snapshot: Snapshot | None = None
         self.applied: dict[str, str] = {}
+        self.identity: str | None = None
 
     def connectionMade(self) -> None:
         if self._keepalive_settings is not None:
@@ -197,17 +214,29 @@ class PilotChannelProtocol(Protocol):
             self.transport.write(encode(Pong(id=message.id)))
         elif isinstance(message, Pong):
             pass
+        elif isinstance(message, CertificateRequest):
+            self.transport.write(encode(self._backend.sign(self, message)))
         else:
             raise ChannelProtocolError(f"a proxy does not send {message.TYPE} messages")
+
+    def _peer_identity(self) -> str | None:
+        """
+        @return: the SPIFFE ID of the client certificate the proxy presented
+            (TLS has verified it against the mesh root), or C{None}.
+        """
+        get = getattr(self.transport, "getPeerCertificate", None)
+        certificate = get() if get is not None else None
+        return certificate_identity(certificate) if certificate is not None else None
 
     def _hello(self, hello: Hello) -> None:
         if hello.protocol_version != PROTOCOL_VERSION:
             self._refuse(f"protocol version {hello.protocol_version} is not spoken here (only {PROTOCOL_VERSION})")
             return
-        refusal = self._backend.authenticate(hello)
-        if refusal is not None:
-            self._refuse(refusal)
+        admission = self._backend.authenticate(hello, self._peer_identity())
+        if admission.refusal is not None:
+            self._refuse(admission.refusal)
             return
+        self.identity = admission.identity
         try:
             node = snapshot_node(hello.node)
         except ValueError as e:

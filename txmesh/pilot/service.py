@@ -37,10 +37,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from txmesh.config.errors import ConfigError
 from txmesh.config.istio import translate
 from txmesh.pilot.api import operator_site
-from txmesh.pilot.channel_security import ChannelSecurity
+from txmesh.pilot.channel_security import Admission, CertificateRefused, ChannelSecurity
 from txmesh.pilot.documents import Document, istio_files, load_istio_documents
 from txmesh.pilot.mesh_config import build_registries, load_pilot_settings
-from txmesh.pilot.messages import Hello
+from txmesh.pilot.messages import CertificateDenied, CertificateIssued, CertificateRequest, Hello, Message
 from txmesh.pilot.registry.base import CombinedRegistry
 from txmesh.pilot.server import PilotChannelFactory, PilotChannelProtocol
 from txmesh.pilot.snapshot import MeshConfig, NamespaceView, Node, Snapshot, build_snapshot, namespace_view
@@ -122,6 +122,7 @@ class PilotService(Service):
         self._documents: list[tuple[str, int, Any]] = []
         self.config_error: str | None = None
         self.config_version = 0
+        self.certificates_signed = 0
         self.channels: list[PilotChannelProtocol] = []
         self._stamp: object = None
         self._poll: LoopingCall | None = None
@@ -222,13 +223,34 @@ class PilotService(Service):
             self.channels.remove(channel)
             self.log.info("proxy {node} disconnected", node=channel.node.id)
 
-    def authenticate(self, hello: Hello) -> str | None:
+    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission:
         """
-        @return: why the proxy saying C{hello} is refused, or C{None}.
+        @return: the identity of the proxy saying C{hello}, or why it is
+            refused; a plaintext pilot admits everyone without an identity.
         """
         if self.security is None:
-            return None
-        return self.security.authenticate(hello)
+            return Admission()
+        return self.security.authenticate(hello, peer_identity)
+
+    def sign(self, channel: PilotChannelProtocol, request: CertificateRequest) -> Message:
+        """
+        Sign a proxy's CSR for the identity its channel proved.
+        """
+        node = channel.node.id if channel.node is not None else "?"
+        if self.security is None or channel.identity is None:
+            reason = "this pilot runs without a CA (--insecure) and signs no certificates"
+        else:
+            try:
+                chain, roots = self.security.sign(request.csr.encode("ascii", "replace"), channel.identity)
+            except CertificateRefused as e:
+                reason = str(e)
+            else:
+                self.certificates_signed += 1
+                self.log.info("signed a certificate for {identity} (proxy {node})", identity=channel.identity,
+                              node=node)
+                return CertificateIssued(id=request.id, chain=chain.decode("ascii"), roots=roots.decode("ascii"))
+        self.log.warn("refused to sign a certificate for proxy {node}: {reason}", node=node, reason=reason)
+        return CertificateDenied(id=request.id, reason=reason)
 
     def snapshot_for(self, channel: PilotChannelProtocol) -> Snapshot | None:
         """

@@ -311,3 +311,57 @@ def _claims(body: bytes) -> TokenClaims:
         raise InvalidCredential(f"malformed token: {e}") from None
     return TokenClaims(namespace=payload["ns"], service_account=payload["sa"], expires=expires, issued=issued,
                        token_id=payload["jti"])
+
+
+class UsedTokens:
+    """
+    The join tokens already exchanged for a certificate, so each works once.
+
+    Kept in a file beside the token key (one C{<token id> <expiry>} line per
+    token) so that a restarted pilot, or a replica sharing the directory,
+    refuses a replay too; a token past its expiry is refused anyway, so its
+    line is dropped when the file is next read.
+    """
+
+    def __init__(self, path: str):
+        """
+        @param path: the file (created when the first token is used).
+        """
+        self._path = path
+
+    def _read(self, now: float) -> dict[str, float]:
+        used: dict[str, float] = {}
+        try:
+            with open(self._path, encoding="ascii") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) != 2:
+                        continue
+                    try:
+                        expires = float(parts[1])
+                    except ValueError:
+                        continue
+                    if expires > now:
+                        used[parts[0]] = expires
+        except FileNotFoundError:
+            pass
+        return used
+
+    def use(self, claims: TokenClaims, now: float) -> bool:
+        """
+        Record that C{claims}' token was used.  The file is read again each
+        time, so a replica's use counts too.
+
+        @param now: the current time (POSIX seconds).
+        @return: C{False} if it had been used before (a replay).
+        """
+        used = self._read(now)
+        if claims.token_id in used:
+            return False
+        used[claims.token_id] = claims.expires
+        # Rewritten whole (expired lines dropped), then renamed into place.
+        temp = f"{self._path}.tmp"
+        with open(temp, "w", encoding="ascii") as f:
+            f.writelines(f"{jti} {expires}\n" for jti, expires in used.items())
+        os.replace(temp, self._path)
+        return True

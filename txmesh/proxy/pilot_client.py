@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from OpenSSL import crypto
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
@@ -23,6 +24,9 @@ from txmesh.pilot import messages
 from txmesh.pilot.keepalive import Keepalive
 from txmesh.pilot.messages import (
     Ack,
+    CertificateDenied,
+    CertificateIssued,
+    CertificateRequest,
     ChannelDecoder,
     ChannelProtocolError,
     Hello,
@@ -34,6 +38,8 @@ from txmesh.pilot.messages import (
     encode,
     unknown_resource_types,
 )
+from txmesh.proxy.tls import load_certificates
+from txmesh.proxy.workload_identity import IdentityError, WorkloadIdentity
 
 __all__ = ["APPLIED_TYPES", "PilotClient", "backoff_delay", "pilot_tls_options"]
 
@@ -43,22 +49,54 @@ APPLIED_TYPES = ("listeners", "clusters")
 """The resource types a push may carry that the proxy applies."""
 
 
-def pilot_tls_options(server_name: str | None, ca_pem: bytes, address: str) -> Any:
+def pilot_tls_options(server_name: str | None, ca_pem: bytes, address: str,
+                      identity: WorkloadIdentity | None = None, now: float | None = None) -> Any:
     """
     TLS options for the channel to the pilot at C{address}: its certificate
-    must chain to the mesh root C{ca_pem} and carry C{server_name}, or, by
-    default, the host C{address} dials.
+    must chain to the mesh root and carry C{server_name}, or, by default,
+    the host C{address} dials; the proxy presents its workload certificate
+    when it has a valid one.
 
+    @param ca_pem: the mesh root from the bootstrap; the trust bundle the
+        pilot sent with the last certificate is trusted too (root rotation).
     @param address: a client endpoint string, e.g. C{tcp:127.0.0.1:15010}.
+    @param now: the current time, to tell whether the certificate is valid.
     """
-    from txmesh.pilot.ca import client_tls_options
+    from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS, trustRootFromCertificates
 
     if server_name is None:
         endpoint = clientFromString(None, address)
         # TCP4/6 endpoints keep the host as _host, HostnameEndpoint as _hostText.
         host = getattr(endpoint, "_host", None) or getattr(endpoint, "_hostText", None)
         server_name = host if isinstance(host, str) and host else "txmesh-pilot"
-    return client_tls_options(server_name, ca_pem)
+    bundle = ca_pem
+    if identity is not None and identity.roots_pem:
+        bundle += b"\n" + identity.roots_pem
+    roots = [Certificate(crypto.X509.from_cryptography(c)) for c in load_certificates(bundle, "ca_file")]
+    client_certificate = None
+    extra: dict[str, Any] = {}
+    if identity is not None and now is not None and identity.valid_at(now):
+        chain = load_certificates(identity.chain_pem)
+        client_certificate = PrivateCertificate.loadPEM(identity.key_pem + _pem_of(chain[0]))
+        if len(chain) > 1:
+            extra["extraCertChain"] = [crypto.X509.from_cryptography(c) for c in chain[1:]]
+    return optionsForClientTLS(server_name, trustRoot=trustRootFromCertificates(roots),
+                               clientCertificate=client_certificate, extraCertificateOptions=extra or None)
+
+
+def _pem_of(certificate: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def message_time(t: float) -> str:
+    """
+    @return: POSIX time C{t} as ISO 8601 UTC, for log lines.
+    """
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def backoff_delay(attempt: int, rng: Any, base: float, cap: float) -> float:
@@ -162,6 +200,7 @@ class PilotClient:
         credential: str = "",
         tls: Callable[[str], Any] | None = None,
         keepalive: tuple[float, float] | None = (15.0, 45.0),
+        identity: WorkloadIdentity | None = None,
     ):
         """
         @param addresses: Twisted client endpoint strings of the pilot
@@ -181,6 +220,9 @@ class PilotClient:
         @param keepalive: C{(interval, timeout)} in seconds: ping a pilot
             quiet for C{interval}, reconnect to another after C{timeout} of
             silence (see L{Keepalive}); C{None} for no keepalive.
+        @param identity: the proxy's workload identity, to get and renew
+            certificates for over the channel (and to present as the TLS
+            client certificate once it has one); C{None} for none.
         @raise ValueError: if C{addresses} is empty.
         """
         if not addresses:
@@ -195,6 +237,9 @@ class PilotClient:
         self._credential = credential
         self._tls = tls
         self._keepalive = keepalive
+        self._identity = identity
+        self._csr_id = 0
+        self._renewal: Any = None
         self._next_index = 0
         self._attempt = 0
         self._running = False
@@ -225,9 +270,10 @@ class PilotClient:
         Close the channel and stop reconnecting.
         """
         self._running = False
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        for call in (self._retry, self._renewal):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._renewal = None
         if self._connecting is not None:
             self._connecting.cancel()
         if self._channel is not None:
@@ -296,7 +342,47 @@ class PilotClient:
         self._channel = channel
         self.connected_address = channel.address
         log.info("pilot channel open to {address}", address=channel.address)
-        channel.send(Hello(node=self._node, credential=self._credential, versions=dict(self.versions)))
+        identity = self._identity
+        # A valid workload certificate (presented by TLS) is the credential;
+        # the join token is only for getting the first one.
+        has_certificate = identity is not None and identity.valid_at(self._reactor.seconds())
+        credential = "" if has_certificate else self._credential
+        channel.send(Hello(node=self._node, credential=credential, versions=dict(self.versions)))
+        if identity is not None and (not has_certificate or self._reactor.seconds() >= identity.renew_at()):
+            self._request_certificate()
+
+    # The workload certificate
+
+    def _request_certificate(self) -> None:
+        if self._renewal is not None and self._renewal.active():
+            self._renewal.cancel()
+        self._renewal = None
+        if self._channel is None or self._identity is None:
+            return  # asked for again when the next channel opens
+        self._csr_id += 1
+        self._channel.send(CertificateRequest(id=self._csr_id, csr=self._identity.new_request().decode("ascii")))
+
+    def _certificate(self, message: CertificateIssued | CertificateDenied) -> None:
+        if message.id != self._csr_id:
+            return  # an answer to a request overtaken by a newer one
+        identity = self._identity
+        if isinstance(message, CertificateDenied):
+            self.last_error = f"certificate denied: {message.reason}"
+            log.error("the pilot refused to sign this proxy's certificate: {reason}", reason=message.reason)
+            retry = self._backoff_max
+        else:
+            try:
+                identity.install(message.chain.encode("ascii"), message.roots.encode("ascii"),
+                                 self._reactor.seconds())
+            except IdentityError as e:
+                self.last_error = f"certificate unusable: {e}"
+                log.error("the certificate the pilot signed is unusable: {error}", error=str(e))
+                retry = self._backoff_max
+            else:
+                log.info("workload certificate for {identity} valid until {until}", identity=identity.spiffe_id,
+                         until=message_time(identity.not_after))
+                retry = max(0.0, identity.renew_at() - self._reactor.seconds())
+        self._renewal = self._reactor.callLater(retry, self._request_certificate)
 
     def _keepalive_for(self, channel: _ChannelProtocol) -> Keepalive | None:
         if self._keepalive is None:
@@ -342,6 +428,8 @@ class PilotClient:
             channel.send(Pong(id=message.id))
         elif isinstance(message, Pong):
             pass
+        elif isinstance(message, (CertificateIssued, CertificateDenied)):
+            self._certificate(message)
         else:
             self._protocol_error(channel, f"unexpected {message.TYPE} message from the pilot")
 

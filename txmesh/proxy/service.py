@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import threading
-from functools import partial
 from typing import Any
 
 import attrs
@@ -36,6 +35,7 @@ from txmesh.proxy.listener import HTTPListenerFactory
 from txmesh.proxy.pilot_client import PilotClient, pilot_tls_options
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, server_options
+from txmesh.proxy.workload_identity import WorkloadIdentity, token_service_account
 from txmesh.proxy.write_coalescer import WriteCoalescer
 
 log = Logger()
@@ -132,6 +132,7 @@ class ProxyService(Service):
         self.metrics: ProxyMetrics | None = None
         self._cluster_set: ClusterSet | None = None
         self.pilot: PilotClient | None = None
+        self.identity: WorkloadIdentity | None = None
         self._bootstrap: ProxyConfig | None = None
 
     def load_initial(self) -> ProxyConfig:
@@ -369,6 +370,7 @@ class ProxyService(Service):
 
     def _start_pilot(self, config: ProxyConfig) -> None:
         self._bootstrap = config
+        self.identity = self._make_identity(config)
         pilot = config.pilot
         labels = dict(config.node.labels)
         if pilot.inbound_port is not None:
@@ -389,9 +391,31 @@ class ProxyService(Service):
             backoff_max=pilot.backoff_max if pilot.backoff_max is not None else self._pilot_backoff[1],
             credential=pilot.token,
             keepalive=(pilot.keepalive_interval, pilot.keepalive_timeout),
-            tls=None if pilot.insecure else partial(pilot_tls_options, pilot.server_name, pilot.ca_pem),
+            tls=None if pilot.insecure else self._pilot_tls,
+            identity=self.identity,
         )
         self.pilot.start()
+
+    def _make_identity(self, config: ProxyConfig) -> WorkloadIdentity | None:
+        """
+        The workload identity this proxy asks the pilot to certify:
+        C{spiffe://<trust domain>/ns/<namespace>/sa/<service account>}.
+        """
+        pilot = config.pilot
+        if pilot is None or pilot.insecure:
+            return None
+        account = pilot.service_account or token_service_account(pilot.token) or "default"
+        namespace = config.node.namespace or "default"
+        identity = WorkloadIdentity(f"spiffe://{pilot.trust_domain}/ns/{namespace}/sa/{account}",
+                                    pilot.identity_dir)
+        if identity.load(self._reactor.seconds()):
+            log.info("workload certificate for {identity} taken from {dir}", identity=identity.spiffe_id,
+                     dir=pilot.identity_dir)
+        return identity
+
+    def _pilot_tls(self, address: str) -> Any:
+        pilot = self._bootstrap.pilot
+        return pilot_tls_options(pilot.server_name, pilot.ca_pem, address, self.identity, self._reactor.seconds())
 
     def _apply_pushed(self, document: dict) -> Deferred:
         """

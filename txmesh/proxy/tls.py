@@ -81,6 +81,7 @@ def server_options(
     alpn: Sequence[bytes] = ALPN_PROTOCOLS,
     min_version: str = "1.2",
     client_ca_pem: bytes | None = None,
+    require_client_certificate: bool = True,
 ) -> CertificateOptions:
     """
     Build the OpenSSL options of a TLS server.
@@ -90,8 +91,10 @@ def server_options(
     @param alpn: protocols offered in ALPN, most preferred first; empty to
         offer none.
     @param min_version: C{"1.2"} or C{"1.3"}; older versions are refused.
-    @param client_ca_pem: when given, clients must present a certificate
-        signed by one of these CAs (mutual TLS).
+    @param client_ca_pem: when given, client certificates are checked
+        against these CAs (mutual TLS).
+    @param require_client_certificate: with C{client_ca_pem}, whether a
+        client must present one (else one presented must still verify).
     @return: options for L{TLSMemoryBIOFactory} (with a context already
         built, so any error surfaces here and not on the first connection).
     @raise TLSConfigError: naming the input that is wrong and why.
@@ -109,7 +112,7 @@ def server_options(
     verify: dict[str, Any] = {}
     if client_ca_pem is not None:
         roots = load_certificates(client_ca_pem, "client_ca")
-        verify = dict(verify=True, requireCertificate=True,
+        verify = dict(verify=True, requireCertificate=require_client_certificate,
                       caCerts=[crypto.X509.from_cryptography(c) for c in roots])
     options = CertificateOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),
