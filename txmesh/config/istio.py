@@ -533,6 +533,10 @@ class _Translation:
         if not isinstance(body, Mapping):
             raise doc.error("", f"expected a mapping (an Istio resource), got {_kind(body)}")
         api_version = body.get("apiVersion")
+        if str(api_version).startswith("security.istio.io/"):
+            # AuthorizationPolicy, PeerAuthentication, RequestAuthentication:
+            # read by txmesh.policy.istio_security, not routing.
+            return None
         if api_version not in API_VERSIONS:
             raise doc.error("apiVersion", f"unsupported apiVersion {api_version!r} "
                                           f"(supported: {', '.join(API_VERSIONS)})")

@@ -70,6 +70,17 @@ ROUTER_FILTER = "router"
 FAULT_FILTER = "fault"
 LB_POLICIES = ("round_robin", "random", "least_request", "consistent_hash")
 PROTOCOLS = ("http", "tcp")
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
+UPSTREAM_TLS_MODES = ("SIMPLE", "ISTIO_MUTUAL")
+
+
+def _spiffe_ids(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of SPIFFE IDs, got {_kind(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item.startswith("spiffe://"):
+            raise ValueError(f"expected SPIFFE IDs (spiffe://trust-domain/ns/NS/sa/SA), got {item!r}")
+    return tuple(value)
 
 
 def _positive_seconds(value: Any) -> float:
@@ -447,6 +458,15 @@ class ConfigLoader:
         """
         if s is None:
             return None
+        mode = s.get("mode", _one_of(UPSTREAM_TLS_MODES), "SIMPLE")
+        if mode == "ISTIO_MUTUAL":
+            names = tuple(s.get("subject_alt_names", _spiffe_ids, ()))
+            for key in ("ca_certificate", "sni"):
+                if s.value.get(key) is not None:
+                    raise s.error("ISTIO_MUTUAL uses the mesh trust bundle and SPIFFE IDs; leave it out",
+                                  s.field(key))
+            s.done()
+            return UpstreamTLS(mode=mode, subject_alt_names=names)
         pem = self._read_pem(s, "ca_certificate")
         tls = UpstreamTLS(s.get("ca_certificate", _string), pem, s.get("sni", _string))
         s.done()
@@ -541,9 +561,14 @@ class ConfigLoader:
         address = s.get("address", _server_endpoint, required=True)
         protocol = s.get("protocol", _one_of(PROTOCOLS), "http")
         d = ListenerConfig(name, address)
+        mtls = s.get("mtls", _one_of(MTLS_MODES))
         common = dict(
             idle_timeout=s.get("idle_timeout", parse_duration, d.idle_timeout),
+            mtls=None if mtls == "DISABLE" else mtls,
         )
+        if common["mtls"] is not None and s.value.get("tls") is not None:
+            raise s.error("give tls (a certificate of your own) or mtls (the workload certificate), not both",
+                          s.field("mtls"))
         if protocol == "tcp":
             cluster = s.get("cluster", _string, required=True)
             if cluster not in clusters:

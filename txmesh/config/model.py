@@ -133,11 +133,18 @@ class UpstreamTLS:
         system's trust store.
     @ivar ca_certificate_pem: its contents when loaded (so a changed file
         changes the config).
+    @ivar mode: C{SIMPLE} (the above) or C{ISTIO_MUTUAL}: mutual TLS with
+        the proxy's workload certificate, the peer checked against the mesh
+        trust bundle and, if given, C{subject_alt_names}.
+    @ivar subject_alt_names: the SPIFFE IDs an C{ISTIO_MUTUAL} peer may
+        have; empty for any of the trust domain.
     """
 
     ca_certificate: str | None = None
     ca_certificate_pem: bytes = attrs.field(default=b"", repr=False)
     sni: str | None = None
+    mode: str = "SIMPLE"
+    subject_alt_names: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -437,6 +444,9 @@ class ListenerConfig:
     @ivar default_host: authority used for HTTP/1.0 requests with no C{Host}.
     @ivar tls: TLS termination, or C{None} for plaintext (then C{scheme} is
         C{http}; with TLS it is C{https}).
+    @ivar mtls: mutual TLS with the workload certificate (Istio's
+        PeerAuthentication): C{STRICT} (mutual TLS only), C{PERMISSIVE}
+        (mutual TLS or plaintext, per connection), or C{None}.
     """
 
     name: str
@@ -452,6 +462,7 @@ class ListenerConfig:
     default_host: bytes | None = None
     scheme: bytes = b"http"
     tls: ListenerTLS | None = None
+    mtls: str | None = None
 
 
 @attrs.frozen

@@ -26,6 +26,7 @@ from txmesh.proxy.health import HealthChecker
 from txmesh.proxy.http1_client import HTTP1ClientConnection
 from txmesh.proxy.http2_client import HTTP2EndpointPool
 from txmesh.proxy.lb import PickContext, build_balancer
+from txmesh.proxy.mesh_tls import MeshClientCreator
 from txmesh.proxy.outlier import OutlierDetector
 from txmesh.proxy.retry import RetryBudget
 from txmesh.proxy.tls import client_options
@@ -39,14 +40,23 @@ class NoHealthyUpstream(Exception):
     """
 
 
-def upstream_tls(config: ClusterConfig, endpoint: Endpoint, alpn: bytes) -> Any:
+def upstream_tls(config: ClusterConfig, endpoint: Endpoint, alpn: bytes | None, identity: Any = None) -> Any:
     """
+    @param alpn: the protocol to offer, or C{None} for none (L4).
+    @param identity: the proxy's workload identity, for C{ISTIO_MUTUAL}.
     @return: the TLS client options for connections to C{endpoint}, or
         C{None} when the cluster speaks cleartext.
+    @raise ValueError: C{ISTIO_MUTUAL} without an identity.
     """
-    if config.tls is None:
+    tls = config.tls
+    if tls is None:
         return None
-    return client_options(endpoint.host, [alpn], config.tls.ca_certificate_pem, config.tls.sni)
+    protocols = [alpn] if alpn is not None else []
+    if tls.mode == "ISTIO_MUTUAL":
+        if identity is None:
+            raise ValueError(f"cluster {config.name}: ISTIO_MUTUAL needs a workload certificate (from a pilot)")
+        return MeshClientCreator(identity, protocols, tls.subject_alt_names)
+    return client_options(endpoint.host, protocols, tls.ca_certificate_pem, tls.sni)
 
 
 class UpstreamOverflow(Exception):
@@ -78,7 +88,7 @@ class EndpointPool:
         self._reactor = reactor
         self._writes = writes
         self._cluster = cluster
-        self._tls = upstream_tls(config, endpoint, b"http/1.1")
+        self._tls = upstream_tls(config, endpoint, b"http/1.1", cluster.identity if cluster is not None else None)
         self._idle: deque[HTTP1ClientConnection] = deque()
         self._waiters: deque[Deferred] = deque()
         self.active_requests = 0
@@ -268,8 +278,10 @@ class Cluster:
     """
 
     def __init__(self, config: ClusterConfig, reactor: Any, rng: random.Random | None = None,
-                 writes: Any = None, local_locality: str = ""):
+                 writes: Any = None, local_locality: str = "", identity: Any = None):
         self.config = config
+        # Read by the pools, made just below, for ISTIO_MUTUAL.
+        self.identity = identity
         self.name = config.name
         self._reactor = reactor
         pool_class: Any = HTTP2EndpointPool if config.http2 else EndpointPool
@@ -432,6 +444,8 @@ class ClusterManager:
         @param writes: a L{WriteCoalescer} shared by every upstream connection.
         """
         self._reactor = reactor
+        # The proxy's workload identity, for ISTIO_MUTUAL clusters.
+        self.identity: Any = None
         self._writes = writes
         self.local_locality = local_locality
         self._clusters: dict[str, Cluster] = {}
@@ -464,7 +478,8 @@ class ClusterManager:
             if old is not None and old.config == cfg:
                 new[cfg.name] = old
             else:
-                new[cfg.name] = Cluster(cfg, self._reactor, writes=self._writes, local_locality=self.local_locality)
+                new[cfg.name] = Cluster(cfg, self._reactor, writes=self._writes, local_locality=self.local_locality,
+                                        identity=self.identity)
                 if self._sweeper.running:
                     new[cfg.name].start()
         for name, old in self._clusters.items():

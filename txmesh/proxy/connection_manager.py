@@ -18,6 +18,7 @@ import attrs
 
 from txmesh.config.model import ListenerConfig, NodeConfig
 from txmesh.filters.chain import FilterChain, ResponseWriter
+from txmesh.proxy.mesh_tls import client_cert_header, downstream_identity
 from txmesh.proxy.router import RouteTable
 from txmesh.proxy.stream import RequestHead
 
@@ -36,16 +37,21 @@ def new_request_id(getrandbits=_ids.getrandbits) -> bytes:
     return b"%b-%b-%b-%b-%b" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
-def forwarding_headers(head: RequestHead, peer_ip: bytes) -> bytes:
+def forwarding_headers(head: RequestHead, peer_ip: bytes, client_cert: bytes | None = None) -> bytes:
     """
     Add this hop to a downstream request, as every codec does before the
     stream starts: append the peer to C{x-forwarded-for}, set
     C{x-forwarded-proto} to the scheme the client used (keeping one it sent
-    only when set to the same), and give the request an C{x-request-id} if
-    it has none.
+    only when set to the same), give the request an C{x-request-id} if it
+    has none, and drop any C{x-forwarded-client-cert} the client sent,
+    setting it only from the connection's verified client certificate
+    (Envoy's SANITIZE_SET).
 
     @param head: the request; its headers are changed in place.
     @param peer_ip: the client's address.
+    @param client_cert: the C{x-forwarded-client-cert} value for a mutual
+        TLS connection (see L{txmesh.proxy.mesh_tls.client_cert_header}),
+        or C{None}.
     @return: the request id.
     """
     headers = head.headers
@@ -53,6 +59,7 @@ def forwarding_headers(head: RequestHead, peer_ip: bytes) -> bytes:
     request_id = None
     xff_index = -1
     proto_seen = False
+    xfcc_seen = False
     for i, (name, value) in enumerate(items):
         if name == b"x-request-id":
             request_id = value
@@ -61,6 +68,14 @@ def forwarding_headers(head: RequestHead, peer_ip: bytes) -> bytes:
         elif name == b"x-forwarded-proto":
             items[i] = (name, head.scheme)
             proto_seen = True
+        elif name == b"x-forwarded-client-cert":
+            xfcc_seen = True
+    if xfcc_seen:
+        # Never believed from a client: only this proxy vouches for a peer.
+        items[:] = [(n, v) for n, v in items if n != b"x-forwarded-client-cert"]
+        xff_index = next((i for i, (n, _) in enumerate(items) if n == b"x-forwarded-for"), -1)
+    if client_cert is not None:
+        items.append((b"x-forwarded-client-cert", client_cert))
     if xff_index >= 0:
         items[xff_index] = (b"x-forwarded-for", items[xff_index][1] + b", " + peer_ip)
     else:
@@ -99,6 +114,8 @@ class ProxyContext:
         per-request timeouts, or C{None} for plain C{clock.callLater}.
     @ivar rng: the C{random.Random} for weighted choices, or C{None} for the
         C{random} module.
+    @ivar identity: the proxy's L{WorkloadIdentity
+        <txmesh.proxy.workload_identity.WorkloadIdentity>}, or C{None}.
     """
 
     node: NodeConfig
@@ -107,6 +124,7 @@ class ProxyContext:
     writes: Any = None
     deadlines: Any = None
     rng: Any = None
+    identity: Any = None
 
 
 class HTTPConnectionManager:
@@ -127,11 +145,15 @@ class HTTPConnectionManager:
         self.clock = proxy.clock
         self._filters = listener.http_filters
 
-    def new_stream(self, writer: ResponseWriter, downstream_address: Any, request_id: bytes) -> FilterChain:
+    def new_stream(self, writer: ResponseWriter, downstream_address: Any, request_id: bytes,
+                   principal: str | None = None, local_port: int | None = None) -> FilterChain:
         """
         Start a stream for a codec.
 
         @param writer: the codec's downstream half for this stream.
+        @param principal: the peer's verified SPIFFE ID (mutual TLS), or
+            C{None}.
+        @param local_port: the port the connection arrived on.
         """
         stream = FilterChain(
             writer,
@@ -144,4 +166,25 @@ class HTTPConnectionManager:
             self._filters,
         )
         stream.proxy = self.proxy
+        if principal is not None:
+            stream.downstream_principal = principal
+        if local_port is not None:
+            stream.downstream_port = local_port
         return stream
+
+    def peer_info(self, transport: Any) -> tuple[str | None, bytes | None, int | None]:
+        """
+        What a codec learns once per connection about its peer.
+
+        @return: the peer's verified SPIFFE ID (or C{None}), the
+            C{x-forwarded-client-cert} value to set on its requests (or
+            C{None}), and the local port.
+        """
+        host = transport.getHost()
+        port = getattr(host, "port", None)
+        if self.listener.mtls is None:
+            return None, None, port
+        principal, certificate = downstream_identity(transport)
+        identity = self.proxy.identity
+        own = identity.spiffe_id if identity is not None else None
+        return principal, client_cert_header(own, principal, certificate), port

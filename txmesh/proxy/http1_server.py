@@ -120,6 +120,8 @@ class HTTP1ServerProtocol(Protocol):
         self._clock = manager.clock
         self._peer = self.transport.getPeer()
         self._peer_ip = getattr(self._peer, "host", "").encode("ascii")
+        # Learnt at the first request: with TLS the handshake is done by then.
+        self._peer_info: tuple | None = None
         self._parser = RequestParser(
             self, listener.max_request_headers_bytes, listener.scheme, listener.default_host)
         try:
@@ -223,8 +225,11 @@ class HTTP1ServerProtocol(Protocol):
         self._chunked = False
         self._close_after = False
         self._tunnel = False
-        request_id = forwarding_headers(head, self._peer_ip)
-        stream = manager.new_stream(self, self._peer, request_id)
+        if self._peer_info is None:
+            self._peer_info = manager.peer_info(self.transport)
+        principal, client_cert, port = self._peer_info
+        request_id = forwarding_headers(head, self._peer_ip, client_cert)
+        stream = manager.new_stream(self, self._peer, request_id, principal, port)
         self._stream = stream
         stream.request_headers(head, end_stream)
 

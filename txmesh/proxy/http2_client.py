@@ -558,7 +558,7 @@ class HTTP2EndpointPool:
         self._cluster = cluster
         from txmesh.proxy.cluster import upstream_tls
 
-        self._tls = upstream_tls(config, endpoint, b"h2")
+        self._tls = upstream_tls(config, endpoint, b"h2", getattr(cluster, "identity", None))
         self._open: list[HTTP2ClientConnection] = []
         self._connecting: Deferred | None = None
         self._waiters: deque[Deferred] = deque()

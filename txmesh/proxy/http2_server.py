@@ -310,6 +310,8 @@ class HTTP2ServerProtocol(Protocol):
         self._clock = manager.clock
         self._peer = self.transport.getPeer()
         self._peer_ip = getattr(self._peer, "host", "").encode("ascii")
+        # Learnt at the first request: with TLS the handshake is done by then.
+        self._peer_info: tuple | None = None
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -433,8 +435,12 @@ class HTTP2ServerProtocol(Protocol):
         stream = _ServerStream(self, sid)
         stream.request_open = not end_stream
         self.streams[sid] = stream
-        request_id = forwarding_headers(head, self._peer_ip)
-        chain = self.factory.manager.new_stream(stream, self._peer, request_id)
+        manager = self.factory.manager
+        if self._peer_info is None:
+            self._peer_info = manager.peer_info(self.transport)
+        principal, client_cert, port = self._peer_info
+        request_id = forwarding_headers(head, self._peer_ip, client_cert)
+        chain = manager.new_stream(stream, self._peer, request_id, principal, port)
         stream.chain = chain
         chain.request_headers(head, end_stream)
 

@@ -15,7 +15,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -27,11 +27,12 @@ from txmesh.filters.registry import FilterRegistry
 from txmesh.observability.metrics import ProxyMetrics
 from txmesh.pilot.messages import Node
 from txmesh.proxy.admin import AdminResource, AdminSite
-from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream
+from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream, upstream_tls
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.deadlines import DeadlineWheel
 from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.listener import HTTPListenerFactory
+from txmesh.proxy.mesh_tls import MeshServerCreator, PermissiveFactory
 from txmesh.proxy.pilot_client import PilotClient, pilot_tls_options
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, server_options
@@ -163,6 +164,8 @@ class ProxyService(Service):
             self.load_initial()
         config = self.config
         self.metrics = ProxyMetrics(config.node)
+        self.identity = self._clusters.identity = self._make_identity(config)
+        self._check_identity(config, self._path)
         self._clusters.start()
         self._apply_clusters(config)
         for listener in config.listeners:
@@ -221,8 +224,27 @@ class ProxyService(Service):
         self._clusters.local_locality = config.node.locality
         self._cluster_set = self._clusters.update(config.clusters)
 
+    def _check_identity(self, config: ProxyConfig, source: str) -> None:
+        """
+        @raise ConfigError: C{config} asks for mutual TLS but this proxy has
+            no workload identity (it gets one from a pilot).
+        """
+        if self.identity is not None:
+            return
+        for i, listener in enumerate(config.listeners):
+            if listener.mtls is not None:
+                raise ConfigError(source, f"listeners[{i}].mtls",
+                                  "mutual TLS needs a workload certificate, which comes from a pilot "
+                                  "(a pilot section without insecure)")
+        for i, cluster in enumerate(config.clusters):
+            if cluster.tls is not None and cluster.tls.mode == "ISTIO_MUTUAL":
+                raise ConfigError(source, f"clusters[{i}].tls.mode",
+                                  "ISTIO_MUTUAL needs a workload certificate, which comes from a pilot "
+                                  "(a pilot section without insecure)")
+
     def _proxy_context(self, config: ProxyConfig) -> ProxyContext:
-        return ProxyContext(config.node, self._reactor, self.metrics, self._writes, self._deadlines)
+        return ProxyContext(config.node, self._reactor, self.metrics, self._writes, self._deadlines,
+                            identity=self.identity)
 
     def _inner_factory(self, listener: ListenerConfig, config: ProxyConfig) -> Factory:
         if listener.protocol == "tcp":
@@ -236,10 +258,17 @@ class ProxyService(Service):
                 except NoHealthyUpstream:
                     return None
 
+            identity = self.identity
+
+            def connector(ep: Any) -> Any:
+                endpoint = TCP4ClientEndpoint(reactor, ep.host, ep.port, timeout=timeout)
+                tls = upstream_tls(cluster.config, ep, None, identity)
+                return endpoint if tls is None else wrapClientTLS(tls, endpoint)
+
             return TCPProxyFactory(
                 listener_name=listener.name,
                 pick_endpoint=pick,
-                connector=lambda ep: TCP4ClientEndpoint(reactor, ep.host, ep.port, timeout=timeout),
+                connector=connector,
                 clock=reactor,
                 idle_timeout=listener.idle_timeout,
                 filters=listener.network_filters,
@@ -248,15 +277,19 @@ class ProxyService(Service):
 
     def _tls_options(self, listener: ListenerConfig, inner: Factory) -> Any:
         """
-        @return: the TLS options of C{listener}, offering in ALPN only the
+        @return: the TLS options of C{listener} (its own certificate, or the
+            workload certificate for mutual TLS), offering in ALPN only the
             protocols its (inner) factory speaks.
         """
-        tls = listener.tls
         spoken = getattr(inner, "alpn_protocols", None)
         if spoken is None and isinstance(inner, HTTP1ServerFactory):
             # Offering h2 to a server that only speaks HTTP/1.1 would make
             # every h2-capable client (curl, browsers) fail.
             spoken = (b"http/1.1",)
+        if listener.mtls is not None:
+            alpn = [p for p in (b"h2", b"http/1.1") if spoken is not None and p in spoken]
+            return MeshServerCreator(self.identity, alpn, require_peer=True)
+        tls = listener.tls
         alpn = [p for p in tls.alpn if spoken is None or p in spoken]
         return server_options(tls.certificate_pem, tls.private_key_pem, alpn, tls.min_version)
 
@@ -264,9 +297,11 @@ class ProxyService(Service):
     def _open_listener(self, listener: ListenerConfig) -> Any:
         entry = _Listener(listener, _ListenerFactory(self._inner_factory(listener, self.config)))
         factory: Factory = entry.factory
-        if listener.tls is not None:
+        if listener.tls is not None or listener.mtls is not None:
             entry.tls = factory = TLSListenerFactory(
                 self._tls_options(listener, entry.factory.inner), entry.factory, clock=self._reactor)
+            if listener.mtls == "PERMISSIVE":
+                factory = PermissiveFactory(entry.tls, entry.factory)
         entry.port = yield serverFromString(self._reactor, listener.address).listen(factory)
         self._listeners[listener.name] = entry
         log.info("listener {name} ({protocol}) on {address}", name=listener.name,
@@ -322,6 +357,7 @@ class ProxyService(Service):
             built; nothing has changed then.
         """
         old = self.config
+        self._check_identity(new, source)
         try:
             # Clusters are built before anything is swapped: if one cannot
             # be (a load balancer refusing its endpoints, say), the running
@@ -337,7 +373,7 @@ class ProxyService(Service):
         for name, entry in list(self._listeners.items()):
             cfg = wanted.get(name)
             if (cfg is None or cfg.address != entry.config.address or cfg.protocol != entry.config.protocol
-                    or (cfg.tls is None) != (entry.tls is None)):
+                    or (cfg.tls is None) != (entry.config.tls is None) or cfg.mtls != entry.config.mtls):
                 del self._listeners[name]
                 yield maybeDeferred(entry.port.stopListening)
         for listener in new.listeners:
@@ -370,7 +406,6 @@ class ProxyService(Service):
 
     def _start_pilot(self, config: ProxyConfig) -> None:
         self._bootstrap = config
-        self.identity = self._make_identity(config)
         pilot = config.pilot
         labels = dict(config.node.labels)
         if pilot.inbound_port is not None:

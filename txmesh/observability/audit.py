@@ -1,0 +1,128 @@
+"""
+The authorization audit log: one JSON object per line for every request the
+C{authz} filter denies and every request an AUDIT policy matches.
+
+A record looks like::
+
+    {"time": "2026-11-25T17:06:08.123Z", "source_principal": "spiffe://cluster.local/ns/other/sa/app",
+     "source_ip": "10.0.0.7", "destination": {"host": "web.example.com", "port": 8080},
+     "method": "GET", "path": "/admin", "policy": "web/deny-admin", "decision": "DENY",
+     "action": "DENY", "request_id": "5f0c...", "reason": "matched DENY policy web/deny-admin"}
+
+Writes go to a file opened for appending with line buffering, so each
+record is one C{write} and reaches the file at once; nothing waits.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import IO, Any
+
+import attrs
+from twisted.logger import Logger
+
+__all__ = ["AuditLog", "AuditRecord", "iso8601"]
+
+
+def iso8601(seconds: float) -> str:
+    """
+    @return: C{seconds} since the epoch as ISO 8601 UTC with milliseconds,
+        e.g. C{2026-11-25T17:06:08.123Z}.
+    """
+    when = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+@attrs.frozen
+class AuditRecord:
+    """
+    One audited request.
+
+    @ivar time: when, in seconds since the epoch (from the stream's clock).
+    @ivar decision: C{ALLOW} or C{DENY}.
+    @ivar action: the action of the policy that caused the record (C{DENY},
+        C{AUDIT}), or C{None} when no policy matched (an ALLOW-only
+        workload's default deny).
+    @ivar policy: C{namespace/name} of that policy, or C{None}.
+    """
+
+    time: float
+    source_principal: str | None
+    source_ip: str | None
+    host: str | None
+    port: int | None
+    method: str | None
+    path: str | None
+    policy: str | None
+    decision: str
+    action: str | None
+    request_id: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        """
+        @return: the record as the log writes it.
+        """
+        return {
+            "time": iso8601(self.time),
+            "source_principal": self.source_principal,
+            "source_ip": self.source_ip,
+            "destination": {"host": self.host, "port": self.port},
+            "method": self.method,
+            "path": self.path,
+            "policy": self.policy,
+            "decision": self.decision,
+            "action": self.action,
+            "request_id": self.request_id,
+            "reason": self.reason,
+        }
+
+
+class AuditLog:
+    """
+    Writes L{AuditRecord}s as JSON lines.
+    """
+
+    log = Logger()
+
+    def __init__(self, output: IO[str], name: str = "<stream>", owned: bool = False):
+        """
+        @param output: a text stream to write lines to.
+        @param name: what to call it in error messages.
+        @param owned: whether L{close} closes C{output}.
+        """
+        self._output = output
+        self.name = name
+        self._owned = owned
+
+    @classmethod
+    def open(cls, path: str) -> AuditLog:
+        """
+        @param path: a file to append to (created if missing), or C{"-"}
+            for standard output.
+        @raise OSError: if the file cannot be opened.
+        """
+        if path == "-":
+            return cls(sys.stdout, "<stdout>")
+        # Line buffering: one record is one write(2), visible at once.
+        return cls(open(path, "a", buffering=1, encoding="utf-8"), path, owned=True)
+
+    def write(self, record: AuditRecord) -> None:
+        """
+        Write one record.  A failing write is logged, never raised: auditing
+        does not fail requests.
+        """
+        line = json.dumps(record.to_json(), separators=(",", ":"), sort_keys=False) + "\n"
+        try:
+            self._output.write(line)
+        except (OSError, ValueError) as e:
+            self.log.error("audit log {name}: write failed: {error}", name=self.name, error=e)
+
+    def close(self) -> None:
+        """
+        Close the file (not standard output).
+        """
+        if self._owned:
+            self._output.close()
