@@ -10,6 +10,9 @@ The C{txmesh} command: operator tools.
     txmesh apply -f FILE [--name NAME]
                                       validate Istio documents at the pilot and, if valid,
                                       make them its istio/NAME (default: FILE's base name)
+    txmesh ca rotate --config-dir DIR  a new mesh root; the old one stays trusted (overlap)
+    txmesh ca finish-rotation --config-dir DIR
+                                      stop trusting the previous roots
     txmesh token create --config-dir DIR --namespace NS --service-account SA [--ttl 24h]
                                       a join token for a proxy (run on the pilot's host:
                                       it signs with the key in DIR/ca)
@@ -437,6 +440,38 @@ def token_create(ca_dir: str, namespace: str, service_account: str, ttl: float, 
     return 0
 
 
+def ca_command(command: str, config_dir: str, ca_dir: str | None, trust_domain: str | None, now: float,
+               out: Any = sys.stdout, err: Any = sys.stderr) -> int:
+    """
+    C{txmesh ca rotate} and C{txmesh ca finish-rotation}: change the CA
+    directory; a running pilot notices, reloads, and pushes the new trust
+    bundle to every proxy.
+
+    @return: the exit code.
+    """
+    from datetime import datetime, timezone
+
+    from txmesh.config.errors import ConfigError
+    from txmesh.pilot.ca import CAError, CertificateAuthority
+    from txmesh.pilot.channel_security import ca_directory
+    from txmesh.pilot.mesh_config import load_pilot_settings
+
+    directory = ca_dir or ca_directory(config_dir)
+    try:
+        if command == "rotate":
+            domain = trust_domain or load_pilot_settings(config_dir).mesh.trust_domain
+            ca = CertificateAuthority.rotate_root(directory, domain, datetime.fromtimestamp(now, timezone.utc))
+            out.write(f"new root {ca.root.subject.rfc4514_string()} in {directory}; "
+                      f"{len(ca.previous_roots)} previous root(s) trusted until 'txmesh ca finish-rotation'\n")
+        else:
+            dropped = CertificateAuthority.finish_rotation(directory)
+            out.write(f"stopped trusting {dropped} previous root(s)\n")
+    except (CAError, ConfigError, ValueError) as e:
+        err.write(f"txmesh ca {command}: {e}\n")
+        return 1
+    return 0
+
+
 # --- the command line ---------------------------------------------------------------
 
 
@@ -477,6 +512,14 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     a.add_argument("--name", metavar="NAME",
                    help="the file it becomes in the pilot's istio/ directory (default: FILE's base name); "
                         "naming an existing file replaces it")
+    ca = commands.add_parser("ca", help="the mesh CA (on the pilot's host; the pilot picks changes up)")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True)
+    for name, text in (("rotate", "make a new root; the old one stays trusted until finish-rotation"),
+                       ("finish-rotation", "stop trusting the roots a rotation kept")):
+        cp = ca_commands.add_parser(name, help=text)
+        cp.add_argument("--config-dir", required=True, metavar="DIR", help="the pilot's config directory")
+        cp.add_argument("--ca-dir", metavar="DIR", help="the pilot's --ca-dir, if not DIR/ca")
+        cp.add_argument("--trust-domain", default=None, help="default: the pilot's mesh.yaml, or cluster.local")
     t = commands.add_parser("token", help="join tokens for proxies (on the pilot's host)")
     token_commands = t.add_subparsers(dest="token_command", required=True)
     tc = token_commands.add_parser("create", help="print a join token bound to a namespace")
@@ -501,6 +544,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if not files:
             p.error("validate: name at least one FILE")
         return validate(files)
+    if args.command == "ca":
+        return ca_command(args.ca_command, args.config_dir, args.ca_dir, args.trust_domain, time.time())
     if args.command == "token":
         from txmesh.pilot.channel_security import ca_directory
 

@@ -43,6 +43,7 @@ ROOT_CERT_FILE = "root-cert.pem"
 CA_KEY_FILE = "ca-key.pem"
 CA_CERT_FILE = "ca-cert.pem"
 CERT_CHAIN_FILE = "cert-chain.pem"
+PREVIOUS_ROOTS_FILE = "previous-roots.pem"
 
 ROOT_VALIDITY = timedelta(days=3650)
 """
@@ -311,6 +312,11 @@ class CertificateAuthority:
     """
     The file each certificate was read from, for error messages.
     """
+    previous_roots: list[x509.Certificate] = attrs.field(factory=list)
+    """
+    Roots still trusted during a root rotation (L{rotate_root}), from
+    C{previous-roots.pem}; they sign nothing.
+    """
 
     @classmethod
     def load_or_create(cls, directory: str, trust_domain: str, now: datetime) -> CertificateAuthority:
@@ -350,7 +356,69 @@ class CertificateAuthority:
         else:
             ca = cls._create(directory, trust_domain, now)
         ca._check_valid_at(now)
+        if exists(PREVIOUS_ROOTS_FILE):
+            previous = _load_certs(directory, PREVIOUS_ROOTS_FILE)
+            for cert in previous:
+                if not _is_self_signed(cert):
+                    raise CAError(f"holds {cert.subject.rfc4514_string()!r}, which is not a self-signed root",
+                                  os.path.join(directory, PREVIOUS_ROOTS_FILE))
+            ca = attrs.evolve(ca, previous_roots=[c for c in previous if c != ca.root and c.not_valid_after_utc > now])
         return ca
+
+    @classmethod
+    def rotate_root(cls, directory: str, trust_domain: str, now: datetime) -> CertificateAuthority:
+        """
+        Replace a generated root with a new one, keeping the old root
+        trusted (in C{previous-roots.pem}) for an overlap window: new
+        certificates are signed by the new root while peers holding the old
+        root's certificates are still accepted.  The window should outlast
+        the workload certificate lifetime, so that every proxy has renewed;
+        then L{finish_rotation} drops the old roots.
+
+        @return: the CA with the new root.
+        @raise CAError: the directory holds an operator-provided CA (rotate
+            it by replacing its files) or no CA.
+        """
+        old = cls.load_or_create(directory, trust_domain, now)
+        if not old.generated:
+            raise CAError("the CA was provided by the operator; rotate it by replacing its files",
+                          os.path.join(directory, CA_CERT_FILE))
+        kept = [old.root, *old.previous_roots]
+        try:
+            _write_public(os.path.join(directory, PREVIOUS_ROOTS_FILE), b"".join(_pem(c) for c in kept))
+            for name in (ROOT_KEY_FILE, ROOT_CERT_FILE):
+                os.rename(os.path.join(directory, name), os.path.join(directory, f"{name}.old"))
+        except OSError as e:
+            raise CAError(f"cannot rotate ({e.strerror})", e.filename or directory) from None
+        new = cls._create(directory, trust_domain, now)
+        for name in (ROOT_KEY_FILE, ROOT_CERT_FILE):
+            os.remove(os.path.join(directory, f"{name}.old"))
+        new = attrs.evolve(new, previous_roots=kept)
+        cls._log.info("rotated the mesh root in {directory}; {n} previous root(s) trusted until "
+                      "finish-rotation", directory=directory, n=len(kept))
+        return new
+
+    @staticmethod
+    def finish_rotation(directory: str) -> int:
+        """
+        End a root rotation's overlap: stop trusting the previous roots.
+
+        @return: how many roots were dropped.
+        """
+        path = os.path.join(directory, PREVIOUS_ROOTS_FILE)
+        if not os.path.exists(path):
+            return 0
+        count = len(_load_certs(directory, PREVIOUS_ROOTS_FILE))
+        os.remove(path)
+        return count
+
+    @property
+    def trust_bundle_pem(self) -> bytes:
+        """
+        What peers trust: the root, then any previous roots still in their
+        overlap window, PEM.
+        """
+        return b"".join(_pem(c) for c in [self.root, *self.previous_roots])
 
     @classmethod
     def _create(cls, directory: str, trust_domain: str, now: datetime) -> CertificateAuthority:

@@ -106,13 +106,37 @@ class ChannelSecurity:
     ca: CertificateAuthority
     used_tokens: UsedTokens
     workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL
+    server_names: tuple[str, ...] = ()
+
+    def reload(self) -> ChannelSecurity:
+        """
+        Read the CA directory again (after C{txmesh ca rotate} or
+        C{finish-rotation}) and issue the pilot a new serving certificate.
+
+        @raise txmesh.pilot.ca.CAError: the directory is unusable now; keep
+            using this one.
+        """
+        return load_channel_security(self.ca.directory, self.ca.trust_domain, self.clock, self.server_names,
+                                     self.workload_ttl)
+
+    def ca_signature(self) -> object:
+        """
+        @return: what changes when the CA directory's certificates change.
+        """
+        stamp = []
+        for name in sorted(os.listdir(self.ca.directory)):
+            if name.endswith(".pem"):
+                st = os.stat(os.path.join(self.ca.directory, name))
+                stamp.append((name, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
 
     @property
     def root_pem(self) -> bytes:
         """
-        @return: the mesh trust bundle.
+        @return: the mesh trust bundle (the root, and during a root
+            rotation the previous roots too).
         """
-        return self.ca.root_pem
+        return self.ca.trust_bundle_pem
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
@@ -173,7 +197,7 @@ class ChannelSecurity:
             chain = self.ca.sign_csr(csr_pem, identity, self._now(), self.workload_ttl)
         except CAError as e:
             raise CertificateRefused(e.reason) from None
-        return chain, self.ca.root_pem
+        return chain, self.ca.trust_bundle_pem
 
 
 def _split_names(names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -221,6 +245,6 @@ def load_channel_security(
     ca = CertificateAuthority.load_or_create(ca_dir, trust_domain, now)
     dns_names, ips = _split_names([*DEFAULT_SERVER_NAMES, *_host_name(), *server_names])
     issued = ca.issue_server_certificate(dns_names, ips, now, SERVER_CERT_TTL)
-    options = server_tls_options(issued, ca.root_pem, require_client_certificate=False)
+    options = server_tls_options(issued, ca.trust_bundle_pem, require_client_certificate=False)
     return ChannelSecurity(options, token_authority(ca_dir), clock, ca,
-                           UsedTokens(os.path.join(ca_dir, USED_TOKENS_FILE)), workload_ttl)
+                           UsedTokens(os.path.join(ca_dir, USED_TOKENS_FILE)), workload_ttl, tuple(server_names))

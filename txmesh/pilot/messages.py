@@ -57,6 +57,12 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 """Default bound on one message's body (the JSON after the length prefix)."""
 
+SECRETS = "secrets"
+"""The resource type of key material; the pilot pushes the mesh trust bundle in it."""
+
+ROOT_CA_SECRET = "ROOTCA"
+"""The C{secrets} entry holding the mesh trust bundle (C{trust_bundle}, PEM)."""
+
 KNOWN_RESOURCE_TYPES = frozenset({"listeners", "routes", "clusters", "endpoints", "secrets", "policies"})
 """
 Resource types this version understands. A L{Push} may carry others (a newer

@@ -32,18 +32,35 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txmesh.config.errors import ConfigError
 from txmesh.config.istio import translate
 from txmesh.pilot.api import operator_site
+from txmesh.pilot.ca import CAError
 from txmesh.pilot.channel_security import Admission, CertificateRefused, ChannelSecurity
 from txmesh.pilot.documents import Document, istio_files, load_istio_documents
 from txmesh.pilot.mesh_config import build_registries, load_pilot_settings
-from txmesh.pilot.messages import CertificateDenied, CertificateIssued, CertificateRequest, Hello, Message
+from txmesh.pilot.messages import (
+    ROOT_CA_SECRET,
+    SECRETS,
+    CertificateDenied,
+    CertificateIssued,
+    CertificateRequest,
+    Hello,
+    Message,
+)
 from txmesh.pilot.registry.base import CombinedRegistry
 from txmesh.pilot.server import PilotChannelFactory, PilotChannelProtocol
-from txmesh.pilot.snapshot import MeshConfig, NamespaceView, Node, Snapshot, build_snapshot, namespace_view
+from txmesh.pilot.snapshot import (
+    MeshConfig,
+    NamespaceView,
+    Node,
+    Snapshot,
+    build_snapshot,
+    content_hash,
+    namespace_view,
+)
+from txmesh.proxy.tls import TLSListenerFactory
 
 
 def _signature(directory: str) -> object:
@@ -123,6 +140,8 @@ class PilotService(Service):
         self.config_error: str | None = None
         self.config_version = 0
         self.certificates_signed = 0
+        self._ca_stamp: object = None
+        self._tls_factory: TLSListenerFactory | None = None
         self.channels: list[PilotChannelProtocol] = []
         self._stamp: object = None
         self._poll: LoopingCall | None = None
@@ -177,23 +196,56 @@ class PilotService(Service):
                 self._build(mesh, views, channel.node)
         return mesh, views, [str(w) for w in result.warnings]
 
-    @staticmethod
-    def _build(mesh: MeshConfig, views: dict[str, NamespaceView], node: Node) -> Snapshot:
+    def _build(self, mesh: MeshConfig, views: dict[str, NamespaceView], node: Node) -> Snapshot:
         """
         Build C{node}'s snapshot, translating its namespace's view only once
-        per config (C{views} caches them).
+        per config (C{views} caches them), with the mesh trust bundle as
+        the C{secrets} resource when the pilot has a CA.
         """
         namespace = node.namespace or mesh.default_namespace
         view = views.get(namespace)
         if view is None:
             view = views[namespace] = namespace_view(mesh, namespace)
-        return build_snapshot(mesh, node, view)
+        snapshot = build_snapshot(mesh, node, view)
+        if self.security is None:
+            return snapshot
+        secrets = [{"name": ROOT_CA_SECRET, "trust_bundle": self.security.root_pem.decode("ascii")}]
+        secrets_version = content_hash(secrets)
+        return attrs.evolve(
+            snapshot,
+            resources={**snapshot.resources, SECRETS: secrets},
+            per_type_versions={**snapshot.per_type_versions, SECRETS: secrets_version},
+            version=content_hash({"snapshot": snapshot.version, SECRETS: secrets_version}),
+        )
 
     def _check(self) -> None:
         stamp = _signature(self._istio_dir)
         if stamp != self._stamp:
             self._stamp = stamp
             self._schedule()
+        if self.security is not None:
+            self._check_ca()
+
+    def _check_ca(self) -> None:
+        """
+        Take a rotated root (or the end of a rotation's overlap): a new
+        serving certificate for new channels, and the new trust bundle
+        pushed to every proxy.
+        """
+        stamp = self.security.ca_signature()
+        if stamp == self._ca_stamp:
+            return
+        self._ca_stamp = stamp
+        try:
+            security = self.security.reload()
+        except CAError as e:
+            self.log.error("the CA directory changed but cannot be used, keeping the old CA: {error}", error=str(e))
+            return
+        self.security = security
+        if self._tls_factory is not None:
+            self._tls_factory.set_options(security.server_options)
+        self.log.info("CA reloaded: trust bundle of {n} root(s)", n=1 + len(security.ca.previous_roots))
+        self._schedule()
 
     def _schedule(self, registry: object = None) -> None:
         if self._pending is not None and self._pending.active():
@@ -282,7 +334,8 @@ class PilotService(Service):
         self._poll.start(self._poll_interval, now=False)
         factory: Any = PilotChannelFactory(self, self._reactor, self._keepalive)
         if self.security is not None:
-            factory = TLSMemoryBIOFactory(self.security.server_options, False, factory)
+            self._ca_stamp = self.security.ca_signature()
+            factory = self._tls_factory = TLSListenerFactory(self.security.server_options, factory, self._reactor)
         else:
             self.log.warn("the pilot channel is plaintext and admits any proxy (--insecure): development only")
         self.channel_port = yield serverFromString(self._reactor, self._listen).listen(factory)

@@ -23,6 +23,8 @@ from txmesh.config.errors import ConfigError
 from txmesh.pilot import messages
 from txmesh.pilot.keepalive import Keepalive
 from txmesh.pilot.messages import (
+    ROOT_CA_SECRET,
+    SECRETS,
     Ack,
     CertificateDenied,
     CertificateIssued,
@@ -46,7 +48,7 @@ __all__ = ["APPLIED_TYPES", "PilotClient", "backoff_delay", "pilot_tls_options"]
 log = Logger()
 
 APPLIED_TYPES = ("listeners", "clusters")
-"""The resource types a push may carry that the proxy applies."""
+"""The resource types a push may carry that the proxy applies as config."""
 
 
 def pilot_tls_options(server_name: str | None, ca_pem: bytes, address: str,
@@ -442,6 +444,23 @@ class PilotClient:
                 resources[rtype] = push.resources[rtype]
         return {rtype: list(resources.get(rtype, [])) for rtype in APPLIED_TYPES}
 
+    def _apply_secrets(self, push: Push) -> None:
+        """
+        Take the mesh trust bundle a push carries (C{secrets}, the entry
+        named C{ROOTCA}): a root rotation reaches the proxy this way.
+
+        @raise ConfigError: the bundle is missing or does not parse.
+        """
+        if SECRETS not in push.resources or self._identity is None:
+            return
+        bundles = [s for s in push.resources[SECRETS] if s.get("name") == ROOT_CA_SECRET]
+        if not bundles or not isinstance(bundles[0].get("trust_bundle"), str):
+            raise ConfigError("pilot push", "secrets", f"no {ROOT_CA_SECRET} entry with a trust_bundle")
+        try:
+            self._identity.update_roots(bundles[0]["trust_bundle"].encode("ascii"))
+        except (IdentityError, UnicodeEncodeError) as e:
+            raise ConfigError("pilot push", f"secrets.{ROOT_CA_SECRET}.trust_bundle", str(e)) from None
+
     def _apply_next(self) -> None:
         if self._applying or not self._queue:
             return
@@ -452,11 +471,12 @@ class PilotClient:
                      types=", ".join(skipped))
         document = self._document(push)
         self._applying = True
-        d = maybeDeferred(self._apply, document)
+        d = maybeDeferred(self._apply_secrets, push)
+        d.addCallback(lambda _: self._apply(document))
 
         def applied(_: Any) -> None:
             # Only what was applied: a resuming pilot may skip what is named.
-            for rtype in APPLIED_TYPES:
+            for rtype in (*APPLIED_TYPES, SECRETS):
                 if rtype in push.resources:
                     self.versions[rtype] = push.type_version(rtype)
             for rtype in APPLIED_TYPES:
