@@ -6,6 +6,7 @@ mesh CA, join tokens bound to a namespace).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_pilot import SERVICE_ENTRY, SERVICES, VIRTUAL_SERVICE, ChannelClient, write
 from txmesh.identity import certificate_identity
+from txmesh.observability.audit import AuditLog
 from txmesh.pilot.ca import client_tls_options
 from txmesh.pilot.channel_security import ca_directory, load_channel_security, token_authority
 from txmesh.pilot.keepalive import Keepalive
@@ -91,6 +93,7 @@ class KeepaliveTests(SynchronousTestCase):
 class _PilotCase(TestCase):
     security = False
     keepalive: tuple[float, float] | None = (15.0, 45.0)
+    audit_path: str | None = None
 
     def setUp(self) -> defer.Deferred:
         self.dir = tempfile.mkdtemp()
@@ -103,8 +106,13 @@ class _PilotCase(TestCase):
         self.channel_security = None
         if self.security:
             self.channel_security = load_channel_security(ca_directory(self.dir), "cluster.local", reactor)
+        audit = None
+        if self.security:
+            self.audit_path = os.path.join(self.dir, "audit.log")
+            audit = AuditLog.open(self.audit_path)
+            self.addCleanup(audit.close)
         self.pilot = PilotService(self.dir, reactor, "tcp:0:interface=127.0.0.1", None, poll_interval=0.05,
-                                  security=self.channel_security, keepalive=self.keepalive)
+                                  security=self.channel_security, keepalive=self.keepalive, audit=audit)
         self.addCleanup(self.pilot.stopService)
         return self.pilot.startService()
 
@@ -377,6 +385,10 @@ class WorkloadCertificateTests(_PilotCase):
         self.assertEqual((yield client.next()), Pong(id=3))
         self.assertEqual(self.pilot.certificates_signed, 0)
 
+    def audited(self) -> list[dict]:
+        with open(self.audit_path) as f:
+            return [json.loads(line) for line in f]
+
     @defer.inlineCallbacks
     def test_replayed_token_refused(self) -> Any:
         token = self.token()
@@ -385,6 +397,20 @@ class WorkloadCertificateTests(_PilotCase):
         again, refused = yield self.admitted(token)
         self.assertIsInstance(refused, Refused)
         self.assertIn("was used already", refused.reason)
+        [record] = self.audited()
+        self.assertEqual((record["method"], record["path"], record["decision"]), ("HELLO", "p1", "DENY"))
+        self.assertIn("was used already", record["reason"])
+
+    @defer.inlineCallbacks
+    def test_certificate_decisions_audited(self) -> Any:
+        client, _ = yield self.admitted(self.token(account="web"))
+        yield self.certify(client, WorkloadIdentity("spiffe://cluster.local/ns/default/sa/web"))
+        yield self.certify(client, WorkloadIdentity("spiffe://cluster.local/ns/default/sa/admin"), 2)
+        records = self.audited()
+        self.assertEqual([(r["method"], r["decision"], r["source_principal"]) for r in records],
+                         [("CSR", "ALLOW", "spiffe://cluster.local/ns/default/sa/web"),
+                          ("CSR", "DENY", "spiffe://cluster.local/ns/default/sa/web")])
+        self.assertIn("asks for spiffe://cluster.local/ns/default/sa/admin", records[1]["reason"])
 
     @defer.inlineCallbacks
     def test_certificate_is_the_credential_on_reconnect(self) -> Any:

@@ -169,6 +169,8 @@ class PilotOptions(usage.Options):
         ["server-names", None, "", "Comma-separated extra DNS names / IP addresses for the pilot's "
          "certificate (localhost, 127.0.0.1, ::1, txmesh-pilot and the host name are always in)."],
         ["keepalive", None, "15,45", "Channel keepalive INTERVAL,TIMEOUT in seconds."],
+        ["audit-log", None, None, "Append a JSON line per refused proxy and per certificate decision to this "
+         "file ('-': standard output)."],
         ["poll-interval", None, 0.2, "Seconds between checks of the config files.", float],
     ]
     optFlags = [
@@ -215,6 +217,7 @@ class PilotServiceMaker:
         from twisted.internet import reactor
 
         from txmesh.config.errors import ConfigError
+        from txmesh.observability.audit import AuditLog
         from txmesh.pilot.ca import CAError
         from txmesh.pilot.channel_security import ca_directory, load_channel_security
         from txmesh.pilot.mesh_config import load_pilot_settings
@@ -229,12 +232,13 @@ class PilotServiceMaker:
                 security = load_channel_security(options["ca-dir"] or ca_directory(config_dir),
                                                  settings.mesh.trust_domain, reactor, names,
                                                  timedelta(seconds=settings.workload_cert_ttl))
+            audit = AuditLog.open(options["audit-log"]) if options["audit-log"] else None
             return PilotService(
                 config_dir, reactor, options["listen"], options["api"],
                 poll_interval=options["poll-interval"], security=security,
-                api_token=options["api-token"], keepalive=options["keepalive"],
+                api_token=options["api-token"], keepalive=options["keepalive"], audit=audit,
             )
-        except (ConfigError, CAError, ValueError) as e:
+        except (ConfigError, CAError, ValueError, OSError) as e:
             raise SystemExit(f"txmesh-pilot: {e}") from None
 
 

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from txmesh.config.errors import ConfigError
 from txmesh.config.istio import translate
+from txmesh.observability.audit import AuditLog, AuditRecord
 from txmesh.pilot.api import operator_site
 from txmesh.pilot.ca import CAError
 from txmesh.pilot.channel_security import Admission, CertificateRefused, ChannelSecurity
@@ -97,6 +98,7 @@ class PilotService(Service):
         security: ChannelSecurity | None = None,
         api_token: str | None = None,
         keepalive: tuple[float, float] | None = (15.0, 45.0),
+        audit: AuditLog | None = None,
     ):
         """
         @param config_dir: the directory holding C{mesh.yaml}, C{istio/} and
@@ -114,6 +116,8 @@ class PilotService(Service):
             C{None} (then the API must listen on loopback only).
         @param keepalive: C{(interval, timeout)} of each channel's keepalive
             in seconds, or C{None}.
+        @param audit: where refused proxies and every certificate decision
+            are recorded, or C{None}.
         @raise ConfigError: C{mesh.yaml} is invalid.
         @raise ValueError: C{api} listens beyond loopback and no
             C{api_token} is given.
@@ -129,6 +133,7 @@ class PilotService(Service):
         self._poll_interval = poll_interval
         self._istio_dir = os.path.join(config_dir, "istio")
         self.security = security
+        self.audit = audit
         self._keepalive = keepalive
         settings = load_pilot_settings(config_dir, mesh_defaults)
         registries = build_registries(settings, reactor, config_dir, poll_interval)
@@ -282,7 +287,22 @@ class PilotService(Service):
         """
         if self.security is None:
             return Admission()
-        return self.security.authenticate(hello, peer_identity)
+        admission = self.security.authenticate(hello, peer_identity)
+        if admission.refusal is not None:
+            self._audit("HELLO", hello.node.id, peer_identity, "DENY", admission.refusal)
+        return admission
+
+    def _audit(self, what: str, node: str, principal: str | None, decision: str, reason: str) -> None:
+        """
+        Record a credential or certificate decision in the audit log.
+        """
+        if self.audit is None:
+            return
+        self.audit.write(AuditRecord(
+            time=self._reactor.seconds(), source_principal=principal, source_ip=None, host="txmesh-pilot",
+            port=None, method=what, path=node, policy=None, decision=decision, action=None, request_id=None,
+            reason=reason,
+        ))
 
     def sign(self, channel: PilotChannelProtocol, request: CertificateRequest) -> Message:
         """
@@ -300,8 +320,10 @@ class PilotService(Service):
                 self.certificates_signed += 1
                 self.log.info("signed a certificate for {identity} (proxy {node})", identity=channel.identity,
                               node=node)
+                self._audit("CSR", node, channel.identity, "ALLOW", "certificate signed")
                 return CertificateIssued(id=request.id, chain=chain.decode("ascii"), roots=roots.decode("ascii"))
         self.log.warn("refused to sign a certificate for proxy {node}: {reason}", node=node, reason=reason)
+        self._audit("CSR", node, channel.identity, "DENY", reason)
         return CertificateDenied(id=request.id, reason=reason)
 
     def snapshot_for(self, channel: PilotChannelProtocol) -> Snapshot | None:
