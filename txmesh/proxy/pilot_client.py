@@ -286,15 +286,26 @@ class PilotClient:
     def status(self) -> dict[str, Any]:
         """
         @return: what the admin endpoint shows: the connected address (or
-            C{None}), the last acked version, per-type versions and the last
-            error.
+            C{None}), the last acked version, per-type versions, the last
+            error, and the workload identity (its SPIFFE ID, whether it has a
+            certificate, when it ends and renews, how many roots it trusts).
         """
-        return {
+        status: dict[str, Any] = {
             "connected": self.connected_address,
             "acked_version": self.acked_version,
             "versions": dict(self.versions),
             "last_error": self.last_error,
         }
+        identity = self._identity
+        if identity is not None:
+            status["identity"] = {
+                "spiffe_id": identity.spiffe_id,
+                "certificate": identity.chain_pem is not None,
+                "not_after": message_time(identity.not_after) if identity.chain_pem is not None else None,
+                "renew_at": message_time(identity.renew_at()) if identity.chain_pem is not None else None,
+                "roots": identity.roots_pem.count(b"BEGIN CERTIFICATE") if identity.roots_pem else 0,
+            }
+        return status
 
     # Connecting
 
