@@ -45,6 +45,7 @@ from txmesh.config.model import (
     Route,
     RouteMatch,
     SubsetConfig,
+    UpstreamTLS,
     VirtualHost,
     WeightedDestination,
 )
@@ -1551,3 +1552,129 @@ class GrpcPortTests(SynchronousTestCase):
         by_name = {c.name: c for c in config.clusters}
         self.assertTrue(by_name["outbound|9000||api.example.com"].http2)
         self.assertFalse(by_name["outbound|80||api.example.com"].http2)
+
+
+MESH_LABEL = {"security.istio.io/tlsMode": "istio"}
+
+
+def labeled_entry(*labeled: bool) -> dict[str, Any]:
+    """
+    A reviews ServiceEntry whose endpoints carry the sidecar label or not.
+    """
+    return service_entry(endpoints=[
+        {"address": f"10.0.0.{i}", "labels": {"version": f"v{i}", **(MESH_LABEL if on else {})}}
+        for i, on in enumerate(labeled, start=1)])
+
+
+def tls_rule(tls: dict[str, Any] | None, subsets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"subsets": subsets if subsets is not None else []}
+    if tls is not None:
+        spec["trafficPolicy"] = {"tls": tls}
+    return destination_rule(**spec)
+
+
+SPIFFE = "spiffe://cluster.local/ns/default/sa/reviews"
+ISTIO_MUTUAL = UpstreamTLS(mode="ISTIO_MUTUAL")
+
+# name: (DestinationRule tls, endpoints labeled, mtls, expected cluster tls, expected warnings (field, text))
+UPSTREAM_TLS_CASES: dict[str, tuple[Any, tuple[bool, ...], bool, Any, list[tuple[str, str]]]] = {
+    "istio_mutual": ({"mode": "ISTIO_MUTUAL"}, (False, False), True, ISTIO_MUTUAL, []),
+    "istio_mutual_sans": ({"mode": "ISTIO_MUTUAL", "subjectAltNames": [SPIFFE]}, (False,), True,
+                          UpstreamTLS(mode="ISTIO_MUTUAL", subject_alt_names=(SPIFFE,)), []),
+    "istio_mutual_sni_ignored": ({"mode": "ISTIO_MUTUAL", "sni": "x"}, (False,), True, ISTIO_MUTUAL,
+                                 [("spec.trafficPolicy.tls.sni", "mesh trust bundle")]),
+    "istio_mutual_without_ca": ({"mode": "ISTIO_MUTUAL"}, (True,), False, None,
+                                [("spec.trafficPolicy.tls.mode", "needs the mesh CA")]),
+    "disable_beats_auto": ({"mode": "DISABLE"}, (True, True), True, None, []),
+    "simple": ({"mode": "SIMPLE", "sni": "reviews.example.com"}, (True,), True,
+               UpstreamTLS(sni="reviews.example.com"), []),
+    "simple_sans_ignored": ({"mode": "SIMPLE", "subjectAltNames": ["reviews.example.com"]}, (False,), True,
+                            UpstreamTLS(), [("spec.trafficPolicy.tls.subjectAltNames", "used only with ISTIO_MUTUAL")]),
+    "mutual": ({"mode": "MUTUAL", "clientCertificate": "c.pem", "privateKey": "k.pem"}, (False,), True, None,
+               [("spec.trafficPolicy.tls.clientCertificate", "not supported"),
+                ("spec.trafficPolicy.tls.privateKey", "not supported"),
+                ("spec.trafficPolicy.tls.mode", "MUTUAL (client certificates from files) is not supported")]),
+    "auto": (None, (True, True), True, ISTIO_MUTUAL, []),
+    "auto_needs_every_endpoint": (None, (True, False), True, None, []),
+    "auto_needs_ca": (None, (True, True), False, None, []),
+}
+
+
+class UpstreamTLSTests(SynchronousTestCase):
+    """
+    DestinationRule C{trafficPolicy.tls} and auto mutual TLS become the
+    cluster's L{UpstreamTLS}; with C{mtls} (a pilot with a CA) C{ISTIO_MUTUAL}
+    is applied.
+    """
+
+    def test_table(self) -> None:
+        for name, (tls, labeled, mtls, expected, warnings) in UPSTREAM_TLS_CASES.items():
+            config = run(labeled_entry(*labeled), tls_rule(tls), mtls=mtls)
+            self.assertEqual(cluster(config).tls, expected, name)
+            got = [(w.field, w.message) for w in config.warnings]
+            self.assertEqual(len(got), len(warnings), (name, got))
+            for (field, text), (gf, gm) in zip(warnings, got, strict=True):
+                self.assertEqual(field, gf, name)
+                self.assertIn(text, gm, name)
+
+    def test_auto_refused_by_destination(self) -> None:
+        """
+        Auto mutual TLS asks C{accepts_mtls} whether the host takes it.
+        """
+        asked = []
+
+        def accepts(host: str) -> bool:
+            asked.append(host)
+            return False
+
+        config = run(labeled_entry(True, True), tls_rule(None), mtls=True, accepts_mtls=accepts)
+        self.assertIsNone(cluster(config).tls)
+        self.assertEqual(asked, ["reviews.default.svc.cluster.local"])
+
+    def test_non_spiffe_san(self) -> None:
+        """
+        ISTIO_MUTUAL peers are checked by SPIFFE ID: another name is an error
+        naming the field.
+        """
+        with self.assertRaises(ConfigError) as cm:
+            run(labeled_entry(False), tls_rule({"mode": "ISTIO_MUTUAL", "subjectAltNames": [SPIFFE, "reviews"]}),
+                mtls=True)
+        self.assertEqual((cm.exception.document, cm.exception.field),
+                         (2, "spec.trafficPolicy.tls.subjectAltNames[1]"))
+        self.assertIn("spiffe://", cm.exception.reason)
+
+    def test_subsets_agreeing_apply_to_cluster(self) -> None:
+        """
+        Subsets that all set the same tls, under a rule with none, give it
+        to the cluster.
+        """
+        subsets = [{"name": f"v{i}", "labels": {"version": f"v{i}"},
+                    "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}} for i in (1, 2)]
+        config = run(labeled_entry(False, False), tls_rule(None, subsets), mtls=True)
+        self.assertEqual(cluster(config).tls, ISTIO_MUTUAL)
+        self.assertEqual(config.warnings, ())
+
+    def test_subset_differing_is_a_warning(self) -> None:
+        """
+        A subset tls unlike the rule's (or set by only some subsets) is not
+        applied, with a warning.
+        """
+        subsets = [{"name": "v1", "labels": {"version": "v1"}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}},
+                   {"name": "v2", "labels": {"version": "v2"}}]
+        config = run(labeled_entry(True, True), tls_rule(None, subsets), mtls=True)
+        self.assertEqual(cluster(config).tls, ISTIO_MUTUAL)
+        self.assertEqual([(w.field, "per cluster" in w.message) for w in config.warnings],
+                         [("spec.subsets[0].trafficPolicy.tls", True)])
+        subsets[1]["trafficPolicy"] = {"tls": {"mode": "DISABLE"}}
+        config = run(labeled_entry(False, False), tls_rule({"mode": "ISTIO_MUTUAL"}, subsets), mtls=True)
+        self.assertEqual(cluster(config).tls, ISTIO_MUTUAL)
+        self.assertEqual([w.field for w in config.warnings],
+                         ["spec.subsets[0].trafficPolicy.tls", "spec.subsets[1].trafficPolicy.tls"])
+
+    def test_service_entry_subject_alt_names(self) -> None:
+        """
+        A ServiceEntry's subjectAltNames are not used, with a warning.
+        """
+        config = run(service_entry(subjectAltNames=[SPIFFE]))
+        self.assertEqual([w.field for w in config.warnings], ["spec.subjectAltNames"])
+        self.assertIn("DestinationRule's tls.subjectAltNames", config.warnings[0].message)

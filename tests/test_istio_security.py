@@ -1,7 +1,7 @@
 """
-Tests for L{txmesh.policy.istio_security}: Istio AuthorizationPolicy
-documents, scoping to workloads, the native form, and errors that name
-the field.
+Tests for L{txmesh.policy.istio_security}: Istio AuthorizationPolicy,
+PeerAuthentication and RequestAuthentication documents, scoping to
+workloads, the native forms, and errors that name the field.
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from txmesh.config.errors import ConfigError
 from txmesh.policy.authorization import ALLOW, AUDIT, DENY, Operation, Policy, RequestAttributes, Rule, Source, evaluate
 from txmesh.policy.istio_security import (
+    PeerAuthentication,
+    RequestAuthentication,
     from_native,
     is_authorization_policy,
+    jwt_rules_for,
+    mtls_mode,
     parse_authorization_policies,
     parse_authorization_policy,
+    parse_peer_authentications,
+    parse_request_authentications,
     policies_for,
+    request_authentications_for,
     to_native,
 )
 
@@ -281,3 +288,241 @@ class NativeTests(SynchronousTestCase):
         self.assertEqual(e.field, "spec")
         e = self.assertRaises(ConfigError, from_native, {"name": "p", "action": "CUSTOM"})
         self.assertEqual(e.field, "action")
+
+
+# --- PeerAuthentication and RequestAuthentication ------------------------------
+
+
+def security(kind: str, name: str, namespace: str | None, spec: Any, version: str = "security.istio.io/v1"
+             ) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    return {"apiVersion": version, "kind": kind, "metadata": metadata, "spec": spec}
+
+
+def pa(name: str, namespace: str | None, mode: str | None = None, selector: dict[str, str] | None = None,
+       ports: dict[Any, str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if mode is not None:
+        spec["mtls"] = {"mode": mode}
+    if selector is not None:
+        spec["selector"] = {"matchLabels": selector}
+    if ports is not None:
+        spec["portLevelMtls"] = {p: {"mode": m} for p, m in ports.items()}
+    return security("PeerAuthentication", name, namespace, spec)
+
+
+def ra(name: str, namespace: str | None, *rules: dict[str, Any], selector: dict[str, str] | None = None
+       ) -> dict[str, Any]:
+    spec: dict[str, Any] = {"jwtRules": list(rules)}
+    if selector is not None:
+        spec["selector"] = {"matchLabels": selector}
+    return security("RequestAuthentication", name, namespace, spec)
+
+
+def numbered(*documents: Any) -> list[tuple[str, int, Any]]:
+    return [("sec.yaml", i, d) for i, d in enumerate(documents, start=1)]
+
+
+WEB = {"app": "web", "version": "v1"}
+
+# name: (documents, namespace, labels, port, expected mode)
+MTLS_CASES: dict[str, tuple[list[Any], str, dict[str, str], int | None, str]] = {
+    "default_permissive": ([], "foo", WEB, 8080, "PERMISSIVE"),
+    "mesh": ([pa("default", "istio-system", "STRICT")], "foo", WEB, 8080, "STRICT"),
+    "namespace_over_mesh": ([pa("default", "istio-system", "STRICT"), pa("default", "foo", "PERMISSIVE")],
+                            "foo", WEB, 8080, "PERMISSIVE"),
+    "namespace_unset_inherits": ([pa("default", "istio-system", "STRICT"), pa("default", "foo", "UNSET")],
+                                 "foo", WEB, 8080, "STRICT"),
+    "namespace_no_mtls_inherits": ([pa("default", "istio-system", "STRICT"), pa("default", "foo")],
+                                   "foo", WEB, 8080, "STRICT"),
+    "mesh_unset_is_permissive": ([pa("default", "istio-system", "UNSET")], "foo", WEB, 8080, "PERMISSIVE"),
+    "namespace_disable": ([pa("default", "foo", "DISABLE")], "foo", WEB, 8080, "DISABLE"),
+    "other_namespace": ([pa("default", "bar", "STRICT")], "foo", WEB, 8080, "PERMISSIVE"),
+    "workload_over_namespace": ([pa("default", "foo", "DISABLE"), pa("web", "foo", "STRICT", {"app": "web"})],
+                                "foo", WEB, 8080, "STRICT"),
+    "workload_not_selected": ([pa("default", "foo", "DISABLE"), pa("db", "foo", "STRICT", {"app": "db"})],
+                              "foo", WEB, 8080, "DISABLE"),
+    "workload_in_other_namespace": ([pa("web", "bar", "STRICT", {"app": "web"})], "foo", WEB, 8080, "PERMISSIVE"),
+    "workload_unset_inherits": ([pa("default", "foo", "STRICT"), pa("web", "foo", "UNSET", {"app": "web"})],
+                                "foo", WEB, 8080, "STRICT"),
+    "port_level": ([pa("web", "foo", "STRICT", {"app": "web"}, {8080: "DISABLE"})], "foo", WEB, 8080, "DISABLE"),
+    "port_level_string_key": ([pa("web", "foo", "STRICT", {"app": "web"}, {"8080": "PERMISSIVE"})],
+                              "foo", WEB, 8080, "PERMISSIVE"),
+    "port_level_other_port": ([pa("web", "foo", "STRICT", {"app": "web"}, {9090: "DISABLE"})],
+                              "foo", WEB, 8080, "STRICT"),
+    "port_level_unset": ([pa("default", "istio-system", "STRICT"),
+                          pa("web", "foo", None, {"app": "web"}, {8080: "UNSET"})], "foo", WEB, 8080, "STRICT"),
+    "port_level_over_inherited": ([pa("default", "foo", "STRICT"),
+                                   pa("web", "foo", "UNSET", {"app": "web"}, {8080: "PERMISSIVE"})],
+                                  "foo", WEB, 8080, "PERMISSIVE"),
+    "no_port": ([pa("web", "foo", "STRICT", {"app": "web"}, {8080: "DISABLE"})], "foo", WEB, None, "STRICT"),
+    "root_selector_not_mesh_wide": ([pa("web", "istio-system", "STRICT", {"app": "web"})], "foo", WEB, 8080,
+                                    "PERMISSIVE"),
+    "empty_selector_is_namespace_wide": ([pa("all", "foo", "STRICT", {})], "foo", {}, 8080, "STRICT"),
+    "oldest_namespace_wins": ([pa("a", "foo", "STRICT"), pa("b", "foo", "DISABLE")], "foo", WEB, 8080, "STRICT"),
+    "oldest_workload_wins": ([pa("a", "foo", "DISABLE", {"app": "web"}), pa("b", "foo", "STRICT", {"app": "web"})],
+                             "foo", WEB, 8080, "DISABLE"),
+    "update_keeps_age": ([pa("a", "foo", "STRICT"), pa("b", "foo", "DISABLE"), pa("a", "foo", "PERMISSIVE")],
+                         "foo", WEB, 8080, "PERMISSIVE"),
+    "no_namespace_takes_default": ([pa("default", None, "STRICT")], "foo", WEB, 8080, "STRICT"),
+}
+
+
+class PeerAuthenticationTests(SynchronousTestCase):
+    """
+    PeerAuthentication documents and L{mtls_mode}'s precedence: workload
+    over namespace over mesh, C{UNSET} inheriting, port level over all.
+    """
+
+    def test_table(self) -> None:
+        for name, (documents, namespace, labels, port, expected) in MTLS_CASES.items():
+            parsed = parse_peer_authentications(numbered(*documents), namespace="foo")
+            self.assertEqual(mtls_mode(parsed, namespace, labels, port), expected, name)
+
+    def test_parse(self) -> None:
+        [parsed] = parse_peer_authentications(numbered(
+            pa("web", "foo", "STRICT", {"version": "v1", "app": "web"}, {"8080": "DISABLE", 9090: "UNSET"})))
+        self.assertEqual(parsed, PeerAuthentication("web", "foo", "STRICT", ((8080, "DISABLE"), (9090, "UNSET")),
+                                                    (("app", "web"), ("version", "v1"))))
+
+    def test_both_versions_and_other_kinds(self) -> None:
+        beta = pa("a", "foo", "STRICT")
+        beta["apiVersion"] = "security.istio.io/v1beta1"
+        documents = numbered(beta, security("AuthorizationPolicy", "x", "foo", {}), None,
+                             {"apiVersion": "networking.istio.io/v1", "kind": "PeerAuthentication"})
+        self.assertEqual([p.mode for p in parse_peer_authentications(documents)], ["STRICT"])
+
+    def test_root_namespace(self) -> None:
+        parsed = parse_peer_authentications(numbered(pa("default", "mesh-root", "STRICT")))
+        self.assertEqual(mtls_mode(parsed, "foo", {}, 80, root_namespace="mesh-root"), "STRICT")
+        self.assertEqual(mtls_mode(parsed, "foo", {}, 80), "PERMISSIVE")
+
+
+REQUEST_AUTH_ERRORS: dict[str, tuple[Any, str, str]] = {
+    "pa_mode": (pa("a", "foo", "ON"), "spec.mtls.mode", "must be one of UNSET, DISABLE, PERMISSIVE, STRICT"),
+    "pa_unknown": (security("PeerAuthentication", "a", "foo", {"mtls": {"mode": "STRICT", "x": 1}}),
+                   "spec.mtls.x", "unknown field"),
+    "pa_port_without_selector": (pa("a", "foo", "STRICT", ports={8080: "DISABLE"}), "spec.portLevelMtls",
+                                 "needs a workload selector"),
+    "pa_port_number": (pa("a", "foo", "STRICT", {"app": "web"}, {"http": "DISABLE"}), "spec.portLevelMtls.http",
+                       "expected a port number"),
+    "pa_port_mode": (pa("a", "foo", "STRICT", {"app": "web"}, {8080: "OFF"}), "spec.portLevelMtls.8080.mode",
+                     "must be one of"),
+    "pa_selector": (security("PeerAuthentication", "a", "foo", {"selector": {"matchLabels": {"app": 1}}}),
+                    "spec.selector.matchLabels", "values must be strings"),
+    "pa_version": (security("PeerAuthentication", "a", "foo", {}, version="security.istio.io/v2"),
+                   "apiVersion", "unsupported apiVersion"),
+    "pa_target_ref": (security("PeerAuthentication", "a", "foo", {"targetRef": {"kind": "Gateway"}}),
+                      "spec.targetRef", "unknown field"),
+    "ra_no_issuer": (ra("a", "foo", {"jwksUri": "https://x/jwks"}), "spec.jwtRules[0].issuer", "is required"),
+    "ra_discovery": (ra("a", "foo", {"issuer": "https://x"}), "spec.jwtRules[0]", "give exactly one of"),
+    "ra_both_sources": (ra("a", "foo", {"issuer": "https://x", "jwksUri": "https://x/j", "jwks": "{}"}),
+                        "spec.jwtRules[0]", "give exactly one of"),
+    "ra_uri_scheme": (ra("a", "foo", {"issuer": "i", "jwksUri": "ftp://x/j"}), "spec.jwtRules[0].jwksUri",
+                      "http:// or https://"),
+    "ra_bad_jwks": (ra("a", "foo", {"issuer": "i", "jwks": "not json"}), "spec.jwtRules[0].jwks", ""),
+    "ra_cookies": (ra("a", "foo", {"issuer": "i", "jwksUri": "https://x/j", "fromCookies": ["t"]}),
+                   "spec.jwtRules[0].fromCookies", "not supported"),
+    "ra_timeout": (ra("a", "foo", {"issuer": "i", "jwksUri": "https://x/j", "timeout": "1s"}),
+                   "spec.jwtRules[0].timeout", "not supported"),
+    "ra_header": (ra("a", "foo", {"issuer": "i", "jwksUri": "https://x/j", "fromHeaders": [{"prefix": "B "}]}),
+                  "spec.jwtRules[0].fromHeaders[0].name", "is required"),
+    "ra_claim": (ra("a", "foo", {"issuer": "i", "jwksUri": "https://x/j",
+                                 "outputClaimToHeaders": [{"header": "x-sub"}]}),
+                 "spec.jwtRules[0].outputClaimToHeaders[0].claim", "is required"),
+    "ra_forward": (ra("a", "foo", {"issuer": "i", "jwksUri": "https://x/j", "forwardOriginalToken": "yes"}),
+                   "spec.jwtRules[0].forwardOriginalToken", "true or false"),
+    "ra_unknown": (ra("a", "foo", {"issuer": "i", "jwksUri": "https://x/j", "jwksURI": "x"}),
+                   "spec.jwtRules[0].jwksURI", "unknown field"),
+    "ra_target_refs": (security("RequestAuthentication", "a", "foo", {"targetRefs": [{"kind": "Gateway"}]}),
+                       "spec.targetRefs", "Gateway API"),
+}
+
+
+class SecurityErrorTests(SynchronousTestCase):
+    """
+    Invalid PeerAuthentication and RequestAuthentication documents are
+    L{ConfigError}s naming the file, the document and the field.
+    """
+
+    def test_table(self) -> None:
+        for name, (document, field, reason) in REQUEST_AUTH_ERRORS.items():
+            parse = parse_peer_authentications if name.startswith("pa_") else parse_request_authentications
+            with self.assertRaises(ConfigError, msg=name) as cm:
+                parse(numbered(None, document))
+            self.assertEqual((cm.exception.source, cm.exception.document, cm.exception.field),
+                             ("sec.yaml", 2, field), name)
+            self.assertIn(reason, cm.exception.reason, name)
+
+
+FULL_RULE = {
+    "issuer": "https://issuer.example.com",
+    "audiences": ["bookstore"],
+    "jwksUri": "https://issuer.example.com/jwks.json",
+    "fromHeaders": [{"name": "x-jwt", "prefix": "Bearer "}, {"name": "x-raw"}],
+    "fromParams": ["token"],
+    "outputPayloadToHeader": "x-jwt-payload",
+    "outputClaimToHeaders": [{"header": "x-jwt-sub", "claim": "sub"}],
+    "forwardOriginalToken": True,
+}
+FULL_NATIVE = {
+    "issuer": "https://issuer.example.com",
+    "audiences": ["bookstore"],
+    "jwks_uri": "https://issuer.example.com/jwks.json",
+    "from_headers": [{"name": "x-jwt", "prefix": "Bearer "}, {"name": "x-raw"}],
+    "from_params": ["token"],
+    "output_payload_to_header": "x-jwt-payload",
+    "output_claim_to_headers": [{"header": "x-jwt-sub", "claim": "sub"}],
+    "forward_original_token": True,
+}
+
+
+class RequestAuthenticationTests(SynchronousTestCase):
+    """
+    RequestAuthentication C{jwtRules} in the jwt filter's native form,
+    scoped to workloads as authorization policies are.
+    """
+
+    def test_full_rule(self) -> None:
+        [parsed] = parse_request_authentications(numbered(ra("jwt", "foo", FULL_RULE, selector={"app": "web"})))
+        self.assertEqual(parsed, RequestAuthentication("jwt", "foo", (FULL_NATIVE,), (("app", "web"),)))
+
+    def test_native_rules_load(self) -> None:
+        """
+        The rules are what the jwt filter's C{parse_config} takes, inline
+        key sets included.
+        """
+        from tests.test_jwt import default_jwks
+        from txmesh.filters.jwt_authn import JwtAuthnFactory
+
+        inline = {"issuer": "https://other.example.com", "jwks": json.dumps(default_jwks())}
+        rules = jwt_rules_for(parse_request_authentications(numbered(ra("jwt", "foo", FULL_RULE, inline))),
+                              "foo", {})
+        self.assertEqual(rules[0], FULL_NATIVE)
+        self.assertEqual(rules[1], {"issuer": "https://other.example.com", "jwks": inline["jwks"]})
+        config = JwtAuthnFactory().parse_config(json.loads(json.dumps({"rules": rules})))
+        self.assertEqual([r.rule.issuer for r in config.rules], ["https://issuer.example.com",
+                                                                  "https://other.example.com"])
+        self.assertTrue(config.rules[0].rule.forward_original_token)
+
+    def test_minimal_and_deprecated_uri(self) -> None:
+        [parsed] = parse_request_authentications(numbered(ra("jwt", None, {"issuer": "i", "jwks_uri": "http://k"})))
+        self.assertEqual((parsed.namespace, parsed.rules), ("default", ({"issuer": "i", "jwks_uri": "http://k"},)))
+
+    def test_scope(self) -> None:
+        rule = {"issuer": "i", "jwksUri": "https://k"}
+        documents = numbered(
+            ra("mesh", "istio-system", dict(rule, issuer="mesh")),
+            ra("ns", "foo", dict(rule, issuer="ns")),
+            ra("web", "foo", dict(rule, issuer="web"), selector={"app": "web"}),
+            ra("db", "foo", dict(rule, issuer="db"), selector={"app": "db"}),
+            ra("bar", "bar", dict(rule, issuer="bar")),
+            ra("none", "foo"),
+        )
+        parsed = parse_request_authentications(documents)
+        self.assertEqual([r["issuer"] for r in jwt_rules_for(parsed, "foo", WEB)], ["mesh", "ns", "web"])
+        self.assertEqual([r["issuer"] for r in jwt_rules_for(parsed, "bar", WEB)], ["mesh", "bar"])
+        self.assertEqual([r.name for r in request_authentications_for(parsed, "foo", {"app": "db"})],
+                         ["mesh", "ns", "db", "none"])

@@ -42,7 +42,15 @@ from txmesh.config.model import (
     WeightedDestination,
 )
 from txmesh.filters.registry import FilterRegistry
-from txmesh.pilot.snapshot import MeshConfig, Node, build_snapshot, duration, to_native
+from txmesh.pilot.snapshot import (
+    MeshConfig,
+    Node,
+    build_snapshot,
+    check_documents,
+    duration,
+    namespace_view,
+    to_native,
+)
 
 BOOKINFO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "bookinfo")
 
@@ -459,3 +467,316 @@ class ToNativeTests(SynchronousTestCase):
         Values with no native form are refused.
         """
         self.assertRaises(TypeError, to_native, object())
+
+
+# --- zero trust: mutual TLS and policies from the pilot --------------------------
+
+SECURITY = "security.istio.io/v1"
+TLS_LABEL = {"security.istio.io/tlsMode": "istio"}
+
+
+def sec(kind: str, name: str, namespace: str, spec: dict) -> dict:
+    return {"apiVersion": SECURITY, "kind": kind, "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def peer(name: str, namespace: str, mode: str | None, selector: dict | None = None, ports: dict | None = None) -> dict:
+    spec: dict = {}
+    if mode is not None:
+        spec["mtls"] = {"mode": mode}
+    if selector is not None:
+        spec["selector"] = {"matchLabels": selector}
+    if ports is not None:
+        spec["portLevelMtls"] = {str(p): {"mode": m} for p, m in ports.items()}
+    return sec("PeerAuthentication", name, namespace, spec)
+
+
+def authz(name: str, namespace: str, selector: dict | None = None, action: str = "ALLOW") -> dict:
+    spec: dict = {"action": action, "rules": [{"to": [{"operation": {"paths": [f"/{name}"]}}]}]}
+    if selector is not None:
+        spec["selector"] = {"matchLabels": selector}
+    return sec("AuthorizationPolicy", name, namespace, spec)
+
+
+def request_auth(name: str, namespace: str, selector: dict | None = None) -> dict:
+    spec: dict = {"jwtRules": [{"issuer": f"https://{name}.example.com",
+                                "jwksUri": f"https://{name}.example.com/jwks.json"}]}
+    if selector is not None:
+        spec["selector"] = {"matchLabels": selector}
+    return sec("RequestAuthentication", name, namespace, spec)
+
+
+def shop_services(labels: tuple[dict, dict] = (TLS_LABEL, TLS_LABEL), tls: dict | None = None,
+                  namespace: str = "shop") -> list:
+    """
+    A cart service in C{namespace} with two endpoints (labels as given),
+    a DestinationRule (with C{tls} if given), and a route to it.
+    """
+    entry = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+             "metadata": {"name": "cart", "namespace": namespace},
+             "spec": {"hosts": [f"cart.{namespace}.svc.cluster.local"],
+                      "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+                      "resolution": "STATIC",
+                      "endpoints": [{"address": f"10.1.0.{i}", "labels": dict(lab, version=f"v{i}")}
+                                    for i, lab in enumerate(labels, start=1)]}}
+    rule: dict = {"host": f"cart.{namespace}.svc.cluster.local"}
+    if tls is not None:
+        rule["trafficPolicy"] = {"tls": tls}
+    return [entry, {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                    "metadata": {"name": "cart", "namespace": namespace}, "spec": rule}]
+
+
+def web(**kw) -> Node:
+    return Node("web-1", workload="web-v1", namespace="shop", app="web", version="v1",
+                labels=(("tier", "front"),), inbound_port=15006, app_port=8080, **kw)
+
+
+def zero_trust(documents: list, node: Node | None = None, mtls: bool = True, **mesh):
+    """
+    Build C{node}'s snapshot from C{documents}, load its document with the
+    proxy's loader, and return both.
+    """
+    docs = [("mesh.yaml", i, d) for i, d in enumerate(documents, start=1)]
+    snapshot = build_snapshot(MeshConfig(docs, mtls=mtls, **mesh), node or web())
+    config = loader().load_document(json.loads(json.dumps(snapshot.document())), "pilot")
+    return snapshot, config
+
+
+def inbound_of(snapshot) -> dict:
+    [inbound] = [x for x in snapshot.resources["listeners"] if x["name"] == "inbound"]
+    return inbound
+
+
+CART = cluster_name("cart.shop.svc.cluster.local", 8080)
+
+# name: (PeerAuthentications, the inbound listener's mtls (None: left out))
+PEER_CASES: dict[str, tuple[list, str | None]] = {
+    "default": ([], "PERMISSIVE"),
+    "mesh_strict": ([peer("default", "istio-system", "STRICT")], "STRICT"),
+    "namespace_over_mesh": ([peer("default", "istio-system", "STRICT"), peer("default", "shop", "DISABLE")], None),
+    "namespace_unset": ([peer("default", "istio-system", "STRICT"), peer("default", "shop", "UNSET")], "STRICT"),
+    "workload_over_namespace": ([peer("default", "shop", "DISABLE"), peer("web", "shop", "STRICT", {"app": "web"})],
+                                "STRICT"),
+    "workload_by_label": ([peer("front", "shop", "STRICT", {"tier": "front"})], "STRICT"),
+    "workload_other": ([peer("db", "shop", "DISABLE", {"app": "db"})], "PERMISSIVE"),
+    "other_namespace": ([peer("default", "other", "STRICT")], "PERMISSIVE"),
+    "port_level_app_port": ([peer("web", "shop", "STRICT", {"app": "web"}, {8080: "DISABLE"})], None),
+    "port_level_other_port": ([peer("web", "shop", "STRICT", {"app": "web"}, {15006: "DISABLE"})], "STRICT"),
+    "port_level_inherits": ([peer("default", "istio-system", "STRICT"),
+                             peer("web", "shop", "UNSET", {"app": "web"}, {8080: "PERMISSIVE"})], "PERMISSIVE"),
+}
+
+# name: (labels of the two endpoints, DestinationRule tls, PeerAuthentications, the cluster's tls, warnings)
+CLUSTER_TLS_CASES: dict[str, tuple[tuple, dict | None, list, dict | None, list[str]]] = {
+    "istio_mutual": (({}, {}), {"mode": "ISTIO_MUTUAL"}, [], {"mode": "ISTIO_MUTUAL"}, []),
+    "istio_mutual_sans": (({}, {}), {"mode": "ISTIO_MUTUAL",
+                                     "subjectAltNames": ["spiffe://cluster.local/ns/shop/sa/cart"]}, [],
+                          {"mode": "ISTIO_MUTUAL", "subject_alt_names": ["spiffe://cluster.local/ns/shop/sa/cart"]},
+                          []),
+    "disable": ((TLS_LABEL, TLS_LABEL), {"mode": "DISABLE"}, [], None, []),
+    "simple": ((TLS_LABEL, TLS_LABEL), {"mode": "SIMPLE", "sni": "cart.example.com"}, [],
+               {"sni": "cart.example.com"}, []),
+    "mutual": (({}, {}), {"mode": "MUTUAL"}, [], None, ["MUTUAL (client certificates from files) is not supported"]),
+    "auto": ((TLS_LABEL, TLS_LABEL), None, [], {"mode": "ISTIO_MUTUAL"}, []),
+    "auto_partly_labeled": ((TLS_LABEL, {}), None, [], None, []),
+    "auto_unlabeled": (({}, {}), None, [], None, []),
+    "auto_destination_namespace_disabled": ((TLS_LABEL, TLS_LABEL), None, [peer("default", "shop", "DISABLE")],
+                                            None, []),
+    "auto_mesh_disabled": ((TLS_LABEL, TLS_LABEL), None, [peer("default", "istio-system", "DISABLE")], None, []),
+    "auto_workload_disable_not_seen": ((TLS_LABEL, TLS_LABEL), None,
+                                       [peer("cart", "shop", "DISABLE", {"app": "cart"})], {"mode": "ISTIO_MUTUAL"},
+                                       []),
+}
+
+
+class ZeroTrustTests(SynchronousTestCase):
+    """
+    With L{MeshConfig.mtls} the snapshot carries mutual TLS and the
+    security.istio.io policies, in shapes the proxy's loader takes.
+    """
+
+    def test_peer_authentication(self) -> None:
+        for name, (documents, expected) in PEER_CASES.items():
+            snapshot, config = zero_trust(documents)
+            self.assertEqual(inbound_of(snapshot).get("mtls"), expected, name)
+            [inbound] = [x for x in config.listeners if x.name == "inbound"]
+            self.assertEqual(inbound.mtls, expected, name)
+            self.assertNotIn("http_filters", inbound_of(snapshot), name)
+
+    def test_cluster_tls(self) -> None:
+        for name, (labels, tls, peers, expected, warnings) in CLUSTER_TLS_CASES.items():
+            snapshot, config = zero_trust(shop_services(labels, tls) + peers)
+            [cart] = [c for c in snapshot.resources["clusters"] if c["name"] == CART]
+            self.assertEqual(cart.get("tls"), expected, name)
+            loaded = config.cluster(CART).tls
+            if expected is None:
+                self.assertIsNone(loaded, name)
+            else:
+                self.assertEqual(loaded.mode, expected.get("mode", "SIMPLE"), name)
+                self.assertEqual(list(loaded.subject_alt_names), expected.get("subject_alt_names", []), name)
+            self.assertEqual(len(snapshot.warnings), len(warnings), (name, snapshot.warnings))
+            for text, got in zip(warnings, snapshot.warnings, strict=True):
+                self.assertIn(text, got, name)
+
+    def test_authorization_policies(self) -> None:
+        """
+        The policies that apply to the node (mesh-wide, its namespace's,
+        selected by its labels, app and version included) go to an authz
+        filter on its inbound listener, in their native form.
+        """
+        documents = [authz("mesh", "istio-system"), authz("mesh-db", "istio-system", {"app": "db"}),
+                     authz("ns", "shop", action="DENY"), authz("web", "shop", {"app": "web", "version": "v1"}),
+                     authz("front", "shop", {"tier": "front"}), authz("web-v2", "shop", {"version": "v2"}),
+                     authz("other", "other")]
+        snapshot, config = zero_trust(documents)
+        [f] = inbound_of(snapshot)["http_filters"]
+        self.assertEqual(f["name"], "authz")
+        self.assertEqual([(p["namespace"], p["name"]) for p in f["config"]["policies"]],
+                         [("istio-system", "mesh"), ("shop", "ns"), ("shop", "web"), ("shop", "front")])
+        self.assertEqual(f["config"]["policies"][2]["selector"], {"app": "web", "version": "v1"})
+        self.assertNotIn("audit", f["config"])
+        [inbound] = [x for x in config.listeners if x.name == "inbound"]
+        self.assertEqual([x.name for x in inbound.http_filters], ["authz", "router"])
+        self.assertEqual([p.key for p in inbound.http_filters[0].config.policies],
+                         ["istio-system/mesh", "shop/ns", "shop/web", "shop/front"])
+        self.assertIsNone(inbound.http_filters[0].config.audit)
+        # None applies: no filter.
+        snapshot, _ = zero_trust([authz("db", "shop", {"app": "db"})])
+        self.assertNotIn("http_filters", inbound_of(snapshot))
+
+    def test_request_authentication(self) -> None:
+        """
+        The RequestAuthentications that apply give a jwt filter before the
+        authz filter.
+        """
+        documents = [request_auth("mesh", "istio-system"), request_auth("web", "shop", {"app": "web"}),
+                     request_auth("db", "shop", {"app": "db"}), authz("web", "shop")]
+        snapshot, config = zero_trust(documents)
+        jwt, policies = inbound_of(snapshot)["http_filters"]
+        self.assertEqual(jwt, {"name": "jwt", "config": {"rules": [
+            {"issuer": "https://mesh.example.com", "jwks_uri": "https://mesh.example.com/jwks.json"},
+            {"issuer": "https://web.example.com", "jwks_uri": "https://web.example.com/jwks.json"}]}})
+        self.assertEqual(policies["name"], "authz")
+        [inbound] = [x for x in config.listeners if x.name == "inbound"]
+        self.assertEqual([x.name for x in inbound.http_filters], ["jwt", "authz", "router"])
+        self.assertEqual([r.rule.issuer for r in inbound.http_filters[0].config.rules],
+                         ["https://mesh.example.com", "https://web.example.com"])
+        snapshot, _ = zero_trust([request_auth("db", "shop", {"app": "db"})])
+        self.assertNotIn("http_filters", inbound_of(snapshot))
+
+    def test_without_ca_nothing_changes(self) -> None:
+        """
+        Without mtls (an --insecure pilot) the security documents are not
+        applied, with a warning each, and the snapshot is what it was
+        without them.
+        """
+        security = [peer("default", "istio-system", "STRICT"), authz("web", "shop"), request_auth("web", "shop")]
+        plain, _ = zero_trust(shop_services(), mtls=False)
+        snapshot, config = zero_trust(shop_services(tls={"mode": "ISTIO_MUTUAL"}) + security, mtls=False)
+        self.assertEqual(snapshot.resources, plain.resources)
+        self.assertEqual(snapshot.per_type_versions, plain.per_type_versions)
+        self.assertNotIn("mtls", inbound_of(snapshot))
+        self.assertIsNone(config.cluster(CART).tls)
+        self.assertEqual(len(snapshot.warnings), 4)
+        self.assertIn("needs the mesh CA", snapshot.warnings[0])
+        for kind, warning in zip(("PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"),
+                                 snapshot.warnings[1:], strict=True):
+            self.assertIn(f"{kind} is not applied: the pilot has no CA", warning)
+
+    def test_versions(self) -> None:
+        """
+        Each input changes the version of the type it is in: policies the
+        listeners', cluster TLS the clusters'.
+        """
+        base, _ = zero_trust(shop_services())
+        changes = {
+            "peer": (shop_services() + [peer("default", "shop", "STRICT")], "listeners"),
+            "authz": (shop_services() + [authz("web", "shop")], "listeners"),
+            "jwt": (shop_services() + [request_auth("web", "shop")], "listeners"),
+            "dr_tls": (shop_services(tls={"mode": "DISABLE"}), "clusters"),
+            "labels": (shop_services(labels=(TLS_LABEL, {})), "clusters"),
+        }
+        for name, (documents, changed) in changes.items():
+            snapshot, _ = zero_trust(documents)
+            self.assertNotEqual(snapshot.version, base.version, name)
+            for kind in ("listeners", "clusters"):
+                same = snapshot.per_type_versions[kind] == base.per_type_versions[kind]
+                self.assertEqual(same, kind != changed, (name, kind))
+        insecure, _ = zero_trust(shop_services(), mtls=False)
+        self.assertNotEqual(insecure.per_type_versions, base.per_type_versions)
+
+    def test_shared_view(self) -> None:
+        """
+        One namespace view serves proxies with other labels: the selection
+        is per node.
+        """
+        docs = [("mesh.yaml", i, d) for i, d in enumerate(
+            shop_services() + [authz("web", "shop", {"app": "web"}), peer("db", "shop", "STRICT", {"app": "db"})],
+            start=1)]
+        mesh = MeshConfig(docs, mtls=True)
+        view = namespace_view(mesh, "shop")
+        db = Node("db-1", workload="db-v1", namespace="shop", app="db", inbound_port=15006, app_port=5432)
+        a = build_snapshot(mesh, web(), view)
+        b = build_snapshot(mesh, db, view)
+        self.assertEqual((inbound_of(a)["mtls"], inbound_of(b)["mtls"]), ("PERMISSIVE", "STRICT"))
+        self.assertIn("http_filters", inbound_of(a))
+        self.assertNotIn("http_filters", inbound_of(b))
+        self.assertEqual(a.resources["clusters"][0], b.resources["clusters"][0])
+        self.assertIs(a.resources["listeners"][0]["virtual_hosts"][0], b.resources["listeners"][0]["virtual_hosts"][0])
+        self.assertEqual(build_snapshot(mesh, web()), a)
+
+    def test_errors(self) -> None:
+        """
+        A bad security document, or a bad ISTIO_MUTUAL setting, is a
+        L{ConfigError} naming the file, the document and the field, with
+        or without a CA.
+        """
+        cases = {
+            "peer": ([peer("default", "shop", "SOMETIMES")], 3, "spec.mtls.mode"),
+            "port_without_selector": ([peer("default", "shop", "STRICT", ports={8080: "DISABLE"})], 3,
+                                      "spec.portLevelMtls"),
+            "request_auth": ([sec("RequestAuthentication", "r", "shop", {"jwtRules": [{"issuer": "i"}]})], 3,
+                             "spec.jwtRules[0]"),
+            "authz": ([sec("AuthorizationPolicy", "a", "shop", {"action": "CUSTOM"})], 3, "spec.action"),
+        }
+        for name, (extra, document, field) in cases.items():
+            for mtls in (True, False):
+                with self.assertRaises(ConfigError) as cm:
+                    zero_trust(shop_services() + extra, mtls=mtls)
+                self.assertEqual((cm.exception.source, cm.exception.document, cm.exception.field),
+                                 ("mesh.yaml", document, field), name)
+        with self.assertRaises(ConfigError) as cm:
+            zero_trust(shop_services(tls={"mode": "ISTIO_MUTUAL", "subjectAltNames": ["cart"]}))
+        self.assertEqual((cm.exception.document, cm.exception.field), (2, "spec.trafficPolicy.tls.subjectAltNames[0]"))
+
+    def test_to_native_istio_mutual(self) -> None:
+        """
+        ISTIO_MUTUAL travels as its mode and SPIFFE IDs.
+        """
+        tls = UpstreamTLS(mode="ISTIO_MUTUAL", subject_alt_names=("spiffe://cluster.local/ns/a/sa/b",))
+        self.assertEqual(to_native(tls), {"mode": "ISTIO_MUTUAL",
+                                          "subject_alt_names": ["spiffe://cluster.local/ns/a/sa/b"]})
+        self.assertEqual(to_native(UpstreamTLS(mode="ISTIO_MUTUAL")), {"mode": "ISTIO_MUTUAL"})
+        cluster = attrs.evolve(OTHER_CLUSTER, tls=tls)
+        self.assertEqual(loader().load_document({"clusters": [to_native(cluster)], "listeners": [
+            {"name": "l", "address": "tcp:0", "routes": [{"name": "r", "cluster": "other"}]}]}).clusters, (cluster,))
+
+    def test_check_documents(self) -> None:
+        """
+        L{check_documents} checks every document as snapshots use them,
+        with no proxy, and returns the warnings.
+        """
+        def mesh(documents: list, mtls: bool) -> MeshConfig:
+            return MeshConfig([("mesh.yaml", i, d) for i, d in enumerate(documents, start=1)], mtls=mtls,
+                              default_namespace="shop")
+
+        documents = shop_services(tls={"mode": "ISTIO_MUTUAL"}) + [authz("web", "shop")]
+        self.assertEqual(check_documents(mesh(documents, True)), [])
+        warnings = check_documents(mesh(documents, False))
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("needs the mesh CA", warnings[0])
+        self.assertIn("AuthorizationPolicy is not applied", warnings[1])
+        for bad in (peer("default", "shop", "SOMETIMES"), sec("AuthorizationPolicy", "a", "shop", {"x": 1}),
+                    sec("RequestAuthentication", "r", "shop", {"jwtRules": [{"issuer": "i"}]})):
+            with self.assertRaises(ConfigError) as cm:
+                check_documents(mesh(shop_services() + [bad], True))
+            self.assertEqual(cm.exception.document, 3)

@@ -73,6 +73,7 @@ __all__ = [
     "API_VERSIONS",
     "DEFAULT_PORT",
     "KINDS",
+    "TLS_MODE_LABEL",
     "IstioConfig",
     "IstioWarning",
     "cluster_name",
@@ -89,6 +90,11 @@ KINDS = ("ServiceEntry", "DestinationRule", "VirtualService")
 _IGNORED_KINDS = ("Gateway", "Sidecar", "WorkloadEntry", "WorkloadGroup", "EnvoyFilter", "ProxyConfig")
 DEFAULT_PORT = 80
 MESH = "mesh"
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+"""
+The endpoint label that says a sidecar with a workload certificate stands
+before it (value C{istio}): auto mutual TLS sends C{ISTIO_MUTUAL} there.
+"""
 
 _IGNORED = "not supported by txmesh; ignored"
 _BROADER = "not supported by txmesh; ignored, so this match takes more requests than it would in Istio"
@@ -183,6 +189,8 @@ def translate(
     domain_suffix: str = "svc.cluster.local",
     registry: Mapping[str, Sequence[Endpoint]] | None = None,
     partial: bool = False,
+    mtls: bool = False,
+    accepts_mtls: Callable[[str], bool] | None = None,
 ) -> IstioConfig:
     """
     Translate Istio documents into txmesh clusters and virtual hosts.
@@ -197,9 +205,19 @@ def translate(
         for hosts no ServiceEntry gives endpoints to (ports as given).
     @param partial: skip an invalid document with a warning instead of
         refusing everything.
+    @param mtls: the proxies have workload certificates (their pilot has a
+        CA): DestinationRule C{tls.mode: ISTIO_MUTUAL} is applied, and a
+        cluster with no DestinationRule C{tls} whose endpoints all carry
+        L{TLS_MODE_LABEL}C{: istio} gets C{ISTIO_MUTUAL} (Istio's auto mutual
+        TLS).  Without it C{ISTIO_MUTUAL} is a warning and stays plaintext.
+    @param accepts_mtls: for auto mutual TLS, whether a host's workloads
+        accept mutual TLS at all (Istio looks at the namespace's and the
+        mesh's PeerAuthentication: C{DISABLE} keeps it plaintext); C{None}
+        for yes.
     @raise ConfigError: on the first invalid document (unless C{partial}).
     """
-    return _Translation(namespace, domain_suffix, registry or {}, partial).run(documents)
+    return _Translation(namespace, domain_suffix, registry or {}, partial, mtls,
+                        accepts_mtls).run(documents)
 
 
 # --- reading values ---------------------------------------------------------
@@ -460,8 +478,10 @@ class _Rule:
 
 class _Translation:
     def __init__(self, namespace: str, domain_suffix: str, registry: Mapping[str, Sequence[Endpoint]],
-                 partial: bool):
+                 partial: bool, mtls: bool = False, accepts_mtls: Callable[[str], bool] | None = None):
         self.namespace = namespace
+        self.mtls = mtls
+        self.accepts_mtls = accepts_mtls
         self.domain_suffix = domain_suffix
         self.registry = registry
         self.partial = partial
@@ -574,7 +594,9 @@ class _Translation:
             "addresses": "virtual IPs are not supported by txmesh; ignored (route by host name)",
             "workloadSelector": "selecting workloads is not supported by txmesh; ignored (list endpoints)",
             "exportTo": "visibility is not supported by txmesh; the entry is visible to this proxy",
-            "subjectAltNames": "upstream TLS is not supported by txmesh yet; ignored",
+            "subjectAltNames": "txmesh checks an ISTIO_MUTUAL upstream against the DestinationRule's "
+                               "tls.subjectAltNames (or any identity of the mesh), not the ServiceEntry's; "
+                               "ignored",
         })
         hosts = [(f, self.host(doc, f, v)) for f, v in spec.list("hosts", required=True)]
         if not hosts:
@@ -680,6 +702,7 @@ class _Translation:
         if tp is not None:
             policy = self.traffic_policy(tp)
         subsets: list[tuple[str, SubsetConfig]] = []
+        subset_tls: list[tuple[str, Any]] = []
         for f, v in spec.list("subsets"):
             s = _Obj(doc, f, v, ("name", "labels", "trafficPolicy"))
             name = s.get("name", _string, required=True)
@@ -690,6 +713,8 @@ class _Translation:
             stp = s.obj("trafficPolicy", *_TRAFFIC_POLICY)
             if stp is not None:
                 own = self.traffic_policy(stp)
+                if "tls" in own:
+                    subset_tls.append((f"{stp.path}.tls", own.pop("tls")))
                 if own.get("lb_policy") not in (None, "consistent_hash"):
                     lb_policy = own.pop("lb_policy")
                 for key, v2 in own.items():
@@ -698,7 +723,27 @@ class _Translation:
                                  "differs from the rule's trafficPolicy; txmesh applies per-subset only "
                                  "loadBalancer.simple and uses the rule's trafficPolicy for the rest")
             subsets.append((f, SubsetConfig(name, labels, lb_policy)))
+        self.subset_tls(doc, policy, subset_tls, len(subsets))
         return _DestinationRule(doc, host, "spec.host", policy, subsets)
+
+    def subset_tls(self, doc: _Doc, policy: dict[str, Any], subset_tls: list[tuple[str, Any]],
+                   count: int) -> None:
+        """
+        TLS is per cluster in txmesh, not per subset.  Subsets that all set
+        the same C{tls} under a rule without one give it to the whole
+        cluster (routes to no subset included); any other subset C{tls} is
+        a warning.
+        """
+        if not subset_tls:
+            return
+        values = [v for _, v in subset_tls]
+        if "tls" not in policy and len(subset_tls) == count and all(v == values[0] for v in values):
+            policy["tls"] = values[0]
+            return
+        for field, value in subset_tls:
+            if policy.get("tls", _UNSET) != value:
+                doc.warn(field, "TLS is set per cluster in txmesh, not per subset: the rule's trafficPolicy.tls "
+                                "(or auto mutual TLS) applies to every subset; ignored")
 
     def traffic_policy(self, tp: _Obj) -> dict[str, Any]:
         doc = tp.doc
@@ -784,25 +829,52 @@ class _Translation:
                 base_ejection_time=od.get("baseEjectionTime", _duration, d.base_ejection_time),
                 max_ejection_percent=od.get("maxEjectionPercent", _int_in(0, 100), d.max_ejection_percent),
             )
-        tls = tp.obj("tls", ("mode", "caCertificates", "sni"), {
-            "subjectAltNames": "txmesh checks the upstream's certificate against the sni (or host) name; "
-                               "subjectAltNames is ignored",
-            "clientCertificate": "client certificates (MUTUAL) arrive with the mesh CA; ignored",
-            "privateKey": "client certificates (MUTUAL) arrive with the mesh CA; ignored",
+        tls = tp.obj("tls", ("mode", "caCertificates", "sni", "subjectAltNames"), {
+            "clientCertificate": "client certificates from files (MUTUAL) are not supported by txmesh; ignored",
+            "privateKey": "client certificates from files (MUTUAL) are not supported by txmesh; ignored",
             "credentialName": "Kubernetes secrets are not read by txmesh; use caCertificates",
             "insecureSkipVerify": "txmesh always verifies upstream certificates; ignored",
             "caCrl": _IGNORED,
         })
         if tls is not None:
-            mode = tls.get("mode", _one_of(("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")), "DISABLE")
-            if mode in ("MUTUAL", "ISTIO_MUTUAL"):
-                doc.warn(tls.field("mode"), f"{mode} needs the mesh CA, which txmesh does not have yet; "
-                                            "connections stay plaintext")
-            elif mode == "SIMPLE":
-                # The CA file is read by the loader (relative to the proxy
-                # config): translation stays free of I/O.
-                out["tls"] = UpstreamTLS(tls.get("caCertificates", _string), b"", tls.get("sni", _string))
+            self.upstream_tls(tls, out)
         return out
+
+    def upstream_tls(self, tls: _Obj, out: dict[str, Any]) -> None:
+        """
+        Read a C{trafficPolicy.tls} into C{out["tls"]}: an L{UpstreamTLS},
+        or C{None} for an explicit C{DISABLE} when auto mutual TLS is on
+        (so the cluster stays plaintext whatever its endpoints' labels).
+        """
+        doc = tls.doc
+        mode = tls.get("mode", _one_of(("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")), "DISABLE")
+        names = tls.get("subjectAltNames", _strings) or []
+        if mode == "ISTIO_MUTUAL" and self.mtls:
+            for key in ("caCertificates", "sni"):
+                if tls.has(key):
+                    doc.warn(tls.field(key), "ISTIO_MUTUAL uses the mesh trust bundle and SPIFFE IDs; ignored")
+            for i, name in enumerate(names):
+                if not name.startswith("spiffe://"):
+                    raise doc.error(f"{tls.field('subjectAltNames')}[{i}]",
+                                    f"ISTIO_MUTUAL peers are checked by SPIFFE ID; expected "
+                                    f"spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/ACCOUNT, got {name!r}")
+            out["tls"] = UpstreamTLS(mode="ISTIO_MUTUAL", subject_alt_names=tuple(names))
+            return
+        if mode == "ISTIO_MUTUAL":
+            doc.warn(tls.field("mode"), "ISTIO_MUTUAL needs the mesh CA: proxies have workload certificates "
+                                        "only from a pilot with a CA; connections stay plaintext")
+        elif mode == "MUTUAL":
+            doc.warn(tls.field("mode"), "MUTUAL (client certificates from files) is not supported by txmesh; "
+                                        "connections stay plaintext")
+        elif mode == "SIMPLE":
+            # The CA file is read by the loader (relative to the proxy
+            # config): translation stays free of I/O.
+            out["tls"] = UpstreamTLS(tls.get("caCertificates", _string), b"", tls.get("sni", _string))
+        elif self.mtls:
+            out["tls"] = None
+        if names and mode != "ISTIO_MUTUAL":
+            doc.warn(tls.field("subjectAltNames"), f"used only with ISTIO_MUTUAL (txmesh checks a {mode} "
+                                                   "upstream's certificate against the sni or host name); ignored")
 
     def consistent_hash(self, ch: _Obj) -> HashPolicy:
         doc = ch.doc
@@ -1340,6 +1412,12 @@ class _Translation:
                 rule.used = True
                 kwargs = rule.policy
                 subsets = tuple(rule.subsets)
+            if (self.mtls and "tls" not in kwargs and endpoints
+                    and all(ep.label(TLS_MODE_LABEL) == "istio" for ep in endpoints)
+                    and (self.accepts_mtls is None or self.accepts_mtls(host))):
+                # Auto mutual TLS: every endpoint has a sidecar with a
+                # workload certificate.
+                kwargs = dict(kwargs, tls=UpstreamTLS(mode="ISTIO_MUTUAL"))
             service = self.services.get(host)
             if service is not None and "http2" not in kwargs and any(
                     p.number == port and (p.protocol or "").upper() in ("HTTP2", "GRPC", "GRPC-WEB")

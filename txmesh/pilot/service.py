@@ -34,7 +34,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from txmesh.config.errors import ConfigError
-from txmesh.config.istio import translate
 from txmesh.observability.audit import AuditLog, AuditRecord
 from txmesh.pilot.api import operator_site
 from txmesh.pilot.ca import CAError
@@ -58,6 +57,7 @@ from txmesh.pilot.snapshot import (
     Node,
     Snapshot,
     build_snapshot,
+    check_documents,
     content_hash,
     namespace_view,
 )
@@ -193,13 +193,15 @@ class PilotService(Service):
         @raise ConfigError: they are invalid, or a connected proxy's
             snapshot cannot be built from them.
         """
-        mesh = attrs.evolve(self._mesh_defaults, documents=documents, registry=self._registry_view())
-        result = translate(mesh.documents, mesh.default_namespace, mesh.domain_suffix, registry=mesh.registry)
+        # With a CA every proxy has a workload certificate: mutual TLS on.
+        mesh = attrs.evolve(self._mesh_defaults, documents=documents, registry=self._registry_view(),
+                            mtls=self.security is not None)
+        warnings = check_documents(mesh)
         views: dict[str, NamespaceView] = {}
         for channel in self.channels:
             if channel.node is not None:
                 self._build(mesh, views, channel.node)
-        return mesh, views, [str(w) for w in result.warnings]
+        return mesh, views, warnings
 
     def _build(self, mesh: MeshConfig, views: dict[str, NamespaceView], node: Node) -> Snapshot:
         """

@@ -10,6 +10,13 @@ shapes the YAML loader accepts, so a proxy rebuilds a whole document::
 and loads it with L{txmesh.config.loader.ConfigLoader.load_document}.  The
 model values are written back to that form by L{to_native}.
 
+With L{MeshConfig.mtls} (the pilot has a CA, so proxies have workload
+certificates) a snapshot also carries the mesh's zero-trust config: the
+inbound listener's C{mtls} mode from PeerAuthentication, C{jwt} and
+C{authz} filters from RequestAuthentication and AuthorizationPolicy, and
+C{tls: {mode: ISTIO_MUTUAL}} on outbound clusters from DestinationRule
+C{tls} or auto mutual TLS (see L{txmesh.config.istio.translate}).
+
 Known limit of the written form: the loader has no way to say "a single
 destination with its own header operations" together with C{cluster}, so
 such a route is written as a one-entry C{weighted_clusters}; it routes the
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +35,7 @@ import attrs
 
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError
-from txmesh.config.istio import translate
+from txmesh.config.istio import IstioWarning, translate
 from txmesh.config.model import (
     DISABLED,
     CircuitBreakerConfig,
@@ -52,6 +59,21 @@ from txmesh.config.model import (
     VirtualHost,
     WeightedDestination,
 )
+from txmesh.policy.authorization import Policy
+from txmesh.policy.istio_security import KIND as AUTHORIZATION_POLICY
+from txmesh.policy.istio_security import (
+    PEER_AUTHENTICATION,
+    REQUEST_AUTHENTICATION,
+    PeerAuthentication,
+    RequestAuthentication,
+    jwt_rules_for,
+    mtls_mode,
+    parse_authorization_policies,
+    parse_peer_authentications,
+    parse_request_authentications,
+    policies_for,
+)
+from txmesh.policy.istio_security import to_native as policy_to_native
 
 LISTENERS = "listeners"
 CLUSTERS = "clusters"
@@ -104,6 +126,12 @@ class MeshConfig:
         with C{{port}} standing for the node's C{inbound_port}.
     @ivar app_host: where the app beside the proxy listens.
     @ivar admin_address: endpoint string of the proxy's admin, or C{None}.
+    @ivar mtls: proxies have workload certificates (the pilot has a CA):
+        snapshots carry mutual TLS and the C{security.istio.io} policies.
+        Without it (an C{--insecure} pilot) those documents are checked but
+        not applied, with a warning.
+    @ivar root_namespace: Istio's root namespace: security policies in it
+        apply to the whole mesh.
     """
 
     documents: tuple[tuple[str | None, int, Any], ...] = attrs.field(converter=tuple, default=())
@@ -115,6 +143,8 @@ class MeshConfig:
     inbound_address: str = "tcp:{port}:interface=0.0.0.0"
     app_host: str = "127.0.0.1"
     admin_address: str | None = "tcp:15000:interface=127.0.0.1"
+    mtls: bool = False
+    root_namespace: str = "istio-system"
 
 
 @attrs.frozen
@@ -179,6 +209,11 @@ class NamespaceView:
     @ivar virtual_hosts: the outbound listener's virtual hosts.
     @ivar clusters: the clusters the routes name.
     @ivar warnings: what the Istio translation could not (fully) apply.
+    @ivar authorization_policies: the AuthorizationPolicies of this
+        namespace and of the root namespace, each with its native form;
+        L{build_snapshot} picks a node's by its labels.
+    @ivar peer_authentications: likewise, the PeerAuthentications.
+    @ivar request_authentications: likewise, the RequestAuthentications.
     """
 
     virtual_hosts: tuple[dict[str, Any], ...]
@@ -186,16 +221,63 @@ class NamespaceView:
     warnings: tuple[str, ...]
     virtual_hosts_hash: str
     clusters_hash: str
+    authorization_policies: tuple[tuple[Policy, dict[str, Any]], ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()
+
+
+def check_documents(mesh: MeshConfig, namespace: str | None = None) -> list[str]:
+    """
+    Check the mesh's documents as snapshots will use them, without needing
+    a proxy: the Istio translation (with L{MeshConfig.mtls}) and the
+    C{security.istio.io} documents, for C{namespace} (default: the mesh's
+    default namespace).  Unlike L{namespace_view}, routed hosts without
+    endpoints are warnings, not errors.
+
+    @return: the warnings.
+    @raise ConfigError: if a document is invalid.
+    """
+    namespace = namespace or mesh.default_namespace
+    every_peer = parse_peer_authentications(mesh.documents, namespace)
+    istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
+                      accepts_mtls=_accepts_mtls(mesh, every_peer))
+    parse_authorization_policies(mesh.documents, namespace)
+    parse_request_authentications(mesh.documents, namespace)
+    warnings = [str(w) for w in istio.warnings]
+    if not mesh.mtls:
+        warnings.extend(_unapplied_security(mesh.documents))
+    return warnings
+
+
+def _accepts_mtls(mesh: MeshConfig, peer_authentications: Sequence[PeerAuthentication]) -> Callable[[str], bool]:
+    def accepts_mtls(host: str) -> bool:
+        # As Istio's auto mutual TLS: the destination's namespace-wide or
+        # mesh-wide PeerAuthentication, not a workload's.
+        return mtls_mode(peer_authentications, host_namespace(host, mesh.domain_suffix) or "", {},
+                         root_namespace=mesh.root_namespace) != "DISABLE"
+
+    return accepts_mtls
 
 
 def namespace_view(mesh: MeshConfig, namespace: str) -> NamespaceView:
     """
     Translate the mesh's documents as seen from C{namespace}.
 
-    @raise ConfigError: if the Istio documents are invalid, or a cluster
-        a route needs has no endpoints (the proxy's loader refuses it).
+    @raise ConfigError: if the Istio documents (C{security.istio.io} ones
+        included) are invalid, or a cluster a route needs has no endpoints
+        (the proxy's loader refuses it).
     """
-    istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry)
+    # Parsed whatever mesh.mtls says, so a bad document is refused either way.
+    every_peer = parse_peer_authentications(mesh.documents, namespace)
+    istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
+                      accepts_mtls=_accepts_mtls(mesh, every_peer))
+    scope = (namespace, mesh.root_namespace)
+    policies = [p for p in parse_authorization_policies(mesh.documents, namespace) if p.namespace in scope]
+    peer = [p for p in every_peer if p.namespace in scope]
+    request = [r for r in parse_request_authentications(mesh.documents, namespace) if r.namespace in scope]
+    warnings = [str(w) for w in istio.warnings]
+    if not mesh.mtls:
+        warnings.extend(_unapplied_security(mesh.documents))
     needed: set[str] = set()
     for vh in istio.virtual_hosts:
         for route in vh.routes:
@@ -216,10 +298,80 @@ def namespace_view(mesh: MeshConfig, namespace: str) -> NamespaceView:
     return NamespaceView(
         virtual_hosts,
         tuple(clusters),
-        tuple(str(w) for w in istio.warnings),
+        tuple(warnings),
         content_hash(virtual_hosts),
         content_hash(clusters),
+        tuple((p, policy_to_native(p)) for p in policies),
+        tuple(peer),
+        tuple(request),
     )
+
+
+_SECURITY_KINDS = (AUTHORIZATION_POLICY, PEER_AUTHENTICATION, REQUEST_AUTHENTICATION)
+
+
+def _unapplied_security(documents: Sequence[tuple[str | None, int, Any]]) -> list[str]:
+    out = []
+    for source, number, body in documents:
+        if (isinstance(body, Mapping) and body.get("kind") in _SECURITY_KINDS
+                and str(body.get("apiVersion", "")).startswith("security.istio.io/")):
+            out.append(str(IstioWarning(source, number, "kind", f"{body['kind']} is not applied: the pilot has no "
+                                                                "CA (--insecure), so proxies have no workload "
+                                                                "identity")))
+    return out
+
+
+def host_namespace(host: str, domain_suffix: str) -> str | None:
+    """
+    @return: the namespace of an in-mesh service's FQDN
+        (C{reviews.shop.svc.cluster.local} is in C{shop}), or C{None} for
+        other hosts.
+    """
+    suffix = "." + domain_suffix
+    if not host.endswith(suffix):
+        return None
+    parts = host[: -len(suffix)].split(".")
+    return parts[1] if len(parts) == 2 else None
+
+
+def workload_labels(node: Node) -> dict[str, str]:
+    """
+    @return: the labels of the workload beside C{node}, which policy
+        selectors match: its C{labels}, plus C{app} and C{version} when
+        known (they are labels in Kubernetes), as the proxy's own
+        C{source_labels} matching sees them.
+    """
+    labels = dict(node.labels)
+    for key, value in (("app", node.app), ("version", node.version)):
+        if value != "unknown":
+            labels.setdefault(key, value)
+    return labels
+
+
+def _inbound_security(mesh: MeshConfig, view: NamespaceView, node: Node, namespace: str) -> dict[str, Any]:
+    """
+    The inbound listener's C{mtls} and C{http_filters} for C{node}: its
+    PeerAuthentication mode on its app port, then a C{jwt} filter for its
+    RequestAuthentications before an C{authz} filter for its
+    AuthorizationPolicies (authorization sees the verified token).
+    """
+    labels = workload_labels(node)
+    root = mesh.root_namespace
+    out: dict[str, Any] = {}
+    mode = mtls_mode(view.peer_authentications, namespace, labels, node.app_port, root)
+    if mode != "DISABLE":
+        out["mtls"] = mode
+    filters: list[dict[str, Any]] = []
+    rules = jwt_rules_for(view.request_authentications, namespace, labels, root)
+    if rules:
+        filters.append({"name": "jwt", "config": {"rules": rules}})
+    applied = {id(p) for p in policies_for([p for p, _ in view.authorization_policies], namespace, labels, root)}
+    policies = [native for p, native in view.authorization_policies if id(p) in applied]
+    if policies:
+        filters.append({"name": "authz", "config": {"policies": policies}})
+    if filters:
+        out["http_filters"] = filters
+    return out
 
 
 def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = None) -> Snapshot:
@@ -255,6 +407,8 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
             "address": mesh.inbound_address.format(port=node.inbound_port),
             "routes": [{"name": "inbound", "cluster": name, "timeout": "0s"}],
         }
+        if mesh.mtls:
+            inbound_listener.update(_inbound_security(mesh, view, node, namespace))
         clusters.append(inbound_cluster)
         listeners.append(inbound_listener)
     resources = {LISTENERS: listeners, CLUSTERS: clusters}
@@ -526,8 +680,13 @@ def _health_check(h: HealthCheckConfig) -> dict[str, Any]:
 
 
 def _tls(t: UpstreamTLS) -> dict[str, Any]:
+    if t.mode == "ISTIO_MUTUAL":
+        out: dict[str, Any] = {"mode": t.mode}
+        if t.subject_alt_names:
+            out["subject_alt_names"] = list(t.subject_alt_names)
+        return out
     # Only the CA's path travels: the proxy reads (and checks) the file.
-    out: dict[str, Any] = {}
+    out = {}
     if t.ca_certificate is not None:
         out["ca_certificate"] = t.ca_certificate
     if t.sni is not None:

@@ -1,7 +1,9 @@
 """
-Istio C{security.istio.io} C{AuthorizationPolicy} documents translated into
-L{txmesh.policy.authorization} models, pure: plain values in, plain values
-out.
+Istio C{security.istio.io} documents translated into txmesh models, pure:
+plain values in, plain values out.  C{AuthorizationPolicy} becomes
+L{txmesh.policy.authorization} policies; C{PeerAuthentication} a listener's
+C{mtls} mode (L{mtls_mode}); C{RequestAuthentication} the C{jwt} filter's
+rules (L{jwt_rules_for}).
 
 Also the policies' native form: the same shape as an Istio policy's
 C{spec}, flattened with its name and namespace, which the pilot pushes to
@@ -23,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+import attrs
+
 from txmesh.config.errors import ConfigError
 from txmesh.policy.authorization import (
     ACTIONS,
@@ -42,11 +46,21 @@ from txmesh.policy.authorization import (
 __all__ = [
     "API_VERSIONS",
     "KIND",
+    "MTLS_MODES",
+    "PEER_AUTHENTICATION",
+    "REQUEST_AUTHENTICATION",
+    "PeerAuthentication",
+    "RequestAuthentication",
     "from_native",
     "is_authorization_policy",
+    "jwt_rules_for",
+    "mtls_mode",
     "parse_authorization_policies",
     "parse_authorization_policy",
+    "parse_peer_authentications",
+    "parse_request_authentications",
     "policies_for",
+    "request_authentications_for",
     "to_native",
 ]
 
@@ -352,3 +366,318 @@ def from_native(raw: Any, source: str | None = None, path: str = "") -> Policy:
     action = o.get("action", _action, default=ALLOW)
     selector = o.get("selector", _labels)
     return Policy(name, namespace, action, _rules(o), selector)
+
+
+# --- PeerAuthentication and RequestAuthentication ------------------------------
+
+PEER_AUTHENTICATION = "PeerAuthentication"
+REQUEST_AUTHENTICATION = "RequestAuthentication"
+MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+DEFAULT_MTLS_MODE = "PERMISSIVE"
+
+_JWT_RULE_FIELDS = ("issuer", "audiences", "jwksUri", "jwks_uri", "jwks", "fromHeaders", "fromParams",
+                    "outputPayloadToHeader", "outputClaimToHeaders", "forwardOriginalToken", "fromCookies",
+                    "timeout")
+
+
+@attrs.frozen
+class PeerAuthentication:
+    """
+    An Istio C{PeerAuthentication}: the mutual TLS its workloads accept.
+
+    @ivar mode: one of L{MTLS_MODES}; C{UNSET} inherits.
+    @ivar port_modes: C{(port, mode)} for the workload's own ports.
+    @ivar selector: the workload labels (sorted pairs) it applies to, or
+        C{None} for its whole namespace (or the mesh, in the root namespace).
+    """
+
+    name: str
+    namespace: str
+    mode: str = "UNSET"
+    port_modes: tuple[tuple[int, str], ...] = ()
+    selector: tuple[tuple[str, str], ...] | None = None
+
+
+@attrs.frozen
+class RequestAuthentication:
+    """
+    An Istio C{RequestAuthentication}.
+
+    @ivar rules: its C{jwtRules} in the C{jwt} filter's native form (see
+        L{txmesh.filters.jwt_authn}).
+    @ivar selector: as L{PeerAuthentication.selector}.
+    """
+
+    name: str
+    namespace: str
+    rules: tuple[Mapping[str, Any], ...] = ()
+    selector: tuple[tuple[str, str], ...] | None = None
+
+
+def _security_header(body: Any, source: str | None, document: int | None, namespace: str, kind: str,
+                     spec_fields: Iterable[str]) -> tuple[str, str, _Obj]:
+    """
+    Check a C{security.istio.io} document's envelope.
+
+    @return: its name, namespace and C{spec}.
+    """
+    top = _Obj(source, document, "", body, ("apiVersion", "kind", "metadata", "spec", "status"))
+    version = body.get("apiVersion")
+    if version not in API_VERSIONS:
+        raise top.error("apiVersion", f"unsupported apiVersion {version!r} (supported: {', '.join(API_VERSIONS)})")
+    if body.get("kind") != kind:
+        raise top.error("kind", f"expected {kind}, got {body.get('kind')!r}")
+    meta = top.get("metadata", lambda v: v, required=True)
+    if not isinstance(meta, Mapping):
+        raise top.error("metadata", f"expected a mapping, got {_kind(meta)}")
+    metadata = top.child("metadata", meta, meta.keys())
+    name = metadata.get("name", _string, required=True)
+    namespace = metadata.get("namespace", _string, default=namespace)
+    spec_value = body.get("spec")
+    spec = top.child("spec", {} if spec_value is None else spec_value, spec_fields)
+    for unsupported in ("targetRef", "targetRefs"):
+        if spec.value.get(unsupported) is not None:
+            raise spec.error(spec.field(unsupported), "policies attached to Gateway API resources are not "
+                                                      "supported by txmesh; use selector.matchLabels")
+    return name, namespace, spec
+
+
+def _selector(spec: _Obj) -> tuple[tuple[str, str], ...] | None:
+    if spec.value.get("selector") is None:
+        return None
+    sel = spec.child("selector", spec.value["selector"], ("matchLabels",))
+    labels = sel.get("matchLabels", _labels, default={})
+    # An empty selector selects nothing in particular: the whole namespace.
+    return tuple(sorted(labels.items())) or None
+
+
+def _mode(value: Any) -> str:
+    if value not in MTLS_MODES:
+        raise ValueError(f"must be one of {', '.join(MTLS_MODES)}, got {value!r}")
+    return value
+
+
+def _port_key(value: Any) -> int:
+    try:
+        number = int(value) if not isinstance(value, bool) else -1
+    except (TypeError, ValueError):
+        number = -1
+    if not 1 <= number <= 65535:
+        raise ValueError(f"expected a port number (1-65535), got {value!r}")
+    return number
+
+
+def parse_peer_authentication(body: Any, source: str | None = None, document: int | None = None,
+                              namespace: str = "default") -> PeerAuthentication:
+    """
+    Translate one Istio C{PeerAuthentication} document.
+
+    @raise ConfigError: naming the field, if it is invalid (C{portLevelMtls}
+        without a selector is refused, as Istio's validation does).
+    """
+    name, namespace, spec = _security_header(body, source, document, namespace, PEER_AUTHENTICATION,
+                                             ("selector", "mtls", "portLevelMtls"))
+    selector = _selector(spec)
+    mode = "UNSET"
+    if spec.value.get("mtls") is not None:
+        mtls = spec.child("mtls", spec.value["mtls"], ("mode",))
+        mode = mtls.get("mode", _mode, default="UNSET")
+    ports: list[tuple[int, str]] = []
+    levels = spec.value.get("portLevelMtls")
+    if levels is not None:
+        field = spec.field("portLevelMtls")
+        if not isinstance(levels, Mapping):
+            raise spec.error(field, f"expected a mapping of port to {{mode: ...}}, got {_kind(levels)}")
+        if selector is None:
+            raise spec.error(field, "port-level mutual TLS needs a workload selector (selector.matchLabels)")
+        for key, value in levels.items():
+            at = f"{field}.{key}"
+            try:
+                port_number = _port_key(key)
+            except ValueError as e:
+                raise spec.error(at, str(e)) from None
+            level = spec.child("", value, ("mode",), path=at)
+            ports.append((port_number, level.get("mode", _mode, default="UNSET")))
+    return PeerAuthentication(name, namespace, mode, tuple(sorted(ports)), selector)
+
+
+def _jwt_rule(spec: _Obj, path: str, value: Any) -> dict[str, Any]:
+    r = spec.child("", value, _JWT_RULE_FIELDS, path=path)
+    for unsupported, why in (("fromCookies", "tokens in cookies are not read by txmesh"),
+                             ("timeout", "the key set fetch timeout is the jwt filter's (jwks_fetch_timeout, 5s)")):
+        if r.value.get(unsupported) is not None:
+            raise r.error(r.field(unsupported), f"not supported: {why}; remove it")
+    rule: dict[str, Any] = {"issuer": r.get("issuer", _string, required=True)}
+    audiences = r.values("audiences", _string)
+    if audiences:
+        rule["audiences"] = list(audiences)
+    uri_key = "jwksUri" if r.value.get("jwksUri") is not None else "jwks_uri"
+    uri = r.get(uri_key, _string)
+    jwks = r.get("jwks", _string)
+    if (uri is None) == (jwks is None):
+        raise r.error(r.path, "give exactly one of jwksUri, jwks (txmesh does not discover the key set "
+                              "through OpenID Connect)")
+    if uri is not None:
+        if not uri.startswith(("http://", "https://")):
+            raise r.error(r.field(uri_key), f"expected an http:// or https:// URL, got {uri!r}")
+        rule["jwks_uri"] = uri
+    else:
+        from txmesh.policy.jwks import StaticJwks
+        from txmesh.policy.jwt import JwksError
+
+        try:
+            StaticJwks.from_json(jwks)
+        except JwksError as e:
+            raise r.error(r.field("jwks"), str(e)) from None
+        rule["jwks"] = jwks
+    headers = []
+    for at, h in r.items("fromHeaders"):
+        loc = r.child("", h, ("name", "prefix"), path=at)
+        header: dict[str, Any] = {"name": loc.get("name", _string, required=True)}
+        prefix = loc.value.get("prefix")
+        if prefix is not None:
+            if not isinstance(prefix, str):
+                raise loc.error(loc.field("prefix"), f"expected a string, got {_kind(prefix)}")
+            header["prefix"] = prefix
+        headers.append(header)
+    if headers:
+        rule["from_headers"] = headers
+    params = r.values("fromParams", _string)
+    if params:
+        rule["from_params"] = list(params)
+    payload = r.get("outputPayloadToHeader", _string)
+    if payload is not None:
+        rule["output_payload_to_header"] = payload
+    claims = []
+    for at, c in r.items("outputClaimToHeaders"):
+        out = r.child("", c, ("header", "claim"), path=at)
+        claims.append({"header": out.get("header", _string, required=True),
+                       "claim": out.get("claim", _string, required=True)})
+    if claims:
+        rule["output_claim_to_headers"] = claims
+    forward = r.value.get("forwardOriginalToken")
+    if forward is not None:
+        if not isinstance(forward, bool):
+            raise r.error(r.field("forwardOriginalToken"), f"expected true or false, got {_kind(forward)}")
+        if forward:
+            rule["forward_original_token"] = True
+    return rule
+
+
+def parse_request_authentication(body: Any, source: str | None = None, document: int | None = None,
+                                 namespace: str = "default") -> RequestAuthentication:
+    """
+    Translate one Istio C{RequestAuthentication} document.
+
+    @raise ConfigError: naming the field, if it is invalid or uses what
+        txmesh does not support (OpenID discovery of the key set,
+        C{fromCookies}, C{timeout}, C{targetRef}/C{targetRefs}).
+    """
+    name, namespace, spec = _security_header(body, source, document, namespace, REQUEST_AUTHENTICATION,
+                                             ("selector", "jwtRules", "targetRef", "targetRefs"))
+    selector = _selector(spec)
+    rules = tuple(_jwt_rule(spec, path, value) for path, value in spec.items("jwtRules"))
+    return RequestAuthentication(name, namespace, rules, selector)
+
+
+def _is_security(body: Any, kind: str) -> bool:
+    return (isinstance(body, Mapping) and body.get("kind") == kind
+            and str(body.get("apiVersion", "")).startswith("security.istio.io/"))
+
+
+def _parse_all(documents: Iterable[tuple[str | None, int, Any]], namespace: str, kind: str,
+               parse: Callable[..., T]) -> list[T]:
+    # The later document with a namespace and name wins, in the place of
+    # the first (an update keeps the resource's age, which decides
+    # between conflicting policies).
+    found: dict[tuple[str, str], Any] = {}
+    for source, number, body in documents:
+        if _is_security(body, kind):
+            item: Any = parse(body, source, number, namespace)
+            found[(item.namespace, item.name)] = item
+    return list(found.values())
+
+
+def parse_peer_authentications(documents: Iterable[tuple[str | None, int, Any]],
+                               namespace: str = "default") -> list[PeerAuthentication]:
+    """
+    Translate the PeerAuthentication documents among C{documents}, oldest
+    (first given) first; other documents are skipped.
+
+    @raise ConfigError: on the first invalid one.
+    """
+    return _parse_all(documents, namespace, PEER_AUTHENTICATION, parse_peer_authentication)
+
+
+def parse_request_authentications(documents: Iterable[tuple[str | None, int, Any]],
+                                  namespace: str = "default") -> list[RequestAuthentication]:
+    """
+    Translate the RequestAuthentication documents among C{documents};
+    other documents are skipped.
+
+    @raise ConfigError: on the first invalid one.
+    """
+    return _parse_all(documents, namespace, REQUEST_AUTHENTICATION, parse_request_authentication)
+
+
+def _selects(selector: tuple[tuple[str, str], ...] | None, labels: Mapping[str, str]) -> bool:
+    return selector is not None and all(labels.get(k) == v for k, v in selector)
+
+
+def mtls_mode(peer_authentications: Iterable[PeerAuthentication], workload_namespace: str,
+              workload_labels: Mapping[str, str], port: int | None = None,
+              root_namespace: str = "istio-system") -> str:
+    """
+    The mutual TLS a workload accepts on C{port}, as Istio composes it:
+    the workload's policy (a selector matching its labels, in its
+    namespace) over its namespace's (no selector) over the mesh's (no
+    selector, in the root namespace); C{UNSET} inherits, and with nothing
+    set the mode is C{PERMISSIVE}.  A policy with a selector in the root
+    namespace applies to no other namespace.  Of several policies at one
+    level the first (the oldest) applies.
+
+    @param port: the workload's port (C{portLevelMtls} keys), or C{None}.
+    @return: C{STRICT}, C{PERMISSIVE} or C{DISABLE}.
+    """
+    mesh = namespace = workload = None
+    for pa in peer_authentications:
+        if pa.selector is None:
+            if pa.namespace == workload_namespace and namespace is None:
+                namespace = pa
+            elif pa.namespace == root_namespace and mesh is None:
+                mesh = pa
+        elif pa.namespace == workload_namespace and workload is None and _selects(pa.selector, workload_labels):
+            workload = pa
+    mode = DEFAULT_MTLS_MODE
+    for pa in (mesh, namespace, workload):
+        if pa is not None and pa.mode != "UNSET":
+            mode = pa.mode
+    if workload is not None and port is not None:
+        level = dict(workload.port_modes).get(port, "UNSET")
+        if level != "UNSET":
+            mode = level
+    return mode
+
+
+def request_authentications_for(request_authentications: Iterable[RequestAuthentication],
+                                workload_namespace: str, workload_labels: Mapping[str, str],
+                                root_namespace: str = "istio-system") -> list[RequestAuthentication]:
+    """
+    The RequestAuthentications that apply to one workload, scoped as
+    L{policies_for} scopes authorization policies.
+    """
+    return [ra for ra in request_authentications
+            if ra.namespace in (root_namespace, workload_namespace)
+            and (ra.selector is None or _selects(ra.selector, workload_labels))]
+
+
+def jwt_rules_for(request_authentications: Iterable[RequestAuthentication], workload_namespace: str,
+                  workload_labels: Mapping[str, str], root_namespace: str = "istio-system") -> list[dict[str, Any]]:
+    """
+    @return: the C{jwt} filter's C{rules} for one workload: the rules of
+        every RequestAuthentication that applies to it, in order (Istio
+        accepts a token any of them validates).
+    """
+    return [dict(rule) for ra in request_authentications_for(request_authentications, workload_namespace,
+                                                             workload_labels, root_namespace)
+            for rule in ra.rules]

@@ -88,9 +88,40 @@ class _IdentityContexts:
             return None
         material = (identity.chain_pem, identity.roots_pem)
         if material != self._built_for:
-            self._context = _options(identity, self._alpn, self._require_peer).getContext()
+            context = _options(identity, self._alpn, self._require_peer).getContext()
+            mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if self._require_peer else 0)
+            context.set_verify(mode, _log_refusal)
+            self._context = context
             self._built_for = material
         return self._context
+
+
+# Verification errors (OpenSSL's X509_V_ERR_*) a mesh peer runs into.
+_VERIFY_ERRORS = {
+    2: "its issuer is not a trusted root (unknown CA)",
+    7: "its signature does not verify",
+    9: "it is not valid yet",
+    10: "it has expired",
+    18: "it is self-signed and not trusted",
+    19: "its chain ends in a root that is not trusted",
+    20: "its issuer is not a trusted root (unknown CA, or a root no longer trusted)",
+    21: "its chain cannot be checked (unable to verify the first certificate)",
+}
+
+
+def _log_refusal(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
+    """
+    OpenSSL's verification callback: keep its verdict, and say in the log
+    why a peer certificate was refused.
+    """
+    if not ok:
+        try:
+            who = certificate_identity(certificate) or certificate.get_subject().CN or "?"
+        except Exception:
+            who = "?"
+        reason = _VERIFY_ERRORS.get(errno, f"X.509 verification error {errno}")
+        log.warn("peer certificate {who} refused: {reason} (depth {depth})", who=who, reason=reason, depth=depth)
+    return bool(ok)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
