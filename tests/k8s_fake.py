@@ -12,7 +12,14 @@ real API documents.
   - a C{resourceVersion} older than the last L{FakeKubernetes.compact}
     gets C{410 Gone}: an C{ERROR} event on a watch, HTTP 410 on a list;
   - every request needs C{Authorization: Bearer <token>} (HTTP 401
-    otherwise) unless C{token} is C{None}.
+    otherwise) unless C{token} is C{None};
+  - C{POST /apis/authentication.k8s.io/v1/tokenreviews} reviews the
+    service-account tokens registered with
+    L{FakeKubernetes.add_service_account_token} (or made by
+    L{FakeKubernetes.service_account_token}), answering HTTP 201 with a
+    C{TokenReview} whose C{status} says C{authenticated}, the user
+    C{system:serviceaccount:<ns>:<sa>} and the audiences; HTTP 403 when
+    L{FakeKubernetes.may_review} is false (the caller's RBAC).
 
 The test changes the objects with L{FakeKubernetes.add},
 L{FakeKubernetes.modify} and L{FakeKubernetes.delete}, and drives the
@@ -22,6 +29,7 @@ L{FakeKubernetes.send_raw} and L{FakeKubernetes.end_watches}.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -154,6 +162,9 @@ class _API(Resource):
     def render_GET(self, request: server.Request) -> Any:
         return self._fake.render(request)
 
+    def render_POST(self, request: server.Request) -> Any:
+        return self._fake.render_post(request)
+
 
 class FakeKubernetes:
     """
@@ -163,7 +174,12 @@ class FakeKubernetes:
         dict of strings.
     @ivar garbage: collections whose lists answer invalid JSON.
     @ivar token: the bearer token required, or C{None}.
+    @ivar may_review: whether that token's user may create tokenreviews.
+    @ivar review_delay: seconds before a tokenreview is answered.
+    @ivar reviews: the C{spec} of every tokenreview received, in order.
     """
+
+    AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
     def __init__(self, reactor: Any, token: str | None = "s3cret-token"):
         self.reactor = reactor
@@ -179,6 +195,11 @@ class FakeKubernetes:
         self._port: Any = None
         self._factory: WrappingFactory | None = None
         self.port_number = 0
+        self.may_review = True
+        self.review_delay = 0.0
+        self.reviews: list[dict[str, Any]] = []
+        self._accounts: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        self._serial = 0
 
     # Serving
 
@@ -237,6 +258,85 @@ class FakeKubernetes:
             "metadata": {"resourceVersion": str(self.version)},
             "items": items,
         }).encode()
+
+    def render_post(self, request: server.Request) -> Any:
+        path = request.path.decode()
+        self.requests.append((path, {}))
+        if self.token is not None and request.getHeader("authorization") != f"Bearer {self.token}":
+            return self._error(request, status(401, "Unauthorized", "Unauthorized"))
+        if path != "/apis/authentication.k8s.io/v1/tokenreviews":
+            return self._error(request, status(405, "MethodNotAllowed", "the server does not allow this method"))
+        if not self.may_review:
+            return self._error(request, status(
+                403, "Forbidden", 'tokenreviews.authentication.k8s.io is forbidden: User '
+                '"system:serviceaccount:txmesh:pilot" cannot create resource "tokenreviews" in API group '
+                '"authentication.k8s.io" at the cluster scope'))
+        try:
+            review = json.loads(request.content.read())
+            spec = review["spec"]
+            token = spec["token"]
+        except (ValueError, KeyError, TypeError):
+            return self._error(request, status(400, "BadRequest", "not a TokenReview"))
+        self.reviews.append(spec)
+        answer = json.dumps({**review, "metadata": {"creationTimestamp": None},
+                             "status": self._review(token, spec.get("audiences") or [])}).encode()
+        request.setResponseCode(201)
+        request.setHeader("Content-Type", "application/json")
+        if not self.review_delay:
+            return answer
+
+        def later() -> None:
+            if not request.finished and not request._disconnected:
+                request.write(answer)
+                request.finish()
+
+        call = self.reactor.callLater(self.review_delay, later)
+        request.notifyFinish().addErrback(lambda _: call.cancel() if call.active() else None)
+        return server.NOT_DONE_YET
+
+    def _review(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        found = self._accounts.get(token)
+        if found is None:
+            return {"user": {}, "error": "[invalid bearer token, service account token is not valid]"}
+        namespace, name, token_audiences = found
+        granted = [a for a in audiences if a in token_audiences] if audiences else list(token_audiences)
+        if not granted:
+            return {"user": {}, "error": f"[invalid bearer token, token audiences {list(token_audiences)} is "
+                                         f"invalid for the target audiences {audiences}]"}
+        return {
+            "authenticated": True,
+            "user": {"username": f"system:serviceaccount:{namespace}:{name}", "uid": f"uid-sa-{namespace}-{name}",
+                     "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                "system:authenticated"]},
+            "audiences": granted,
+        }
+
+    def add_service_account_token(self, token: str, namespace: str, name: str,
+                                  audiences: tuple[str, ...] = (AUDIENCE,)) -> None:
+        """
+        Make C{token} valid, for service account C{namespace}/C{name}.
+        """
+        self._accounts[token] = (namespace, name, audiences)
+
+    def service_account_token(self, namespace: str, name: str, exp: float | None = None,
+                              audiences: tuple[str, ...] = (AUDIENCE,)) -> str:
+        """
+        @return: a new token shaped like a projected service-account token
+            (a JWT whose payload has C{exp}, C{sub} and C{aud}; the
+            signature is not a real one), valid here.
+        """
+        self._serial += 1
+
+        def part(obj: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        payload: dict[str, Any] = {"aud": list(audiences), "sub": f"system:serviceaccount:{namespace}:{name}",
+                                   "iss": self.AUDIENCE, "jti": str(self._serial)}
+        if exp is not None:
+            payload["exp"] = int(exp)
+        token = f"{part({'alg': 'RS256', 'kid': 'fake'})}.{part(payload)}.c2lnbmF0dXJl{self._serial}"
+        self.add_service_account_token(token, namespace, name, audiences)
+        return token
 
     def _error(self, request: server.Request, body: dict[str, Any]) -> bytes:
         request.setResponseCode(body["code"])

@@ -10,6 +10,8 @@ The C{txmesh} command: operator tools.
     txmesh apply -f FILE [--name NAME]
                                       validate Istio documents at the pilot and, if valid,
                                       make them its istio/NAME (default: FILE's base name)
+    txmesh cert create --config-dir DIR --spiffe-id ID --out DIR
+                                      a key and certificate from the mesh CA (an operator's)
     txmesh ca rotate --config-dir DIR  a new mesh root; the old one stays trusted (overlap)
     txmesh ca finish-rotation --config-dir DIR
                                       stop trusting the previous roots
@@ -37,6 +39,7 @@ from urllib.parse import quote
 import attrs
 import treq
 import yaml
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer, task
 from twisted.internet.error import TimeoutError as ConnectTimeout
 
@@ -142,12 +145,15 @@ class PilotClient:
     @ivar timeout: seconds to wait for an answer.
     @ivar http: a treq-like object (C{get(url, headers=, timeout=)}); by
         default the C{treq} module.
+    @ivar agent: the L{twisted.web.client.Agent} for an C{https} API (with
+        the mesh root and an operator's client certificate), or C{None}.
     """
 
     url: str
     token: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     http: Any = None
+    agent: Any = None
 
     def get(self, path: str) -> defer.Deferred:
         """
@@ -183,11 +189,13 @@ class PilotClient:
         if content_type is not None:
             headers[b"content-type"] = [content_type]
         url = self.url.rstrip("/") + path
+        extra = {"agent": self.agent} if self.agent is not None else {}
         try:
             if method == "GET":
-                response = yield http.get(url, headers=headers, timeout=self.timeout)
+                response = yield http.get(url, headers=headers, timeout=self.timeout, **extra)
             else:
-                response = yield http.request(method, url, data=body, headers=headers, timeout=self.timeout)
+                response = yield http.request(method, url, data=body, headers=headers, timeout=self.timeout,
+                                              **extra)
             content = yield response.content()
         except Exception as e:  # any transport failure means the same to the operator
             raise PilotAPIError(f"cannot reach the pilot at {self.url}: {_reason(e, self.timeout)}") from None
@@ -202,6 +210,8 @@ class PilotClient:
         error = error if isinstance(error, str) else str(error)
         if response.code == 401:
             hint = "the token was refused" if self.token else "it needs a token (--token or TXMESH_TOKEN)"
+            if "certificate" in error:
+                hint = error  # the pilot also takes operators' client certificates (--cert, --key)
             raise PilotAPIError(f"the pilot at {self.url} refused the request: {hint}", 401, error)
         raise PilotAPIError(f"{error or 'error'} ({response.code} from {url})", response.code, error)
 
@@ -472,6 +482,66 @@ def ca_command(command: str, config_dir: str, ca_dir: str | None, trust_domain: 
     return 0
 
 
+def operator_agent(cacert: str, cert: str | None, key: str | None) -> Any:
+    """
+    @return: an L{Agent} for an C{https} operator API: the pilot's
+        certificate must chain to C{cacert} and name the host; with C{cert}
+        and C{key}, the operator presents that client certificate.
+    @raise OSError: a file cannot be read.
+    @raise ValueError: a file is not PEM, or C{cert} without C{key}.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS, trustRootFromCertificates
+    from twisted.web.client import Agent
+    from twisted.web.iweb import IPolicyForHTTPS
+    from zope.interface import implementer
+
+    from txmesh.proxy.tls import load_certificates
+
+    with open(cacert, "rb") as f:
+        roots = [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in load_certificates(f.read(), "cacert")]
+    client = None
+    if cert or key:
+        if not (cert and key):
+            raise ValueError("give both --cert and --key")
+        with open(cert, "rb") as f, open(key, "rb") as g:
+            client = PrivateCertificate.loadPEM(g.read() + f.read())
+
+    @implementer(IPolicyForHTTPS)
+    class _Policy:
+        def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+            return optionsForClientTLS(hostname.decode("ascii"), trustRootFromCertificates(roots),
+                                       clientCertificate=client)
+
+    return Agent(reactor, contextFactory=_Policy())
+
+
+def cert_create(ca_dir: str, trust_domain: str, spiffe_id: str, out_dir: str, ttl: float, now: float,
+                out: Any = sys.stdout, err: Any = sys.stderr) -> int:
+    """
+    C{txmesh cert create}: a certificate from the mesh CA for a person or a
+    tool (an operator of the pilot's API, say), with its key made here.
+
+    @return: the exit code.
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from txmesh.pilot.ca import CAError, CertificateAuthority
+    from txmesh.proxy.workload_identity import WorkloadIdentity
+
+    when = datetime.fromtimestamp(now, timezone.utc)
+    try:
+        ca = CertificateAuthority.load_or_create(ca_dir, trust_domain, when)
+        identity = WorkloadIdentity(spiffe_id, out_dir)
+        chain = ca.sign_csr(identity.new_request(), spiffe_id, when, timedelta(seconds=ttl))
+        identity.install(chain, ca.trust_bundle_pem, now)
+    except (CAError, OSError, ValueError) as e:
+        err.write(f"txmesh cert create: {e}\n")
+        return 1
+    out.write(f"{spiffe_id}: {out_dir}/cert-chain.pem, {out_dir}/key.pem (0600), {out_dir}/root-cert.pem\n")
+    return 0
+
+
 # --- the command line ---------------------------------------------------------------
 
 
@@ -487,6 +557,12 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
                    help=f"the pilot's operator API (default: $TXMESH_PILOT or {DEFAULT_PILOT})")
     p.add_argument("--token", metavar="TOKEN", default=environ.get("TXMESH_TOKEN") or None,
                    help="bearer token of the operator API (default: $TXMESH_TOKEN)")
+    p.add_argument("--cacert", metavar="FILE", default=environ.get("TXMESH_CACERT") or None,
+                   help="for an https pilot: the mesh root to trust (default: $TXMESH_CACERT)")
+    p.add_argument("--cert", metavar="FILE", default=environ.get("TXMESH_CERT") or None,
+                   help="an operator's client certificate (txmesh cert create), PEM (default: $TXMESH_CERT)")
+    p.add_argument("--key", metavar="FILE", default=environ.get("TXMESH_KEY") or None,
+                   help="its private key, PEM (default: $TXMESH_KEY)")
     p.add_argument("--timeout", metavar="SECONDS", type=float, default=DEFAULT_TIMEOUT,
                    help=f"how long to wait for the pilot (default: {DEFAULT_TIMEOUT:g})")
     commands = p.add_subparsers(dest="command", required=True)
@@ -520,6 +596,14 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         cp.add_argument("--config-dir", required=True, metavar="DIR", help="the pilot's config directory")
         cp.add_argument("--ca-dir", metavar="DIR", help="the pilot's --ca-dir, if not DIR/ca")
         cp.add_argument("--trust-domain", default=None, help="default: the pilot's mesh.yaml, or cluster.local")
+    cert = commands.add_parser("cert", help="certificates from the mesh CA (on the pilot's host)")
+    cert_commands = cert.add_subparsers(dest="cert_command", required=True)
+    cc = cert_commands.add_parser("create", help="a key and certificate for a SPIFFE ID (an operator's, say)")
+    cc.add_argument("--config-dir", required=True, metavar="DIR", help="the pilot's config directory")
+    cc.add_argument("--ca-dir", metavar="DIR", help="the pilot's --ca-dir, if not DIR/ca")
+    cc.add_argument("--spiffe-id", required=True, help="e.g. spiffe://cluster.local/ns/istio-system/sa/operator")
+    cc.add_argument("--out", required=True, metavar="DIR", help="where to write key.pem, cert-chain.pem, root-cert.pem")
+    cc.add_argument("--ttl", default="24h", help="how long the certificate is valid (default: 24h)")
     t = commands.add_parser("token", help="join tokens for proxies (on the pilot's host)")
     token_commands = t.add_subparsers(dest="token_command", required=True)
     tc = token_commands.add_parser("create", help="print a join token bound to a namespace")
@@ -544,6 +628,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if not files:
             p.error("validate: name at least one FILE")
         return validate(files)
+    if args.command == "cert":
+        from txmesh.pilot.ca import parse_spiffe_id
+        from txmesh.pilot.channel_security import ca_directory
+
+        try:
+            trust_domain = parse_spiffe_id(args.spiffe_id)[0]
+            ttl = parse_duration(args.ttl)
+        except ValueError as e:
+            p.error(str(e))
+        return cert_create(args.ca_dir or ca_directory(args.config_dir), trust_domain, args.spiffe_id, args.out,
+                           ttl, time.time())
     if args.command == "ca":
         return ca_command(args.ca_command, args.config_dir, args.ca_dir, args.trust_domain, time.time())
     if args.command == "token":
@@ -559,7 +654,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                             ttl, time.time())
     if not args.pilot.startswith(("http://", "https://")):
         p.error(f"--pilot: {args.pilot!r} is not an http:// or https:// URL")
-    client = PilotClient(args.pilot, args.token, args.timeout)
+    agent = None
+    if args.pilot.startswith("https://"):
+        if not args.cacert:
+            p.error("--cacert FILE (the mesh root) is needed for an https pilot")
+        try:
+            agent = operator_agent(args.cacert, args.cert, args.key)
+        except (OSError, ValueError) as e:
+            p.error(f"--cacert/--cert/--key: {e}")
+    elif args.cert or args.key:
+        p.error("--cert/--key need an https:// --pilot")
+    client = PilotClient(args.pilot, args.token, args.timeout, agent=agent)
     if args.command == "proxy-status":
         return _run(lambda: proxy_status(client, output=args.output))
     if args.command == "proxy-config":

@@ -169,12 +169,15 @@ class PilotOptions(usage.Options):
         ["server-names", None, "", "Comma-separated extra DNS names / IP addresses for the pilot's "
          "certificate (localhost, 127.0.0.1, ::1, txmesh-pilot and the host name are always in)."],
         ["keepalive", None, "15,45", "Channel keepalive INTERVAL,TIMEOUT in seconds."],
+        ["api-admins", None, "", "With --api-tls: comma-separated SPIFFE IDs of operators whose client "
+         "certificate (txmesh cert create) is enough without the token."],
         ["audit-log", None, None, "Append a JSON line per refused proxy and per certificate decision to this "
          "file ('-': standard output)."],
         ["poll-interval", None, 0.2, "Seconds between checks of the config files.", float],
     ]
     optFlags = [
         ["insecure", None, "Plaintext channel admitting any proxy without a credential (development only)."],
+        ["api-tls", None, "Serve the operator API over TLS with the pilot's certificate (mesh CA)."],
     ]
     compData = usage.Completions(optActions={"config-dir": usage.CompleteDirs(), "ca-dir": usage.CompleteDirs()})
 
@@ -229,14 +232,21 @@ class PilotServiceMaker:
             if not options["insecure"]:
                 settings = load_pilot_settings(config_dir)
                 names = [n.strip() for n in options["server-names"].split(",") if n.strip()]
+                reviewer = None
+                if settings.kubernetes_auth is not None:
+                    from txmesh.pilot.token_review import reviewer_from_settings
+
+                    reviewer = reviewer_from_settings(settings.source, settings.kubernetes_auth, reactor)
                 security = load_channel_security(options["ca-dir"] or ca_directory(config_dir),
                                                  settings.mesh.trust_domain, reactor, names,
-                                                 timedelta(seconds=settings.workload_cert_ttl))
+                                                 timedelta(seconds=settings.workload_cert_ttl), reviewer)
             audit = AuditLog.open(options["audit-log"]) if options["audit-log"] else None
             return PilotService(
                 config_dir, reactor, options["listen"], options["api"],
                 poll_interval=options["poll-interval"], security=security,
                 api_token=options["api-token"], keepalive=options["keepalive"], audit=audit,
+                api_tls=bool(options["api-tls"]),
+                api_admins=tuple(a.strip() for a in options["api-admins"].split(",") if a.strip()),
             )
         except (ConfigError, CAError, ValueError, OSError) as e:
             raise SystemExit(f"txmesh-pilot: {e}") from None

@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from txmesh.config.errors import ConfigError
+from txmesh.identity import certificate_identity
 from txmesh.pilot.documents import load_istio_documents
 
 if TYPE_CHECKING:
@@ -487,7 +488,8 @@ class OperatorAPI(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, pilot: PilotService, token: str | None = None, max_body: int = MAX_BODY_BYTES):
+    def __init__(self, pilot: PilotService, token: str | None = None, max_body: int = MAX_BODY_BYTES,
+                 admins: tuple[str, ...] = ()):
         """
         @param pilot: the pilot to show and change.
         @param token: the bearer token every request must carry, or C{None}
@@ -497,6 +499,7 @@ class OperatorAPI(Resource):
         super().__init__()
         self._pilot = pilot
         self._token = token.encode("utf-8") if token else None
+        self._admins = tuple(admins)
         self._check = ConfigCheck(pilot)
         self.max_body = max_body
 
@@ -508,7 +511,25 @@ class OperatorAPI(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body, indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
+    def _operator(self, request: Any) -> str | None:
+        """
+        @return: the SPIFFE ID of the request's verified client certificate
+            when it is one of the operators', else C{None}.
+        """
+        if not self._admins:
+            return None
+        get = getattr(request.channel.transport, "getPeerCertificate", None) if request.channel else None
+        certificate = get() if get is not None else None
+        identity = certificate_identity(certificate) if certificate is not None else None
+        return identity if identity in self._admins else None
+
     def _authorize(self, request: Any) -> None:
+        if self._operator(request) is not None:
+            return
+        if self._token is None and self._admins:
+            raise _HTTPError(401, {"error": "this pilot needs an operator's client certificate (one of "
+                                            f"{', '.join(self._admins)}) or a bearer token"},
+                             {b"www-authenticate": b'Bearer realm="txmesh-pilot"'})
         if self._token is None:
             return
         header = request.getHeader(b"authorization") or b""
@@ -747,7 +768,7 @@ def loopback_only(listen: str) -> tuple[bool, str]:
     return True, ""
 
 
-def operator_site(pilot: PilotService, listen: str, token: str | None) -> Site:
+def operator_site(pilot: PilotService, listen: str, token: str | None, admins: tuple[str, ...] = ()) -> Site:
     """
     Build the operator API's site.
 
@@ -756,15 +777,18 @@ def operator_site(pilot: PilotService, listen: str, token: str | None) -> Site:
         checked here, not listened on).
     @param token: the bearer token every request must carry, or C{None}
         (an empty string is the same) for an open API.
+    @param admins: SPIFFE IDs of operators whose client certificate (over
+        TLS, verified against the mesh trust bundle by the caller's TLS
+        options) is enough without the token.
     @return: a L{Site} serving L{OperatorAPI}.
     @raise ValueError: C{token} is missing and C{listen} does not bind only
         to loopback (the reason says why, e.g. no C{interface=}).
     """
-    if not token:
+    if not token and not admins:
         ok, why = loopback_only(listen)
         if not ok:
             raise ValueError(f"operator API without a token must listen on loopback only: {why}; "
-                             f"give it a token or an interface=127.0.0.1")
-    site = Site(OperatorAPI(pilot, token))
+                             f"give it a token, operators' certificates, or an interface=127.0.0.1")
+    site = Site(OperatorAPI(pilot, token, admins=tuple(admins)))
     site.requestFactory = OperatorRequest
     return site

@@ -1,7 +1,9 @@
 """
 How the pilot protects its channel: TLS with a certificate from the mesh CA
 (L{txmesh.pilot.ca}), and a join token (L{txmesh.pilot.tokens}) in every
-proxy's L{Hello}, bound to the proxy's namespace.
+proxy's L{Hello}, bound to the proxy's namespace; or, when C{mesh.yaml} has
+C{kubernetes_auth}, the pod's Kubernetes service-account token, checked by
+the API server (L{txmesh.pilot.token_review}).
 
     CONFIG_DIR/ca/root-cert.pem   the mesh root: what proxies trust (pilot.ca_file)
     CONFIG_DIR/ca/root-key.pem    its key (0600), or ca-key.pem/ca-cert.pem from the operator
@@ -19,7 +21,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from txmesh.identity import requested_identity
 from txmesh.pilot.ca import (
@@ -31,7 +35,8 @@ from txmesh.pilot.ca import (
     spiffe_id,
 )
 from txmesh.pilot.messages import Hello
-from txmesh.pilot.tokens import InvalidCredential, TokenAuthority, UsedTokens, load_or_create_key
+from txmesh.pilot.token_review import ServiceAccount, TokenReviewer, TokenReviewError
+from txmesh.pilot.tokens import TOKEN_PREFIX, InvalidCredential, TokenAuthority, UsedTokens, load_or_create_key
 
 TOKEN_KEY_FILE = "token.key"
 USED_TOKENS_FILE = "used-tokens"
@@ -87,7 +92,9 @@ class ChannelSecurity:
 
     A proxy proves who it is with a workload certificate from this CA (the
     TLS client certificate, checked against the mesh root) or, before it
-    has one, with a join token, good once.  Either names its identity
+    has one, with a join token, good once, or (with a C{reviewer}) with its
+    pod's Kubernetes service-account token, good until it expires.  Each
+    names its identity
     C{spiffe://<trust domain>/ns/<namespace>/sa/<service account>}, which
     is the only identity the pilot signs for that channel.
 
@@ -98,6 +105,9 @@ class ChannelSecurity:
     @ivar ca: signs workload certificates.
     @ivar used_tokens: the join tokens already used.
     @ivar workload_ttl: the lifetime of workload certificates.
+    @ivar server_names: the extra names of the pilot's certificate.
+    @ivar reviewer: checks Kubernetes service-account tokens with the API
+        server, or C{None} to accept join tokens only.
     """
 
     server_options: Any
@@ -107,6 +117,7 @@ class ChannelSecurity:
     used_tokens: UsedTokens
     workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL
     server_names: tuple[str, ...] = ()
+    reviewer: TokenReviewer | None = None
 
     def reload(self) -> ChannelSecurity:
         """
@@ -117,7 +128,7 @@ class ChannelSecurity:
             using this one.
         """
         return load_channel_security(self.ca.directory, self.ca.trust_domain, self.clock, self.server_names,
-                                     self.workload_ttl)
+                                     self.workload_ttl, self.reviewer)
 
     def ca_signature(self) -> object:
         """
@@ -141,14 +152,18 @@ class ChannelSecurity:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
 
-    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission:
+    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission | Deferred[Admission]:
         """
         Decide on a proxy's hello.
 
         @param peer_identity: the SPIFFE ID of the client certificate the
             proxy presented (already verified against the mesh root by
             TLS), or C{None}.
-        @return: the proxy's identity, or why it is refused.
+        @return: the proxy's identity, or why it is refused; a Deferred of
+            that when the credential is a service-account token the API
+            server has to review (it never fails with a refusal: a token
+            the API server rejects, or an API server out of reach, is an
+            L{Admission} with a C{refusal}).
         """
         namespace = hello.node.namespace
         if peer_identity is not None:
@@ -164,12 +179,20 @@ class ChannelSecurity:
                                          f"{cert_namespace!r}, but the proxy says it is in {namespace!r}")
             return Admission(identity=peer_identity)
         if not hello.credential:
-            return Admission(refusal="no credential: the proxy needs a join token (txmesh token create) "
+            also = ", a Kubernetes service-account token" if self.reviewer is not None else ""
+            return Admission(refusal=f"no credential: the proxy needs a join token (txmesh token create){also} "
                                      "or a workload certificate")
+        is_join_token = hello.credential.startswith(TOKEN_PREFIX + ".")
+        if not is_join_token and self.reviewer is not None:
+            return self._review(hello.credential, namespace)
         now = self.clock.seconds()
         try:
             claims = self.tokens.verify(hello.credential, now)
         except InvalidCredential as e:
+            if not is_join_token and hello.credential.count(".") == 2:
+                return Admission(refusal="invalid credential: not a join token but a JWT (a Kubernetes "
+                                         "service-account token?), which this pilot accepts only with "
+                                         "kubernetes_auth in its mesh.yaml")
             return Admission(refusal=f"invalid credential: {e}")
         if claims.namespace != namespace:
             return Admission(refusal=f"the credential is for namespace {claims.namespace!r}, but the proxy "
@@ -178,6 +201,28 @@ class ChannelSecurity:
             return Admission(refusal=f"join token {claims.token_id} was used already; a join token is good "
                                      "once (the proxy then authenticates with its workload certificate)")
         return Admission(identity=spiffe_id(self.ca.trust_domain, claims.namespace, claims.service_account))
+
+    def _review(self, token: str, namespace: str) -> Deferred[Admission]:
+        """
+        Have the API server review a service-account token; its namespace
+        must be the one the proxy's node names.
+        """
+
+        def reviewed(account: ServiceAccount) -> Admission:
+            if account.namespace != namespace:
+                return Admission(refusal=f"the service-account token is for namespace {account.namespace!r}, "
+                                         f"but the proxy says it is in {namespace!r}")
+            try:
+                return Admission(identity=spiffe_id(self.ca.trust_domain, account.namespace, account.name))
+            except ValueError as e:
+                return Admission(refusal=f"service account {account.namespace}/{account.name}: {e}")
+
+        def refused(failure: Failure) -> Admission:
+            failure.trap(TokenReviewError)
+            return Admission(refusal=failure.value.reason)
+
+        assert self.reviewer is not None
+        return self.reviewer.review(token).addCallbacks(reviewed, refused)
 
     def sign(self, csr_pem: bytes, identity: str) -> tuple[bytes, bytes]:
         """
@@ -231,6 +276,7 @@ def load_channel_security(
     clock: IReactorTime,
     server_names: Iterable[str] = (),
     workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+    reviewer: TokenReviewer | None = None,
 ) -> ChannelSecurity:
     """
     Load (or create) the CA in C{ca_dir} and issue the pilot a serving
@@ -239,6 +285,8 @@ def load_channel_security(
     @param server_names: extra DNS names and IP addresses the pilot is
         reached by (the defaults and the host name are always in).
     @param workload_ttl: the lifetime of the workload certificates it signs.
+    @param reviewer: checks Kubernetes service-account tokens, or C{None}
+        (join tokens only).
     @raise txmesh.pilot.ca.CAError: the CA directory is unusable.
     """
     now = datetime.fromtimestamp(clock.seconds(), timezone.utc)
@@ -247,4 +295,5 @@ def load_channel_security(
     issued = ca.issue_server_certificate(dns_names, ips, now, SERVER_CERT_TTL)
     options = server_tls_options(issued, ca.trust_bundle_pem, require_client_certificate=False)
     return ChannelSecurity(options, token_authority(ca_dir), clock, ca,
-                           UsedTokens(os.path.join(ca_dir, USED_TOKENS_FILE)), workload_ttl, tuple(server_names))
+                           UsedTokens(os.path.join(ca_dir, USED_TOKENS_FILE)), workload_ttl, tuple(server_names),
+                           reviewer)

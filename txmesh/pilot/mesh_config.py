@@ -15,6 +15,11 @@ start.
       - {type: dns, names: [{host: db.example.com, port: 5432, kind: A}]}
       - {type: etcd, endpoints: ["http://127.0.0.1:2379"], prefix: /txmesh/services/}
       - {type: kubernetes, api: "https://10.0.0.1:443", token_file: ..., ca_file: ...}
+    kubernetes_auth:                     # accept service-account tokens in hellos (optional)
+      api: https://kubernetes.default.svc                              # the default
+      token_file: /var/run/secrets/kubernetes.io/serviceaccount/token  # the pilot's own (https default)
+      ca_file: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt    # (https default)
+      audiences: [txmesh-pilot]          # optional: the audiences a token must be for
 
 Without the file (or without C{registries}) the pilot reads service
 registrations from C{CONFIG_DIR/services/} when that directory exists.
@@ -62,12 +67,34 @@ class PilotSettings:
     @ivar source: the file read, or C{None} when there is none.
     @ivar workload_cert_ttl: seconds a workload certificate lasts (proxies
         renew at half-life); at least a minute.
+    @ivar kubernetes_auth: how to check Kubernetes service-account tokens,
+        or C{None} when the pilot accepts only join tokens.
     """
 
     mesh: MeshConfig
     registries: tuple[tuple[str, Mapping[str, Any]], ...]
     source: str | None = None
     workload_cert_ttl: float = 24 * 3600.0
+    kubernetes_auth: KubernetesAuth | None = None
+
+
+@attrs.frozen
+class KubernetesAuth:
+    """
+    C{mesh.yaml}'s C{kubernetes_auth}: the API server the pilot sends
+    C{TokenReview}s to (see L{txmesh.pilot.token_review}).
+
+    @ivar api: its base URL.
+    @ivar token_file: the pilot's own bearer token file, or C{None}.
+    @ivar ca_file: the certificates to trust for an C{https} api, or C{None}.
+    @ivar audiences: the audiences a proxy's token must be for (empty: the
+        API server's own).
+    """
+
+    api: str
+    token_file: str | None = None
+    ca_file: str | None = None
+    audiences: tuple[str, ...] = ()
 
 
 def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> PilotSettings:
@@ -104,8 +131,39 @@ def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> 
             registries.append((field, body))
     else:
         registries = list(default_registries)
+    auth_section = top.sub("kubernetes_auth") if "kubernetes_auth" in top.value else None
+    if "kubernetes_auth" in top.value and auth_section is None:
+        auth_section = Section(path, "kubernetes_auth", {})  # "kubernetes_auth:" alone: every default
+    auth = _kubernetes_auth(auth_section, config_dir) if auth_section is not None else None
     top.done()
-    return PilotSettings(attrs.evolve(mesh, **changes), tuple(registries), path, ttl)
+    return PilotSettings(attrs.evolve(mesh, **changes), tuple(registries), path, ttl, auth)
+
+
+def _kubernetes_auth(section: Section, config_dir: str) -> KubernetesAuth:
+    from txmesh.pilot.registry.kubernetes import IN_CLUSTER_API, IN_CLUSTER_CA, IN_CLUSTER_TOKEN, _url
+
+    api = section.get("api", _url, default=IN_CLUSTER_API)
+    https = api.startswith("https:")
+
+    def path(value: Any) -> str:
+        return os.path.join(config_dir, values.string(value))
+
+    token_file = section.get("token_file", path, default=IN_CLUSTER_TOKEN if https else None)
+    ca_file = section.get("ca_file", path, default=IN_CLUSTER_CA if https else None)
+    if ca_file is not None and not https:
+        raise section.error(f"only used with an https api, and api is {api}", section.field("ca_file"))
+    audiences = section.get("audiences", _audiences, default=())
+    section.done()
+    return KubernetesAuth(api, token_file, ca_file, audiences)
+
+
+def _audiences(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of audience names, got {values.kind_of(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"audiences are non-empty strings, got {item!r}")
+    return tuple(dict.fromkeys(value))
 
 
 def _certificate_ttl(value: Any) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -62,13 +63,16 @@ class PilotBackend(TypingProtocol):
         Forget a channel that closed.
         """
 
-    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission:
+    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission | Deferred[Admission]:
         """
         Check a proxy's hello (its credential or client certificate, for its
         node).
 
         @param peer_identity: the SPIFFE ID of the verified client
             certificate, or C{None}.
+        @return: the decision, or a Deferred of it when it takes a network
+            round trip (a service-account token reviewed by the Kubernetes
+            API); the channel cancels it if the proxy leaves first.
         """
 
     def sign(self, channel: PilotChannelProtocol, request: CertificateRequest) -> Message:
@@ -123,12 +127,17 @@ class PilotChannelProtocol(Protocol):
     @ivar snapshot: the newest snapshot for it (pushed, or already held).
     @ivar applied: resource type to the version the proxy has applied, as
         far as the pilot knows (from its hello, then from its ACKs).
-    @ivar identity: the SPIFFE ID the proxy proved (join token or client
-        certificate), the only one signed for it; C{None} on a plaintext
-        pilot.
+    @ivar identity: the SPIFFE ID the proxy proved (join token,
+        service-account token or client certificate), the only one signed
+        for it; C{None} on a plaintext pilot.
+
+    While the backend decides on the hello asynchronously, the messages
+    that follow it are queued (at most L{MAX_QUEUED}) and handled in order
+    once the proxy is admitted; they are dropped if it is refused.
     """
 
     log = Logger()
+    MAX_QUEUED = 64
 
     def __init__(self, backend: PilotBackend, clock: IReactorTime, keepalive: tuple[float, float] | None = None):
         """
@@ -145,6 +154,8 @@ class PilotChannelProtocol(Protocol):
         self._nonces = 0
         self._closing = False
         self._registered = False
+        self._authenticating: Deferred[Admission] | None = None
+        self._queued: list[Any] = []
         self._sent: dict[str, str] = {}
         self._in_flight: dict[str, str] = {}
         self.node: Node | None = None
@@ -187,9 +198,22 @@ class PilotChannelProtocol(Protocol):
             for message in received:
                 if self._closing:
                     return
+                if self._authenticating is not None:
+                    self._queue(message)
+                    continue
                 self._handle(message)
         except ChannelProtocolError as e:
             self._close(e.reason)
+
+    def _queue(self, message: Any) -> None:
+        """
+        Keep a message that came while the hello is being decided.
+        """
+        if isinstance(message, Hello):
+            raise ChannelProtocolError("hello sent twice")
+        if len(self._queued) >= self.MAX_QUEUED:
+            raise ChannelProtocolError(f"more than {self.MAX_QUEUED} messages before the hello was answered")
+        self._queued.append(message)
 
     def _handle(self, message: Any) -> None:
         if self.sync is None:
@@ -233,6 +257,48 @@ class PilotChannelProtocol(Protocol):
             self._refuse(f"protocol version {hello.protocol_version} is not spoken here (only {PROTOCOL_VERSION})")
             return
         admission = self._backend.authenticate(hello, self._peer_identity())
+        if isinstance(admission, Deferred):
+            self._authenticating = admission
+            admission.addCallbacks(self._decided, self._undecided, callbackArgs=(hello,))
+            admission.addErrback(self._crashed)
+            return
+        self._admit(hello, admission)
+
+    def _decided(self, admission: Admission, hello: Hello) -> None:
+        """
+        The backend decided on the hello: admit or refuse the proxy, then
+        handle what it sent meanwhile.
+        """
+        self._authenticating = None
+        queued, self._queued = self._queued, []
+        if self._closing:
+            return
+        self._admit(hello, admission)
+        try:
+            for message in queued:
+                if self._closing or self.sync is None:
+                    return
+                self._handle(message)
+        except ChannelProtocolError as e:
+            self._close(e.reason)
+
+    def _undecided(self, failure: Failure) -> None:
+        """
+        The backend could not decide on the hello: refuse the proxy.
+        """
+        self._authenticating = None
+        self._queued = []
+        if failure.check(CancelledError) or self._closing:
+            return
+        self.log.failure("could not check the hello of {peer}", failure, peer=self._peer())
+        self._refuse(f"the pilot could not check the credential: {failure.getErrorMessage() or failure.type.__name__}")
+
+    def _crashed(self, failure: Failure) -> None:
+        self.log.failure("pilot channel from {peer}: error after the hello", failure, peer=self._peer())
+        if not self._closing:
+            self._close("internal error")
+
+    def _admit(self, hello: Hello, admission: Admission) -> None:
         if admission.refusal is not None:
             self._refuse(admission.refusal)
             return
@@ -277,8 +343,14 @@ class PilotChannelProtocol(Protocol):
         return True
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self._closing = True
         if self._keepalive is not None:
             self._keepalive.stop()
+        pending, self._authenticating = self._authenticating, None
+        if pending is not None:
+            # The proxy left before its hello was decided: stop asking.
+            self._queued = []
+            pending.cancel()
         if self._registered:
             self._registered = False
             self._backend.unregister(self)

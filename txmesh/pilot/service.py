@@ -32,6 +32,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txmesh.config.errors import ConfigError
 from txmesh.observability.audit import AuditLog, AuditRecord
@@ -99,6 +100,8 @@ class PilotService(Service):
         api_token: str | None = None,
         keepalive: tuple[float, float] | None = (15.0, 45.0),
         audit: AuditLog | None = None,
+        api_tls: bool = False,
+        api_admins: tuple[str, ...] = (),
     ):
         """
         @param config_dir: the directory holding C{mesh.yaml}, C{istio/} and
@@ -118,6 +121,11 @@ class PilotService(Service):
             in seconds, or C{None}.
         @param audit: where refused proxies and every certificate decision
             are recorded, or C{None}.
+        @param api_tls: serve the operator API over TLS with the pilot's
+            certificate (needs C{security}); clients may present a
+            certificate from the mesh CA.
+        @param api_admins: SPIFFE IDs of operators whose client certificate
+            is enough without the token (with C{api_tls}).
         @raise ConfigError: C{mesh.yaml} is invalid.
         @raise ValueError: C{api} listens beyond loopback and no
             C{api_token} is given.
@@ -129,7 +137,13 @@ class PilotService(Service):
         self._api_token = api_token
         # Built now so that an API open beyond loopback without a token is
         # refused before anything starts.
-        self._site = operator_site(self, api, api_token) if api is not None else None
+        if (api_tls or api_admins) and security is None:
+            raise ValueError("--api-tls and operators' certificates need the pilot's CA (not --insecure)")
+        if api_admins and not api_tls:
+            raise ValueError("operators' certificates (--api-admins) need --api-tls")
+        self._api_tls = api_tls
+        self._api_tls_factory: TLSListenerFactory | None = None
+        self._site = operator_site(self, api, api_token, tuple(api_admins)) if api is not None else None
         self._poll_interval = poll_interval
         self._istio_dir = os.path.join(config_dir, "istio")
         self.security = security
@@ -249,8 +263,9 @@ class PilotService(Service):
             self.log.error("the CA directory changed but cannot be used, keeping the old CA: {error}", error=str(e))
             return
         self.security = security
-        if self._tls_factory is not None:
-            self._tls_factory.set_options(security.server_options)
+        for factory in (self._tls_factory, self._api_tls_factory):
+            if factory is not None:
+                factory.set_options(security.server_options)
         self.log.info("CA reloaded: trust bundle of {n} root(s)", n=1 + len(security.ca.previous_roots))
         self._schedule()
 
@@ -282,17 +297,33 @@ class PilotService(Service):
             self.channels.remove(channel)
             self.log.info("proxy {node} disconnected", node=channel.node.id)
 
-    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission:
+    def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission | defer.Deferred[Admission]:
         """
         @return: the identity of the proxy saying C{hello}, or why it is
             refused; a plaintext pilot admits everyone without an identity.
+            A Deferred of that when the credential is a Kubernetes
+            service-account token (the API server reviews it); it fails
+            only if cancelled.
         """
         if self.security is None:
             return Admission()
+
+        def audited(admission: Admission) -> Admission:
+            if admission.refusal is not None:
+                self._audit("HELLO", hello.node.id, peer_identity, "DENY", admission.refusal)
+            return admission
+
+        def failed(failure: Failure) -> Admission | Failure:
+            if failure.check(defer.CancelledError):
+                return failure  # the proxy left before the answer
+            self.log.failure("checking the credential of proxy {node} failed", failure, node=hello.node.id)
+            return audited(Admission(refusal=f"the pilot could not check the credential: "
+                                             f"{failure.getErrorMessage() or failure.type.__name__}"))
+
         admission = self.security.authenticate(hello, peer_identity)
-        if admission.refusal is not None:
-            self._audit("HELLO", hello.node.id, peer_identity, "DENY", admission.refusal)
-        return admission
+        if isinstance(admission, defer.Deferred):
+            return admission.addCallbacks(audited, failed)
+        return audited(admission)
 
     def _audit(self, what: str, node: str, principal: str | None, decision: str, reason: str) -> None:
         """
@@ -364,7 +395,10 @@ class PilotService(Service):
             self.log.warn("the pilot channel is plaintext and admits any proxy (--insecure): development only")
         self.channel_port = yield serverFromString(self._reactor, self._listen).listen(factory)
         if self._site is not None:
-            self.api_port = yield serverFromString(self._reactor, self._api).listen(self._site)
+            site: Any = self._site
+            if self._api_tls:
+                site = self._api_tls_factory = TLSListenerFactory(self.security.server_options, site, self._reactor)
+            self.api_port = yield serverFromString(self._reactor, self._api).listen(site)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
