@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import tempfile
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -152,6 +154,20 @@ class JwtFilterTests(SynchronousTestCase):
     def test_malformed(self) -> None:
         response = self.harness().request("GET", "/books", headers=self.bearer("not-a-jwt"))
         self.assertDenied(response, 401, b"Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")
+
+    def test_refusals_audited(self) -> None:
+        fd, path = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+        self.addCleanup(os.remove, path)
+        h = self.harness(audit={"path": path})
+        response = h.request("GET", "/books?x=1", headers=self.bearer("not-a-jwt"))
+        self.assertEqual(response.status, 401)
+        self.assertEqual(h.request("GET", "/books").status, 200)  # no token: nothing to refuse
+        with open(path) as f:
+            [record] = [json.loads(line) for line in f]
+        self.assertEqual((record["decision"], record["policy"], record["method"], record["path"]),
+                         ("DENY", "jwt", "GET", "/books"))
+        self.assertIn("Header.Payload.Signature", record["reason"])
 
     def test_alg_none(self) -> None:
         h, p, _ = token().split(".")

@@ -643,6 +643,14 @@ class ZeroTrustTests(SynchronousTestCase):
         snapshot, _ = zero_trust([authz("db", "shop", {"app": "db"})])
         self.assertNotIn("http_filters", inbound_of(snapshot))
 
+    def test_audit_log_setting_reaches_the_filters(self) -> None:
+        path = self.mktemp()
+        snapshot, config = zero_trust([authz("ns", "shop", action="DENY")], audit_log=path)
+        [f] = inbound_of(snapshot)["http_filters"]
+        self.assertEqual(f["config"]["audit"], {"path": path})
+        [inbound] = [x for x in config.listeners if x.name == "inbound"]
+        self.assertIsNotNone(inbound.http_filters[0].config.audit)
+
     def test_request_authentication(self) -> None:
         """
         The RequestAuthentications that apply give a jwt filter before the

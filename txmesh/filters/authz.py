@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from txmesh.config.errors import ConfigError, FilterConfigError
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory, LocalReply
-from txmesh.observability.audit import AuditLog, AuditRecord
+from txmesh.observability.audit import AuditLog, AuditLogs, AuditRecord
 from txmesh.policy.authorization import AUDIT, DENY, Decision, Policy, RequestAttributes, evaluate
 from txmesh.policy.istio_security import from_native
 from txmesh.proxy.stream import RequestHead, ResponseFlag
@@ -212,20 +212,7 @@ class AuthzFactory:
     name = "authz"
 
     def __init__(self) -> None:
-        # One AuditLog per path, shared by every config that names it (each
-        # reload parses the config again; it must not open the file again).
-        self._audit_logs: dict[str, AuditLog] = {}
-
-    def audit_log(self, path: str) -> AuditLog:
-        """
-        @return: the audit log writing to C{path} (C{"-"}: standard output),
-            opened on first use.
-        @raise OSError: if the file cannot be opened.
-        """
-        log = self._audit_logs.get(path)
-        if log is None:
-            log = self._audit_logs[path] = AuditLog.open(path)
-        return log
+        self._audit_logs = AuditLogs()
 
     def parse_config(self, raw: Mapping[str, Any]) -> AuthzConfig:
         """
@@ -251,21 +238,7 @@ class AuthzFactory:
         trusted = raw.get("num_trusted_proxies", 0)
         if isinstance(trusted, bool) or not isinstance(trusted, int) or trusted < 0:
             raise FilterConfigError("num_trusted_proxies", f"expected a whole number >= 0, got {trusted!r}")
-        audit = None
-        if raw.get("audit") is not None:
-            section = raw["audit"]
-            if not isinstance(section, Mapping):
-                raise FilterConfigError("audit", "expected a mapping like {path: FILE}")
-            for key in section:
-                if key != "path":
-                    raise FilterConfigError(f"audit.{key}", "unknown field (expected: path)")
-            path = section.get("path")
-            if not isinstance(path, str) or not path:
-                raise FilterConfigError("audit.path", "expected a file name, or '-' for standard output")
-            try:
-                audit = self.audit_log(path)
-            except OSError as e:
-                raise FilterConfigError("audit.path", f"cannot open {path}: {e.strerror}") from None
+        audit = self._audit_logs.from_config(raw.get("audit"))
         return AuthzConfig(tuple(policies), audit, trusted)
 
     def create_filter(self, config: AuthzConfig | None, stream: Any) -> AuthzFilter | HTTPFilter:

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import FilterConfigError
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory, LocalReply
+from txmesh.observability.audit import AuditLog, AuditLogs, AuditRecord
 from txmesh.policy.jwks import (
     DEFAULT_FETCH_TIMEOUT,
     DEFAULT_MIN_REFETCH_INTERVAL,
@@ -87,7 +88,7 @@ MAX_REALM_PATH = 256
 The longest path put in the C{www-authenticate} realm (as Envoy).
 """
 
-_FIELDS = ("rules", "clock_skew", "jwks_cache_duration", "jwks_fetch_timeout")
+_FIELDS = ("rules", "clock_skew", "jwks_cache_duration", "jwks_fetch_timeout", "audit")
 _RULE_FIELDS = (
     "issuer", "audiences", "jwks_uri", "jwks", "jwks_file", "from_headers", "from_params",
     "output_payload_to_header", "output_claim_to_headers", "forward_original_token",
@@ -117,6 +118,7 @@ class JwtAuthnConfig:
         waits for the first one.
     @ivar output_headers: every header some rule writes; removed from every
         request so a client cannot forge them.
+    @ivar audit: where refused tokens are recorded, or C{None}.
     """
 
     rules: tuple[ConfiguredRule, ...]
@@ -124,6 +126,7 @@ class JwtAuthnConfig:
     cache_duration: float = DEFAULT_REFRESH_INTERVAL
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     output_headers: frozenset[bytes] = frozenset()
+    audit: AuditLog | None = attrs.field(default=None, eq=False)
 
 
 class JwtAuthnFilter(HTTPFilter):
@@ -252,11 +255,32 @@ class JwtAuthnFilter(HTTPFilter):
             "jwt: {request_id} denied: {error}",
             request_id=self._stream.request_id, error=str(error),
         )
+        if self._config is not None and self._config.audit is not None:
+            self._audit(head, error)
         path = head.path_only[:MAX_REALM_PATH]
         realm = b'Bearer realm="' + head.scheme + b"://" + head.authority + path + b'", error="invalid_token"'
         return LocalReply(
             error.status, error.reason.encode("utf-8"), headers=((b"www-authenticate", realm),),
         )
+
+    def _audit(self, head: RequestHead, error: JwtError) -> None:
+        stream = self._stream
+        peer = stream.downstream_address
+        request_id = stream.request_id
+        self._config.audit.write(AuditRecord(
+            time=stream.clock.seconds(),
+            source_principal=stream.downstream_principal,
+            source_ip=getattr(peer, "host", None),
+            host=head.authority.decode("latin-1"),
+            port=stream.downstream_port,
+            method=head.method.decode("latin-1"),
+            path=head.path_only.decode("latin-1"),
+            policy="jwt",
+            decision="DENY",
+            action=None,
+            request_id=request_id.decode("latin-1") if isinstance(request_id, bytes) else request_id,
+            reason=error.reason,
+        ))
 
     def stream_complete(self) -> None:
         d, self._pending = self._pending, None
@@ -298,6 +322,7 @@ class JwtAuthnFactory:
         self._clock = clock
         self._min_refetch_interval = min_refetch_interval
         self._sources: dict[tuple[str, float, float], RemoteJwks] = {}
+        self._audit_logs = AuditLogs()
 
     def parse_config(self, raw: Mapping[str, Any]) -> JwtAuthnConfig:
         """
@@ -320,6 +345,7 @@ class JwtAuthnFactory:
             cache_duration=_duration(raw, "jwks_cache_duration", DEFAULT_REFRESH_INTERVAL),
             fetch_timeout=_duration(raw, "jwks_fetch_timeout", DEFAULT_FETCH_TIMEOUT),
             output_headers=frozenset(output),
+            audit=self._audit_logs.from_config(raw.get("audit")),
         )
 
     def create_filter(self, config: JwtAuthnConfig | None, stream: Any) -> JwtAuthnFilter:

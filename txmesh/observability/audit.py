@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+from collections.abc import Mapping
 from typing import IO, Any
 
 import attrs
@@ -126,3 +127,50 @@ class AuditLog:
         """
         if self._owned:
             self._output.close()
+
+
+class AuditLogs:
+    """
+    The audit logs filters write to, one per path, shared by every config
+    that names it: a reload parses filter configs again and must not open
+    the file again.
+    """
+
+    def __init__(self) -> None:
+        self._logs: dict[str, AuditLog] = {}
+
+    def get(self, path: str) -> AuditLog:
+        """
+        @return: the audit log writing to C{path} (C{"-"}: standard output),
+            opened on first use.
+        @raise OSError: if the file cannot be opened.
+        """
+        log = self._logs.get(path)
+        if log is None:
+            log = self._logs[path] = AuditLog.open(path)
+        return log
+
+    def from_config(self, section: Any) -> AuditLog | None:
+        """
+        Read a filter config's C{audit} section: C{{path: FILE}} or C{{path:
+        "-"}}; C{None} for no audit log.
+
+        @raise FilterConfigError: naming C{audit.path} or the unknown field.
+        """
+        from txmesh.config.errors import FilterConfigError
+
+        if section is None:
+            return None
+        if not isinstance(section, Mapping):
+            raise FilterConfigError("audit", "expected a mapping like {path: FILE}")
+        for key in section:
+            if key != "path":
+                raise FilterConfigError(f"audit.{key}", "unknown field (expected: path)")
+        path = section.get("path")
+        if not isinstance(path, str) or not path:
+            raise FilterConfigError("audit.path", "expected a file name, or '-' for standard output")
+        try:
+            return self.get(path)
+        except OSError as e:
+            raise FilterConfigError("audit.path", f"cannot open {path}: {e.strerror}") from None
+

@@ -10,6 +10,8 @@ start.
     app_host: 127.0.0.1
     admin_address: "tcp:15000:interface=127.0.0.1"
     workload_cert_ttl: 24h               # proxies renew at half-life; at least 1m
+    root_namespace: istio-system         # security policies here apply mesh-wide
+    audit_log: /var/log/txmesh/audit.log # where proxies' authz/jwt filters audit ("-": stdout)
     registries:                          # discovery sources, merged in this order
       - {type: file, path: services}     # the default when the key is absent
       - {type: dns, names: [{host: db.example.com, port: 5432, kind: A}]}
@@ -52,6 +54,8 @@ _MESH_FIELDS: dict[str, Callable[[Any], Any]] = {
     "inbound_address": values.string,
     "app_host": values.string,
     "admin_address": values.server_endpoint,
+    "root_namespace": values.string,
+    "audit_log": values.string,
 }
 
 

@@ -132,6 +132,9 @@ class MeshConfig:
         not applied, with a warning.
     @ivar root_namespace: Istio's root namespace: security policies in it
         apply to the whole mesh.
+    @ivar audit_log: where the pushed C{authz} and C{jwt} filters write
+        their audit records (a path on the proxy's host, C{-} for its
+        standard output), or C{None} for none.
     """
 
     documents: tuple[tuple[str | None, int, Any], ...] = attrs.field(converter=tuple, default=())
@@ -145,6 +148,7 @@ class MeshConfig:
     admin_address: str | None = "tcp:15000:interface=127.0.0.1"
     mtls: bool = False
     root_namespace: str = "istio-system"
+    audit_log: str | None = None
 
 
 @attrs.frozen
@@ -362,13 +366,14 @@ def _inbound_security(mesh: MeshConfig, view: NamespaceView, node: Node, namespa
     if mode != "DISABLE":
         out["mtls"] = mode
     filters: list[dict[str, Any]] = []
+    audit = {"audit": {"path": mesh.audit_log}} if mesh.audit_log else {}
     rules = jwt_rules_for(view.request_authentications, namespace, labels, root)
     if rules:
-        filters.append({"name": "jwt", "config": {"rules": rules}})
+        filters.append({"name": "jwt", "config": {"rules": rules, **audit}})
     applied = {id(p) for p in policies_for([p for p, _ in view.authorization_policies], namespace, labels, root)}
     policies = [native for p, native in view.authorization_policies if id(p) in applied]
     if policies:
-        filters.append({"name": "authz", "config": {"policies": policies}})
+        filters.append({"name": "authz", "config": {"policies": policies, **audit}})
     if filters:
         out["http_filters"] = filters
     return out
