@@ -1590,10 +1590,12 @@ UPSTREAM_TLS_CASES: dict[str, tuple[Any, tuple[bool, ...], bool, Any, list[tuple
                UpstreamTLS(sni="reviews.example.com"), []),
     "simple_sans_ignored": ({"mode": "SIMPLE", "subjectAltNames": ["reviews.example.com"]}, (False,), True,
                             UpstreamTLS(), [("spec.trafficPolicy.tls.subjectAltNames", "used only with ISTIO_MUTUAL")]),
-    "mutual": ({"mode": "MUTUAL", "clientCertificate": "c.pem", "privateKey": "k.pem"}, (False,), True, None,
-               [("spec.trafficPolicy.tls.clientCertificate", "not supported"),
-                ("spec.trafficPolicy.tls.privateKey", "not supported"),
-                ("spec.trafficPolicy.tls.mode", "MUTUAL (client certificates from files) is not supported")]),
+    "mutual": ({"mode": "MUTUAL", "clientCertificate": "c.pem", "privateKey": "k.pem", "sni": "r.example"},
+               (False,), True,
+               UpstreamTLS(sni="r.example", mode="MUTUAL", client_certificate="c.pem", private_key="k.pem"), []),
+    "client_files_ignored_in_simple": ({"mode": "SIMPLE", "clientCertificate": "c.pem"}, (False,), True,
+                                       UpstreamTLS(), [("spec.trafficPolicy.tls.clientCertificate",
+                                                        "used only with mode MUTUAL")]),
     "auto": (None, (True, True), True, ISTIO_MUTUAL, []),
     "auto_needs_every_endpoint": (None, (True, False), True, None, []),
     "auto_needs_ca": (None, (True, True), False, None, []),
@@ -1616,6 +1618,11 @@ class UpstreamTLSTests(SynchronousTestCase):
             for (field, text), (gf, gm) in zip(warnings, got, strict=True):
                 self.assertEqual(field, gf, name)
                 self.assertIn(text, gm, name)
+
+    def test_mutual_needs_files(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            run(labeled_entry(False), tls_rule({"mode": "MUTUAL", "clientCertificate": "c.pem"}), mtls=True)
+        self.assertEqual(e.exception.field, "spec.trafficPolicy.tls.privateKey")
 
     def test_auto_refused_by_destination(self) -> None:
         """

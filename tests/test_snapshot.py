@@ -575,7 +575,6 @@ CLUSTER_TLS_CASES: dict[str, tuple[tuple, dict | None, list, dict | None, list[s
     "disable": ((TLS_LABEL, TLS_LABEL), {"mode": "DISABLE"}, [], None, []),
     "simple": ((TLS_LABEL, TLS_LABEL), {"mode": "SIMPLE", "sni": "cart.example.com"}, [],
                {"sni": "cart.example.com"}, []),
-    "mutual": (({}, {}), {"mode": "MUTUAL"}, [], None, ["MUTUAL (client certificates from files) is not supported"]),
     "auto": ((TLS_LABEL, TLS_LABEL), None, [], {"mode": "ISTIO_MUTUAL"}, []),
     "auto_partly_labeled": ((TLS_LABEL, {}), None, [], None, []),
     "auto_unlabeled": (({}, {}), None, [], None, []),

@@ -4,9 +4,14 @@ and h2 over TLS to real upstreams, certificate verification, and config
 errors.
 """
 
+import datetime
 import os
 import textwrap
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -86,6 +91,68 @@ class UpstreamTLSTests(unittest.TestCase):
         self.assertIn(b"503 Service Unavailable", out)
 
 
+def client_certificate(certs, cn="proxy-client"):
+    """
+    Write C{client.pem} and C{client.key}: a client certificate from the
+    test CA (no extended key usage, so any purpose).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(certs.ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(certs.ca_key, hashes.SHA256())
+    )
+    certs.write("client.pem", cert.public_bytes(serialization.Encoding.PEM))
+    certs.write("client.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+
+
+class UpstreamMutualTLSTests(unittest.TestCase):
+    """
+    DestinationRule C{tls.mode: MUTUAL}: the proxy presents a client
+    certificate from files to an upstream that requires one.
+    """
+
+    @defer.inlineCallbacks
+    def start(self, tls):
+        certs = Certificates(self)
+        client_certificate(certs)
+        port = free_port()
+        nginx = Nginx(self, f"""
+            server {{
+              listen 127.0.0.1:{port} ssl;
+              ssl_certificate {certs.path("server.pem")};
+              ssl_certificate_key {certs.path("server.key")};
+              ssl_client_certificate {certs.path("ca.pem")};
+              ssl_verify_client on;
+              location / {{ default_type text/plain; return 200 "client=$ssl_client_s_dn\n"; }}
+            }}
+            """)
+        yield nginx.wait_listening(port)
+        h = ProxyHarness(self)
+        yield h.start(PROXY, port=port, http2="false", tls=tls.replace("DIR", certs.dir))
+        out, _, _ = yield curl("-i", f"http://127.0.0.1:{h.port()}/")
+        return out
+
+    @defer.inlineCallbacks
+    def test_client_certificate_presented(self):
+        out = yield self.start("{mode: MUTUAL, ca_certificate: DIR/ca.pem, sni: localhost, "
+                               "client_certificate: DIR/client.pem, private_key: DIR/client.key}")
+        self.assertIn(b"200 OK", out)
+        self.assertIn(b"client=CN=proxy-client", out)
+
+    @defer.inlineCallbacks
+    def test_without_it_refused(self):
+        out = yield self.start("{ca_certificate: DIR/ca.pem, sni: localhost}")
+        self.assertIn(b"400", out)  # nginx: "No required SSL certificate was sent"
+
+
 class UpstreamTLSConfigTests(unittest.SynchronousTestCase):
     def load(self, tls, dir_=None):
         text = textwrap.dedent(PROXY).replace("{port}", "443").replace("{http2}", "false").replace("{tls}", tls)
@@ -104,6 +171,19 @@ class UpstreamTLSConfigTests(unittest.SynchronousTestCase):
         with self.assertRaises(ConfigError) as cm:
             self.load("{ca_certificate: bad.pem}", certs.dir)
         self.assertEqual(cm.exception.field, "clusters[0].tls.ca_certificate")
+
+    def test_mutual_needs_key_and_certificate(self):
+        certs = Certificates(self)
+        with self.assertRaises(ConfigError) as cm:
+            self.load("{mode: MUTUAL, client_certificate: server.pem}", certs.dir)
+        self.assertEqual(cm.exception.field, "clusters[0].tls.private_key")
+        with self.assertRaises(ConfigError) as cm:
+            self.load("{mode: MUTUAL, client_certificate: server.pem, private_key: ca.pem}", certs.dir)
+        self.assertIn("clusters[0].tls", cm.exception.field)
+        with self.assertRaises(ConfigError) as cm:
+            self.load("{client_certificate: server.pem}", certs.dir)
+        self.assertEqual((cm.exception.field, cm.exception.reason),
+                         ("clusters[0].tls.client_certificate", "only with mode: MUTUAL"))
 
     def test_loaded(self):
         certs = Certificates(self)

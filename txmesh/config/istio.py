@@ -829,9 +829,7 @@ class _Translation:
                 base_ejection_time=od.get("baseEjectionTime", _duration, d.base_ejection_time),
                 max_ejection_percent=od.get("maxEjectionPercent", _int_in(0, 100), d.max_ejection_percent),
             )
-        tls = tp.obj("tls", ("mode", "caCertificates", "sni", "subjectAltNames"), {
-            "clientCertificate": "client certificates from files (MUTUAL) are not supported by txmesh; ignored",
-            "privateKey": "client certificates from files (MUTUAL) are not supported by txmesh; ignored",
+        tls = tp.obj("tls", ("mode", "caCertificates", "sni", "subjectAltNames", "clientCertificate", "privateKey"), {
             "credentialName": "Kubernetes secrets are not read by txmesh; use caCertificates",
             "insecureSkipVerify": "txmesh always verifies upstream certificates; ignored",
             "caCrl": _IGNORED,
@@ -864,14 +862,23 @@ class _Translation:
             doc.warn(tls.field("mode"), "ISTIO_MUTUAL needs the mesh CA: proxies have workload certificates "
                                         "only from a pilot with a CA; connections stay plaintext")
         elif mode == "MUTUAL":
-            doc.warn(tls.field("mode"), "MUTUAL (client certificates from files) is not supported by txmesh; "
-                                        "connections stay plaintext")
+            # The files are read by the loader (relative to the proxy config).
+            for key in ("clientCertificate", "privateKey"):
+                if not tls.has(key):
+                    raise doc.error(tls.field(key), "MUTUAL needs clientCertificate and privateKey")
+            out["tls"] = UpstreamTLS(tls.get("caCertificates", _string), b"", tls.get("sni", _string), "MUTUAL",
+                                     client_certificate=tls.get("clientCertificate", _string),
+                                     private_key=tls.get("privateKey", _string))
         elif mode == "SIMPLE":
             # The CA file is read by the loader (relative to the proxy
             # config): translation stays free of I/O.
             out["tls"] = UpstreamTLS(tls.get("caCertificates", _string), b"", tls.get("sni", _string))
         elif self.mtls:
             out["tls"] = None
+        if mode != "MUTUAL":
+            for key in ("clientCertificate", "privateKey"):
+                if tls.has(key):
+                    doc.warn(tls.field(key), "used only with mode MUTUAL; ignored")
         if names and mode != "ISTIO_MUTUAL":
             doc.warn(tls.field("subjectAltNames"), f"used only with ISTIO_MUTUAL (txmesh checks a {mode} "
                                                    "upstream's certificate against the sni or host name); ignored")

@@ -62,7 +62,14 @@ from txmesh.config.values import server_endpoint as _server_endpoint
 from txmesh.config.values import string as _string
 from txmesh.filters.registry import FilterRegistry
 from txmesh.proxy.retry import KNOWN_CONDITIONS
-from txmesh.proxy.tls import ALPN_PROTOCOLS, MIN_VERSIONS, TLSConfigError, load_certificates, server_options
+from txmesh.proxy.tls import (
+    ALPN_PROTOCOLS,
+    MIN_VERSIONS,
+    TLSConfigError,
+    client_options,
+    load_certificates,
+    server_options,
+)
 
 T = TypeVar("T")
 
@@ -71,7 +78,7 @@ FAULT_FILTER = "fault"
 LB_POLICIES = ("round_robin", "random", "least_request", "consistent_hash")
 PROTOCOLS = ("http", "tcp")
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
-UPSTREAM_TLS_MODES = ("SIMPLE", "ISTIO_MUTUAL")
+UPSTREAM_TLS_MODES = ("SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 
 
 def _spiffe_ids(value: Any) -> tuple[str, ...]:
@@ -437,6 +444,10 @@ class ConfigLoader:
         the proxy config file).
         """
         tls = cluster.tls
+        if tls is not None and tls.mode == "MUTUAL" and not tls.client_certificate_pem:
+            where = f"istio: DestinationRule for {cluster.name}: trafficPolicy.tls"
+            tls = self._client_pair(tls, source, f"{where}.clientCertificate", f"{where}.privateKey")
+            cluster = attrs.evolve(cluster, tls=tls)
         if tls is None or tls.ca_certificate is None or tls.ca_certificate_pem:
             return cluster
         path = os.path.join(os.path.dirname(source) if source else "", tls.ca_certificate)
@@ -468,9 +479,38 @@ class ConfigLoader:
             s.done()
             return UpstreamTLS(mode=mode, subject_alt_names=names)
         pem = self._read_pem(s, "ca_certificate")
-        tls = UpstreamTLS(s.get("ca_certificate", _string), pem, s.get("sni", _string))
+        tls = UpstreamTLS(s.get("ca_certificate", _string), pem, s.get("sni", _string), mode)
+        if mode == "MUTUAL":
+            tls = attrs.evolve(tls, client_certificate=s.get("client_certificate", _string, required=True),
+                               private_key=s.get("private_key", _string, required=True))
+            tls = self._client_pair(tls, s.source, s.field("client_certificate"), s.field("private_key"))
+        else:
+            for key in ("client_certificate", "private_key"):
+                if s.value.get(key) is not None:
+                    raise s.error("only with mode: MUTUAL", s.field(key))
         s.done()
         return tls
+
+    def _client_pair(self, tls: UpstreamTLS, source: str | None, cert_field: str, key_field: str) -> UpstreamTLS:
+        """
+        Read and check a C{MUTUAL} cluster's client certificate and key
+        (paths relative to the config file).
+        """
+        base = os.path.dirname(source) if source else ""
+        pems = {}
+        for name, field in ((tls.client_certificate, cert_field), (tls.private_key, key_field)):
+            path = os.path.join(base, name)
+            try:
+                with open(path, "rb") as f:
+                    pems[field] = f.read()
+            except OSError as e:
+                raise ConfigError(source, field, f"cannot read {path}: {e.strerror}") from None
+        cert_pem, key_pem = pems[cert_field], pems[key_field]
+        try:
+            client_options("check", [], b"", None, cert_pem, key_pem)
+        except TLSConfigError as e:
+            raise ConfigError(source, cert_field if e.part != "private_key" else key_field, e.reason) from None
+        return attrs.evolve(tls, client_certificate_pem=cert_pem, private_key_pem=key_pem)
 
     def _hash_policy(self, s: _Section | None) -> HashPolicy | None:
         if s is None:

@@ -133,11 +133,17 @@ class UpstreamTLS:
         system's trust store.
     @ivar ca_certificate_pem: its contents when loaded (so a changed file
         changes the config).
-    @ivar mode: C{SIMPLE} (the above) or C{ISTIO_MUTUAL}: mutual TLS with
+    @ivar mode: C{SIMPLE} (the above), C{MUTUAL} (the above, presenting
+        C{client_certificate}) or C{ISTIO_MUTUAL}: mutual TLS with
         the proxy's workload certificate, the peer checked against the mesh
         trust bundle and, if given, C{subject_alt_names}.
     @ivar subject_alt_names: the SPIFFE IDs an C{ISTIO_MUTUAL} peer may
         have; empty for any of the trust domain.
+    @ivar client_certificate: with C{mode: MUTUAL}, the path of the client
+        certificate (chain, leaf first) presented to the upstream.
+    @ivar private_key: its key's path.
+    @ivar client_certificate_pem: the certificate file's contents when loaded.
+    @ivar private_key_pem: the key file's contents when loaded.
     """
 
     ca_certificate: str | None = None
@@ -145,6 +151,10 @@ class UpstreamTLS:
     sni: str | None = None
     mode: str = "SIMPLE"
     subject_alt_names: tuple[str, ...] = ()
+    client_certificate: str | None = None
+    private_key: str | None = None
+    client_certificate_pem: bytes = attrs.field(default=b"", repr=False)
+    private_key_pem: bytes = attrs.field(default=b"", repr=False)
 
 
 @attrs.frozen

@@ -696,6 +696,8 @@ def _tls(t: UpstreamTLS) -> dict[str, Any]:
         out["ca_certificate"] = t.ca_certificate
     if t.sni is not None:
         out["sni"] = t.sni
+    if t.mode == "MUTUAL":
+        out.update(mode="MUTUAL", client_certificate=t.client_certificate, private_key=t.private_key)
     return out
 
 

@@ -56,7 +56,8 @@ def upstream_tls(config: ClusterConfig, endpoint: Endpoint, alpn: bytes | None, 
         if identity is None:
             raise ValueError(f"cluster {config.name}: ISTIO_MUTUAL needs a workload certificate (from a pilot)")
         return MeshClientCreator(identity, protocols, tls.subject_alt_names)
-    return client_options(endpoint.host, protocols, tls.ca_certificate_pem, tls.sni)
+    return client_options(endpoint.host, protocols, tls.ca_certificate_pem, tls.sni, tls.client_certificate_pem,
+                          tls.private_key_pem)
 
 
 class UpstreamOverflow(Exception):

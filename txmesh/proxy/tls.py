@@ -188,6 +188,8 @@ def client_options(
     alpn: Sequence[bytes],
     ca_certificate_pem: bytes = b"",
     sni: str | None = None,
+    client_certificate_pem: bytes = b"",
+    private_key_pem: bytes = b"",
 ) -> Any:
     """
     Build the OpenSSL options of a TLS client to an upstream.
@@ -196,10 +198,21 @@ def client_options(
         C{sni}).
     @param alpn: protocols to offer (C{[b"h2"]} or C{[b"http/1.1"]}).
     @param ca_certificate_pem: PEM roots to trust; empty for the system's.
+    @param client_certificate_pem: a client certificate chain (leaf first)
+        to present (Istio's C{MUTUAL}), or empty for none.
+    @param private_key_pem: its key.
     @return: an C{IOpenSSLClientConnectionCreator} for C{connectSSL}.
-    @raise TLSConfigError: if the CA bundle does not parse.
+    @raise TLSConfigError: if the CA bundle, the certificate or the key
+        does not parse, or the key is not the certificate's.
     """
-    from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
+    from twisted.internet.ssl import (
+        Certificate,
+        KeyPair,
+        PrivateCertificate,
+        optionsForClientTLS,
+        platformTrust,
+        trustRootFromCertificates,
+    )
 
     if ca_certificate_pem:
         roots = [Certificate(crypto.X509.from_cryptography(c))
@@ -207,4 +220,17 @@ def client_options(
         trust: Any = trustRootFromCertificates(roots)
     else:
         trust = platformTrust()
-    return optionsForClientTLS(sni or host, trustRoot=trust, acceptableProtocols=list(alpn) or None)
+    client = None
+    extra: dict[str, Any] = {}
+    if client_certificate_pem:
+        certs = load_certificates(client_certificate_pem, "client_certificate")
+        key = load_private_key(private_key_pem)
+        if _public_der(certs[0].public_key()) != _public_der(key.public_key()):
+            raise TLSConfigError("private_key", "does not match the client certificate (its public key differs)")
+        client = PrivateCertificate.fromCertificateAndKeyPair(
+            Certificate(crypto.X509.from_cryptography(certs[0])),
+            KeyPair(crypto.PKey.from_cryptography_key(key)))
+        if len(certs) > 1:
+            extra["extraCertChain"] = [crypto.X509.from_cryptography(c) for c in certs[1:]]
+    return optionsForClientTLS(sni or host, trustRoot=trust, clientCertificate=client,
+                               acceptableProtocols=list(alpn) or None, extraCertificateOptions=extra or None)
