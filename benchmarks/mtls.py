@@ -277,7 +277,8 @@ def start_pilot(tmp: Path, procs: list) -> tuple[Path, int]:
     (config / "istio").mkdir(parents=True)
     port, api = free_port(), free_port()
     argv = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "txmesh-pilot", "--config-dir", str(config),
-            "--listen", f"tcp:{port}:interface=127.0.0.1", "--api", f"tcp:{api}:interface=127.0.0.1"]
+            "--listen", f"tcp:{port}:interface=127.0.0.1", "--api", f"tcp:{api}:interface=127.0.0.1",
+            "--metrics", "none"]
     pilot = Proc("pilot", argv, tmp / "pilot.log", cwd=ROOT, env=child_env())
     procs.append(pilot)
     wait_port(pilot, port, 20)

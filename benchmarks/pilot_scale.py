@@ -495,7 +495,7 @@ def measure(reactor, args, channel: Channel, tmp: Path, procs: list, n: int, dea
         api_port = api
         argv = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "txmesh-pilot", "--config-dir", str(config),
                 *channel.pilot_args(port), "--api", f"tcp:{api}:interface=127.0.0.1",
-                "--poll-interval", str(POLL_INTERVAL)]
+                "--poll-interval", str(POLL_INTERVAL), "--metrics", "none"]
         pilot = Proc(f"pilot-n{n}", argv, work / "pilot.log", cwd=ROOT)
         procs.append(pilot)
         try:

@@ -1614,7 +1614,7 @@ class ReviewFixTests(unittest.TestCase):
         """
         h, up = yield self._proxy('[{match: {prefix: /}, cluster: app, filters: {metrics: {}}}]')
         yield raw_exchange(self, h.port(), b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        series = h.service.metrics._requests.series
+        series = h.service.metrics.http.table.series
         self.assertEqual(sum(s.count for s in series.values()), 1)
 
     @defer.inlineCallbacks

@@ -47,6 +47,19 @@ class PilotSettingsTests(SynchronousTestCase):
         self.assertEqual(settings.mesh.outbound_address, "tcp:16001:interface=127.0.0.1")
         self.assertEqual(settings.mesh.app_host, "10.0.0.1")
 
+    def test_telemetry(self) -> None:
+        self.write("telemetry: {metrics: false, access_log: {format: json}, "
+                   "tracing: {collector: 'http://127.0.0.1:9411/api/v2/spans', sampling: 100}}\n")
+        telemetry = load_pilot_settings(self.dir).mesh.telemetry
+        self.assertFalse(telemetry.metrics)
+        self.assertEqual(telemetry.access_log, {"format": "json"})
+        self.assertEqual(telemetry.tracing["sampling"], 100)
+        self.assertTrue(load_pilot_settings(tempfile.mkdtemp()).mesh.telemetry.metrics)
+
+    def test_bad_telemetry(self) -> None:
+        self.assertError("telemetry: {tracing: yes}\n", "telemetry.tracing", "mapping")
+        self.assertError("telemetry: {logs: {}}\n", "telemetry.logs", "unknown field")
+
     def test_registries_in_order(self) -> None:
         self.write(
             "registries:\n"

@@ -111,6 +111,7 @@ class PilotProcess:
         self.name = name
         self.port = free_port()
         self.api_port = free_port()
+        self.metrics_port = free_port()
         self.log_path = os.path.join(config_dir, f"{name}.log")
         self.process: subprocess.Popen | None = None
 
@@ -122,13 +123,18 @@ class PilotProcess:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    @property
+    def metrics(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     @defer.inlineCallbacks
     def start(self) -> Any:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
                 [TWISTD, "-n", "--pidfile=", "txmesh-pilot", "--config-dir", self.config_dir,
                  "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-                 "--api", f"tcp:{self.api_port}:interface=127.0.0.1", "--poll-interval", "0.1"],
+                 "--api", f"tcp:{self.api_port}:interface=127.0.0.1", "--poll-interval", "0.1",
+                 "--metrics", f"tcp:{self.metrics_port}:interface=127.0.0.1"],
                 cwd=self.config_dir, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
         self._case.addCleanup(self.stop)
         yield wait_port(self.process, self.api_port, f"pilot {self.name}")

@@ -1,51 +1,607 @@
 """
-The metrics filter: Istio-named series, labelled by the cluster the
-router actually chose (so weighted splits count each destination).
+Istio's standard metrics and txmesh's own: label computation (pure), the
+metrics filter and peer metadata exchange, the exposition as Prometheus
+parses it, the series cap, and the TCP families through a real L4 proxy.
 """
 
 from types import SimpleNamespace
 
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from txmesh.config.model import NodeConfig, Route, RouteMatch, WeightedDestination
-from txmesh.observability.metrics import MetricsFilter, ProxyMetrics
+from txmesh.config.errors import FilterConfigError
+from txmesh.config.model import Endpoint, NodeConfig, Route, RouteMatch, WeightedDestination
+from txmesh.observability.metrics import (
+    BYTES_BUCKETS,
+    DESTINATION,
+    REQUEST_LABELS,
+    SOURCE,
+    TCP_LABELS,
+    DestinationMetricsFilter,
+    MetricsConfig,
+    MetricsFactory,
+    ProxyMetrics,
+    SourceMetricsFilter,
+    authority_host,
+    request_labels,
+    service_of_cluster,
+)
+from txmesh.observability.peer_metadata import PEER_HEADER, PeerMetadata
 from txmesh.proxy.stream import Headers, RequestHead, ResponseHead
+from txmesh.proxy.tcp import TCPProxyFactory
+
+U = "unknown"
+NODE = NodeConfig(workload="productpage-v1", namespace="default", app="productpage", version="v1")
+ME = "spiffe://cluster.local/ns/default/sa/productpage"
+CALLER = "spiffe://cluster.local/ns/default/sa/frontend"
+REVIEWS = "outbound|9080|v2|reviews.default.svc.cluster.local"
+PEER = PeerMetadata("reviews-v2", "default", "reviews", "v2")
+
+
+def labels(**kwargs):
+    values = request_labels(**{"node": NODE, "protocol": "http", "code": 200, "grpc_status": "", "flags": "",
+                               **kwargs})
+    return dict(zip(REQUEST_LABELS, values, strict=True))
+
+
+# (arguments, expected labels (a subset))
+LABEL_CASES = {
+    "source_knows_itself_and_cluster_service": (
+        {"reporter": SOURCE, "cluster": REVIEWS},
+        {"reporter": "source", "source_workload": "productpage-v1", "source_workload_namespace": "default",
+         "source_app": "productpage", "source_version": "v1", "source_principal": U,
+         "destination_service": "reviews.default.svc.cluster.local", "destination_service_name": "reviews",
+         "destination_service_namespace": "default", "destination_workload": U, "destination_app": U,
+         "destination_principal": U, "connection_security_policy": U, "response_flags": "-",
+         "request_protocol": "http", "response_code": "200", "grpc_response_status": "",
+         "source_cluster": U, "destination_cluster": U}),
+    "source_peer_fills_destination": (
+        {"reporter": SOURCE, "cluster": REVIEWS, "peer": PEER},
+        {"destination_workload": "reviews-v2", "destination_workload_namespace": "default",
+         "destination_app": "reviews", "destination_version": "v2"}),
+    "source_principal_when_cluster_is_mtls": (
+        {"reporter": SOURCE, "cluster": REVIEWS, "own_principal": ME, "upstream_mtls": True},
+        {"source_principal": ME, "destination_principal": U, "connection_security_policy": U}),
+    "source_no_principal_when_cluster_is_plain": (
+        {"reporter": SOURCE, "cluster": REVIEWS, "own_principal": ME},
+        {"source_principal": U}),
+    "source_plain_cluster_name": (
+        {"reporter": SOURCE, "cluster": "app"},
+        {"destination_service": "app", "destination_service_name": "app",
+         "destination_service_namespace": U}),
+    "source_no_cluster": (
+        {"reporter": SOURCE, "cluster": "", "code": 404, "flags": "NR"},
+        {"destination_service": U, "destination_service_name": U, "response_code": "404",
+         "response_flags": "NR"}),
+    "destination_knows_itself": (
+        {"reporter": DESTINATION, "cluster": "app"},
+        {"reporter": "destination", "destination_workload": "productpage-v1", "destination_app": "productpage",
+         "destination_version": "v1", "destination_workload_namespace": "default",
+         "destination_service": "app", "destination_service_name": "app",
+         "destination_service_namespace": "default", "source_workload": U, "source_principal": U,
+         "destination_principal": U, "connection_security_policy": "none"}),
+    "destination_mtls_principals": (
+        {"reporter": DESTINATION, "cluster": "app", "own_principal": ME, "downstream_principal": CALLER},
+        {"source_principal": CALLER, "destination_principal": ME, "connection_security_policy": "mutual_tls"}),
+    "destination_peer_fills_source": (
+        {"reporter": DESTINATION, "cluster": "app", "peer": PEER},
+        {"source_workload": "reviews-v2", "source_workload_namespace": "default", "source_app": "reviews",
+         "source_version": "v2"}),
+    "destination_inbound_cluster_uses_authority": (
+        {"reporter": DESTINATION, "cluster": "inbound|9080||productpage-v1",
+         "authority": b"productpage.default.svc.cluster.local:9080"},
+        {"destination_service": "productpage.default.svc.cluster.local",
+         "destination_service_name": "productpage", "destination_service_namespace": "default"}),
+    "destination_inbound_short_authority": (
+        {"reporter": DESTINATION, "cluster": "inbound|9080||productpage-v1", "authority": b"productpage"},
+        {"destination_service": "productpage", "destination_service_namespace": "default"}),
+    "destination_inbound_garbage_authority": (
+        {"reporter": DESTINATION, "cluster": "inbound|9080||productpage-v1", "authority": b"a b/c"},
+        {"destination_service": U, "destination_service_name": U}),
+    "grpc": (
+        {"reporter": SOURCE, "cluster": "app", "protocol": "grpc", "grpc_status": "14"},
+        {"request_protocol": "grpc", "grpc_response_status": "14"}),
+    "several_flags": (
+        {"reporter": SOURCE, "cluster": "app", "code": 503, "flags": "UF,URX"},
+        {"response_flags": "UF,URX", "response_code": "503"}),
+    "no_response": (
+        {"reporter": DESTINATION, "cluster": "app", "code": 0, "flags": "DC"},
+        {"response_code": "0", "response_flags": "DC"}),
+    "node_garbage_is_unknown": (
+        {"reporter": SOURCE, "cluster": "app", "node": NodeConfig(workload="a b", app="x;y")},
+        {"source_workload": U, "source_app": U}),
+}
+
+
+class LabelTests(SynchronousTestCase):
+    def test_label_names(self):
+        self.assertEqual(len(REQUEST_LABELS), 21)
+        self.assertNotIn("response_code", TCP_LABELS)
+        self.assertNotIn("grpc_response_status", TCP_LABELS)
+        self.assertIn("response_flags", TCP_LABELS)
+
+    def test_cluster_names(self):
+        cases = {
+            REVIEWS: ("reviews.default.svc.cluster.local", "reviews", "default"),
+            "outbound|80||backend.demo.svc.cluster.local": ("backend.demo.svc.cluster.local", "backend", "demo"),
+            "outbound|443||www.example.com": ("www.example.com", "www.example.com", U),
+            "outbound|80||": ("outbound|80||", "outbound|80||", U),
+            "outbound|broken": ("outbound|broken", "outbound|broken", U),
+            "app": ("app", "app", U),
+            "": (U, U, U),
+        }
+        for cluster, expected in cases.items():
+            s = service_of_cluster(cluster)
+            self.assertEqual((s.host, s.name, s.namespace), expected, cluster)
+
+    def test_authority_host(self):
+        cases = {b"Reviews:9080": "reviews", b"10.0.0.1:80": "10.0.0.1", b"a.b.svc": "a.b.svc",
+                 b"[::1]:80": None, b"": None, None: None, b"\xff": None, b"a b": None, b"-a": None,
+                 b"x" * 300: None}
+        for authority, expected in cases.items():
+            self.assertEqual(authority_host(authority), expected, authority)
+
+
+def _label_case(kwargs, expected):
+    def test(self):
+        got = labels(**kwargs)
+        self.assertEqual({k: got[k] for k in expected}, expected)
+    return test
+
+
+for _name, (_kwargs, _expected) in LABEL_CASES.items():
+    setattr(LabelTests, f"test_{_name}", _label_case(_kwargs, _expected))
+
+
+def make_stream(upstream_cluster="app", route=None, status=200, flags=(), listener="http", principal=None,
+                grpc=False, request_bytes=0, response_bytes=0, authority=b"svc"):
+    clock = Clock()
+    request = RequestHead(b"POST", b"/x/123?id=9", authority, Headers())
+    if grpc:
+        request.headers.add(b"content-type", b"application/grpc+proto")
+    stream = SimpleNamespace(
+        response_head=ResponseHead(status, Headers()) if status else None,
+        route=route or Route("r", RouteMatch(), cluster="app"),
+        upstream_cluster=upstream_cluster,
+        request_head=request,
+        response_flags=list(flags),
+        clock=clock,
+        start_time=clock.seconds(),
+        listener_name=listener,
+        downstream_principal=principal,
+        proxy=None,
+        cluster_manager=None,
+        bytes_received=request_bytes,
+        bytes_sent=response_bytes,
+    )
+    return stream
+
+
+def source_filter(stream, metrics):
+    return SourceMetricsFilter(stream, metrics.http, metrics.http.peer_header)
+
+
+def destination_filter(stream, metrics):
+    return DestinationMetricsFilter(stream, metrics.http, metrics.http.peer_header)
+
+
+def families(metrics):
+    text = metrics.exposition()[1].decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample_value(fam, suffix="", **match):
+    values = [s.value for s in fam.samples
+              if s.name == fam.name + suffix and all(s.labels.get(k) == v for k, v in match.items())]
+    return sum(values) if values else None
 
 
 class MetricsFilterTests(SynchronousTestCase):
-    def stream(self, upstream_cluster, route, status=200, flags=()):
-        clock = Clock()
-        return SimpleNamespace(
-            response_head=ResponseHead(status, Headers()),
-            route=route,
-            upstream_cluster=upstream_cluster,
-            request_head=RequestHead(b"GET", b"/", b"svc", Headers()),
-            response_flags=list(flags),
-            clock=clock,
-            start_time=clock.seconds(),
-        )
-
     def test_split_route_counts_chosen_cluster(self):
         metrics = ProxyMetrics(NodeConfig(workload="web"))
-        split = Route("split", RouteMatch(), destinations=(WeightedDestination("v1", 90), WeightedDestination("v2", 10)))
+        split = Route("split", RouteMatch(), destinations=(WeightedDestination("v1", 90),
+                                                           WeightedDestination("v2", 10)))
         for cluster in ("v1", "v1", "v2"):
-            MetricsFilter(self.stream(cluster, split), metrics).stream_complete()
-        text = metrics.exposition()[1].decode()
-        self.assertIn('destination_service="v1"', text)
-        self.assertIn('destination_service="v2"', text)
-        self.assertEqual(metrics.request_series("v1", "http", 200, "").count, 2)
-        self.assertEqual(metrics.request_series("v2", "http", 200, "").count, 1)
+            source_filter(make_stream(cluster, split), metrics).stream_complete()
+        requests = families(metrics)["istio_requests"]
+        self.assertEqual(sample_value(requests, "_total", destination_service="v1", source_workload="web"), 2)
+        self.assertEqual(sample_value(requests, "_total", destination_service="v2"), 1)
 
     def test_local_reply_uses_route_cluster_and_flags(self):
         metrics = ProxyMetrics(NodeConfig())
-        route = Route("r", RouteMatch(), cluster="app")
-        MetricsFilter(self.stream(None, route, 403, ["LR"]), metrics).stream_complete()
-        self.assertEqual(metrics.request_series("app", "http", 403, "LR").count, 1)
+        source_filter(make_stream(None, status=403, flags=["LR"]), metrics).stream_complete()
+        requests = families(metrics)["istio_requests"]
+        self.assertEqual(sample_value(requests, "_total", destination_service="app", response_code="403",
+                                      response_flags="LR"), 1)
 
-    def test_grpc_protocol(self):
+    def test_grpc_status_from_trailers_and_headers(self):
         metrics = ProxyMetrics(NodeConfig())
-        stream = self.stream("app", Route("r", RouteMatch(), cluster="app"))
-        stream.request_head.headers.add(b"content-type", b"application/grpc+proto")
-        MetricsFilter(stream, metrics).stream_complete()
-        self.assertEqual(metrics.request_series("app", "grpc", 200, "").count, 1)
+        f = source_filter(make_stream(grpc=True), metrics)
+        f.response_trailers(Headers([(b"grpc-status", b"5")]))
+        f.stream_complete()
+        stream = make_stream(grpc=True)
+        stream.response_head.headers.add(b"grpc-status", b"14")
+        source_filter(stream, metrics).stream_complete()
+        source_filter(make_stream(grpc=True, status=0, flags=["DC"]), metrics).stream_complete()
+        source_filter(make_stream(), metrics).stream_complete()
+        requests = families(metrics)["istio_requests"]
+        self.assertEqual(sample_value(requests, "_total", request_protocol="grpc", grpc_response_status="5"), 1)
+        self.assertEqual(sample_value(requests, "_total", request_protocol="grpc", grpc_response_status="14"), 1)
+        self.assertEqual(sample_value(requests, "_total", request_protocol="grpc", grpc_response_status=U,
+                                      response_code="0"), 1)
+        self.assertEqual(sample_value(requests, "_total", request_protocol="http", grpc_response_status=""), 1)
+
+    def test_source_exchange(self):
+        """
+        The source side sends its metadata on the request (replacing any
+        the app set), and takes the destination's off the response.
+        """
+        metrics = ProxyMetrics(NODE)
+        stream = make_stream(REVIEWS)
+        f = source_filter(stream, metrics)
+        head = stream.request_head
+        head.headers.add(PEER_HEADER, b"w=spoofed")
+        f.request_headers(head, True)
+        self.assertEqual(head.headers.get_all(PEER_HEADER),
+                         [b"w=productpage-v1;n=default;a=productpage;v=v1"])
+        stream.response_head.headers.add(PEER_HEADER, b"w=reviews-v2;n=default;a=reviews;v=v2")
+        f.response_headers(stream.response_head, False)
+        self.assertNotIn(PEER_HEADER, stream.response_head.headers)
+        f.stream_complete()
+        requests = families(metrics)["istio_requests"]
+        self.assertEqual(sample_value(requests, "_total", reporter="source", destination_workload="reviews-v2",
+                                      destination_version="v2", destination_service_name="reviews"), 1)
+
+    def test_destination_exchange(self):
+        """
+        The destination side takes the source's metadata off the request
+        (the app never sees it) and sends its own on the response.
+        """
+        metrics = ProxyMetrics(NODE)
+        stream = make_stream("app", listener="inbound", principal=CALLER)
+        f = destination_filter(stream, metrics)
+        stream.request_head.headers.add(PEER_HEADER, b"w=frontend;n=default;a=frontend;v=v3")
+        f.request_headers(stream.request_head, True)
+        self.assertNotIn(PEER_HEADER, stream.request_head.headers)
+        f.response_headers(stream.response_head, False)
+        self.assertEqual(stream.response_head.headers.get(PEER_HEADER),
+                         b"w=productpage-v1;n=default;a=productpage;v=v1")
+        f.stream_complete()
+        requests = families(metrics)["istio_requests"]
+        self.assertEqual(sample_value(requests, "_total", reporter="destination", source_workload="frontend",
+                                      source_version="v3", source_principal=CALLER,
+                                      connection_security_policy="mutual_tls",
+                                      destination_workload="productpage-v1"), 1)
+
+    def test_destination_garbage_peer(self):
+        metrics = ProxyMetrics(NODE)
+        stream = make_stream("app", listener="inbound")
+        f = destination_filter(stream, metrics)
+        stream.request_head.headers.add(PEER_HEADER, b"\xff\x00 w=../../etc")
+        f.request_headers(stream.request_head, True)
+        f.stream_complete()
+        self.assertNotIn(PEER_HEADER, stream.request_head.headers)
+        requests = families(metrics)["istio_requests"]
+        self.assertEqual(sample_value(requests, "_total", source_workload=U, source_app=U,
+                                      connection_security_policy="none"), 1)
+
+    def test_no_path_or_id_in_labels(self):
+        metrics = ProxyMetrics(NODE)
+        source_filter(make_stream(), metrics).stream_complete()
+        text = metrics.exposition()[1].decode()
+        self.assertNotIn("/x/123", text)
+        self.assertNotIn("id=9", text)
+
+
+class FactoryTests(SynchronousTestCase):
+    def test_parse_config(self):
+        f = MetricsFactory()
+        self.assertIsNone(f.parse_config(None))
+        self.assertIsNone(f.parse_config({}))
+        self.assertEqual(f.parse_config({"reporter": "source"}), MetricsConfig("source"))
+        self.assertEqual(f.parse_config({"reporter": "destination"}), MetricsConfig("destination"))
+        self.assertEqual(f.parse_config({"peer_metadata": False}), MetricsConfig(None, False))
+        for raw, field in [({"reporter": "client"}, "reporter"), ({"peer_metadata": "no"}, "peer_metadata"),
+                           ({"buckets": 3}, "buckets"), (["x"], "")]:
+            with self.assertRaises(FilterConfigError) as e:
+                f.parse_config(raw)
+            self.assertEqual(e.exception.field, field)
+
+    def test_reporter_from_listener_or_config(self):
+        f = MetricsFactory()
+        proxy = SimpleNamespace(metrics=ProxyMetrics(NODE))
+        cases = [(None, "inbound", DestinationMetricsFilter), (None, "outbound", SourceMetricsFilter),
+                 (MetricsConfig("source"), "inbound", SourceMetricsFilter),
+                 (MetricsConfig("destination"), "http", DestinationMetricsFilter)]
+        for config, listener, cls in cases:
+            stream = make_stream(listener=listener)
+            stream.proxy = proxy
+            self.assertIsInstance(f.create_filter(config, stream), cls)
+
+
+class ExpositionTests(SynchronousTestCase):
+    def test_types_buckets_and_values(self):
+        metrics = ProxyMetrics(NODE)
+        stream = make_stream(REVIEWS, request_bytes=5, response_bytes=2000)
+        stream.clock.advance(0.03)
+        source_filter(stream, metrics).stream_complete()
+        fams = families(metrics)
+        self.assertEqual(fams["istio_requests"].type, "counter")
+        for name in ("istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"):
+            self.assertEqual(fams[name].type, "histogram", name)
+        self.assertEqual(sample_value(fams["istio_requests"], "_total"), 1)
+        duration = fams["istio_request_duration_milliseconds"]
+        self.assertAlmostEqual(sample_value(duration, "_sum"), 30.0)
+        self.assertEqual(sample_value(duration, "_bucket", le="25.0"), 0)
+        self.assertEqual(sample_value(duration, "_bucket", le="50.0"), 1)
+        response = fams["istio_response_bytes"]
+        les = [s.labels["le"] for s in response.samples if s.name == "istio_response_bytes_bucket"]
+        self.assertEqual(les, [floatToGoString(b) for b in BYTES_BUCKETS] + ["+Inf"])
+        self.assertEqual(sample_value(response, "_bucket", le="1000.0"), 0)
+        self.assertEqual(sample_value(response, "_bucket", le="10000.0"), 1)
+        self.assertIn("1e+06", les)
+        self.assertEqual(sample_value(response, "_sum"), 2000)
+        self.assertEqual(sample_value(fams["istio_request_bytes"], "_bucket", le="10.0"), 1)
+        labels = next(s.labels for s in fams["istio_requests"].samples)
+        self.assertEqual(set(labels), set(REQUEST_LABELS))
+        for name in ("istio_tcp_connections_opened", "istio_tcp_connections_closed",
+                     "istio_tcp_received_bytes", "istio_tcp_sent_bytes"):
+            self.assertEqual(fams[name].type, "counter", name)
+
+    def test_txmesh_state(self):
+        class Pool:
+            connections = 2
+
+        class Breaker:
+            def stats(self):
+                return {"upstream_rq_overflow": 3, "upstream_rq_pending_overflow": 1, "upstream_cx_overflow": 0}
+
+        outlier = SimpleNamespace(stats=lambda: {"ejections_enforced_total": 4, "ejections_active": 1})
+        cluster = SimpleNamespace(name="app", pools=lambda: [Pool(), Pool()], breaker=Breaker(),
+                                  retry_budget=SimpleNamespace(overflows=7), outlier=outlier)
+        metrics = ProxyMetrics(NODE)
+        status = {"connected": "tcp:127.0.0.1:15010", "acked_version": "v42"}
+        metrics.watch(clusters=lambda: [cluster], config_version=lambda: 3, pilot_status=lambda: status)
+        metrics.count_retry("app")
+        metrics.count_retry("app")
+        metrics.config_reloads.labels("applied").inc()
+        fams = families(metrics)
+        self.assertEqual(sample_value(fams["txmesh_upstream_connections_active"], cluster="app"), 4)
+        overflow = fams["txmesh_upstream_overflow"]
+        self.assertEqual(sample_value(overflow, "_total", cluster="app", kind="rq"), 3)
+        self.assertEqual(sample_value(overflow, "_total", cluster="app", kind="rq_pending"), 1)
+        self.assertEqual(sample_value(overflow, "_total", cluster="app", kind="retry"), 7)
+        self.assertEqual(sample_value(fams["txmesh_upstream_retries"], "_total", cluster="app"), 2)
+        self.assertEqual(sample_value(fams["txmesh_outlier_ejections"], "_total", cluster="app"), 4)
+        self.assertEqual(sample_value(fams["txmesh_outlier_ejections_active"], cluster="app"), 1)
+        self.assertEqual(sample_value(fams["txmesh_config_version"]), 3)
+        self.assertEqual(sample_value(fams["txmesh_pilot_connected"]), 1)
+        self.assertEqual(sample_value(fams["txmesh_pilot_info"], version="v42"), 1)
+        self.assertEqual(sample_value(fams["txmesh_config_reloads"], "_total", result="applied"), 1)
+        status["connected"] = None
+        self.assertEqual(sample_value(families(metrics)["txmesh_pilot_connected"]), 0)
+
+    def test_no_pilot_no_pilot_series(self):
+        metrics = ProxyMetrics(NODE)
+        metrics.watch(pilot_status=lambda: None)
+        self.assertNotIn("txmesh_pilot_connected", families(metrics))
+
+
+class SeriesCapTests(SynchronousTestCase):
+    def test_overflow(self):
+        metrics = ProxyMetrics(NODE, max_series=2)
+        for cluster in ("a", "b", "c", "d", "c"):
+            source_filter(make_stream(cluster), metrics).stream_complete()
+        destination_filter(make_stream("e", listener="inbound"), metrics).stream_complete()
+        fams = families(metrics)
+        requests = fams["istio_requests"]
+        self.assertEqual(sample_value(requests, "_total", destination_service="a"), 1)
+        self.assertEqual(sample_value(requests, "_total", destination_service="b"), 1)
+        self.assertIsNone(sample_value(requests, "_total", destination_service="c"))
+        self.assertEqual(sample_value(requests, "_total", reporter="source", destination_service="overflow",
+                                      source_workload="overflow", response_code="overflow"), 3)
+        self.assertEqual(sample_value(requests, "_total", reporter="destination",
+                                      destination_service="overflow"), 1)
+        # c, d and e: three label sets refused (the second c is remembered).
+        self.assertEqual(sample_value(fams["txmesh_metrics_series_dropped"], "_total", family="istio_requests"), 3)
+        self.assertEqual(len(metrics.http.table.series), 4)
+
+    def test_key_cache_bounded(self):
+        metrics = ProxyMetrics(NODE, max_series=2)
+        for i in range(50):
+            stream = make_stream("app")
+            stream.response_head.headers.add(PEER_HEADER, b"w=x;n=%d" % i)
+            f = source_filter(stream, metrics)
+            f.response_headers(stream.response_head, False)
+            f.stream_complete()
+        self.assertLessEqual(len(metrics.http.table.keys), 8)
+        self.assertEqual(sum(s.count for s in metrics.http.table.series.values()), 50)
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class _Client(Protocol):
+    def __init__(self):
+        self.received = b""
+        self.closed = defer.Deferred()
+        self.waiting = None
+
+    def dataReceived(self, data):
+        self.received += data
+        if self.waiting is not None and len(self.received) >= self.waiting[0]:
+            d, self.waiting = self.waiting[1], None
+            d.callback(None)
+
+    def wait_for(self, n):
+        d = defer.Deferred()
+        self.waiting = (n, d)
+        if len(self.received) >= n:
+            self.dataReceived(b"")
+        return d
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+class TCPMetricsTests(TestCase):
+    """
+    The istio_tcp_* families, through txmesh.proxy.tcp on real loopback
+    sockets.
+    """
+
+    @defer.inlineCallbacks
+    def test_real_proxy(self):
+        echo = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(_Echo))
+        self.addCleanup(echo.stopListening)
+        port = echo.getHost().port
+        metrics = ProxyMetrics(NODE)
+        factory = TCPProxyFactory(
+            listener_name="tcp-reviews",
+            pick_endpoint=lambda: Endpoint("127.0.0.1", port),
+            connector=lambda ep: TCP4ClientEndpoint(reactor, ep.host, ep.port),
+            clock=reactor,
+            idle_timeout=0,
+            observer=metrics.tcp_listener("tcp-reviews", REVIEWS),
+        )
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        client = _Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port), client)
+        client.transport.write(b"x" * 1000)
+        yield client.wait_for(1000)
+        # A scrape while the connection is open already counts its bytes.
+        fams = families(metrics)
+        match = {"reporter": "source", "destination_service_name": "reviews", "request_protocol": "tcp",
+                 "source_workload": "productpage-v1", "connection_security_policy": U}
+        self.assertEqual(sample_value(fams["istio_tcp_connections_opened"], "_total", **match), 1)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_closed"], "_total", **match), 0)
+        self.assertEqual(sample_value(fams["istio_tcp_received_bytes"], "_total", **match), 1000)
+        self.assertEqual(sample_value(fams["istio_tcp_sent_bytes"], "_total", **match), 1000)
+        client.transport.write(b"y" * 500)
+        yield client.wait_for(1500)
+        client.transport.loseConnection()
+        yield client.closed
+        for _ in range(50):
+            if not metrics.tcp.live:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        fams = families(metrics)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_closed"], "_total", **match), 1)
+        self.assertEqual(sample_value(fams["istio_tcp_received_bytes"], "_total", **match), 1500)
+        self.assertEqual(sample_value(fams["istio_tcp_sent_bytes"], "_total", **match), 1500)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_opened"], "_total", **match), 1)
+        labels = next(s.labels for s in fams["istio_tcp_sent_bytes"].samples)
+        self.assertEqual(set(labels), set(TCP_LABELS))
+
+    @defer.inlineCallbacks
+    def test_no_upstream_flag(self):
+        metrics = ProxyMetrics(NODE)
+        factory = TCPProxyFactory(
+            listener_name="inbound", pick_endpoint=lambda: None,
+            connector=lambda ep: TCP4ClientEndpoint(reactor, ep.host, ep.port), clock=reactor, idle_timeout=0,
+            observer=metrics.tcp_listener("inbound", "app", "STRICT"))
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        client = _Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port), client)
+        yield client.closed
+        for _ in range(50):
+            if not metrics.tcp.live:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        fams = families(metrics)
+        closed = fams["istio_tcp_connections_closed"]
+        self.assertEqual(sample_value(closed, "_total", reporter="destination", response_flags="UH",
+                                      connection_security_policy="mutual_tls",
+                                      destination_workload="productpage-v1"), 1)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_opened"], "_total", response_flags="-"), 1)
+
+
+class TwoSidecarTests(TestCase):
+    """
+    Two real proxies: the client's (listener "outbound", source reporter)
+    and the server's (listener "inbound", destination reporter), on
+    loopback; they exchange their metadata and neither application sees
+    the header.
+    """
+
+    @defer.inlineCallbacks
+    def test_exchange_end_to_end(self):
+        from tests.support import ProxyHarness, RecordingFactory, fixed_response, listen_upstream, raw_exchange
+        from txmesh.filters.registry import FilterRegistry
+        from txmesh.filters.router import RouterFactory
+
+        registry = FilterRegistry(http=[RouterFactory(), MetricsFactory()])
+        app = RecordingFactory(fixed_response(b"hello"))
+        app_port = yield listen_upstream(self, app)
+        server = ProxyHarness(self, registry)
+        yield server.start("""
+            node: {workload: reviews-v2, namespace: default, app: reviews, version: v2}
+            listeners:
+              - name: inbound
+                address: "tcp:0:interface=127.0.0.1"
+                http_filters: [{name: metrics}]
+                routes: [{cluster: "inbound|9080||reviews-v2"}]
+              - name: tcp-in
+                address: "tcp:0:interface=127.0.0.1"
+                protocol: tcp
+                cluster: "inbound|9080||reviews-v2"
+            clusters:
+              - {name: "inbound|9080||reviews-v2", endpoints: ["127.0.0.1:{app}"]}
+            """, app=app_port)
+        client = ProxyHarness(self, registry)
+        yield client.start("""
+            node: {workload: productpage-v1, namespace: default, app: productpage, version: v1}
+            listeners:
+              - name: outbound
+                address: "tcp:0:interface=127.0.0.1"
+                http_filters: [{name: metrics}]
+                routes: [{cluster: "outbound|9080||reviews.default.svc.cluster.local"}]
+            clusters:
+              - {name: "outbound|9080||reviews.default.svc.cluster.local", endpoints: ["127.0.0.1:{inbound}"]}
+            """, inbound=server.port("inbound"))
+        reply = yield raw_exchange(self, client.port("outbound"),
+                                   b"GET /reviews/1 HTTP/1.1\r\nHost: reviews.default.svc.cluster.local:9080\r\n"
+                                   b"Connection: close\r\n\r\n")
+        self.assertIn(b"hello", reply)
+        self.assertNotIn(b"x-txmesh-peer", reply.lower())
+        self.assertNotIn(b"x-txmesh-peer", app.all_received().lower())
+
+        fams = families(client.service.metrics)
+        self.assertEqual(sample_value(fams["istio_requests"], "_total", reporter="source",
+                                      source_workload="productpage-v1", destination_workload="reviews-v2",
+                                      destination_version="v2", destination_service_name="reviews",
+                                      destination_service_namespace="default", response_code="200"), 1)
+        self.assertEqual(sample_value(fams["txmesh_upstream_connections_active"],
+                                      cluster="outbound|9080||reviews.default.svc.cluster.local"), 1)
+        fams = families(server.service.metrics)
+        self.assertEqual(sample_value(fams["istio_requests"], "_total", reporter="destination",
+                                      source_workload="productpage-v1", source_app="productpage",
+                                      destination_workload="reviews-v2",
+                                      destination_service="reviews.default.svc.cluster.local",
+                                      connection_security_policy="none", response_code="200"), 1)
+        self.assertEqual(sample_value(fams["txmesh_config_version"]), 1)
+
+        # The TCP listener of the same service reports too (service wiring).
+        tcp_client = _Client()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port("tcp-in")), tcp_client)
+        tcp_client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield tcp_client.wait_for(len(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")).addTimeout(5, reactor)
+        tcp_client.transport.loseConnection()
+        yield tcp_client.closed
+        for _ in range(50):
+            if not server.service.metrics.tcp.live:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        fams = families(server.service.metrics)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_closed"], "_total", reporter="source",
+                                      request_protocol="tcp"), 1)
+        self.assertGreater(sample_value(fams["istio_tcp_sent_bytes"], "_total"), 0)

@@ -45,6 +45,7 @@ from txmesh.filters.registry import FilterRegistry
 from txmesh.pilot.snapshot import (
     MeshConfig,
     Node,
+    Telemetry,
     build_snapshot,
     check_documents,
     duration,
@@ -208,10 +209,32 @@ class SnapshotTests(SynchronousTestCase):
         inbound = [listener for listener in snapshot.resources["listeners"] if listener["name"] == "inbound"]
         self.assertEqual(inbound, [{"name": "inbound", "address": "tcp:15006:interface=127.0.0.1",
                                     "routes": [{"name": "inbound", "cluster": "inbound|9080||productpage-v1",
-                                                "timeout": "0s"}]}])
+                                                "timeout": "0s"}],
+                                    "http_filters": [{"name": "metrics", "config": {"reporter": "destination"}}]}])
         config = loader().load_document(snapshot.document())
         app = config.cluster("inbound|9080||productpage-v1")
         self.assertEqual(app.endpoints, (Endpoint("127.0.0.2", 9080),))
+
+    def test_telemetry_filters(self) -> None:
+        """
+        Every pushed listener reports: tracing first, then Istio's metrics
+        (source on the way out, destination on the way in) and the access
+        log; the proxy's loader takes them.
+        """
+        telemetry = Telemetry(access_log={"format": "json"}, tracing={"sampling": 100})
+        snapshot = build_snapshot(MeshConfig(self.documents, telemetry=telemetry), productpage())
+        filters = {x["name"]: x.get("http_filters") for x in snapshot.resources["listeners"]}
+        self.assertEqual(filters["outbound"], [
+            {"name": "tracing", "config": {"sampling": 100, "kind": "client"}},
+            {"name": "metrics", "config": {"reporter": "source"}},
+            {"name": "access_log", "config": {"format": "json"}},
+        ])
+        self.assertEqual([f["name"] for f in filters["inbound"]], ["tracing", "metrics", "access_log"])
+        self.assertEqual(filters["inbound"][0]["config"]["kind"], "server")
+        loader().load_document(snapshot.document())
+        quiet = build_snapshot(MeshConfig(self.documents, telemetry=Telemetry(metrics=False)), productpage())
+        self.assertNotEqual(quiet.per_type_versions["listeners"], snapshot.per_type_versions["listeners"])
+        self.assertFalse([x for x in quiet.resources["listeners"] if x.get("http_filters")])
 
     def test_no_inbound(self) -> None:
         """
@@ -536,7 +559,9 @@ def zero_trust(documents: list, node: Node | None = None, mtls: bool = True, **m
     proxy's loader, and return both.
     """
     docs = [("mesh.yaml", i, d) for i, d in enumerate(documents, start=1)]
-    snapshot = build_snapshot(MeshConfig(docs, mtls=mtls, **mesh), node or web())
+    # Without telemetry filters, so the security filters are what is compared.
+    snapshot = build_snapshot(MeshConfig(docs, mtls=mtls, **{"telemetry": Telemetry(metrics=False), **mesh}),
+                              node or web())
     config = loader().load_document(json.loads(json.dumps(snapshot.document())), "pilot")
     return snapshot, config
 
@@ -719,7 +744,7 @@ class ZeroTrustTests(SynchronousTestCase):
         docs = [("mesh.yaml", i, d) for i, d in enumerate(
             shop_services() + [authz("web", "shop", {"app": "web"}), peer("db", "shop", "STRICT", {"app": "db"})],
             start=1)]
-        mesh = MeshConfig(docs, mtls=True)
+        mesh = MeshConfig(docs, mtls=True, telemetry=Telemetry(metrics=False))
         view = namespace_view(mesh, "shop")
         db = Node("db-1", workload="db-v1", namespace="shop", app="db", inbound_port=15006, app_port=5432)
         a = build_snapshot(mesh, web(), view)

@@ -116,7 +116,8 @@ def pilot_component() -> Component:
         "pilot",
         twistd_argv() + ["-n", "--pidfile=", "txmesh-pilot", "--config-dir", PILOT_DIR,
                          "--listen", f"tcp:{PILOT_CHANNEL}:interface={HOST}",
-                         "--api", f"tcp:{PILOT_API}:interface={HOST}", "--poll-interval", "0.2"],
+                         "--api", f"tcp:{PILOT_API}:interface={HOST}", "--poll-interval", "0.2",
+                         "--metrics", "none"],
         [PILOT_CHANNEL, PILOT_API], PILOT_API, "/status")
 
 

@@ -174,6 +174,8 @@ class PilotOptions(usage.Options):
         ["audit-log", None, None, "Append a JSON line per refused proxy and per certificate decision to this "
          "file ('-': standard output)."],
         ["poll-interval", None, 0.2, "Seconds between checks of the config files.", float],
+        ["metrics", None, "tcp:15014:interface=127.0.0.1", "Endpoint string serving Prometheus metrics at "
+         "GET /metrics ('none': off)."],
     ]
     optFlags = [
         ["insecure", None, "Plaintext channel admitting any proxy without a credential (development only)."],
@@ -193,6 +195,8 @@ class PilotOptions(usage.Options):
         if not 0 < interval <= timeout:
             raise usage.UsageError("--keepalive: need 0 < INTERVAL <= TIMEOUT")
         self["keepalive"] = (interval, timeout)
+        if self["metrics"].strip().lower() in ("", "none"):
+            self["metrics"] = None
         self["api-token"] = None
         if self["api-token-file"]:
             try:
@@ -247,6 +251,7 @@ class PilotServiceMaker:
                 api_token=options["api-token"], keepalive=options["keepalive"], audit=audit,
                 api_tls=bool(options["api-tls"]),
                 api_admins=tuple(a.strip() for a in options["api-admins"].split(",") if a.strip()),
+                metrics_listen=options["metrics"],
             )
         except (ConfigError, CAError, ValueError, OSError) as e:
             raise SystemExit(f"txmesh-pilot: {e}") from None

@@ -480,6 +480,9 @@ class RouterFilter(HTTPFilter):
             return False
         self._budget_slot = True
         self._retries += 1
+        proxy = self._stream.proxy
+        if proxy is not None and proxy.metrics is not None:
+            proxy.metrics.count_retry(cluster.name)
         if self._tried is None:
             self._tried = set()
         if self._pool is not None:

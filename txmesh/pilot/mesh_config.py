@@ -12,6 +12,10 @@ start.
     workload_cert_ttl: 24h               # proxies renew at half-life; at least 1m
     root_namespace: istio-system         # security policies here apply mesh-wide
     audit_log: /var/log/txmesh/audit.log # where proxies' authz/jwt filters audit ("-": stdout)
+    telemetry:                           # what every proxy reports
+      metrics: true                      # Istio's standard metrics (default)
+      access_log: {format: json, path: "-"}
+      tracing: {collector: "http://zipkin:9411/api/v2/spans", sampling: 1.0}
     registries:                          # discovery sources, merged in this order
       - {type: file, path: services}     # the default when the key is absent
       - {type: dns, names: [{host: db.example.com, port: 5432, kind: A}]}
@@ -41,7 +45,7 @@ from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError
 from txmesh.config.section import Section
 from txmesh.pilot.registry.base import IRegistry
-from txmesh.pilot.snapshot import MeshConfig
+from txmesh.pilot.snapshot import MeshConfig, Telemetry
 
 MESH_FILE = "mesh.yaml"
 REGISTRY_TYPES = ("file", "dns", "etcd", "kubernetes")
@@ -127,6 +131,9 @@ def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> 
     if "inbound_address" in changes and "{port}" not in changes["inbound_address"]:
         raise ConfigError(path, "inbound_address", "must contain {port} (the node's inbound port)")
     ttl = top.get("workload_cert_ttl", _certificate_ttl, default=24 * 3600.0)
+    telemetry = _telemetry(top.sub("telemetry"))
+    if telemetry is not None:
+        changes["telemetry"] = telemetry
     registries: list[tuple[str, Mapping[str, Any]]] = []
     if "registries" in top.value:
         for field, body in top.items("registries"):
@@ -168,6 +175,26 @@ def _audiences(value: Any) -> tuple[str, ...]:
         if not isinstance(item, str) or not item.strip():
             raise ValueError(f"audiences are non-empty strings, got {item!r}")
     return tuple(dict.fromkeys(value))
+
+
+def _telemetry(s: Section | None) -> Telemetry | None:
+    """
+    Read C{telemetry: {metrics: bool, access_log: {...}, tracing: {...}}};
+    the filter sections are checked by the proxies' filters (a bad one is
+    NACKed, with the reason, by every proxy).
+    """
+    if s is None:
+        return None
+    metrics = s.get("metrics", values.boolean, default=True)
+    sections = {}
+    for key in ("access_log", "tracing"):
+        value = s.value.get(key)
+        s.seen.add(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise s.error(f"expected a mapping (the {key} filter's config)", s.field(key))
+        sections[key] = dict(value) if value is not None else None
+    s.done()
+    return Telemetry(metrics, sections["access_log"], sections["tracing"])
 
 
 def _certificate_ttl(value: Any) -> float:

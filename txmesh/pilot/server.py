@@ -41,6 +41,7 @@ from txmesh.pilot.messages import (
     SyncStatus,
     encode,
 )
+from txmesh.pilot.metrics import PilotMetrics
 from txmesh.pilot.snapshot import RESOURCE_TYPES, Node, Snapshot
 
 INBOUND_PORT_LABEL = "txmesh.io/inbound-port"
@@ -139,14 +140,18 @@ class PilotChannelProtocol(Protocol):
     log = Logger()
     MAX_QUEUED = 64
 
-    def __init__(self, backend: PilotBackend, clock: IReactorTime, keepalive: tuple[float, float] | None = None):
+    def __init__(self, backend: PilotBackend, clock: IReactorTime, keepalive: tuple[float, float] | None = None,
+                 metrics: PilotMetrics | None = None):
         """
         @param backend: the pilot.
         @param clock: schedules the keepalive.
         @param keepalive: C{(interval, timeout)} in seconds, or C{None} for
             none (see L{Keepalive}).
+        @param metrics: counts pushes, ACKs, NACKs and refusals; C{None}
+            for none.
         """
         self._backend = backend
+        self._metrics = metrics
         self._clock = clock
         self._keepalive_settings = keepalive
         self._keepalive: Keepalive | None = None
@@ -185,6 +190,8 @@ class PilotChannelProtocol(Protocol):
         return str(self.transport.getPeer()) if self.transport is not None else "?"
 
     def _refuse(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.proxies_refused.inc()
         self.transport.write(encode(Refused(reason=reason)))
         self._close(f"refused: {reason}")
 
@@ -224,10 +231,16 @@ class PilotChannelProtocol(Protocol):
         elif isinstance(message, Hello):
             raise ChannelProtocolError("hello sent twice")
         elif isinstance(message, Ack):
-            if self.sync.acked(message.nonce, message.version):
+            acked = self.sync.acked(message.nonce, message.version)
+            if self._metrics is not None:
+                self._metrics.acks.inc()
+            if acked:
                 self.applied.update(self._in_flight)
         elif isinstance(message, Nack):
-            if self.sync.nacked(message.nonce, message.version, message.error):
+            nacked = self.sync.nacked(message.nonce, message.version, message.error)
+            if self._metrics is not None:
+                self._metrics.nacks.inc()
+            if nacked:
                 # The proxy kept what it had: the next push compares with that.
                 self._sent = dict(self.applied)
                 self.log.warn(
@@ -340,6 +353,8 @@ class PilotChannelProtocol(Protocol):
         resources = {t: snapshot.resources[t] for t in changed}
         self.transport.write(encode(Push(version=snapshot.version, nonce=nonce, resources=resources,
                                          versions=changed)))
+        if self._metrics is not None:
+            self._metrics.pushed(changed)
         return True
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -361,17 +376,20 @@ class PilotChannelFactory(Factory):
     Makes a L{PilotChannelProtocol} per accepted connection.
     """
 
-    def __init__(self, backend: PilotBackend, clock: IReactorTime, keepalive: tuple[float, float] | None = None):
+    def __init__(self, backend: PilotBackend, clock: IReactorTime, keepalive: tuple[float, float] | None = None,
+                 metrics: PilotMetrics | None = None):
         """
         @param backend: the pilot.
         @param clock: schedules each channel's keepalive.
         @param keepalive: C{(interval, timeout)} in seconds, or C{None}.
+        @param metrics: given to each channel, or C{None}.
         """
         self._backend = backend
         self._clock = clock
         self._keepalive = keepalive
+        self._metrics = metrics
 
     def buildProtocol(self, addr: object) -> PilotChannelProtocol:
-        protocol = PilotChannelProtocol(self._backend, self._clock, self._keepalive)
+        protocol = PilotChannelProtocol(self._backend, self._clock, self._keepalive, self._metrics)
         protocol.factory = self
         return protocol

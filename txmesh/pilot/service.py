@@ -50,6 +50,7 @@ from txmesh.pilot.messages import (
     Hello,
     Message,
 )
+from txmesh.pilot.metrics import PilotMetrics, metrics_site
 from txmesh.pilot.registry.base import CombinedRegistry
 from txmesh.pilot.server import PilotChannelFactory, PilotChannelProtocol
 from txmesh.pilot.snapshot import (
@@ -83,6 +84,8 @@ class PilotService(Service):
     @ivar channel_port: the channel's listening port, once started.
     @ivar api_port: the operator API's listening port, or C{None}.
     @ivar config_error: why the last config change was refused, or C{None}.
+    @ivar metrics: the pilot's L{PilotMetrics}.
+    @ivar metrics_port: the metrics' listening port, or C{None}.
     """
 
     log = Logger()
@@ -102,6 +105,7 @@ class PilotService(Service):
         audit: AuditLog | None = None,
         api_tls: bool = False,
         api_admins: tuple[str, ...] = (),
+        metrics_listen: str | None = None,
     ):
         """
         @param config_dir: the directory holding C{mesh.yaml}, C{istio/} and
@@ -126,6 +130,9 @@ class PilotService(Service):
             certificate from the mesh CA.
         @param api_admins: SPIFFE IDs of operators whose client certificate
             is enough without the token (with C{api_tls}).
+        @param metrics_listen: server endpoint string serving Prometheus
+            metrics at C{GET /metrics}, or C{None} for none (they are kept
+            in L{metrics} either way).
         @raise ConfigError: C{mesh.yaml} is invalid.
         @raise ValueError: C{api} listens beyond loopback and no
             C{api_token} is given.
@@ -167,6 +174,9 @@ class PilotService(Service):
         self._pending: IDelayedCall | None = None
         self.channel_port: IListeningPort | None = None
         self.api_port: IListeningPort | None = None
+        self.metrics = PilotMetrics(self._registry_statuses)
+        self._metrics_listen = metrics_listen
+        self.metrics_port: IListeningPort | None = None
 
     # --- config ---------------------------------------------------------------
 
@@ -175,25 +185,37 @@ class PilotService(Service):
             return {}
         return {host: svc.endpoints for host, svc in self.registry.services().items()}
 
+    def _registry_statuses(self) -> list[dict[str, Any]]:
+        """
+        @return: each service registry's own status, for the metrics.
+        """
+        if self.registry is None:
+            return []
+        return self.registry.status()["registries"]
+
     def reload(self) -> bool:
         """
         Read the config again and, if valid, push changed snapshots.
 
         @return: whether the new config was taken.
         """
+        taken = self._reactor.seconds()
         try:
             mesh, views, _ = self.prepare(load_istio_documents(self._istio_dir))
             snapshots = [(c, self._build(mesh, views, c.node)) for c in self.channels if c.node is not None]
         except ConfigError as e:
             self.config_error = str(e)
+            self.metrics.config_rejected.inc()
             self.log.error("pilot config refused, keeping the last good one: {error}", error=self.config_error)
             return False
         self.mesh = mesh
         self._views = views
         self.config_error = None
         self.config_version += 1
+        self.metrics.config_generation.set(self.config_version)
         for channel, snapshot in snapshots:
-            channel.push(snapshot)
+            if channel.push(snapshot):
+                self.metrics.push_duration.observe(self._reactor.seconds() - taken)
         return True
 
     def prepare(self, documents: list[Document]) -> tuple[MeshConfig, dict[str, NamespaceView], list[str]]:
@@ -286,6 +308,7 @@ class PilotService(Service):
         A proxy said hello: track it and return its snapshot.
         """
         self.channels.append(channel)
+        self.metrics.proxies_connected.set(len(self.channels))
         self.log.info("proxy {node} connected", node=channel.node.id)
         return self.snapshot_for(channel)
 
@@ -295,6 +318,7 @@ class PilotService(Service):
         """
         if channel in self.channels:
             self.channels.remove(channel)
+            self.metrics.proxies_connected.set(len(self.channels))
             self.log.info("proxy {node} disconnected", node=channel.node.id)
 
     def authenticate(self, hello: Hello, peer_identity: str | None) -> Admission | defer.Deferred[Admission]:
@@ -351,12 +375,14 @@ class PilotService(Service):
                 reason = str(e)
             else:
                 self.certificates_signed += 1
+                self.metrics.certificates_signed.inc()
                 self.log.info("signed a certificate for {identity} (proxy {node})", identity=channel.identity,
                               node=node)
                 self._audit("CSR", node, channel.identity, "ALLOW", "certificate signed")
                 return CertificateIssued(id=request.id, chain=chain.decode("ascii"), roots=roots.decode("ascii"))
         self.log.warn("refused to sign a certificate for proxy {node}: {reason}", node=node, reason=reason)
         self._audit("CSR", node, channel.identity, "DENY", reason)
+        self.metrics.certificates_denied.inc()
         return CertificateDenied(id=request.id, reason=reason)
 
     def snapshot_for(self, channel: PilotChannelProtocol) -> Snapshot | None:
@@ -387,7 +413,7 @@ class PilotService(Service):
         self._poll = LoopingCall(self._check)
         self._poll.clock = self._reactor
         self._poll.start(self._poll_interval, now=False)
-        factory: Any = PilotChannelFactory(self, self._reactor, self._keepalive)
+        factory: Any = PilotChannelFactory(self, self._reactor, self._keepalive, self.metrics)
         if self.security is not None:
             self._ca_stamp = self.security.ca_signature()
             factory = self._tls_factory = TLSListenerFactory(self.security.server_options, factory, self._reactor)
@@ -399,6 +425,9 @@ class PilotService(Service):
             if self._api_tls:
                 site = self._api_tls_factory = TLSListenerFactory(self.security.server_options, site, self._reactor)
             self.api_port = yield serverFromString(self._reactor, self._api).listen(site)
+        if self._metrics_listen is not None:
+            self.metrics_port = yield serverFromString(self._reactor, self._metrics_listen).listen(
+                metrics_site(self.metrics))
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -409,7 +438,7 @@ class PilotService(Service):
             self._pending.cancel()
         if self.registry is not None:
             yield self.registry.stop()
-        for port in (self.channel_port, self.api_port):
+        for port in (self.channel_port, self.api_port, self.metrics_port):
             if port is not None:
                 yield port.stopListening()
         for channel in list(self.channels):

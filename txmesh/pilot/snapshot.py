@@ -111,6 +111,41 @@ class Node:
 
 
 @attrs.frozen
+class Telemetry:
+    """
+    What the pilot asks every proxy to report (C{mesh.yaml} C{telemetry}).
+
+    @ivar metrics: Istio's standard metrics (the C{metrics} filter), as
+        C{reporter=source} on outbound listeners and C{destination} on
+        inbound ones.
+    @ivar access_log: the C{access_log} filter's config, or C{None} for no
+        access log.
+    @ivar tracing: the C{tracing} filter's config (collector, sampling...),
+        or C{None}; its C{kind} is set per listener.
+    """
+
+    metrics: bool = True
+    access_log: Mapping[str, Any] | None = attrs.field(default=None, eq=False)
+    tracing: Mapping[str, Any] | None = attrs.field(default=None, eq=False)
+
+    def filters(self, inbound: bool) -> list[dict[str, Any]]:
+        """
+        @return: the telemetry filters of an inbound (server, destination
+            reporter) or outbound (client, source reporter) listener, in
+            chain order: tracing first (so the rest see the trace), then
+            metrics and the access log.
+        """
+        out: list[dict[str, Any]] = []
+        if self.tracing is not None:
+            out.append({"name": "tracing", "config": {**self.tracing, "kind": "server" if inbound else "client"}})
+        if self.metrics:
+            out.append({"name": "metrics", "config": {"reporter": "destination" if inbound else "source"}})
+        if self.access_log is not None:
+            out.append({"name": "access_log", "config": dict(self.access_log)})
+        return out
+
+
+@attrs.frozen
 class MeshConfig:
     """
     Everything snapshots are built from.
@@ -135,6 +170,8 @@ class MeshConfig:
     @ivar audit_log: where the pushed C{authz} and C{jwt} filters write
         their audit records (a path on the proxy's host, C{-} for its
         standard output), or C{None} for none.
+    @ivar telemetry: the metrics, access log and tracing filters every
+        pushed listener gets.
     """
 
     documents: tuple[tuple[str | None, int, Any], ...] = attrs.field(converter=tuple, default=())
@@ -149,6 +186,7 @@ class MeshConfig:
     mtls: bool = False
     root_namespace: str = "istio-system"
     audit_log: str | None = None
+    telemetry: Telemetry = attrs.field(factory=lambda: Telemetry())
 
 
 @attrs.frozen
@@ -399,9 +437,14 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
         view = namespace_view(mesh, namespace)
     listeners: list[dict[str, Any]] = []
     outbound_address = None
+    outbound_filters = mesh.telemetry.filters(inbound=False)
     if view.virtual_hosts:
         outbound_address = node.outbound_address or mesh.outbound_address
-        listeners.append({"name": "outbound", "address": outbound_address, "virtual_hosts": list(view.virtual_hosts)})
+        outbound: dict[str, Any] = {"name": "outbound", "address": outbound_address,
+                                    "virtual_hosts": list(view.virtual_hosts)}
+        if outbound_filters:
+            outbound["http_filters"] = outbound_filters
+        listeners.append(outbound)
     clusters = list(view.clusters)
     inbound_listener = inbound_cluster = None
     if node.inbound_port is not None and node.app_port is not None:
@@ -414,6 +457,9 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
         }
         if mesh.mtls:
             inbound_listener.update(_inbound_security(mesh, view, node, namespace))
+        telemetry = mesh.telemetry.filters(inbound=True)
+        if telemetry:
+            inbound_listener["http_filters"] = telemetry + inbound_listener.get("http_filters", [])
         clusters.append(inbound_cluster)
         listeners.append(inbound_listener)
     resources = {LISTENERS: listeners, CLUSTERS: clusters}
@@ -423,7 +469,8 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
     per_type = {
         LISTENERS: content_hash(
             {"virtual_hosts": view.virtual_hosts_hash if view.virtual_hosts else None,
-             "outbound_address": outbound_address, "inbound": inbound_listener}
+             "outbound_address": outbound_address, "outbound_filters": outbound_filters,
+             "inbound": inbound_listener}
         ),
         CLUSTERS: content_hash({"shared": view.clusters_hash, "inbound": inbound_cluster}),
     }

@@ -164,7 +164,10 @@ class ProxyService(Service):
             self.load_initial()
         config = self.config
         self.metrics = ProxyMetrics(config.node)
+        self.metrics.watch(clusters=self._clusters.clusters, config_version=lambda: self.version,
+                           pilot_status=self.pilot_status)
         self.identity = self._clusters.identity = self._make_identity(config)
+        self.metrics.set_identity(self.identity)
         self._check_identity(config, self._path)
         self._clusters.start()
         self._apply_clusters(config)
@@ -272,6 +275,7 @@ class ProxyService(Service):
                 clock=reactor,
                 idle_timeout=listener.idle_timeout,
                 filters=listener.network_filters,
+                observer=self.metrics.tcp_listener(listener.name, listener.cluster, listener.mtls),
             )
         return HTTPListenerFactory(HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(config)))
 

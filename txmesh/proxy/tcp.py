@@ -126,6 +126,7 @@ class TCPProxyFactory(ServerFactory):
         idle_timeout: float,
         filters: Sequence[FilterConfig] = (),
         on_connection_closed: Callable[[TCPConnectionStats], None] | None = None,
+        observer: Any = None,
     ) -> None:
         """
         @param listener_name: the listener's name, for logs, stats and
@@ -148,6 +149,13 @@ class TCPProxyFactory(ServerFactory):
             return an L{INetworkFilter}.
         @param on_connection_closed: called with a L{TCPConnectionStats}
             once both sides of a connection are closed.
+        @param observer: metrics hooks (e.g.
+            L{txmesh.observability.metrics.TCPListenerMetrics}), or C{None}:
+            C{observer.connection_opened(connection)} when a downstream
+            connection is accepted and C{observer.connection_closed(connection,
+            stats)} once it is closed, where C{connection} has C{bytes_received}
+            and C{bytes_sent} (so far) and C{stats} is the
+            L{TCPConnectionStats}.
 
         @raise ValueError: if C{idle_timeout} is negative.
         """
@@ -160,6 +168,7 @@ class TCPProxyFactory(ServerFactory):
         self.idle_timeout = idle_timeout
         self.filters = tuple(filters)
         self.on_connection_closed = on_connection_closed
+        self.observer = observer
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """
@@ -312,6 +321,20 @@ class _ProxySession:
         self._last_activity = 0.0
         self._idle_call: IDelayedCall | None = None
 
+    @property
+    def bytes_received(self) -> int:
+        """
+        Bytes read from the downstream client so far.
+        """
+        return self._down.bytes_read
+
+    @property
+    def bytes_sent(self) -> int:
+        """
+        Bytes written to the downstream client so far.
+        """
+        return self._down.bytes_written
+
     # Events from the two protocols.
 
     def side_connected(self, side: _Side, transport: ITransport) -> None:
@@ -360,6 +383,11 @@ class _ProxySession:
         factory = self._factory
         self._down.transport = transport
         self._start_time = self._clock.seconds()
+        if factory.observer is not None:
+            try:
+                factory.observer.connection_opened(self)
+            except Exception:  # noqa: BLE001 (see _ProxySession)
+                self._log.failure("{listener}: metrics observer failed", listener=factory.listener_name)
         # Nothing may be read from the client until there is somewhere to
         # send it; buffering it instead would defeat backpressure.
         transport.pauseProducing()
@@ -647,6 +675,12 @@ class _ProxySession:
             downstream=stats.downstream_address,
             stats=stats,
         )
+        observer = self._factory.observer
+        if observer is not None:
+            try:
+                observer.connection_closed(self, stats)
+            except Exception:  # noqa: BLE001 (see _ProxySession)
+                self._log.failure("{listener}: metrics observer failed", listener=self._factory.listener_name)
         callback = self._factory.on_connection_closed
         if callback is not None:
             try:
