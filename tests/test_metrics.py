@@ -605,3 +605,25 @@ class TwoSidecarTests(TestCase):
         self.assertEqual(sample_value(fams["istio_tcp_connections_closed"], "_total", reporter="source",
                                       request_protocol="tcp"), 1)
         self.assertGreater(sample_value(fams["istio_tcp_sent_bytes"], "_total"), 0)
+
+
+class FilterFactoryCountersTests(SynchronousTestCase):
+    """
+    Counters filter factories keep (the tracing reporters' dropped spans)
+    are exported with the proxy's metrics.
+    """
+
+    def test_tracing_reporter_counters(self) -> None:
+        from txmesh.filters.tracing import TracingFactory
+
+        class Reporter:
+            dropped, sent, failures = 7, 3, 1
+
+        factory = TracingFactory()
+        factory.reporters["http://collector:9411/api/v2/spans"] = Reporter()
+        metrics = ProxyMetrics(NodeConfig())
+        metrics.watch(filter_factories=lambda: [factory, object()])
+        text = metrics.exposition()[1].decode()
+        self.assertIn('txmesh_tracing_spans_dropped_total{collector="http://collector:9411/api/v2/spans"} 7.0', text)
+        self.assertIn("txmesh_tracing_spans_sent_total", text)
+        self.assertIn("txmesh_tracing_report_failures_total", text)

@@ -203,7 +203,7 @@ class ConfigLoader:
     """
 
     def __init__(self, registry: FilterRegistry):
-        self._registry = registry
+        self.registry = registry
         self._included: tuple[str, ...] = ()
 
     def load_file(self, path: str) -> ProxyConfig:
@@ -634,7 +634,7 @@ class ConfigLoader:
         if not filters or filters[-1].name != ROUTER_FILTER:
             filters.append(self._filter(s.field("http_filters"), {"name": ROUTER_FILTER}, source, network=False))
         has_faults = any(r.fault is not None for vh in vhosts for r in vh.routes)
-        if has_faults and all(f.name != FAULT_FILTER for f in filters) and self._registry.http(FAULT_FILTER):
+        if has_faults and all(f.name != FAULT_FILTER for f in filters) and self.registry.http(FAULT_FILTER):
             # Routes with fault injection need the fault filter, as Istio's
             # sidecars always have it: put it just before the router.
             filters.insert(len(filters) - 1,
@@ -736,7 +736,7 @@ class ConfigLoader:
         if fs is not None:
             for fname, raw in fs.value.items():
                 ffield = fs.field(str(fname))
-                factory = self._registry.http(fname)
+                factory = self.registry.http(fname)
                 if factory is None:
                     raise ConfigError(source, ffield, self._unknown_filter(fname, network=False))
                 if fname == ROUTER_FILTER:
@@ -908,7 +908,7 @@ class ConfigLoader:
         return hm
 
     def _unknown_filter(self, name: Any, network: bool) -> str:
-        known = self._registry.network_names() if network else self._registry.http_names()
+        known = self.registry.network_names() if network else self.registry.http_names()
         kind = "network" if network else "HTTP"
         return f"unknown {kind} filter {name!r} (installed: {', '.join(known) or 'none'})"
 
@@ -925,7 +925,7 @@ class ConfigLoader:
     def _filter(self, field: str, value: Any, source: str | None, network: bool) -> FilterConfig:
         s = _Section(source, field, value)
         name = s.get("name", _string, required=True)
-        factory = self._registry.network(name) if network else self._registry.http(name)
+        factory = self.registry.network(name) if network else self.registry.http(name)
         if factory is None:
             raise s.error(self._unknown_filter(name, network), s.field("name"))
         s.seen.add("config")

@@ -52,6 +52,12 @@ class FilterRegistry:
         """
         return self._network.get(name)
 
+    def http_factories(self) -> list[object]:
+        """
+        @return: every HTTP filter factory, by name.
+        """
+        return [self._http[name] for name in sorted(self._http)]
+
     def http_names(self) -> list[str]:
         """
         @return: sorted names of known HTTP filters.

@@ -423,6 +423,25 @@ class TracingFactory:
         # None: the reporter falls back to the global reactor.
         return clock if IReactorTCP.providedBy(clock) else None
 
+    def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
+        """
+        @return: each reporter's counters, for the proxy's metrics:
+            C{txmesh_tracing_spans_dropped_total} (queue full),
+            C{txmesh_tracing_spans_sent_total} and
+            C{txmesh_tracing_report_failures_total}, by collector.
+        """
+        out = []
+        for url, reporter in sorted(self.reporters.items()):
+            labels = {"collector": url}
+            out += [
+                ("txmesh_tracing_spans_dropped", "Spans dropped because the report queue was full.", labels,
+                 reporter.dropped),
+                ("txmesh_tracing_spans_sent", "Spans the collector accepted.", labels, reporter.sent),
+                ("txmesh_tracing_report_failures", "Reports that failed (error, timeout or non-2xx).", labels,
+                 reporter.failures),
+            ]
+        return out
+
     def stop(self) -> Deferred:
         """
         Stop every reporter (queued spans are dropped).

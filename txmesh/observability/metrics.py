@@ -677,6 +677,27 @@ class _ProxyStateCollector:
                 acked = status.get("acked_version")
                 info.add_metric((str(acked)[:64] if acked else "",), 1)
                 yield info
+        if m.filter_factories is not None:
+            yield from _factory_families(m.filter_factories())
+
+
+def _factory_families(factories: Iterable[Any]) -> Iterable[Any]:
+    """
+    Counters filter factories keep (a factory may offer
+    C{metric_samples()}: C{(name, help, labels, value)} tuples), as
+    counter families.
+    """
+    families: dict[str, Any] = {}
+    for factory in factories:
+        samples = getattr(factory, "metric_samples", None)
+        if samples is None:
+            continue
+        for name, documentation, labels, value in samples():
+            family = families.get(name)
+            if family is None:
+                family = families[name] = CounterMetricFamily(name, documentation, labels=tuple(labels))
+            family.add_metric(tuple(labels.values()), value)
+    yield from families.values()
 
 
 class ProxyMetrics:
@@ -706,6 +727,7 @@ class ProxyMetrics:
         self.clusters: Callable[[], Iterable[Any]] | None = None
         self.config_version: Callable[[], int] | None = None
         self.pilot_status: Callable[[], dict | None] | None = None
+        self.filter_factories: Callable[[], Iterable[Any]] | None = None
         r = self.registry
         r.register(self.http)
         r.register(self.tcp)
@@ -718,7 +740,8 @@ class ProxyMetrics:
 
     def watch(self, *, clusters: Callable[[], Iterable[Any]] | None = None,
               config_version: Callable[[], int] | None = None,
-              pilot_status: Callable[[], dict | None] | None = None) -> None:
+              pilot_status: Callable[[], dict | None] | None = None,
+              filter_factories: Callable[[], Iterable[Any]] | None = None) -> None:
         """
         Read these at each scrape for txmesh's own metrics.
 
@@ -726,8 +749,12 @@ class ProxyMetrics:
         @param config_version: returns the applied config version.
         @param pilot_status: returns L{PilotClient.status
             <txmesh.proxy.pilot_client.PilotClient.status>} or C{None}.
+        @param filter_factories: returns the HTTP filter factories, some of
+            which keep counters (C{metric_samples()}), e.g. the tracing
+            reporters' dropped spans.
         """
         self.clusters = clusters
+        self.filter_factories = filter_factories
         self.config_version = config_version
         self.pilot_status = pilot_status
 

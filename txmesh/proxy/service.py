@@ -165,7 +165,7 @@ class ProxyService(Service):
         config = self.config
         self.metrics = ProxyMetrics(config.node)
         self.metrics.watch(clusters=self._clusters.clusters, config_version=lambda: self.version,
-                           pilot_status=self.pilot_status)
+                           pilot_status=self.pilot_status, filter_factories=self._loader.registry.http_factories)
         self.identity = self._clusters.identity = self._make_identity(config)
         self.metrics.set_identity(self.identity)
         self._check_identity(config, self._path)
