@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from typing import Any
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv6Address
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -542,3 +544,41 @@ class TCPTests(SynchronousTestCase):
         lose(c.down)
         lose(c.up)
         self.assertEqual(read_lines(self.path), [])
+
+
+class TCPListenerAccessLogTests(TestCase):
+    """
+    A TCP listener's C{access_log}: one line per connection, from the real
+    proxy.
+    """
+
+    @defer.inlineCallbacks
+    def test_connection_line(self) -> Any:
+        upstream = yield listen_upstream(self, RecordingFactory(fixed_response(b"pong")))
+        fd, path = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+        self.addCleanup(os.remove, path)
+        h = ProxyHarness(self)
+        yield h.start(f"""
+            listeners:
+              - name: db
+                address: "tcp:0:interface=127.0.0.1"
+                protocol: tcp
+                cluster: db
+                access_log: {{format: json, path: "{path}"}}
+            clusters: [{{name: db, endpoints: ["127.0.0.1:{upstream}"]}}]
+            """)
+        client = yield raw_connect(self, h.port("db"))
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = yield client.wait_for(lambda d: d.endswith(b"pong"))
+        self.assertTrue(data.endswith(b"pong"))
+        client.transport.loseConnection()
+        deadline = reactor.seconds() + 5
+        while not open(path).read() and reactor.seconds() < deadline:
+            yield deferLater(reactor, 0.02, lambda: None)
+        with open(path) as f:
+            [line] = f.read().splitlines()
+        record = json.loads(line)
+        self.assertEqual(record["upstream_host"], f"127.0.0.1:{upstream}")
+        self.assertGreater(record["bytes_received"], 0)
+        self.assertGreater(record["bytes_sent"], 0)

@@ -75,6 +75,7 @@ T = TypeVar("T")
 
 ROUTER_FILTER = "router"
 FAULT_FILTER = "fault"
+ACCESS_LOG_FILTER = "access_log"
 LB_POLICIES = ("round_robin", "random", "least_request", "consistent_hash")
 PROTOCOLS = ("http", "tcp")
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
@@ -614,8 +615,16 @@ class ConfigLoader:
             if cluster not in clusters:
                 raise s.error(f"unknown cluster {cluster!r}", s.field("cluster"))
             filters = tuple(self._filter(f, v, source, network=True) for f, v in s.items("network_filters"))
+            access_log = None
+            if s.value.get("access_log") is not None:
+                factory = self.registry.http(ACCESS_LOG_FILTER)
+                if factory is None:
+                    raise s.error("the access_log filter plugin is not installed", s.field("access_log"))
+                s.seen.add("access_log")
+                access_log = self._parse_filter(factory, s.value["access_log"], s.field("access_log"), source)
             s.done()
-            return ListenerConfig(name, address, "tcp", cluster=cluster, network_filters=filters, **common)
+            return ListenerConfig(name, address, "tcp", cluster=cluster, network_filters=filters,
+                                  access_log=access_log, **common)
 
         vhosts = [self._vhost(f, v, source, clusters) for f, v in s.items("virtual_hosts")]
         if "routes" in s.value:

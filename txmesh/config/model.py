@@ -457,6 +457,8 @@ class ListenerConfig:
     @ivar mtls: mutual TLS with the workload certificate (Istio's
         PeerAuthentication): C{STRICT} (mutual TLS only), C{PERMISSIVE}
         (mutual TLS or plaintext, per connection), or C{None}.
+    @ivar access_log: a C{tcp} listener's access log (the C{access_log}
+        filter's parsed config: one line per connection), or C{None}.
     """
 
     name: str
@@ -473,6 +475,7 @@ class ListenerConfig:
     scheme: bytes = b"http"
     tls: ListenerTLS | None = None
     mtls: str | None = None
+    access_log: Any = None
 
 
 @attrs.frozen

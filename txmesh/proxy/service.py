@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from txmesh.config.errors import ConfigError
 from txmesh.config.loader import ConfigLoader
 from txmesh.config.model import ListenerConfig, ProxyConfig
+from txmesh.filters.access_log import TCPAccessLog
 from txmesh.filters.registry import FilterRegistry
 from txmesh.observability.metrics import ProxyMetrics
 from txmesh.pilot.messages import Node
@@ -276,6 +277,8 @@ class ProxyService(Service):
                 idle_timeout=listener.idle_timeout,
                 filters=listener.network_filters,
                 observer=self.metrics.tcp_listener(listener.name, listener.cluster, listener.mtls),
+                on_connection_closed=(TCPAccessLog(listener.access_log, listener.cluster)
+                                      if listener.access_log is not None else None),
             )
         return HTTPListenerFactory(HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(config)))
 
