@@ -319,7 +319,8 @@ class CertificateAuthority:
     """
 
     @classmethod
-    def load_or_create(cls, directory: str, trust_domain: str, now: datetime) -> CertificateAuthority:
+    def load_or_create(cls, directory: str, trust_domain: str, now: datetime,
+                       create: bool = True) -> CertificateAuthority:
         """
         Load the CA in C{directory}, or create a new root there if it holds
         no CA yet (creating the directory too, mode 0700).
@@ -328,6 +329,9 @@ class CertificateAuthority:
         @param trust_domain: the SPIFFE trust domain, e.g. C{cluster.local}.
         @param now: the current time (timezone-aware), used for a new
             root's validity and to refuse an expired CA.
+        @param create: make a new root when the directory holds none; a
+            pilot re-reading its CA passes C{False}, so it never replaces a
+            root that is being rotated.
         @raise CAError: naming the file and what is wrong with it: an
             unreadable or unparseable file, a key that does not match its
             certificate, half of a key/certificate pair missing, a chain
@@ -353,8 +357,10 @@ class CertificateAuthority:
                           os.path.join(directory, CERT_CHAIN_FILE))
         elif exists(ROOT_KEY_FILE) or exists(ROOT_CERT_FILE):
             ca = cls._load_generated(directory, trust_domain)
-        else:
+        elif create:
             ca = cls._create(directory, trust_domain, now)
+        else:
+            raise CAError("holds no CA (root-key.pem and root-cert.pem, or ca-key.pem and ca-cert.pem)", directory)
         ca._check_valid_at(now)
         if exists(PREVIOUS_ROOTS_FILE):
             previous = _load_certs(directory, PREVIOUS_ROOTS_FILE)
@@ -384,15 +390,14 @@ class CertificateAuthority:
             raise CAError("the CA was provided by the operator; rotate it by replacing its files",
                           os.path.join(directory, CA_CERT_FILE))
         kept = [old.root, *old.previous_roots]
+        # A running pilot re-reads this directory when it changes: every file
+        # is replaced by a rename, and the old root is trusted (previous
+        # roots) before the new one signs, so a reader never finds no root.
         try:
             _write_public(os.path.join(directory, PREVIOUS_ROOTS_FILE), b"".join(_pem(c) for c in kept))
-            for name in (ROOT_KEY_FILE, ROOT_CERT_FILE):
-                os.rename(os.path.join(directory, name), os.path.join(directory, f"{name}.old"))
         except OSError as e:
             raise CAError(f"cannot rotate ({e.strerror})", e.filename or directory) from None
         new = cls._create(directory, trust_domain, now)
-        for name in (ROOT_KEY_FILE, ROOT_CERT_FILE):
-            os.remove(os.path.join(directory, f"{name}.old"))
         new = attrs.evolve(new, previous_roots=kept)
         cls._log.info("rotated the mesh root in {directory}; {n} previous root(s) trusted until "
                       "finish-rotation", directory=directory, n=len(kept))

@@ -128,7 +128,7 @@ class ChannelSecurity:
             using this one.
         """
         return load_channel_security(self.ca.directory, self.ca.trust_domain, self.clock, self.server_names,
-                                     self.workload_ttl, self.reviewer)
+                                     self.workload_ttl, self.reviewer, create=False)
 
     def ca_signature(self) -> object:
         """
@@ -277,6 +277,7 @@ def load_channel_security(
     server_names: Iterable[str] = (),
     workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL,
     reviewer: TokenReviewer | None = None,
+    create: bool = True,
 ) -> ChannelSecurity:
     """
     Load (or create) the CA in C{ca_dir} and issue the pilot a serving
@@ -285,12 +286,14 @@ def load_channel_security(
     @param server_names: extra DNS names and IP addresses the pilot is
         reached by (the defaults and the host name are always in).
     @param workload_ttl: the lifetime of the workload certificates it signs.
+    @param create: make a CA when the directory holds none (at start; not
+        when re-reading it during a rotation).
     @param reviewer: checks Kubernetes service-account tokens, or C{None}
         (join tokens only).
     @raise txmesh.pilot.ca.CAError: the CA directory is unusable.
     """
     now = datetime.fromtimestamp(clock.seconds(), timezone.utc)
-    ca = CertificateAuthority.load_or_create(ca_dir, trust_domain, now)
+    ca = CertificateAuthority.load_or_create(ca_dir, trust_domain, now, create)
     dns_names, ips = _split_names([*DEFAULT_SERVER_NAMES, *_host_name(), *server_names])
     issued = ca.issue_server_certificate(dns_names, ips, now, SERVER_CERT_TTL)
     options = server_tls_options(issued, ca.trust_bundle_pem, require_client_certificate=False)
