@@ -62,6 +62,19 @@ class BootstrapDocumentTests(SynchronousTestCase):
                                         "outbound_address": "tcp:16001", "ca_file": self.root})
         self.assertEqual(base["pilot"]["addresses"], ["tcp:old:1"])
 
+    def test_sidecar_options(self) -> None:
+        """
+        What kube-inject passes: an admin on every address (for the
+        kubelet's probe), the service account, the inbound and app ports.
+        """
+        options = PilotOptions(["pilot:15010"], self.root, admin="tcp:15000", service_account="reviews",
+                               inbound_port=15006, app_port=9080)
+        doc = bootstrap_document(None, options, "pod-1")
+        config = self.loader.load_document(doc, "<command line>")
+        self.assertEqual(config.admin_address, "tcp:15000")
+        self.assertEqual((config.pilot.service_account, config.pilot.inbound_port, config.pilot.app_port),
+                         ("reviews", 15006, 9080))
+
     def test_missing_ca_is_the_loaders_error(self) -> None:
         doc = bootstrap_document(None, PilotOptions(["pilot:15010"]), "host-1")
         with self.assertRaises(ConfigError) as e:

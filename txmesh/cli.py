@@ -18,9 +18,14 @@ The C{txmesh} command: operator tools.
     txmesh token create --config-dir DIR --namespace NS --service-account SA [--ttl 24h]
                                       a join token for a proxy (run on the pilot's host:
                                       it signs with the key in DIR/ca)
+    txmesh kube-inject -f FILE [-o OUT] [--pilot ADDRESS] [--image IMAGE] [--proxy-uid UID]
+                                      add the txmesh sidecar to Kubernetes YAML (offline)
+    txmesh iptables [-u UID] [-b PORTS] [-x CIDRS] ... [--apply | --clean] [--dry-run]
+                                      print (default), apply or remove the transparent
+                                      capture rules (docs/capture.md)
 
-The commands but C{validate} and C{token} ask the pilot's operator API (C{docs/operator-api.md}) at
-C{--pilot URL} (default C{$TXMESH_PILOT} or C{http://127.0.0.1:15011}) with
+The commands but C{validate}, C{kube-inject}, C{iptables} and C{token} ask the pilot's operator API
+(C{docs/operator-api.md}) at C{--pilot URL} (default C{$TXMESH_PILOT} or C{http://127.0.0.1:15011}) with
 C{--token} (default C{$TXMESH_TOKEN}); any failure is one line on stderr and
 exit code 1.
 """
@@ -542,6 +547,58 @@ def cert_create(ca_dir: str, trust_domain: str, spiffe_id: str, out_dir: str, tt
     return 0
 
 
+def kube_inject(path: str, output: str | None, pilot: str, image: str, proxy_uid: int,
+                out: Any = sys.stdout, err: Any = sys.stderr, stdin: Any = None) -> int:
+    """
+    C{txmesh kube-inject}: add the txmesh sidecar to every pod template of a
+    YAML file (L{txmesh.kube_inject}); other documents pass through.
+
+    @param path: the file, or C{-} for C{stdin} (default C{sys.stdin}).
+    @param output: the file to write, or C{None} for C{out}.
+    @return: the exit code: 0, or 1 with one line on C{err} naming the
+        document and field (and nothing written).
+    """
+    from txmesh.kube_inject import InjectError, InjectOptions, inject_yaml
+
+    try:
+        options = InjectOptions(pilot=pilot, image=image, proxy_uid=proxy_uid)
+        if path == "-":
+            text = (sys.stdin if stdin is None else stdin).read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        result = inject_yaml(text, options)
+        if output is None:
+            out.write(result)
+        else:
+            with open(output, "w", encoding="utf-8") as f:
+                f.write(result)
+    except InjectError as e:
+        err.write(f"txmesh kube-inject: {path}: {e}\n")
+        return 1
+    except OSError as e:
+        err.write(f"txmesh kube-inject: {e.filename or path}: {e.strerror or e}\n")
+        return 1
+    except ValueError as e:  # the options (InjectOptions names the field)
+        err.write(f"txmesh kube-inject: {e}\n")
+        return 1
+    return 0
+
+
+def iptables(args: argparse.Namespace) -> int:
+    """
+    C{txmesh iptables}: print, apply (all or nothing) or clean the
+    transparent capture rules (L{txmesh.capture}).
+
+    @param args: the parsed C{iptables} options.
+    @return: the exit code: 0, 1 if applying or cleaning failed, 2 for an
+        invalid option.
+    """
+    from txmesh.capture.command import main as capture_main
+
+    return capture_main(args)
+
+
 # --- the command line ---------------------------------------------------------------
 
 
@@ -612,6 +669,19 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     tc.add_argument("--namespace", "-n", required=True, help="the proxy's namespace")
     tc.add_argument("--service-account", "-s", required=True, help="the workload's service account")
     tc.add_argument("--ttl", default="24h", help="how long the token is valid (default: 24h)")
+    ki = commands.add_parser("kube-inject", help="add the txmesh sidecar to the pod templates of Kubernetes YAML "
+                                                "(offline, like istioctl kube-inject)")
+    ki.add_argument("-f", "--filename", required=True, metavar="FILE", help="the YAML file ('-': standard input)")
+    ki.add_argument("-o", "--output", metavar="OUT", help="write here instead of standard output")
+    ki.add_argument("--pilot", dest="inject_pilot", metavar="ADDRESS", default="txmesh-pilot.txmesh.svc:15010",
+                    help="the pilot the proxies connect to (default: txmesh-pilot.txmesh.svc:15010)")
+    ki.add_argument("--image", default="txmesh/proxy:latest", help="the proxy image (default: txmesh/proxy:latest)")
+    ki.add_argument("--proxy-uid", type=int, default=1337, metavar="UID",
+                    help="the proxy's user id, whose traffic is not captured (default: 1337)")
+    from txmesh.capture.command import add_arguments as add_iptables_arguments
+
+    add_iptables_arguments(commands.add_parser(
+        "iptables", help="print (default), --apply or --clean the transparent capture rules (iptables REDIRECT)"))
     return p
 
 
@@ -623,11 +693,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """
     p = parser(environ)
     args = p.parse_args(argv)
+    if args.command == "iptables":
+        return iptables(args)
     if args.command == "validate":
         files = args.flagged + args.files
         if not files:
             p.error("validate: name at least one FILE")
         return validate(files)
+    if args.command == "kube-inject":
+        return kube_inject(args.filename, args.output, args.inject_pilot, args.image, args.proxy_uid)
     if args.command == "cert":
         from txmesh.pilot.ca import parse_spiffe_id
         from txmesh.pilot.channel_security import ca_directory

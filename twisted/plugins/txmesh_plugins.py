@@ -41,6 +41,12 @@ class ProxyOptions(usage.Options):
         ["node-id", None, None, "With --pilot: this proxy's node id [default: the file's, or the host name]."],
         ["namespace", None, None, "With --pilot: this proxy's namespace [default: the file's, or default]."],
         ["workload", None, None, "With --pilot: the workload beside this proxy."],
+        ["admin", None, None, "With --pilot: the admin endpoint [default: the file's, or "
+         "tcp:15000:interface=127.0.0.1]."],
+        ["service-account", None, None, "With --pilot: the workload's service account (its SPIFFE ID) "
+         "[default: the join token's, else default]."],
+        ["inbound-port", None, None, "With --pilot: the port the proxy takes inbound traffic on.", int],
+        ["app-port", None, None, "With --pilot: the port the app listens on beside the proxy.", int],
     ]
     optFlags = [
         ["pilot-insecure", None, "With --pilot: plaintext channel (only to a pilot run with --insecure)."],
@@ -122,7 +128,8 @@ def _pilot_bootstrap(options: ProxyOptions) -> dict:
     pilot = PilotOptions(
         options["pilot"], absolute(options["pilot-ca"]), absolute(options["pilot-token-file"]),
         bool(options["pilot-insecure"]),
-        options["node-id"], options["namespace"], options["workload"],
+        options["node-id"], options["namespace"], options["workload"], options["admin"],
+        options["service-account"], options["inbound-port"], options["app-port"],
     )
     return bootstrap_document(base, pilot, socket.gethostname())
 

@@ -28,6 +28,7 @@ from txmesh.config.model import (
     Endpoint,
     FaultPolicy,
     FilterConfig,
+    ForwardProxyConfig,
     HashPolicy,
     HeaderMatch,
     HeaderOps,
@@ -121,6 +122,17 @@ def _no_space_or_ctl(value: Any) -> bytes:
     if _CTL_OR_SPACE.search(b) is not None:
         raise ValueError(f"spaces and control characters are not allowed here: {value!r}")
     return b
+
+
+def _host_pattern(value: Any) -> str:
+    pattern = _string(value)
+    if pattern.startswith("[") and pattern.endswith("]"):
+        pattern = pattern[1:-1]  # an IPv6 literal as written in a URL
+    elif pattern.count(":") == 1:
+        raise ValueError(f"give a host without a port, got {value!r}")
+    if not pattern or _CTL_OR_SPACE.search(pattern.encode("utf-8")) is not None:
+        raise ValueError(f"expected a host name, an IP address or a pattern like '*.example.com', got {value!r}")
+    return pattern
 
 
 def _each(source: str | None, items: list[tuple[str, Any]], convert: Callable[[Any], T]) -> tuple[T, ...]:
@@ -634,7 +646,8 @@ class ConfigLoader:
             if istio is None:
                 raise s.error("needs a top-level 'istio' section", s.field("istio_routes"))
             vhosts.extend(istio.virtual_hosts)
-        if not vhosts:
+        forward_proxy = self._forward_proxy(s.sub("forward_proxy"))
+        if not vhosts and forward_proxy is None:
             raise s.error("an http listener needs 'routes' or 'virtual_hosts'", s.field("routes"))
         filters = [self._filter(f, v, source, network=False) for f, v in s.items("http_filters")]
         for i, f in enumerate(filters[:-1]):
@@ -660,10 +673,28 @@ class ConfigLoader:
             default_host=default_host,
             tls=tls,
             scheme=b"https" if tls is not None else b"http",
+            forward_proxy=forward_proxy,
             **common,
         )
         s.done()
         return listener
+
+    def _forward_proxy(self, s: _Section | None) -> ForwardProxyConfig | None:
+        """
+        Read a listener's C{forward_proxy} section (C{{}} turns the mode on
+        with the defaults).
+        """
+        if s is None:
+            return None
+        d = ForwardProxyConfig()
+        connect_ports = d.connect_ports
+        if s.value.get("connect_ports") is not None:
+            connect_ports = _each(s.source, s.items("connect_ports"), _int_in(1, 65535))
+        allow_hosts = d.allow_hosts
+        if s.value.get("allow_hosts") is not None:
+            allow_hosts = _each(s.source, s.items("allow_hosts"), _host_pattern)
+        s.done()
+        return ForwardProxyConfig(connect_ports, allow_hosts)
 
     def _tls(self, s: _Section | None) -> ListenerTLS | None:
         """

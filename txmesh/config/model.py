@@ -6,6 +6,7 @@ translated into these; nothing above the loader sees raw dicts.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from typing import Any
 
@@ -438,6 +439,37 @@ class ListenerTLS:
     min_version: str = "1.2"
 
 
+def _connect_ports(instance: Any, attribute: Any, value: tuple[int, ...]) -> None:
+    for port in value:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"forward_proxy.connect_ports: {port!r} is not a TCP port (1-65535)")
+
+
+@attrs.frozen
+class ForwardProxyConfig:
+    """
+    An HTTP listener's forward-proxy mode (apps configured with
+    C{HTTP_PROXY}/C{HTTPS_PROXY}): absolute-form requests are accepted and
+    routed by their host, and C{CONNECT} opens TCP tunnels.
+
+    @ivar connect_ports: the ports C{CONNECT} may tunnel to; others get 403.
+    @ivar allow_hosts: shell-style patterns (C{*}, C{*.example.com},
+        C{10.0.0.*}, an exact name) of the hosts that requests no route
+        matches (and C{CONNECT}s) may reach; others get 403.
+    """
+
+    connect_ports: tuple[int, ...] = attrs.field(default=(443,), validator=_connect_ports)
+    allow_hosts: tuple[str, ...] = ("*",)
+
+    def allows_host(self, host: str) -> bool:
+        """
+        @param host: a host name or IP address, without port or brackets.
+        @return: whether C{allow_hosts} lets the proxy reach C{host}.
+        """
+        host = host.lower()
+        return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.allow_hosts)
+
+
 @attrs.frozen
 class ListenerConfig:
     """
@@ -459,6 +491,8 @@ class ListenerConfig:
         (mutual TLS or plaintext, per connection), or C{None}.
     @ivar access_log: a C{tcp} listener's access log (the C{access_log}
         filter's parsed config: one line per connection), or C{None}.
+    @ivar forward_proxy: forward-proxy mode of an C{http} listener, or
+        C{None} (a reverse proxy only: absolute-form targets get 400).
     """
 
     name: str
@@ -476,6 +510,7 @@ class ListenerConfig:
     tls: ListenerTLS | None = None
     mtls: str | None = None
     access_log: Any = None
+    forward_proxy: ForwardProxyConfig | None = None
 
 
 @attrs.frozen

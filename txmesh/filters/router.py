@@ -411,7 +411,13 @@ class RouterFilter(HTTPFilter):
         self._conn = conn
         stream = self._stream
         events = self._events
-        conn.start(self._head, self._end_stream, self)
+        connect = self._head.method == b"CONNECT"
+        if connect:
+            # A forward proxy's tunnel (see txmesh.proxy.forward_proxy): the
+            # connection itself is the answer.
+            conn.start_tunnel(self)
+        else:
+            conn.start(self._head, self._end_stream, self)
         if not self._request_done:
             conn.set_request_producer(stream.request_producer)
         stream.set_response_producer(conn)
@@ -431,6 +437,8 @@ class RouterFilter(HTTPFilter):
                 stream.request_producer.resumeProducing()
         if self._request_done:
             self._arm_try_timeout()
+        if connect and self._conn is conn:
+            self.response_head(ResponseHead(200, Headers(), b"Connection Established"), False)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._acquiring = None
@@ -440,7 +448,10 @@ class RouterFilter(HTTPFilter):
         self._try_over()
         if self._retry_after(Outcome.CONNECT_FAILURE):
             return
-        self._fail(503, _CONNECT_FAILURE, ResponseFlag.UPSTREAM_CONNECTION_FAILURE)
+        # A tunnel that cannot be opened is a bad gateway, as forward
+        # proxies answer; a request is a 503, as Envoy answers.
+        status = 502 if self._head.method == b"CONNECT" else 503
+        self._fail(status, _CONNECT_FAILURE, ResponseFlag.UPSTREAM_CONNECTION_FAILURE)
 
     def _record(self, status: int | None) -> None:
         pool = self._pool

@@ -46,6 +46,12 @@ class PilotOptions:
     @ivar node_id: the node id, or C{None} to keep the file's.
     @ivar namespace: the namespace, or C{None} to keep the file's.
     @ivar workload: the workload, or C{None} to keep the file's.
+    @ivar admin: the admin endpoint string, or C{None} to keep the file's
+        (or the default, without a file).
+    @ivar service_account: the workload's service account (its SPIFFE ID),
+        or C{None}.
+    @ivar inbound_port: the inbound listener's port, or C{None}.
+    @ivar app_port: the app's port beside the proxy, or C{None}.
     """
 
     addresses: Sequence[str]
@@ -55,6 +61,10 @@ class PilotOptions:
     node_id: str | None = None
     namespace: str | None = None
     workload: str | None = None
+    admin: str | None = None
+    service_account: str | None = None
+    inbound_port: int | None = None
+    app_port: int | None = None
 
 
 def bootstrap_document(base: Mapping[str, Any] | None, options: PilotOptions, default_node_id: str) -> dict[str, Any]:
@@ -74,7 +84,9 @@ def bootstrap_document(base: Mapping[str, Any] | None, options: PilotOptions, de
             if value is not None:
                 node[key] = value
         node.setdefault("id", default_node_id)
-    if base is None:
+    if options.admin is not None:
+        doc["admin"] = {"address": options.admin}
+    elif base is None:
         doc["admin"] = {"address": DEFAULT_ADMIN}
     pilot = doc.setdefault("pilot", {})
     if isinstance(pilot, dict):
@@ -86,4 +98,8 @@ def bootstrap_document(base: Mapping[str, Any] | None, options: PilotOptions, de
             pilot["token_file"] = options.token_file
         if options.insecure:
             pilot["insecure"] = True
+        for key in ("service_account", "inbound_port", "app_port"):
+            value = getattr(options, key)
+            if value is not None:
+                pilot[key] = value
     return doc

@@ -33,6 +33,26 @@ from txmesh.proxy.tls import client_options
 
 log = Logger()
 
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+"""
+The name (as Istio's) of the clusters a forward proxy makes on demand for
+hosts no route matches: one per target, all reported under this name.
+"""
+
+# Passthrough clusters remembered at once; an idle one is forgotten at the
+# next sweep, so this bounds only the targets in use together.
+PASSTHROUGH_LIMIT = 4096
+
+
+def passthrough_cluster_name(kind: str, host: str, port: int) -> str:
+    """
+    @param kind: C{"http"} (requests are pooled) or C{"connect"} (each
+        connection is a tunnel).
+    @return: the name a route gives to reach C{host:port} through
+        L{ClusterManager.passthrough}.
+    """
+    return f"{PASSTHROUGH_CLUSTER}|{kind}|{host}|{port}"
+
 
 class NoHealthyUpstream(Exception):
     """
@@ -450,6 +470,7 @@ class ClusterManager:
         self._writes = writes
         self.local_locality = local_locality
         self._clusters: dict[str, Cluster] = {}
+        self._passthrough: dict[str, Cluster] = {}
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweep_interval = sweep_interval
@@ -465,6 +486,37 @@ class ClusterManager:
             self._sweeper.stop()
         for c in self._clusters.values():
             c.close()
+        for c in self._passthrough.values():
+            c.close()
+        self._passthrough.clear()
+
+    def passthrough(self, name: str) -> Cluster | None:
+        """
+        The cluster of a forward proxy's target no route matched (Istio's
+        C{ALLOW_ANY} C{PassthroughCluster}), made on first use.
+
+        @param name: from L{passthrough_cluster_name}.
+        @return: the cluster, or C{None} if C{name} is not such a name.
+        """
+        cluster = self._passthrough.get(name)
+        if cluster is not None:
+            return cluster
+        parts = name.split("|")
+        if len(parts) != 4 or parts[0] != PASSTHROUGH_CLUSTER or not parts[3].isdigit():
+            return None
+        config = ClusterConfig(PASSTHROUGH_CLUSTER, (Endpoint(parts[2], int(parts[3])),))
+        cluster = Cluster(config, self._reactor, writes=self._writes)
+        if len(self._passthrough) >= PASSTHROUGH_LIMIT:
+            self._forget_idle_passthrough()
+        if len(self._passthrough) < PASSTHROUGH_LIMIT:
+            self._passthrough[name] = cluster
+        return cluster
+
+    def _forget_idle_passthrough(self) -> None:
+        for name, cluster in list(self._passthrough.items()):
+            if cluster.open_connections() == 0:
+                del self._passthrough[name]
+                cluster.close()
 
     def update(self, configs: Sequence[ClusterConfig]) -> ClusterSet:
         """
@@ -487,12 +539,15 @@ class ClusterManager:
             if new.get(name) is not old:
                 old.close()
         self._clusters = new
-        return ClusterSet(dict(new))
+        return ClusterSet(dict(new), self.passthrough)
 
     def _sweep(self) -> None:
         now = self._reactor.seconds()
         for c in self._clusters.values():
             c.sweep(now)
+        for c in self._passthrough.values():
+            c.sweep(now)
+        self._forget_idle_passthrough()
 
     def clusters(self) -> list[Cluster]:
         return list(self._clusters.values())
@@ -503,14 +558,24 @@ class ClusterSet:
     An immutable view: the clusters of one config version.
     """
 
-    def __init__(self, clusters: dict[str, Cluster]):
+    def __init__(self, clusters: dict[str, Cluster],
+                 passthrough: Callable[[str], Cluster | None] | None = None):
+        """
+        @param passthrough: makes the clusters of forward-proxy targets
+            (L{ClusterManager.passthrough}), or C{None}.
+        """
         self._clusters = clusters
+        self._passthrough = passthrough
 
     def get(self, name: str) -> Cluster | None:
         """
-        @return: the cluster called C{name}, or C{None}.
+        @return: the cluster called C{name} (or, for a name from
+            L{passthrough_cluster_name}, that target's), or C{None}.
         """
-        return self._clusters.get(name)
+        cluster = self._clusters.get(name)
+        if cluster is None and self._passthrough is not None and name.startswith(PASSTHROUGH_CLUSTER):
+            return self._passthrough(name)
+        return cluster
 
     def __iter__(self):
         return iter(self._clusters.values())

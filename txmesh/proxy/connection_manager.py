@@ -18,6 +18,7 @@ import attrs
 
 from txmesh.config.model import ListenerConfig, NodeConfig
 from txmesh.filters.chain import FilterChain, ResponseWriter
+from txmesh.proxy.forward_proxy import ForwardProxyRoutes
 from txmesh.proxy.mesh_tls import client_cert_header, downstream_identity
 from txmesh.proxy.router import RouteTable
 from txmesh.proxy.stream import RequestHead
@@ -144,6 +145,9 @@ class HTTPConnectionManager:
         self.proxy = proxy
         self.clock = proxy.clock
         self._filters = listener.http_filters
+        self._route_lookup = self.routes.match
+        if listener.forward_proxy is not None:
+            self._route_lookup = ForwardProxyRoutes(listener.forward_proxy, self.routes.match).match
 
     def new_stream(self, writer: ResponseWriter, downstream_address: Any, request_id: bytes,
                    principal: str | None = None, local_port: int | None = None) -> FilterChain:
@@ -161,7 +165,7 @@ class HTTPConnectionManager:
             self.listener.name,
             downstream_address,
             request_id,
-            self.routes.match,
+            self._route_lookup,
             self.clusters,
             self._filters,
         )

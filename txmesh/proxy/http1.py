@@ -51,6 +51,35 @@ _AUTHORITY_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456
 REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 
+def split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
+    """
+    Split an absolute-form request target (RFC 9112 3.2.2), as a client
+    configured with C{HTTP_PROXY} sends it, into authority and origin form.
+
+    @param target: e.g. C{b"http://example.com:8080/a?b"}.
+    @return: the authority (C{b"example.com:8080"}) and the path and query
+        (C{b"/a?b"}; C{b"/"} when the target has no path).
+    @raise ProtocolError: (400) if the scheme is not C{http} (C{https}
+        goes through C{CONNECT}), or the authority is empty, carries
+        user info or holds characters an authority cannot.
+    """
+    sep = target.find(b"://")
+    if sep < 0 or target[:sep].lower() != b"http":
+        raise ProtocolError(400, "a forward proxy takes http:// targets (https goes through CONNECT)")
+    rest = target[sep + 3:]
+    end = len(rest)
+    for delimiter in (b"/", b"?"):
+        i = rest.find(delimiter)
+        if 0 <= i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    if not authority or authority.translate(None, _AUTHORITY_CHARS):
+        raise ProtocolError(400, "invalid authority in the request target")
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
 class ProtocolError(Exception):
     """
     The peer sent something that is not acceptable HTTP/1.1.
@@ -132,17 +161,22 @@ class RequestParser:
     __slots__ = (
         "_sink", "_parser", "_max_head", "_head_bytes", "_headers", "_url",
         "_in_head", "_trailers", "_has_body", "upgraded", "_scheme", "in_message",
-        "_default_authority", "_quiet", "_progress",
+        "_default_authority", "_quiet", "_progress", "_forward_proxy",
     )
 
     def __init__(self, sink: RequestSink, max_head_bytes: int = 64 * 1024, scheme: bytes = b"http",
-                 default_authority: bytes | None = None):
+                 default_authority: bytes | None = None, forward_proxy: bool = False):
         """
         @param sink: receives parsed events.
         @param max_head_bytes: request line plus headers beyond this is a 431.
         @param scheme: the scheme the client used to reach us.
         @param default_authority: used for HTTP/1.0 requests without C{Host}.
+        @param forward_proxy: accept absolute-form targets (they become
+            origin form, their authority replacing C{Host}, and the head is
+            marked C{absolute_form}) and drop C{Proxy-Authorization}, which
+            is meant for this hop.
         """
+        self._forward_proxy = forward_proxy
         self._sink = sink
         self._parser = httptools.HttpRequestParser(self)
         self._max_head = max_head_bytes
@@ -241,7 +275,11 @@ class RequestParser:
         chunked = False
         upgrade = False
         te_trailers = False
+        forward_proxy = self._forward_proxy
+        absolute_form = False
         for name, value in self._headers:
+            if forward_proxy and name == b"proxy-authorization":
+                continue
             if name == b"host":
                 if authority is not None:
                     raise ProtocolError(400, "duplicate Host header")
@@ -287,7 +325,11 @@ class RequestParser:
         elif url[:1] != b"/" and not (method == b"OPTIONS" and url == b"*"):
             # Absolute-form belongs to forward proxies; a reverse proxy that
             # accepted it would route by a host the client chose.
-            raise ProtocolError(400, "absolute-form request target not accepted here")
+            if not forward_proxy:
+                raise ProtocolError(400, "absolute-form request target not accepted here")
+            # RFC 9112 3.2.2: the target's authority wins over Host.
+            authority, url = split_absolute_form(url)
+            absolute_form = True
         if authority is None:
             if version == b"1.1":
                 raise ProtocolError(400, "missing Host header")
@@ -301,7 +343,7 @@ class RequestParser:
         # with Content-Length is the tunnel's first bytes, not a request body.
         self._has_body = not tunnel and (chunked or (content_length is not None and content_length != b"0"))
         end_stream = not self._has_body and not tunnel
-        head = RequestHead(method, url, authority, Headers(headers), self._scheme, version)
+        head = RequestHead(method, url, authority, Headers(headers), self._scheme, version, absolute_form)
         self._sink.request_head(head, end_stream, parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:

@@ -156,6 +156,19 @@ class HTTP1ClientConnection(Protocol):
         self._chunked = not end_stream and not upgrade and b"content-length" not in head.headers
         self._write(encode_request_head(head, self._chunked, upgrade))
 
+    def start_tunnel(self, handler: UpstreamResponseHandler) -> None:
+        """
+        Make this fresh connection a C{CONNECT} tunnel: no request head is
+        sent, and bytes go both ways unparsed until either side closes;
+        C{send_data(b"", True)} half-closes it.  It never returns to the pool.
+        """
+        self._handler = handler
+        self._request_done = False
+        self._response_done = False
+        self._chunked = False
+        self._tunnel = True
+        self.response_started = True
+
     def send_data(self, data: bytes, end_stream: bool) -> None:
         """
         Send a piece of the request body.
@@ -173,6 +186,12 @@ class HTTP1ClientConnection(Protocol):
         elif data:
             write(data)
         if self._tunnel and end_stream:
+            # A paused producer would hold the half-close back until it is
+            # resumed: Twisted resumes it instead of closing when the
+            # buffer drains.
+            if self._request_producer is not None:
+                self._request_producer = None
+                self.transport.unregisterProducer()
             self.transport.loseWriteConnection()
         if end_stream:
             self._maybe_done()

@@ -15,11 +15,11 @@ from collections import deque
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_headers
 from txmesh.proxy.http1 import (
@@ -102,6 +102,7 @@ class HTTP1ServerProtocol(Protocol):
         self._chunked = False
         self._close_after = False
         self._tunnel = False
+        self._connect = False
         self._held = b""
 
     def start_drain(self) -> None:
@@ -122,8 +123,10 @@ class HTTP1ServerProtocol(Protocol):
         self._peer_ip = getattr(self._peer, "host", "").encode("ascii")
         # Learnt at the first request: with TLS the handshake is done by then.
         self._peer_info: tuple | None = None
+        self._forward_proxy = listener.forward_proxy is not None
         self._parser = RequestParser(
-            self, listener.max_request_headers_bytes, listener.scheme, listener.default_host)
+            self, listener.max_request_headers_bytes, listener.scheme, listener.default_host,
+            self._forward_proxy)
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -144,6 +147,20 @@ class HTTP1ServerProtocol(Protocol):
         if stream is not None:
             stream.downstream_reset()
         self.factory.connection_closed(self)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client half-closed a C{CONNECT} tunnel (only a tunnel provides
+        C{IHalfCloseableProtocol}, see L{write_head}): end the request
+        stream, which half-closes the upstream; the other direction
+        carries on until the upstream closes.
+        """
+        if self._request_open and not self._closing:
+            self._queue.append((_END, None))
+            self._drain()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing or self._pending_error is not None:
@@ -225,6 +242,7 @@ class HTTP1ServerProtocol(Protocol):
         self._chunked = False
         self._close_after = False
         self._tunnel = False
+        self._connect = self._forward_proxy and head.method == b"CONNECT"
         if self._peer_info is None:
             self._peer_info = manager.peer_info(self.transport)
         principal, client_cert, port = self._peer_info
@@ -245,6 +263,17 @@ class HTTP1ServerProtocol(Protocol):
             self._tunnel = True
             self._close_after = True
             self._write(encode_response_head(head, connection=b"upgrade"))
+            return
+        if self._connect and 200 <= status < 300:
+            # The forward proxy's tunnel is open (RFC 9110 9.3.6): no body
+            # framing, and from now on bytes flow both ways; the client may
+            # half-close its side.
+            self._tunnel = True
+            self._close_after = True
+            head.headers.remove(b"content-length")
+            head.headers.remove(b"transfer-encoding")
+            alsoProvides(self, IHalfCloseableProtocol)
+            self._write(encode_response_head(head))
             return
         headers = head.headers
         no_body = self._head_request or status in (204, 304) or status < 200

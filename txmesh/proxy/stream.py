@@ -139,6 +139,9 @@ class RequestHead:
     @ivar version: C{b"1.0"}, C{b"1.1"} or C{b"2"}.
     @ivar headers: the remaining headers (C{host} is kept here too for
         HTTP/1.1 so it round-trips unchanged).
+    @ivar absolute_form: the client sent an absolute-form target
+        (C{GET http://host/path}) to a forward-proxy listener; C{authority}
+        and C{path} were taken from it.
     """
 
     method: bytes
@@ -147,6 +150,7 @@ class RequestHead:
     headers: Headers
     scheme: bytes = b"http"
     version: bytes = b"1.1"
+    absolute_form: bool = False
 
     @property
     def path_only(self) -> bytes:

@@ -1,0 +1,395 @@
+"""
+Sidecar injection for Kubernetes manifests, as C{istioctl kube-inject} does
+it: a pure YAML transformation that adds the txmesh init container (traffic
+capture), the C{txmesh-proxy} sidecar and their volumes to every pod
+template of a multi-document file.
+
+    >>> text = inject_yaml(open("reviews.yaml").read(), InjectOptions(pilot="pilot.txmesh.svc:15010"))
+
+No cluster is asked; the same input and options always give the same output.
+See C{docs/kubernetes.md} ("Sidecar injection").
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import attrs
+import yaml
+
+INIT_NAME = "txmesh-init"
+PROXY_NAME = "txmesh-proxy"
+TOKEN_VOLUME = "txmesh-token"
+ROOT_VOLUME = "txmesh-root-cert"
+ROOT_CONFIG_MAP = "txmesh-root-cert"
+TOKEN_DIR = "/var/run/secrets/tokens"
+TOKEN_PATH = f"{TOKEN_DIR}/{TOKEN_VOLUME}"
+ROOT_DIR = "/etc/txmesh/root"
+ROOT_CERT = f"{ROOT_DIR}/root-cert.pem"
+TOKEN_AUDIENCE = "txmesh-pilot"
+TOKEN_EXPIRATION = 43200
+
+ADMIN_PORT = 15000
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+RESERVED_PORTS = frozenset({ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT})
+
+DEFAULT_PILOT = "txmesh-pilot.txmesh.svc:15010"
+DEFAULT_IMAGE = "txmesh/proxy:latest"
+DEFAULT_PROXY_UID = 1337
+
+STATUS_ANNOTATION = "sidecar.txmesh.io/status"
+INJECT_KEYS = ("sidecar.txmesh.io/inject", "sidecar.istio.io/inject")
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+
+#: Where each kind keeps its pod template (C{()}: the object is the pod).
+TEMPLATE_PATHS: Mapping[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+def _version() -> str:
+    try:
+        return version("txmesh")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "unknown"
+
+
+class InjectError(Exception):
+    """
+    A document cannot be injected; the message names the document (1-based,
+    as it appears in the file), its kind and name when known, and the field.
+    """
+
+
+@attrs.frozen
+class InjectOptions:
+    """
+    What is injected.
+
+    @ivar pilot: the pilot's address, C{HOST:PORT} or a client endpoint
+        string, given to the proxy as C{--pilot}.
+    @ivar image: the image of both injected containers (it must hold the
+        C{txmesh} and C{twistd} commands).
+    @ivar proxy_uid: the user the proxy runs as; its traffic is not captured.
+    """
+
+    pilot: str = attrs.field(default=DEFAULT_PILOT)
+    image: str = attrs.field(default=DEFAULT_IMAGE)
+    proxy_uid: int = attrs.field(default=DEFAULT_PROXY_UID)
+
+    @pilot.validator
+    def _check_pilot(self, attribute: Any, value: str) -> None:
+        if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"pilot: expected an address such as {DEFAULT_PILOT}, got {value!r}")
+
+    @image.validator
+    def _check_image(self, attribute: Any, value: str) -> None:
+        if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"image: expected an image reference such as {DEFAULT_IMAGE}, got {value!r}")
+
+    @proxy_uid.validator
+    def _check_uid(self, attribute: Any, value: int) -> None:
+        # 0 would make the proxy root, and the capture rules would exempt every root process.
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+            raise ValueError(f"proxy_uid: expected a user id from 1 to {2**31 - 1}, got {value!r}")
+
+
+# --- what one pod template gets ------------------------------------------------------
+
+
+def status(options: InjectOptions) -> str:
+    """
+    @return: the C{sidecar.txmesh.io/status} annotation: JSON naming what
+        was injected, so a later run (or a person) can tell.
+    """
+    return json.dumps({"containers": [PROXY_NAME], "initContainers": [INIT_NAME],
+                       "volumes": [TOKEN_VOLUME, ROOT_VOLUME], "version": _version()},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def init_container(options: InjectOptions, inbound_ports: Sequence[int]) -> dict[str, Any]:
+    """
+    @param inbound_ports: the app's container ports, captured on the way in.
+    @return: the C{txmesh-init} container: C{txmesh iptables --apply} as
+        root with C{NET_ADMIN} and C{NET_RAW}, then it exits.
+    """
+    return {
+        "name": INIT_NAME,
+        "image": options.image,
+        "command": ["txmesh", "iptables", "--apply",
+                    "--outbound-capture-port", str(OUTBOUND_PORT),
+                    "--inbound-capture-port", str(INBOUND_PORT),
+                    "--proxy-uid", str(options.proxy_uid),
+                    "--inbound-ports", ",".join(str(p) for p in inbound_ports)],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+    }
+
+
+def proxy_container(options: InjectOptions, workload: str, app_ports: Sequence[int] = ()) -> dict[str, Any]:
+    """
+    @param workload: the workload's name (C{--workload}).
+    @param app_ports: the app containers' ports; the first one gets the
+        inbound listener (C{--inbound-port}/C{--app-port}).
+    @return: the C{txmesh-proxy} sidecar, bootstrapped from the pilot with
+        the pod's projected service-account token.
+    """
+    return {
+        "name": PROXY_NAME,
+        "image": options.image,
+        # The whole argv in command, so the image's ENTRYPOINT does not matter; no pidfile,
+        # since the working directory need not be writable by the proxy's user.
+        "command": ["twistd", "-n", "--pidfile=", "txmesh-proxy",
+                    "--pilot", options.pilot,
+                    "--pilot-ca", ROOT_CERT,
+                    "--pilot-token-file", TOKEN_PATH,
+                    "--node-id", "$(POD_NAME).$(POD_NAMESPACE)",
+                    "--namespace", "$(POD_NAMESPACE)",
+                    "--workload", workload,
+                    "--service-account", "$(SERVICE_ACCOUNT)",
+                    # The kubelet probes the pod's address, not loopback.
+                    "--admin", f"tcp:{ADMIN_PORT}"]
+                   + (["--inbound-port", str(INBOUND_PORT), "--app-port", str(app_ports[0])] if app_ports else []),
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE",
+             "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
+            {"name": "SERVICE_ACCOUNT",
+             "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.serviceAccountName"}}},
+        ],
+        "ports": [
+            {"name": "txmesh-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            {"name": "txmesh-out", "containerPort": OUTBOUND_PORT, "protocol": "TCP"},
+            {"name": "txmesh-in", "containerPort": INBOUND_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": ADMIN_PORT},
+            "initialDelaySeconds": 1,
+            "periodSeconds": 2,
+            "failureThreshold": 30,
+        },
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+        "securityContext": {
+            "runAsUser": options.proxy_uid,
+            "runAsGroup": options.proxy_uid,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": ROOT_VOLUME, "mountPath": ROOT_DIR, "readOnly": True},
+        ],
+    }
+
+
+def volumes() -> list[dict[str, Any]]:
+    """
+    @return: the projected token (audience C{txmesh-pilot}, 12 hours, rotated
+        by the kubelet) and the mesh root from the C{txmesh-root-cert}
+        ConfigMap.
+    """
+    return [
+        {"name": TOKEN_VOLUME,
+         "projected": {"sources": [{"serviceAccountToken": {"audience": TOKEN_AUDIENCE,
+                                                            "expirationSeconds": TOKEN_EXPIRATION,
+                                                            "path": TOKEN_VOLUME}}]}},
+        {"name": ROOT_VOLUME, "configMap": {"name": ROOT_CONFIG_MAP}},
+    ]
+
+
+# --- finding and changing the pod template -------------------------------------------
+
+
+class _Where:
+    """
+    Names a document and a field in errors.
+    """
+
+    def __init__(self, index: int, doc: Mapping[str, Any]):
+        metadata = doc.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, Mapping) else None
+        self.label = f"document {index}"
+        if isinstance(doc.get("kind"), str):
+            self.label += f" ({doc['kind']}{' ' + str(name) if name else ''})"
+
+    def error(self, field: str, reason: str) -> InjectError:
+        return InjectError(f"{self.label}: {field}: {reason}" if field else f"{self.label}: {reason}")
+
+
+def _mapping(parent: dict[str, Any], key: str, path: str, where: _Where, create: bool = False) -> dict[str, Any]:
+    value = parent.get(key)
+    if value is None and create:
+        value = parent[key] = {}
+    if not isinstance(value, dict):
+        raise where.error(path, "missing" if value is None else f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(parent: dict[str, Any], key: str, path: str, where: _Where, create: bool = False) -> list[Any]:
+    value = parent.get(key)
+    if value is None and create:
+        value = parent[key] = []
+    if not isinstance(value, list):
+        raise where.error(path, "missing" if value is None else f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _opted_out(metadata: Mapping[str, Any]) -> bool:
+    for section in ("annotations", "labels"):
+        values = metadata.get(section)
+        if isinstance(values, Mapping):
+            for key in INJECT_KEYS:
+                value = values.get(key)
+                if value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "n")):
+                    return True
+    return False
+
+
+def _already_injected(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    annotations = metadata.get("annotations")
+    if isinstance(annotations, Mapping) and STATUS_ANNOTATION in annotations:
+        return True
+    names = {c.get("name") for key in ("containers", "initContainers")
+             for c in (spec.get(key) or []) if isinstance(c, Mapping)}
+    return PROXY_NAME in names or INIT_NAME in names
+
+
+def _workload_name(doc: Mapping[str, Any], where: _Where) -> str:
+    metadata = doc.get("metadata")
+    if isinstance(metadata, Mapping):
+        name = metadata.get("name")
+        if isinstance(name, str) and name:
+            return name
+        generated = metadata.get("generateName")
+        if isinstance(generated, str) and generated.rstrip("-"):
+            return generated.rstrip("-")
+    raise where.error("metadata.name", "missing (the proxy's --workload is the object's name)")
+
+
+def _app_ports(containers: Sequence[Any], prefix: str, where: _Where) -> list[int]:
+    ports: list[int] = []
+    for i, container in enumerate(containers):
+        if not isinstance(container, dict):
+            raise where.error(f"{prefix}.containers[{i}]", f"expected a mapping, got {type(container).__name__}")
+        for j, port in enumerate(container.get("ports") or []):
+            field = f"{prefix}.containers[{i}].ports[{j}]"
+            if not isinstance(port, Mapping):
+                raise where.error(field, f"expected a mapping, got {type(port).__name__}")
+            number = port.get("containerPort")
+            if isinstance(number, bool) or not isinstance(number, int) or not 0 < number < 65536:
+                raise where.error(f"{field}.containerPort", f"expected a port from 1 to 65535, got {number!r}")
+            if number in RESERVED_PORTS:
+                raise where.error(f"{field}.containerPort", f"{number} is reserved for the txmesh sidecar "
+                                  f"({', '.join(str(p) for p in sorted(RESERVED_PORTS))})")
+            # UDP and SCTP are not captured (the proxy speaks TCP only).
+            if str(port.get("protocol", "TCP")).upper() == "TCP" and number not in ports:
+                ports.append(number)
+    return ports
+
+
+def inject_document(doc: Any, options: InjectOptions, index: int = 1) -> Any:
+    """
+    Inject one Kubernetes object.
+
+    @param doc: the parsed document.
+    @param index: its 1-based position in its file, for errors.
+    @return: a new injected object; C{doc} itself when nothing is to be
+        done (a kind without pods, an opted-out or C{hostNetwork} pod, one
+        already injected).
+    @raise InjectError: a workload whose pod template is missing or not of
+        the documented shape, or whose app uses a port the sidecar needs.
+    """
+    if not isinstance(doc, dict):
+        raise InjectError(f"document {index}: expected a Kubernetes object (a mapping), got {type(doc).__name__}")
+    kind = doc.get("kind")
+    if kind == "List" and isinstance(doc.get("items"), list):
+        return {**doc, "items": [inject_document(item, options, index) for item in doc["items"]]}
+    if not isinstance(kind, str) or kind not in TEMPLATE_PATHS:
+        return doc
+    where = _Where(index, doc)
+    result = copy.deepcopy(doc)
+    template = result
+    for depth, key in enumerate(TEMPLATE_PATHS[kind]):
+        template = _mapping(template, key, ".".join(TEMPLATE_PATHS[kind][:depth + 1]), where)
+    prefix = ".".join(TEMPLATE_PATHS[kind])
+    path = (prefix + "." if prefix else "")
+    metadata = _mapping(template, "metadata", path + "metadata", where, create=kind != "Pod")
+    spec = _mapping(template, "spec", path + "spec", where)
+    if _opted_out(metadata) or spec.get("hostNetwork") is True or _already_injected(metadata, spec):
+        return doc
+    containers = _list(spec, "containers", path + "spec.containers", where)
+    if not containers:
+        raise where.error(path + "spec.containers", "empty")
+    inbound = _app_ports(containers, path + "spec", where)
+    existing = _list(spec, "volumes", path + "spec.volumes", where, create=True)
+    for i, volume in enumerate(existing):
+        if isinstance(volume, Mapping) and volume.get("name") in (TOKEN_VOLUME, ROOT_VOLUME):
+            raise where.error(f"{path}spec.volumes[{i}].name", f"{volume['name']!r} is the name of a volume "
+                              "the sidecar needs")
+    first_app = containers[0].get("name")
+    # The capture goes last, so the app's own init containers still reach the network directly.
+    _list(spec, "initContainers", path + "spec.initContainers", where, create=True).append(
+        init_container(options, inbound))
+    containers.append(proxy_container(options, _workload_name(doc, where), inbound))
+    existing.extend(volumes())
+    annotations = _mapping(metadata, "annotations", path + "metadata.annotations", where, create=True)
+    annotations[STATUS_ANNOTATION] = status(options)
+    if isinstance(first_app, str):
+        annotations.setdefault(DEFAULT_CONTAINER_ANNOTATION, first_app)
+    _mapping(metadata, "labels", path + "metadata.labels", where, create=True)[TLS_MODE_LABEL] = "istio"
+    return result
+
+
+def inject_documents(docs: Iterable[Any], options: InjectOptions) -> list[Any]:
+    """
+    @param docs: parsed documents, in file order (C{None}, an empty
+        document, is dropped).
+    @return: each document injected, or unchanged.
+    @raise InjectError: see L{inject_document}.
+    """
+    return [inject_document(doc, options, i) for i, doc in enumerate(docs, start=1) if doc is not None]
+
+
+def inject_yaml(text: str, options: InjectOptions) -> str:
+    """
+    Inject every document of a multi-document YAML text.
+
+    @return: the documents as YAML, separated by C{---}, keys in their
+        original order.
+    @raise InjectError: the text is not YAML (naming the document and
+        line), or see L{inject_document}.
+    """
+    docs: list[Any] = []
+    stream = yaml.safe_load_all(text)
+    while True:
+        try:
+            doc = next(stream)
+        except StopIteration:
+            break
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise InjectError(f"document {len(docs) + 1}: not YAML{line}: {problem}") from None
+        docs.append(doc)
+    injected = inject_documents(docs, options)
+    return yaml.safe_dump_all(injected, sort_keys=False, default_flow_style=False, explicit_start=False)
