@@ -18,6 +18,7 @@ from txmesh.config.errors import FilterConfigError
 from txmesh.filters.api import HTTPFilter
 from txmesh.filters.authz import AuthzFactory, normalize_path
 from txmesh.observability.audit import AuditLog, AuditRecord, iso8601
+from txmesh.observability.log_writer import LogWriter
 from txmesh.policy.authorization import Decision
 from txmesh.testing import FilterHarness
 
@@ -291,10 +292,11 @@ class AuditLogTests(SynchronousTestCase):
 
     def test_write_failure_is_logged(self) -> None:
         out = io.StringIO()
-        out.close()
         events: list[dict[str, Any]] = []
-        log = AuditLog(out, "closed")
-        log.log = Logger(observer=events.append)
+        writer = LogWriter(out, "closed")
+        out.close()
+        writer.log = Logger(observer=events.append)
+        log = AuditLog(writer)
         log.write(AuditRecord(0, None, None, None, None, None, None, None, "DENY", None, None, ""))
         [event] = events
         self.assertEqual(event["name"], "closed")

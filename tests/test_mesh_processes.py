@@ -162,6 +162,24 @@ class PilotProcess:
         return json.loads(out)
 
 
+def join_token(config_dir: str, account: str, namespace: str = "default") -> str:
+    """
+    Make a join token with the real C{txmesh token create} (each is good
+    once) and write it beside the pilot's config.
+
+    @return: the file holding it.
+    @raise AssertionError: the command failed.
+    """
+    made = run_txmesh("token", "create", "--config-dir", config_dir, "--namespace", namespace,
+                      "--service-account", account)
+    if made.returncode != 0:
+        raise AssertionError(f"txmesh token create failed: {made.stderr}")
+    path = os.path.join(config_dir, f"{namespace}-{account}.token")
+    with open(path, "w") as f:
+        f.write(made.stdout.strip())
+    return path
+
+
 def run_txmesh(*args: str, pilot: PilotProcess | None = None) -> subprocess.CompletedProcess:
     env = child_env()
     if pilot is not None:
@@ -189,20 +207,6 @@ class ControlPlaneTests(unittest.TestCase):
             f.write(text)
         os.replace(tmp, path)
         return reactor.seconds()
-
-    def join_token(self, account: str) -> str:
-        """
-        Make a join token with the real command (each is good once).
-
-        @return: the file holding it.
-        """
-        made = run_txmesh("token", "create", "--config-dir", self.dir, "--namespace", "default",
-                          "--service-account", account)
-        self.assertEqual(made.returncode, 0, made.stderr)
-        path = os.path.join(self.dir, f"{account}.token")
-        with open(path, "w") as f:
-            f.write(made.stdout.strip())
-        return path
 
     def istio(self, subset: str) -> str:
         return ISTIO.format(subset=subset, **self.ports)
@@ -264,13 +268,13 @@ class ControlPlaneTests(unittest.TestCase):
         for i in range(2):
             proxy = ProxyProcess(self)
             proxy.write(PROXY.format(node=f"client-{i}", addresses=f'"{pilot_a.address}", "{pilot_b.address}"',
-                                     ca_file=root, token_file=self.join_token(f"client-{i}")))
+                                     ca_file=root, token_file=join_token(self.dir, f"client-{i}")))
             proxy.start()
             proxies.append(proxy)
         proxy = ProxyProcess(self)
         proxy.write(PROXY_BY_OPTIONS.format(node="client-2"))
         proxy.start("--pilot", f"127.0.0.1:{pilot_a.port}", "--pilot", pilot_b.address,
-                    "--pilot-ca", root, "--pilot-token-file", self.join_token("client-2"))
+                    "--pilot-ca", root, "--pilot-token-file", join_token(self.dir, "client-2"))
         proxies.append(proxy)
         for proxy in proxies:
             yield proxy.wait_ready()

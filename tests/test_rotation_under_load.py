@@ -50,7 +50,7 @@ from twisted.python import log
 from twisted.trial import unittest
 
 from tests.support import CURL, Nginx, curl, free_port, sleep
-from tests.test_mesh_processes import TXMESH, PilotProcess, run_txmesh
+from tests.test_mesh_processes import TXMESH, PilotProcess, join_token, run_txmesh
 from tests.test_proxy_process import TWISTD, ProxyProcess
 
 WRK = shutil.which("wrk")
@@ -140,20 +140,11 @@ class RotationUnderLoadTests(unittest.TestCase):
         with open(os.path.join(self.dir, "mesh.yaml"), "w") as f:
             f.write("workload_cert_ttl: 1m\n")
 
-    def join_token(self, account: str) -> str:
-        made = run_txmesh("token", "create", "--config-dir", self.dir, "--namespace", "default",
-                          "--service-account", account)
-        self.assertEqual(made.returncode, 0, made.stderr)
-        path = os.path.join(self.dir, f"{account}.token")
-        with open(path, "w") as f:
-            f.write(made.stdout.strip())
-        return path
-
     def sidecar(self, pilot: PilotProcess, node: str, listener: str, cluster: str, upstream: int,
                 mtls: str = "", cluster_extra: str = "") -> ProxyProcess:
         proxy = ProxyProcess(self)
         proxy.write(SIDECAR, node=node, pilot=pilot.address, root=os.path.join(self.dir, "ca", "root-cert.pem"),
-                    token=self.join_token(node), outbound=free_port(), listener=listener, cluster=cluster,
+                    token=join_token(self.dir, node), outbound=free_port(), listener=listener, cluster=cluster,
                     port=proxy.ports["http"], upstream=upstream, mtls=mtls, cluster_extra=cluster_extra)
         proxy.start()
         return proxy

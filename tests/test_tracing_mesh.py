@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.support import curl, free_port, sleep
-from tests.test_mesh_processes import TXMESH, PilotProcess, run_txmesh
+from tests.test_mesh_processes import TXMESH, PilotProcess, join_token
 from tests.test_proxy_process import TWISTD, ProxyProcess
 from tests.test_zero_trust import SIDECAR
 from tests.test_zipkin import Collector
@@ -107,21 +107,12 @@ class TracingMeshTests(unittest.TestCase):
         with open(os.path.join(self.dir, relative), "w") as f:
             f.write(textwrap.dedent(text))
 
-    def join_token(self, account: str) -> str:
-        made = run_txmesh("token", "create", "--config-dir", self.dir, "--namespace", "default",
-                          "--service-account", account)
-        self.assertEqual(made.returncode, 0, made.stderr)
-        path = os.path.join(self.dir, f"{account}.token")
-        with open(path, "w") as f:
-            f.write(made.stdout.strip())
-        return path
-
     @defer.inlineCallbacks
     def sidecar(self, pilot: PilotProcess, app: str, app_port: int, inbound: int) -> Any:
         proxy = ProxyProcess(self)
         proxy.write(SIDECAR.format(name=f"{app}-1", namespace="default", app=app, pilot=pilot.address,
                                    root=os.path.join(self.dir, "ca", "root-cert.pem"),
-                                   token=self.join_token(app), inbound=inbound, app_port=app_port))
+                                   token=join_token(self.dir, app), inbound=inbound, app_port=app_port))
         proxy.start()
         yield proxy.wait_ready()
         return proxy
@@ -152,7 +143,7 @@ class TracingMeshTests(unittest.TestCase):
         self.addCleanup(web_app.stopListening)
         web_sidecar.write(SIDECAR.format(name="web-1", namespace="default", app="web", pilot=pilot.address,
                                          root=os.path.join(self.dir, "ca", "root-cert.pem"),
-                                         token=self.join_token("web"), inbound=web_inbound,
+                                         token=join_token(self.dir, "web"), inbound=web_inbound,
                                          app_port=web_app.getHost().port))
         web_sidecar.start()
         yield web_sidecar.wait_ready()

@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.support import curl, free_port, sleep
-from tests.test_mesh_processes import TXMESH, PilotProcess, run_txmesh
+from tests.test_mesh_processes import TXMESH, PilotProcess, join_token, run_txmesh
 from tests.test_proxy_process import TWISTD, ProxyProcess
 
 SIDECAR = """\
@@ -188,22 +188,13 @@ class ZeroTrustTests(unittest.TestCase):
         return jwt.encode({"iss": issuer, "sub": "alice", "iat": now, "exp": now + 600}, self.key,
                           algorithm="RS256", headers={"kid": "k1"})
 
-    def join_token(self, namespace: str, account: str) -> str:
-        made = run_txmesh("token", "create", "--config-dir", self.dir, "--namespace", namespace,
-                          "--service-account", account)
-        self.assertEqual(made.returncode, 0, made.stderr)
-        path = os.path.join(self.dir, f"{namespace}-{account}.token")
-        with open(path, "w") as f:
-            f.write(made.stdout.strip())
-        return path
-
     @defer.inlineCallbacks
     def sidecar(self, pilot: PilotProcess, name: str, namespace: str, app: str, app_port: int,
                 inbound: int) -> Any:
         proxy = ProxyProcess(self)
         proxy.write(SIDECAR.format(name=name, namespace=namespace, app=app, pilot=pilot.address,
                                    root=os.path.join(self.dir, "ca", "root-cert.pem"),
-                                   token=self.join_token(namespace, app), inbound=inbound, app_port=app_port))
+                                   token=join_token(self.dir, app, namespace), inbound=inbound, app_port=app_port))
         proxy.start()
         yield proxy.wait_ready()
         return proxy

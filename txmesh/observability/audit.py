@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 from collections.abc import Mapping
 from typing import IO, Any
 
 import attrs
-from twisted.logger import Logger
+
+from txmesh.observability.log_writer import LogWriter
 
 __all__ = ["AuditLog", "AuditRecord", "iso8601"]
 
@@ -83,20 +83,19 @@ class AuditRecord:
 
 class AuditLog:
     """
-    Writes L{AuditRecord}s as JSON lines.
+    Writes L{AuditRecord}s as JSON lines, through a L{LogWriter} (stdout
+    or a file, line-buffered, failures counted and logged, never raised:
+    auditing does not fail requests).
     """
 
-    log = Logger()
-
-    def __init__(self, output: IO[str], name: str = "<stream>", owned: bool = False):
+    def __init__(self, output: IO[str] | LogWriter, name: str = "<stream>", owned: bool = False):
         """
-        @param output: a text stream to write lines to.
-        @param name: what to call it in error messages.
-        @param owned: whether L{close} closes C{output}.
+        @param output: a text stream to write lines to, or a L{LogWriter}.
+        @param name: what to call a stream in error messages.
+        @param owned: whether L{close} closes a stream.
         """
-        self._output = output
-        self.name = name
-        self._owned = owned
+        self._writer = output if isinstance(output, LogWriter) else LogWriter(output, name, owned)
+        self.name = self._writer.name
 
     @classmethod
     def open(cls, path: str) -> AuditLog:
@@ -105,28 +104,19 @@ class AuditLog:
             for standard output.
         @raise OSError: if the file cannot be opened.
         """
-        if path == "-":
-            return cls(sys.stdout, "<stdout>")
-        # Line buffering: one record is one write(2), visible at once.
-        return cls(open(path, "a", buffering=1, encoding="utf-8"), path, owned=True)
+        return cls(LogWriter.open(path))
 
     def write(self, record: AuditRecord) -> None:
         """
-        Write one record.  A failing write is logged, never raised: auditing
-        does not fail requests.
+        Write one record.
         """
-        line = json.dumps(record.to_json(), separators=(",", ":"), sort_keys=False) + "\n"
-        try:
-            self._output.write(line)
-        except (OSError, ValueError) as e:
-            self.log.error("audit log {name}: write failed: {error}", name=self.name, error=e)
+        self._writer.write_line(json.dumps(record.to_json(), separators=(",", ":"), sort_keys=False) + "\n")
 
     def close(self) -> None:
         """
         Close the file (not standard output).
         """
-        if self._owned:
-            self._output.close()
+        self._writer.close()
 
 
 class AuditLogs:

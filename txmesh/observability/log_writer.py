@@ -80,7 +80,7 @@ class LogWriter:
             # The first failure, then every thousandth: a full disk must not
             # turn every request into a log event too.
             if self.write_failures % 1000 == 1:
-                self.log.error("access log {name}: write failed ({failures} so far): {error}",
+                self.log.error("log {name}: write failed ({failures} so far): {error}",
                                name=self.name, failures=self.write_failures, error=e)
             return False
         self.lines_written += 1
