@@ -31,9 +31,11 @@ import socket
 import struct
 from typing import Any
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import implementer
 
 SOL_IP = 0
 SOL_IPV6 = 41
@@ -122,6 +124,7 @@ def original_destination(transport: Any) -> tuple[str, int] | None:
 _UNKNOWN: Any = object()
 
 
+@implementer(IHalfCloseableProtocol)
 class _OriginalDestinationProtocol(ProtocolWrapper):
     """
     Looks the original destination up once, when the connection is made, and
@@ -148,6 +151,20 @@ class _OriginalDestinationProtocol(ProtocolWrapper):
     def dataReceived(self, data: bytes) -> None:
         if not self._refused:
             super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        # End-of-file is passed on to a protocol that can half-close (an L4
+        # relay); any other is closed, as its TCP transport would close it.
+        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half is not None and not self._refused:
+            half.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half is not None and not self._refused:
+            half.writeConnectionLost()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._refused:

@@ -21,7 +21,9 @@ from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError, FilterConfigError
 from txmesh.config.istio import IstioConfig, IstioWarning, translate
 from txmesh.config.model import (
+    CAPTURE_MODES,
     DISABLED,
+    CaptureConfig,
     CircuitBreakerConfig,
     ClusterConfig,
     DirectResponse,
@@ -647,7 +649,11 @@ class ConfigLoader:
                 raise s.error("needs a top-level 'istio' section", s.field("istio_routes"))
             vhosts.extend(istio.virtual_hosts)
         forward_proxy = self._forward_proxy(s.sub("forward_proxy"))
-        if not vhosts and forward_proxy is None:
+        capture = self._capture(s.sub("capture"))
+        if capture is not None and (s.value.get("tls") is not None or common["mtls"] is not None):
+            raise s.error("a capture listener reads the client's first bytes in the clear: no tls or mtls",
+                          s.field("capture"))
+        if not vhosts and forward_proxy is None and capture is None:
             raise s.error("an http listener needs 'routes' or 'virtual_hosts'", s.field("routes"))
         filters = [self._filter(f, v, source, network=False) for f, v in s.items("http_filters")]
         for i, f in enumerate(filters[:-1]):
@@ -674,6 +680,7 @@ class ConfigLoader:
             tls=tls,
             scheme=b"https" if tls is not None else b"http",
             forward_proxy=forward_proxy,
+            capture=capture,
             **common,
         )
         s.done()
@@ -695,6 +702,21 @@ class ConfigLoader:
             allow_hosts = _each(s.source, s.items("allow_hosts"), _host_pattern)
         s.done()
         return ForwardProxyConfig(connect_ports, allow_hosts)
+
+    def _capture(self, s: _Section | None) -> CaptureConfig | None:
+        """
+        Read a listener's C{capture} section (C{{}} turns capture on with
+        the defaults).
+        """
+        if s is None:
+            return None
+        d = CaptureConfig()
+        mode = s.get("mode", _one_of(CAPTURE_MODES), d.mode)
+        sniff_timeout = s.get("sniff_timeout", parse_duration, d.sniff_timeout)
+        if not 0 < sniff_timeout <= 10:
+            raise s.error(f"must be more than 0s and at most 10s, not {sniff_timeout}s", s.field("sniff_timeout"))
+        s.done()
+        return CaptureConfig(mode, sniff_timeout)
 
     def _tls(self, s: _Section | None) -> ListenerTLS | None:
         """

@@ -244,6 +244,9 @@ class DirectResponse:
 
     status: int
     body: bytes = b""
+    # The access log's response flag for this reply (e.g. C{NR} for a
+    # capture listener's BlackHoleCluster); empty for an ordinary one.
+    flag: str = ""
 
 
 @attrs.frozen
@@ -470,6 +473,28 @@ class ForwardProxyConfig:
         return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.allow_hosts)
 
 
+CAPTURE_MODES = ("ALLOW_ANY", "REGISTRY_ONLY")
+
+
+@attrs.frozen
+class CaptureConfig:
+    """
+    A transparent capture listener (the outbound port C{txmesh iptables}
+    redirects to): each connection's first bytes choose HTTP (the
+    listener's routes) or an L4 relay to the original destination.
+
+    @ivar mode: C{ALLOW_ANY} (what matches no route goes to its original
+        destination) or C{REGISTRY_ONLY} (it is refused: HTTP gets 502
+        with flag C{NR}, other traffic is closed).
+    @ivar sniff_timeout: seconds to wait for the client's first bytes
+        before treating the connection as opaque TCP (server-first
+        protocols send nothing).
+    """
+
+    mode: str = attrs.field(default="ALLOW_ANY", validator=attrs.validators.in_(CAPTURE_MODES))
+    sniff_timeout: float = 0.1
+
+
 @attrs.frozen
 class ListenerConfig:
     """
@@ -491,6 +516,8 @@ class ListenerConfig:
         (mutual TLS or plaintext, per connection), or C{None}.
     @ivar access_log: a C{tcp} listener's access log (the C{access_log}
         filter's parsed config: one line per connection), or C{None}.
+    @ivar capture: transparent capture of an C{http} listener (see
+        L{CaptureConfig}), or C{None}.
     @ivar forward_proxy: forward-proxy mode of an C{http} listener, or
         C{None} (a reverse proxy only: absolute-form targets get 400).
     """
@@ -511,6 +538,7 @@ class ListenerConfig:
     mtls: str | None = None
     access_log: Any = None
     forward_proxy: ForwardProxyConfig | None = None
+    capture: CaptureConfig | None = None
 
 
 @attrs.frozen

@@ -212,7 +212,7 @@ class RouterFilter(HTTPFilter):
             return LocalReply(404, b"", flag=ResponseFlag.NO_ROUTE)
         direct = route.direct_response
         if direct is not None:
-            return LocalReply(direct.status, direct.body, flag="")
+            return LocalReply(direct.status, direct.body, flag=direct.flag)
         if route.redirect is not None:
             return LocalReply(route.redirect.code, b"", ((b"location", redirect_location(head, route.redirect)),),
                               flag="")

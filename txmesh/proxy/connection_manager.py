@@ -10,8 +10,10 @@ config they began on.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -148,6 +150,24 @@ class HTTPConnectionManager:
         self._route_lookup = self.routes.match
         if listener.forward_proxy is not None:
             self._route_lookup = ForwardProxyRoutes(listener.forward_proxy, self.routes.match).match
+
+    def with_default_route(self, default: Callable[[RequestHead], Any]) -> HTTPConnectionManager:
+        """
+        @param default: the route lookup for requests no route matches
+            (a capture listener's route to the connection's original
+            destination).
+        @return: a copy of this manager (same routes, clusters and
+            filters) whose streams fall back to C{default}.
+        """
+        clone = copy.copy(self)
+        lookup = self._route_lookup
+
+        def lookup_or_default(head: RequestHead) -> Any:
+            route = lookup(head)
+            return route if route is not None else default(head)
+
+        clone._route_lookup = lookup_or_default
+        return clone
 
     def new_stream(self, writer: ResponseWriter, downstream_address: Any, request_id: bytes,
                    principal: str | None = None, local_port: int | None = None) -> FilterChain:

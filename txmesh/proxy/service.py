@@ -15,20 +15,22 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from txmesh.capture.listener import CaptureFactory
+from txmesh.capture.original_dst import OriginalDestinationFactory
 from txmesh.config.errors import ConfigError
 from txmesh.config.loader import ConfigLoader
-from txmesh.config.model import ListenerConfig, ProxyConfig
+from txmesh.config.model import ClusterConfig, Endpoint, ListenerConfig, ProxyConfig
 from txmesh.filters.access_log import TCPAccessLog
 from txmesh.filters.registry import FilterRegistry
 from txmesh.observability.metrics import ProxyMetrics
 from txmesh.pilot.messages import Node
 from txmesh.proxy.admin import AdminResource, AdminSite
-from txmesh.proxy.cluster import ClusterManager, ClusterSet, NoHealthyUpstream, upstream_tls
+from txmesh.proxy.cluster import PASSTHROUGH_CLUSTER, ClusterManager, ClusterSet, NoHealthyUpstream, upstream_tls
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.deadlines import DeadlineWheel
 from txmesh.proxy.http1_server import HTTP1ServerFactory
@@ -282,6 +284,24 @@ class ProxyService(Service):
             )
         return HTTPListenerFactory(HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(config)))
 
+    def _capture_relay(self, listener_name: str, destination: tuple[str, int]) -> TCPProxyFactory:
+        """
+        @return: the L4 relay of one captured connection to its original
+            destination (Istio's C{PassthroughCluster} for TCP).
+        """
+        reactor = self._reactor
+        host, port = destination
+        timeout = ClusterConfig(PASSTHROUGH_CLUSTER, ()).connect_timeout
+        client = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+        return TCPProxyFactory(
+            listener_name=listener_name,
+            pick_endpoint=lambda: Endpoint(host, port),
+            connector=lambda ep: client(reactor, ep.host, ep.port, timeout=timeout),
+            clock=reactor,
+            idle_timeout=self._listeners[listener_name].config.idle_timeout,
+            observer=self.metrics.tcp_listener(listener_name, PASSTHROUGH_CLUSTER),
+        )
+
     def _tls_options(self, listener: ListenerConfig, inner: Factory) -> Any:
         """
         @return: the TLS options of C{listener} (its own certificate, or the
@@ -309,6 +329,11 @@ class ProxyService(Service):
                 self._tls_options(listener, entry.factory.inner), entry.factory, clock=self._reactor)
             if listener.mtls == "PERMISSIVE":
                 factory = PermissiveFactory(entry.tls, entry.factory)
+        if listener.capture is not None:
+            capture = CaptureFactory(lambda: entry.factory.inner,
+                                     lambda destination: self._capture_relay(listener.name, destination),
+                                     self._reactor)
+            factory = OriginalDestinationFactory(capture, require=True, name=listener.name)
         entry.port = yield serverFromString(self._reactor, listener.address).listen(factory)
         self._listeners[listener.name] = entry
         log.info("listener {name} ({protocol}) on {address}", name=listener.name,
@@ -380,7 +405,8 @@ class ProxyService(Service):
         for name, entry in list(self._listeners.items()):
             cfg = wanted.get(name)
             if (cfg is None or cfg.address != entry.config.address or cfg.protocol != entry.config.protocol
-                    or (cfg.tls is None) != (entry.config.tls is None) or cfg.mtls != entry.config.mtls):
+                    or (cfg.tls is None) != (entry.config.tls is None) or cfg.mtls != entry.config.mtls
+                    or (cfg.capture is None) != (entry.config.capture is None)):
                 del self._listeners[name]
                 yield maybeDeferred(entry.port.stopListening)
         for listener in new.listeners:
