@@ -16,8 +16,10 @@ from typing import Any
 from OpenSSL import crypto
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txmesh.config.errors import ConfigError
 from txmesh.pilot import messages
@@ -117,6 +119,7 @@ def backoff_delay(attempt: int, rng: Any, base: float, cap: float) -> float:
     return rng.uniform(0, ceiling)
 
 
+@implementer(IHandshakeListener)
 class _ChannelProtocol(Protocol):
     """
     One connection to a pilot; it only moves bytes and hands messages to
@@ -134,6 +137,9 @@ class _ChannelProtocol(Protocol):
         self.keepalive = self._client._keepalive_for(self)
         if self.keepalive is not None:
             self.keepalive.start()
+
+    def handshakeCompleted(self) -> None:
+        self._client._channel_verified(self)
 
     def send(self, message: messages.Message) -> None:
         if self.transport is not None:
@@ -353,8 +359,8 @@ class PilotClient:
             channel.transport.abortConnection()
             return
         self._channel = channel
-        self.connected_address = channel.address
-        log.info("pilot channel open to {address}", address=channel.address)
+        if self._tls is None:
+            self._channel_verified(channel)
         identity = self._identity
         # A valid workload certificate (presented by TLS) is the credential;
         # the join token is only for getting the first one.
@@ -363,6 +369,17 @@ class PilotClient:
         channel.send(Hello(node=self._node, credential=credential, versions=dict(self.versions)))
         if identity is not None and (not has_certificate or self._reactor.seconds() >= identity.renew_at()):
             self._request_certificate()
+
+    def _channel_verified(self, channel: _ChannelProtocol) -> None:
+        """
+        The channel reaches a pilot: at once on plaintext, once the TLS
+        handshake verified the pilot's certificate otherwise (a port that
+        accepts but is not a pilot never counts as connected).
+        """
+        if channel is not self._channel:
+            return
+        self.connected_address = channel.address
+        log.info("pilot channel open to {address}", address=channel.address)
 
     # The workload certificate
 
