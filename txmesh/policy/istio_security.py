@@ -239,27 +239,9 @@ def parse_authorization_policy(body: Any, source: str | None = None, document: i
         uses what txmesh does not support (C{CUSTOM}, C{provider},
         C{targetRef}/C{targetRefs}).
     """
-    top = _Obj(source, document, "", body, ("apiVersion", "kind", "metadata", "spec", "status"))
-    version = body.get("apiVersion")
-    if version not in API_VERSIONS:
-        raise top.error("apiVersion", f"unsupported apiVersion {version!r} (supported: {', '.join(API_VERSIONS)})")
-    if body.get("kind") != KIND:
-        raise top.error("kind", f"expected {KIND}, got {body.get('kind')!r}")
-    meta = top.get("metadata", lambda v: v, required=True)
-    if not isinstance(meta, Mapping):
-        raise top.error("metadata", f"expected a mapping, got {_kind(meta)}")
-    # Other metadata (labels, annotations, uid, ...) carries no policy.
-    metadata = top.child("metadata", meta, meta.keys())
-    name = metadata.get("name", _string, required=True)
-    namespace = metadata.get("namespace", _string, default=namespace)
     # An absent or empty spec is Istio's "allow nothing" policy.
-    spec_value = body.get("spec")
-    spec = top.child("spec", {} if spec_value is None else spec_value,
-                     ("selector", "action", "rules", "provider", "targetRef", "targetRefs"))
-    for unsupported in ("targetRef", "targetRefs"):
-        if spec.value.get(unsupported) is not None:
-            raise spec.error(spec.field(unsupported), "policies attached to Gateway API resources are not "
-                                                      "supported by txmesh; use selector.matchLabels")
+    name, namespace, spec = _security_header(body, source, document, namespace, KIND,
+                                             ("selector", "action", "rules", "provider", "targetRef", "targetRefs"))
     action = spec.get("action", _action, default=ALLOW)
     if spec.value.get("provider") is not None:
         raise spec.error(spec.field("provider"), "extension providers (action CUSTOM) are not supported by txmesh")
