@@ -40,20 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import http1_cpu  # noqa: E402
-from twisted.internet.address import IPv4Address  # noqa: E402
-from twisted.internet.epollreactor import EPollReactor  # noqa: E402
-from twisted.internet.testing import StringTransport  # noqa: E402
 
-from txmesh.config.loader import ConfigLoader  # noqa: E402
 from txmesh.config.model import NodeConfig  # noqa: E402
-from txmesh.filters.registry import FilterRegistry  # noqa: E402
-from txmesh.filters.router import RouterFactory  # noqa: E402
-from txmesh.observability.metrics import MetricsFactory, ProxyMetrics  # noqa: E402
-from txmesh.proxy.cluster import ClusterManager  # noqa: E402
-from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext  # noqa: E402
-from txmesh.proxy.deadlines import DeadlineWheel  # noqa: E402
-from txmesh.proxy.http1_client import HTTP1ClientConnection  # noqa: E402
-from txmesh.proxy.http1_server import HTTP1ServerFactory  # noqa: E402
 
 NODE = NodeConfig(workload="bench-v1", namespace="default", app="bench", version="v1")
 PEER = b"x-txmesh-peer: w=peer-v1;n=default;a=peer;v=v1\r\n"
@@ -74,40 +62,12 @@ VARIANTS = {
 def path(listener: str, filters: str, request: bytes, response: bytes) -> callable:
     """
     @return: a function running one request through txmesh in memory
-        (as benchmarks/http1_cpu.py's C{txmesh_path}, with this listener
-        name and these filters).
+        (benchmarks/http1_cpu.py's C{txmesh_path}, with this listener name
+        and these filters).
     """
     config_text = http1_cpu.CONFIG.replace(b"name: http\n", b"name: " + listener.encode() + b"\n").replace(
         b"http_filters: [{name: metrics}]", b"http_filters: " + filters.encode())
-    clock = EPollReactor()
-    registry = FilterRegistry(http=[RouterFactory(), MetricsFactory()])
-    config = ConfigLoader(registry).load_bytes(config_text)
-    clusters = ClusterManager(clock).update(config.clusters)
-    proxy = ProxyContext(NODE, clock, ProxyMetrics(NODE), deadlines=DeadlineWheel(clock))
-    factory = HTTP1ServerFactory(HTTPConnectionManager(config.listeners[0], clusters, proxy))
-    server = factory.buildProtocol(None)
-    down = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-    server.makeConnection(down)
-    pool = clusters.get("app").pools()[0]
-    upstream = HTTP1ClientConnection(pool, pool.endpoint)
-    up = StringTransport()
-    upstream.makeConnection(up)
-    pool.connections += 1
-    pool.release(upstream)
-
-    def one() -> None:
-        server.dataReceived(request)
-        upstream.dataReceived(response)
-        down.clear()
-        up.clear()
-
-    # The first request, kept: it shows what the exchange did.
-    server.dataReceived(request)
-    upstream.dataReceived(response)
-    one.first = (up.value(), down.value())
-    down.clear()
-    up.clear()
-    return one
+    return http1_cpu.txmesh_path(config_text, NODE, request, response)
 
 
 def cpu(args: argparse.Namespace) -> None:
