@@ -19,6 +19,7 @@ import httptools
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -37,6 +38,8 @@ from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory, LocalReply
 from txmesh.filters.registry import FilterRegistry
 from txmesh.filters.router import RouterFactory
 from txmesh.observability.metrics import MetricsFactory
+from txmesh.proxy.http1_client import HTTP1ClientConnection
+from txmesh.proxy.stream import Headers, RequestHead
 
 UUID4 = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -1633,3 +1636,87 @@ class ReviewFixTests(unittest.TestCase):
         client = yield raw_connect(self, h.port())
         data = yield client.closed.addTimeout(5, reactor)
         self.assertEqual(data, b"")
+
+
+class _Pool:
+    """
+    The least a L{HTTP1ClientConnection} needs of its pool.
+    """
+
+    def __init__(self) -> None:
+        self.released: list[Any] = []
+
+    def connection_lost(self, connection: Any) -> None:
+        pass
+
+    def release(self, connection: Any) -> None:
+        self.released.append(connection)
+
+    def writer_for(self, transport: Any) -> Any:
+        return transport.write
+
+
+class _Handler:
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.ended = False
+
+    def response_informational(self, head: Any) -> None:
+        pass
+
+    def response_head(self, head: Any, end_stream: bool) -> None:
+        pass
+
+    def response_data(self, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self.ended = True
+            # What the downstream transport does when this last write
+            # fills its buffer: it pauses its registered producer.
+            self.connection.pauseProducing()
+
+    def response_trailers(self, trailers: Any) -> None:
+        pass
+
+    def upstream_reset(self, flag: str, reason: str) -> None:
+        raise AssertionError(reason)
+
+    def flush(self) -> None:
+        pass
+
+
+class PooledConnectionPauseTests(unittest.TestCase):
+    """
+    A pooled upstream connection is never left paused: the downstream that
+    paused it on its last write unregisters it before it drains.
+    """
+
+    def connection(self) -> tuple[Any, Any, Any]:
+        pool = _Pool()
+        connection = HTTP1ClientConnection(pool, "127.0.0.1:80")
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        handler = _Handler(connection)
+        connection.start(RequestHead(b"GET", b"/", b"a", Headers([(b"host", b"a")])), True, handler)
+        return connection, transport, handler
+
+    def test_pause_after_the_response_ends_is_ignored(self) -> None:
+        """
+        A pause that arrives with the response's last byte leaves the
+        released connection reading.
+        """
+        connection, transport, handler = self.connection()
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        self.assertTrue(handler.ended)
+        self.assertEqual(connection._pool.released, [connection])
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_next_request_resumes_a_paused_connection(self) -> None:
+        """
+        A connection paused during one exchange reads again when the next
+        request starts on it.
+        """
+        connection, transport, handler = self.connection()
+        connection.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        connection.start(RequestHead(b"GET", b"/", b"a", Headers([(b"host", b"a")])), True, handler)
+        self.assertEqual(transport.producerState, "producing")

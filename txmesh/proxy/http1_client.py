@@ -146,6 +146,8 @@ class HTTP1ClientConnection(Protocol):
         """
         Send a request head; the response will go to C{handler}.
         """
+        if self._paused:
+            self.resumeProducing()
         self._handler = handler
         self._request_done = end_stream
         self._response_done = False
@@ -287,6 +289,11 @@ class HTTP1ClientConnection(Protocol):
     # IPushProducer: the downstream's write buffer throttles our reading.
 
     def pauseProducing(self) -> None:
+        # The downstream may ask after the exchange ended (its last write
+        # filled its buffer, and it unregisters us before it drains, so it
+        # would never resume us): a pooled connection must keep reading.
+        if self._handler is None:
+            return
         if not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pauseProducing()
