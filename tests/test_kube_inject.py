@@ -22,6 +22,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from txmesh.cli import kube_inject, main, parser
 from txmesh.kube_inject import (
     INIT_NAME,
+    NATIVE_SIDECAR_MODES,
     PROXY_NAME,
     STATUS_ANNOTATION,
     TEMPLATE_PATHS,
@@ -30,6 +31,7 @@ from txmesh.kube_inject import (
     inject_document,
     inject_documents,
     inject_yaml,
+    runs_to_completion,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,12 +103,18 @@ def _container(c: Any, where: str, volumes: set[str], problems: list[str]) -> No
             problems.append(f"{where}.volumeMounts[{i}]: no volume named {m.get('name')!r}")
         if not isinstance(m.get("mountPath"), str) or not m["mountPath"].startswith("/"):
             problems.append(f"{where}.volumeMounts[{i}].mountPath: {m.get('mountPath')!r} is not absolute")
-    probe = c.get("readinessProbe")
-    if probe is not None:
+    for kind in ("readinessProbe", "startupProbe", "livenessProbe"):
+        probe = c.get(kind)
+        if probe is None:
+            continue
         get = probe.get("httpGet", {})
-        _port(get.get("port"), f"{where}.readinessProbe.httpGet.port", problems)
+        _port(get.get("port"), f"{where}.{kind}.httpGet.port", problems)
         if not str(get.get("path", "")).startswith("/"):
-            problems.append(f"{where}.readinessProbe.httpGet.path: {get.get('path')!r}")
+            problems.append(f"{where}.{kind}.httpGet.path: {get.get('path')!r}")
+        for key in ("initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"):
+            value = probe.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "initialDelaySeconds" else 1):
+                problems.append(f"{where}.{kind}.{key}: {value!r}")
     requests = c.get("resources", {}).get("requests", {})
     for key, value in requests.items():
         if key not in ("cpu", "memory") or not isinstance(value, str):
@@ -165,6 +173,18 @@ def pod_problems(template: Mapping[str, Any]) -> list[str]:
             if c.get("name") in names:
                 problems.append(f"spec.{key}[{i}].name: duplicate {c.get('name')!r}")
             names.add(c.get("name"))
+            # A container's restartPolicy is only for init containers, and only Always (a native
+            # sidecar); probes are for native sidecars and regular containers, not run-once init containers.
+            policy = c.get("restartPolicy")
+            if key == "containers" and policy is not None:
+                problems.append(f"spec.containers[{i}].restartPolicy: not allowed outside initContainers")
+            if key == "initContainers" and policy not in (None, "Always"):
+                problems.append(f"spec.initContainers[{i}].restartPolicy: {policy!r} is not Always")
+            if key == "initContainers" and policy is None:
+                for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+                    if probe in c:
+                        problems.append(f"spec.initContainers[{i}].{probe}: only a native sidecar (restartPolicy: "
+                                        "Always) may have one")
     if not spec.get("containers"):
         problems.append("spec.containers: empty")
     return problems
@@ -229,14 +249,17 @@ class InjectKindsTests(SynchronousTestCase):
                 template = template_of(injected)
                 self.assertEqual(pod_problems(template), [])
                 spec = template["spec"]
-                self.assertEqual([c["name"] for c in spec["containers"]], ["reviews", "helper", PROXY_NAME])
-                self.assertEqual([c["name"] for c in spec["initContainers"]], [INIT_NAME])
+                # Jobs' pods run to completion: the sidecar is a native one (NativeSidecarTests).
+                sidecars = [PROXY_NAME] if kind in ("Job", "CronJob") else []
+                self.assertEqual([c["name"] for c in spec["containers"]],
+                                 ["reviews", "helper"] + ([] if sidecars else [PROXY_NAME]))
+                self.assertEqual([c["name"] for c in spec["initContainers"]], [INIT_NAME] + sidecars)
                 self.assertEqual([v["name"] for v in spec["volumes"]], ["txmesh-token", "txmesh-root-cert"])
                 self.assertEqual(template["metadata"]["labels"],
                                  {"app": "reviews", "security.istio.io/tlsMode": "istio"})
                 status = json.loads(template["metadata"]["annotations"][STATUS_ANNOTATION])
-                self.assertEqual(status["containers"], [PROXY_NAME])
-                self.assertEqual(status["initContainers"], [INIT_NAME])
+                self.assertEqual(status["containers"], [] if sidecars else [PROXY_NAME])
+                self.assertEqual(status["initContainers"], [INIT_NAME] + sidecars)
                 self.assertEqual(status["volumes"], ["txmesh-token", "txmesh-root-cert"])
                 self.assertIsInstance(status["version"], str)
                 self.assertEqual(template["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
@@ -355,6 +378,236 @@ class InjectKindsTests(SynchronousTestCase):
         self.assertEqual(injected["items"][0], SERVICE)
         self.assertEqual(pod_problems(template_of(injected["items"][1])), [])
         self.assertIn(PROXY_NAME, [c["name"] for c in template_of(injected["items"][1])["spec"]["containers"]])
+
+
+def job(kind: str = "Job", restart_policy: str | None = "Never", **kwargs: Any) -> dict[str, Any]:
+    """
+    A workload whose pod template has C{restart_policy} (none: the field is left out).
+    """
+    pod = {**POD_SPEC, **({"restartPolicy": restart_policy} if restart_policy else {})}
+    return workload(kind, pod=pod, **kwargs)
+
+
+NATIVE_KEY = "sidecar.txmesh.io/nativeSidecar"
+
+
+def annotate(doc: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    template = doc if doc["kind"] == "Pod" else template_of(doc)
+    template["metadata"].setdefault("annotations", {})[key] = value
+    return doc
+
+
+class NativeSidecarTests(SynchronousTestCase):
+    """
+    Pods that run to completion get the proxy as a Kubernetes native sidecar
+    (an init container with C{restartPolicy: Always}, after C{txmesh-init}),
+    so their Job completes; C{native_sidecar} and the C{nativeSidecar}
+    annotation choose otherwise.
+    """
+
+    def assertNative(self, injected: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        @return: the native sidecar, after checking where it is and the shapes.
+        """
+        template = template_of(injected) if injected["kind"] != "Pod" else dict(injected)
+        self.assertEqual(pod_problems(template), [])
+        spec = template["spec"]
+        self.assertEqual([c["name"] for c in spec["containers"]], ["reviews", "helper"])
+        self.assertEqual([c["name"] for c in spec["initContainers"]][-2:], [INIT_NAME, PROXY_NAME])
+        self.assertNotIn("restartPolicy", spec["initContainers"][-2], "txmesh-init runs once, to completion")
+        proxy = container(template, "initContainers", PROXY_NAME)
+        self.assertEqual(proxy["restartPolicy"], "Always")
+        # The startup probe holds the app's containers back until the proxy is ready.
+        self.assertEqual(proxy["startupProbe"]["httpGet"], {"path": "/ready", "port": 15000})
+        self.assertEqual(proxy["readinessProbe"]["httpGet"], {"path": "/ready", "port": 15000})
+        status = json.loads(template["metadata"]["annotations"][STATUS_ANNOTATION])
+        self.assertEqual((status["containers"], status["initContainers"]), ([], [INIT_NAME, PROXY_NAME]))
+        return proxy
+
+    def assertClassic(self, injected: Mapping[str, Any]) -> dict[str, Any]:
+        template = template_of(injected) if injected["kind"] != "Pod" else dict(injected)
+        self.assertEqual(pod_problems(template), [])
+        spec = template["spec"]
+        self.assertEqual([c["name"] for c in spec["containers"]], ["reviews", "helper", PROXY_NAME])
+        self.assertEqual([c["name"] for c in spec["initContainers"]][-1:], [INIT_NAME])
+        proxy = container(template, "containers", PROXY_NAME)
+        self.assertNotIn("restartPolicy", proxy)
+        self.assertNotIn("startupProbe", proxy)
+        status = json.loads(template["metadata"]["annotations"][STATUS_ANNOTATION])
+        self.assertEqual((status["containers"], status["initContainers"]), ([PROXY_NAME], [INIT_NAME]))
+        return proxy
+
+    def inject(self, doc: dict[str, Any], mode: str = "auto") -> tuple[dict[str, Any], list[str]]:
+        warnings: list[str] = []
+        options = InjectOptions(pilot=OPTIONS.pilot, image=OPTIONS.image, proxy_uid=OPTIONS.proxy_uid,
+                                native_sidecar=mode)
+        return inject_document(doc, options, 1, warnings), warnings
+
+    def test_job(self):
+        for policy in ("Never", "OnFailure"):
+            with self.subTest(policy=policy):
+                injected, warnings = self.inject(job("Job", policy))
+                proxy = self.assertNative(injected)
+                self.assertEqual(warnings, [])
+                # The same proxy as a classic one, plus what makes it a native sidecar.
+                classic = self.assertClassic(self.inject(job("Job", policy), "never")[0])
+                self.assertEqual({k: v for k, v in proxy.items() if k not in ("restartPolicy", "startupProbe")},
+                                 classic)
+
+    def test_cronjob(self):
+        injected, warnings = self.inject(job("CronJob", "OnFailure", name="nightly"))
+        self.assertNative(injected)
+        self.assertEqual(warnings, [])
+        self.assertEqual(injected["spec"]["schedule"], "*/5 * * * *")
+
+    def test_pod(self):
+        """
+        A Pod is a native one with C{restartPolicy} C{Never} or C{OnFailure},
+        a classic one with C{Always} or none (the default, C{Always}).
+        """
+        for policy in ("Never", "OnFailure"):
+            with self.subTest(policy=policy):
+                injected, warnings = self.inject(job("Pod", policy))
+                self.assertNative(injected)
+                self.assertEqual(warnings, [])
+        for policy in ("Always", None):
+            with self.subTest(policy=policy):
+                injected, warnings = self.inject(job("Pod", policy))
+                self.assertClassic(injected)
+                self.assertEqual(warnings, [])
+
+    def test_long_running_kinds(self):
+        for kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "ReplicationController"):
+            with self.subTest(kind=kind):
+                injected, warnings = self.inject(workload(kind))
+                self.assertClassic(injected)
+                self.assertEqual(warnings, [])
+
+    def test_runs_to_completion(self):
+        self.assertTrue(runs_to_completion("Job", {}))
+        self.assertTrue(runs_to_completion("CronJob", {"restartPolicy": "OnFailure"}))
+        self.assertTrue(runs_to_completion("Pod", {"restartPolicy": "Never"}))
+        self.assertFalse(runs_to_completion("Pod", {}))
+        self.assertFalse(runs_to_completion("Pod", {"restartPolicy": "Always"}))
+        self.assertFalse(runs_to_completion("Deployment", {"restartPolicy": "Always"}))
+
+    def test_after_the_apps_init_containers(self):
+        """
+        The app's own init containers run first, then the capture, then the
+        sidecar starts (init containers start in order).
+        """
+        doc = job("Job")
+        template_of(doc)["spec"]["initContainers"] = [{"name": "migrate", "image": "m:1"}]
+        injected, _ = self.inject(doc)
+        self.assertNative(injected)
+        self.assertEqual([c["name"] for c in template_of(injected)["spec"]["initContainers"]],
+                         ["migrate", INIT_NAME, PROXY_NAME])
+
+    def test_always(self):
+        for kind in TEMPLATE_PATHS:
+            with self.subTest(kind=kind):
+                injected, warnings = self.inject(workload(kind), "always")
+                self.assertNative(injected)
+                self.assertEqual(warnings, [])
+
+    def test_never(self):
+        """
+        Classic everywhere; a pod that runs to completion gets a warning
+        naming the document, since its Job would never complete.
+        """
+        for kind in ("Deployment", "Pod"):
+            with self.subTest(kind=kind):
+                injected, warnings = self.inject(workload(kind), "never")
+                self.assertClassic(injected)
+                self.assertEqual(warnings, [])
+        for doc, pods in [(job("Job", name="migrate"), "the Job"), (job("CronJob", name="nightly"),
+                                                                     "the CronJob's Jobs"),
+                          (job("Pod", "OnFailure", name="once"), "the Pod")]:
+            with self.subTest(kind=doc["kind"]):
+                injected, warnings = self.inject(doc, "never")
+                self.assertClassic(injected)
+                self.assertEqual(warnings, [
+                    f"document 1 ({doc['kind']} {doc['metadata']['name']}): the sidecar is an ordinary container "
+                    f"(--native-sidecar never), so {pods} will not complete: txmesh-proxy keeps running after the "
+                    "app's containers exit and nothing in the pod stops it; use --native-sidecar auto for a native "
+                    "sidecar (Kubernetes 1.29 or later)"])
+
+    def test_annotation(self):
+        """
+        The pod template's C{nativeSidecar} annotation (txmesh's, else
+        Istio's) wins over the option, either way.
+        """
+        for mode in ("auto", "never"):
+            for key, value in [(NATIVE_KEY, "true"), ("sidecar.istio.io/nativeSidecar", "true"),
+                               (NATIVE_KEY, "True")]:
+                with self.subTest(mode=mode, key=key, value=value):
+                    injected, warnings = self.inject(annotate(workload("Deployment"), key, value), mode)
+                    self.assertNative(injected)
+                    self.assertEqual(warnings, [])
+                    self.assertEqual(template_of(injected)["metadata"]["annotations"][key], value, "kept")
+        # An unquoted YAML true (which Kubernetes would refuse as an annotation) means true too.
+        injected, _ = self.inject(annotate(workload("Deployment"), NATIVE_KEY, True))
+        self.assertEqual([c["name"] for c in template_of(injected)["spec"]["initContainers"]], [INIT_NAME, PROXY_NAME])
+        for mode in ("auto", "always"):
+            with self.subTest(mode=mode, value="false"):
+                self.assertClassic(self.inject(annotate(workload("Deployment"), NATIVE_KEY, "false"), mode)[0])
+        doc = annotate(annotate(job("Job", name="migrate"), NATIVE_KEY, "false"),
+                       "sidecar.istio.io/nativeSidecar", "true")
+        injected, warnings = self.inject(doc, "always")
+        self.assertClassic(injected)
+        self.assertEqual(warnings, [
+            'document 1 (Job migrate): the sidecar is an ordinary container (sidecar.txmesh.io/nativeSidecar: '
+            '"false"), so the Job will not complete: txmesh-proxy keeps running after the app\'s containers exit '
+            'and nothing in the pod stops it; set sidecar.txmesh.io/nativeSidecar to "true" for a native sidecar '
+            '(Kubernetes 1.29 or later)'])
+        # Only the pod template's annotations count (as for sidecar.txmesh.io/inject).
+        doc = job("Job")
+        doc["metadata"]["annotations"] = {NATIVE_KEY: "false"}
+        self.assertNative(self.inject(doc)[0])
+
+    def test_annotation_value(self):
+        doc = annotate(job("CronJob", name="nightly"), NATIVE_KEY, "maybe")
+        with self.assertRaises(InjectError) as e:
+            self.inject(doc)
+        self.assertEqual(str(e.exception), "document 1 (CronJob nightly): spec.jobTemplate.spec.template.metadata."
+                                           'annotations.sidecar.txmesh.io/nativeSidecar: expected "true" or '
+                                           "\"false\", got 'maybe'")
+
+    def test_idempotent(self):
+        """
+        Injecting again changes nothing, whichever form the sidecar has and
+        whatever the options.
+        """
+        docs = [job("Job"), job("CronJob"), job("Pod"), workload("Deployment"),
+                annotate(workload("StatefulSet"), NATIVE_KEY, "true")]
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+        for mode in NATIVE_SIDECAR_MODES:
+            with self.subTest(mode=mode):
+                options = InjectOptions(native_sidecar=mode)
+                once = inject_yaml(text, options)
+                for again in NATIVE_SIDECAR_MODES:
+                    warnings: list[str] = []
+                    self.assertEqual(inject_yaml(once, InjectOptions(native_sidecar=again), warnings), once)
+                    self.assertEqual(warnings, [], "nothing injected, nothing to warn about")
+
+    def test_detected_in_init_containers(self):
+        """
+        A native sidecar without the status annotation (edited by hand) is
+        recognised by its name among the init containers.
+        """
+        injected, _ = self.inject(job("Job"))
+        template = template_of(injected)
+        del template["metadata"]["annotations"][STATUS_ANNOTATION]
+        for mode in NATIVE_SIDECAR_MODES:
+            self.assertIs(self.inject(injected, mode)[0], injected)
+        template["spec"]["initContainers"] = [c for c in template["spec"]["initContainers"] if c["name"] != INIT_NAME]
+        self.assertIs(self.inject(injected, "never")[0], injected, "the native sidecar alone is enough")
+
+    def test_option(self):
+        with self.assertRaises(ValueError) as e:
+            InjectOptions(native_sidecar="sometimes")
+        self.assertEqual(str(e.exception), "native_sidecar: expected one of auto, always, never, got 'sometimes'")
+        self.assertEqual(InjectOptions().native_sidecar, "auto")
 
 
 class IdempotenceAndSkipTests(SynchronousTestCase):
@@ -545,6 +798,59 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual((option(proxy["command"], "--pilot"), proxy["image"], proxy["securityContext"]["runAsUser"]),
                          ("p.mesh:15010", "i:2", 1400))
 
+    def test_native_sidecar(self):
+        """
+        C{--native-sidecar}: C{auto} makes a Job's sidecar a native one;
+        C{never} keeps it a container, and warns on stderr (exit 0).
+        """
+        text = yaml.safe_dump_all([SERVICE, job("Job", name="migrate"), workload("Deployment")], sort_keys=False)
+        path = self.write(text)
+        for mode, native, warned in [("auto", True, False), ("always", True, False), ("never", False, True)]:
+            with self.subTest(mode=mode):
+                out, err = io.StringIO(), io.StringIO()
+                self.assertEqual(kube_inject(path, None, "p:1", "i:1", 1337, out, err, native_sidecar=mode), 0)
+                self.assertEqual(out.getvalue(), inject_yaml(text, InjectOptions("p:1", "i:1", 1337, mode)))
+                docs = list(yaml.safe_load_all(out.getvalue()))
+                names = [c["name"] for c in template_of(docs[1])["spec"]["initContainers"]]
+                self.assertEqual(names, [INIT_NAME, PROXY_NAME] if native else [INIT_NAME])
+                if warned:
+                    self.assertEqual(err.getvalue().splitlines(), [
+                        f"txmesh kube-inject: warning: {path}: document 2 (Job migrate): the sidecar is an ordinary "
+                        "container (--native-sidecar never), so the Job will not complete: txmesh-proxy keeps "
+                        "running after the app's containers exit and nothing in the pod stops it; use "
+                        "--native-sidecar auto for a native sidecar (Kubernetes 1.29 or later)"])
+                else:
+                    self.assertEqual(err.getvalue(), "")
+        err = io.StringIO()
+        self.assertEqual(kube_inject(path, None, "p:1", "i:1", 1337, self.out, err, native_sidecar="x"), 1)
+        self.assertEqual(err.getvalue(), "txmesh kube-inject: native_sidecar: expected one of auto, always, never, "
+                                         "got 'x'\n")
+
+    def test_main_native_sidecar(self):
+        """
+        C{txmesh kube-inject --native-sidecar MODE}: the default is C{auto};
+        C{never} warns on stderr; other values are a usage error.
+        """
+        path = self.write(yaml.safe_dump(job("Job")))
+        target = path + ".out"
+        self.addCleanup(os.remove, target)
+        for mode, where in [(None, "initContainers"), ("always", "initContainers"), ("never", "containers")]:
+            with self.subTest(mode=mode):
+                err = io.StringIO()
+                self.patch(sys, "stderr", err)
+                flags = ["--native-sidecar", mode] if mode else []
+                self.assertEqual(main(["kube-inject", "-f", path, "-o", target, *flags], environ={}), 0)
+                with open(target) as f:
+                    self.assertEqual(container(template_of(yaml.safe_load(f)), where, PROXY_NAME)["image"],
+                                     "txmesh/proxy:latest")
+                warned = err.getvalue().startswith(f"txmesh kube-inject: warning: {path}: document 1 (Job reviews-v1)")
+                self.assertEqual((warned, len(err.getvalue().splitlines())), (True, 1) if mode == "never" else (False, 0))
+        self.patch(sys, "stderr", io.StringIO())
+        with self.assertRaises(SystemExit) as e:
+            parser({}).parse_args(["kube-inject", "-f", path, "--native-sidecar", "sometimes"])
+        self.assertEqual(e.exception.code, 2)
+        self.assertIn("invalid choice: 'sometimes'", sys.stderr.getvalue())
+
     def test_process(self):
         """
         C{python -m txmesh.cli kube-inject}: exit 0 with the YAML on stdout;
@@ -582,7 +888,16 @@ class ValidatorTests(SynchronousTestCase):
         spec["containers"][-1]["ports"][0]["containerPort"] = 70000
         spec["containers"][-1]["securityContext"]["runAsUser"] = "1337"
         del spec["initContainers"][0]["image"]
+        spec["initContainers"][0]["readinessProbe"] = spec["containers"][-1]["readinessProbe"]
+        spec["containers"][-1]["restartPolicy"] = "Always"
+        spec["containers"][-1]["startupProbe"] = {"httpGet": {"path": "ready", "port": 15000}, "periodSeconds": 0}
         problems = "\n".join(pod_problems(template))
         for expected in ("expirationSeconds: 60", "no volume named 'nope'", "fieldPath: 'spec.nodeName'",
-                         "port 70000", "runAsUser: '1337'", "initContainers[0].image: missing"):
+                         "port 70000", "runAsUser: '1337'", "initContainers[0].image: missing",
+                         "initContainers[0].readinessProbe: only a native sidecar",
+                         "containers[2].restartPolicy: not allowed", "startupProbe.httpGet.path: 'ready'",
+                         "startupProbe.periodSeconds: 0"):
             self.assertIn(expected, problems)
+        native = copy.deepcopy(template_of(inject_document(job("Job"), OPTIONS)))
+        native["spec"]["initContainers"][-1]["restartPolicy"] = "OnFailure"
+        self.assertIn("initContainers[1].restartPolicy: 'OnFailure' is not Always", "\n".join(pod_problems(native)))

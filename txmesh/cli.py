@@ -19,6 +19,7 @@ The C{txmesh} command: operator tools.
                                       a join token for a proxy (run on the pilot's host:
                                       it signs with the key in DIR/ca)
     txmesh kube-inject -f FILE [-o OUT] [--pilot ADDRESS] [--image IMAGE] [--proxy-uid UID]
+                       [--native-sidecar {auto,always,never}]
                                       add the txmesh sidecar to Kubernetes YAML (offline)
     txmesh iptables [-u UID] [-b PORTS] [-x CIDRS] ... [--apply | --clean] [--dry-run]
                                       print (default), apply or remove the transparent
@@ -548,26 +549,31 @@ def cert_create(ca_dir: str, trust_domain: str, spiffe_id: str, out_dir: str, tt
 
 
 def kube_inject(path: str, output: str | None, pilot: str, image: str, proxy_uid: int,
-                out: Any = sys.stdout, err: Any = sys.stderr, stdin: Any = None) -> int:
+                out: Any = sys.stdout, err: Any = sys.stderr, stdin: Any = None, native_sidecar: str = "auto") -> int:
     """
     C{txmesh kube-inject}: add the txmesh sidecar to every pod template of a
     YAML file (L{txmesh.kube_inject}); other documents pass through.
 
     @param path: the file, or C{-} for C{stdin} (default C{sys.stdin}).
     @param output: the file to write, or C{None} for C{out}.
+    @param native_sidecar: C{auto}, C{always} or C{never}
+        (L{txmesh.kube_inject.InjectOptions.native_sidecar}).
     @return: the exit code: 0, or 1 with one line on C{err} naming the
-        document and field (and nothing written).
+        document and field (and nothing written). A pod that runs to
+        completion with an ordinary sidecar container gets a warning line
+        on C{err}, and the exit code stays 0.
     """
     from txmesh.kube_inject import InjectError, InjectOptions, inject_yaml
 
+    warnings: list[str] = []
     try:
-        options = InjectOptions(pilot=pilot, image=image, proxy_uid=proxy_uid)
+        options = InjectOptions(pilot=pilot, image=image, proxy_uid=proxy_uid, native_sidecar=native_sidecar)
         if path == "-":
             text = (sys.stdin if stdin is None else stdin).read()
         else:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
-        result = inject_yaml(text, options)
+        result = inject_yaml(text, options, warnings)
         if output is None:
             out.write(result)
         else:
@@ -582,6 +588,8 @@ def kube_inject(path: str, output: str | None, pilot: str, image: str, proxy_uid
     except ValueError as e:  # the options (InjectOptions names the field)
         err.write(f"txmesh kube-inject: {e}\n")
         return 1
+    for warning in warnings:
+        err.write(f"txmesh kube-inject: warning: {path}: {warning}\n")
     return 0
 
 
@@ -678,6 +686,10 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     ki.add_argument("--image", default="txmesh/proxy:latest", help="the proxy image (default: txmesh/proxy:latest)")
     ki.add_argument("--proxy-uid", type=int, default=1337, metavar="UID",
                     help="the proxy's user id, whose traffic is not captured (default: 1337)")
+    ki.add_argument("--native-sidecar", choices=("auto", "always", "never"), default="auto",
+                    help="put the sidecar in initContainers with restartPolicy: Always (Kubernetes >= 1.29): "
+                         "auto (default) for Jobs, CronJobs and Pods with restartPolicy Never or OnFailure, "
+                         "so they complete; always; or never")
     from txmesh.capture.command import add_arguments as add_iptables_arguments
 
     add_iptables_arguments(commands.add_parser(
@@ -701,7 +713,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             p.error("validate: name at least one FILE")
         return validate(files)
     if args.command == "kube-inject":
-        return kube_inject(args.filename, args.output, args.inject_pilot, args.image, args.proxy_uid)
+        return kube_inject(args.filename, args.output, args.inject_pilot, args.image, args.proxy_uid,
+                           sys.stdout, sys.stderr, native_sidecar=args.native_sidecar)
     if args.command == "cert":
         from txmesh.pilot.ca import parse_spiffe_id
         from txmesh.pilot.channel_security import ca_directory

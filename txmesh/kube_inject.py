@@ -4,6 +4,12 @@ it: a pure YAML transformation that adds the txmesh init container (traffic
 capture), the C{txmesh-proxy} sidecar and their volumes to every pod
 template of a multi-document file.
 
+Pods that run to completion (Jobs, CronJobs, Pods with C{restartPolicy}
+C{Never} or C{OnFailure}) get the sidecar as a Kubernetes I{native sidecar}:
+an init container with C{restartPolicy: Always}, which the kubelet stops
+once the app's containers have exited, so the Job completes (Kubernetes
+1.29 or later; see L{InjectOptions.native_sidecar}).
+
     >>> text = inject_yaml(open("reviews.yaml").read(), InjectOptions(pilot="pilot.txmesh.svc:15010"))
 
 No cluster is asked; the same input and options always give the same output.
@@ -44,8 +50,16 @@ DEFAULT_PROXY_UID = 1337
 
 STATUS_ANNOTATION = "sidecar.txmesh.io/status"
 INJECT_KEYS = ("sidecar.txmesh.io/inject", "sidecar.istio.io/inject")
+#: Pod template annotations that choose the sidecar's form for one workload (the first one set wins).
+NATIVE_SIDECAR_KEYS = ("sidecar.txmesh.io/nativeSidecar", "sidecar.istio.io/nativeSidecar")
+NATIVE_SIDECAR_MODES = ("auto", "always", "never")
+#: The pod restart policies of pods that run to completion.
+COMPLETING_RESTART_POLICIES = frozenset({"Never", "OnFailure"})
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+
+_TRUE = ("true", "yes", "y")
+_FALSE = ("false", "no", "n")
 
 #: Where each kind keeps its pod template (C{()}: the object is the pod).
 TEMPLATE_PATHS: Mapping[str, tuple[str, ...]] = {
@@ -84,11 +98,18 @@ class InjectOptions:
     @ivar image: the image of both injected containers (it must hold the
         C{txmesh} and C{twistd} commands).
     @ivar proxy_uid: the user the proxy runs as; its traffic is not captured.
+    @ivar native_sidecar: the sidecar's form. C{"auto"}: a native sidecar
+        (an init container with C{restartPolicy: Always}) for pods that run
+        to completion (L{runs_to_completion}), an ordinary container for
+        the others; C{"always"}: a native sidecar everywhere; C{"never"}: an
+        ordinary container everywhere. A pod template's
+        C{sidecar.txmesh.io/nativeSidecar} annotation overrides it.
     """
 
     pilot: str = attrs.field(default=DEFAULT_PILOT)
     image: str = attrs.field(default=DEFAULT_IMAGE)
     proxy_uid: int = attrs.field(default=DEFAULT_PROXY_UID)
+    native_sidecar: str = attrs.field(default="auto")
 
     @pilot.validator
     def _check_pilot(self, attribute: Any, value: str) -> None:
@@ -106,16 +127,24 @@ class InjectOptions:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
             raise ValueError(f"proxy_uid: expected a user id from 1 to {2**31 - 1}, got {value!r}")
 
+    @native_sidecar.validator
+    def _check_native_sidecar(self, attribute: Any, value: str) -> None:
+        if value not in NATIVE_SIDECAR_MODES:
+            raise ValueError(f"native_sidecar: expected one of {', '.join(NATIVE_SIDECAR_MODES)}, got {value!r}")
+
 
 # --- what one pod template gets ------------------------------------------------------
 
 
-def status(options: InjectOptions) -> str:
+def status(options: InjectOptions, native: bool = False) -> str:
     """
+    @param native: whether the sidecar is a native sidecar (then it is
+        among the C{initContainers}, after C{txmesh-init}).
     @return: the C{sidecar.txmesh.io/status} annotation: JSON naming what
         was injected, so a later run (or a person) can tell.
     """
-    return json.dumps({"containers": [PROXY_NAME], "initContainers": [INIT_NAME],
+    return json.dumps({"containers": [] if native else [PROXY_NAME],
+                       "initContainers": [INIT_NAME, PROXY_NAME] if native else [INIT_NAME],
                        "volumes": [TOKEN_VOLUME, ROOT_VOLUME], "version": _version()},
                       sort_keys=True, separators=(",", ":"))
 
@@ -144,17 +173,22 @@ def init_container(options: InjectOptions, inbound_ports: Sequence[int]) -> dict
     }
 
 
-def proxy_container(options: InjectOptions, workload: str, app_ports: Sequence[int] = ()) -> dict[str, Any]:
+def proxy_container(options: InjectOptions, workload: str, app_ports: Sequence[int] = (),
+                    native: bool = False) -> dict[str, Any]:
     """
     @param workload: the workload's name (C{--workload}).
     @param app_ports: the app containers' ports; the first one gets the
         inbound listener (C{--inbound-port}/C{--app-port}).
+    @param native: make it a native sidecar, for C{initContainers}:
+        C{restartPolicy: Always}, and a C{startupProbe} on C{/ready}, which
+        holds back the containers after it until the proxy is ready.
     @return: the C{txmesh-proxy} sidecar, bootstrapped from the pilot with
         the pod's projected service-account token.
     """
     return {
         "name": PROXY_NAME,
         "image": options.image,
+        **({"restartPolicy": "Always"} if native else {}),
         # The whole argv in command, so the image's ENTRYPOINT does not matter; no pidfile,
         # since the working directory need not be writable by the proxy's user.
         "command": ["twistd", "-n", "--pidfile=", "txmesh-proxy",
@@ -186,6 +220,11 @@ def proxy_container(options: InjectOptions, workload: str, app_ports: Sequence[i
             "periodSeconds": 2,
             "failureThreshold": 30,
         },
+        # The kubelet starts the containers after a native sidecar only once its startup probe
+        # passes (its readiness probe does not hold them back). Up to 10 minutes for the pilot;
+        # then the sidecar is restarted and the app keeps waiting.
+        **({"startupProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT},
+                             "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 600}} if native else {}),
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
         "securityContext": {
             "runAsUser": options.proxy_uid,
@@ -264,6 +303,53 @@ def _opted_out(metadata: Mapping[str, Any]) -> bool:
     return False
 
 
+def runs_to_completion(kind: str, spec: Mapping[str, Any]) -> bool:
+    """
+    @param spec: the pod template's C{spec}.
+    @return: whether the pods run to completion: a Job's or a CronJob's, or
+        any with C{restartPolicy} C{Never} or C{OnFailure} (a Pod's; the
+        other kinds only allow C{Always}).
+    """
+    return kind in ("Job", "CronJob") or spec.get("restartPolicy") in COMPLETING_RESTART_POLICIES
+
+
+def _native_annotation(metadata: Mapping[str, Any], path: str, where: _Where) -> tuple[str, bool] | None:
+    """
+    @return: the first C{nativeSidecar} annotation of the pod template and
+        its value, or C{None}.
+    @raise InjectError: its value is neither true nor false.
+    """
+    annotations = metadata.get("annotations")
+    if not isinstance(annotations, Mapping):
+        return None
+    for key in NATIVE_SIDECAR_KEYS:
+        if key not in annotations:
+            continue
+        value = annotations[key]
+        if isinstance(value, bool):
+            return key, value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return key, value.strip().lower() in _TRUE
+        raise where.error(f"{path}metadata.annotations.{key}", f'expected "true" or "false", got {value!r}')
+    return None
+
+
+def _not_completing(kind: str, where: _Where, annotation: str | None, mode: str) -> str:
+    """
+    @param annotation: the C{nativeSidecar} annotation that chose an
+        ordinary container, or C{None} when the option C{mode} did.
+    @return: the warning for a pod that runs to completion with an
+        ordinary sidecar container.
+    """
+    pods = {"Job": "the Job", "CronJob": "the CronJob's Jobs", "Pod": "the Pod"}.get(kind, "its pods")
+    # No way for the app to stop the proxy to suggest: the admin endpoint has no quit page.
+    why, fix = ((f'{annotation}: "false"', f"set {annotation} to \"true\"") if annotation
+                else (f"--native-sidecar {mode}", "use --native-sidecar auto"))
+    return (f"{where.label}: the sidecar is an ordinary container ({why}), so {pods} will not complete: "
+            f"{PROXY_NAME} keeps running after the app's containers exit and nothing in the pod stops it; "
+            f"{fix} for a native sidecar (Kubernetes 1.29 or later)")
+
+
 def _already_injected(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
     annotations = metadata.get("annotations")
     if isinstance(annotations, Mapping) and STATUS_ANNOTATION in annotations:
@@ -306,23 +392,27 @@ def _app_ports(containers: Sequence[Any], prefix: str, where: _Where) -> list[in
     return ports
 
 
-def inject_document(doc: Any, options: InjectOptions, index: int = 1) -> Any:
+def inject_document(doc: Any, options: InjectOptions, index: int = 1, warnings: list[str] | None = None) -> Any:
     """
     Inject one Kubernetes object.
 
     @param doc: the parsed document.
     @param index: its 1-based position in its file, for errors.
+    @param warnings: where to append, naming the document, a warning for a
+        pod that runs to completion but gets an ordinary sidecar container
+        (it would never complete).
     @return: a new injected object; C{doc} itself when nothing is to be
         done (a kind without pods, an opted-out or C{hostNetwork} pod, one
         already injected).
     @raise InjectError: a workload whose pod template is missing or not of
-        the documented shape, or whose app uses a port the sidecar needs.
+        the documented shape, whose app uses a port the sidecar needs, or
+        whose C{nativeSidecar} annotation is neither true nor false.
     """
     if not isinstance(doc, dict):
         raise InjectError(f"document {index}: expected a Kubernetes object (a mapping), got {type(doc).__name__}")
     kind = doc.get("kind")
     if kind == "List" and isinstance(doc.get("items"), list):
-        return {**doc, "items": [inject_document(item, options, index) for item in doc["items"]]}
+        return {**doc, "items": [inject_document(item, options, index, warnings) for item in doc["items"]]}
     if not isinstance(kind, str) or kind not in TEMPLATE_PATHS:
         return doc
     where = _Where(index, doc)
@@ -345,34 +435,46 @@ def inject_document(doc: Any, options: InjectOptions, index: int = 1) -> Any:
         if isinstance(volume, Mapping) and volume.get("name") in (TOKEN_VOLUME, ROOT_VOLUME):
             raise where.error(f"{path}spec.volumes[{i}].name", f"{volume['name']!r} is the name of a volume "
                               "the sidecar needs")
+    completes = runs_to_completion(kind, spec)
+    chosen = _native_annotation(metadata, path, where)
+    if chosen is not None:
+        native = chosen[1]
+    else:
+        native = options.native_sidecar == "always" or (options.native_sidecar == "auto" and completes)
+    if completes and not native and warnings is not None:
+        warnings.append(_not_completing(kind, where, chosen and chosen[0], options.native_sidecar))
     first_app = containers[0].get("name")
-    # The capture goes last, so the app's own init containers still reach the network directly.
-    _list(spec, "initContainers", path + "spec.initContainers", where, create=True).append(
-        init_container(options, inbound))
-    containers.append(proxy_container(options, _workload_name(doc, where), inbound))
+    proxy = proxy_container(options, _workload_name(doc, where), inbound, native=native)
+    # The capture goes last, so the app's own init containers still reach the network directly;
+    # a native sidecar after it, since init containers start in order and the capture must be done.
+    init_containers = _list(spec, "initContainers", path + "spec.initContainers", where, create=True)
+    init_containers.append(init_container(options, inbound))
+    (init_containers if native else containers).append(proxy)
     existing.extend(volumes())
     annotations = _mapping(metadata, "annotations", path + "metadata.annotations", where, create=True)
-    annotations[STATUS_ANNOTATION] = status(options)
+    annotations[STATUS_ANNOTATION] = status(options, native)
     if isinstance(first_app, str):
         annotations.setdefault(DEFAULT_CONTAINER_ANNOTATION, first_app)
     _mapping(metadata, "labels", path + "metadata.labels", where, create=True)[TLS_MODE_LABEL] = "istio"
     return result
 
 
-def inject_documents(docs: Iterable[Any], options: InjectOptions) -> list[Any]:
+def inject_documents(docs: Iterable[Any], options: InjectOptions, warnings: list[str] | None = None) -> list[Any]:
     """
     @param docs: parsed documents, in file order (C{None}, an empty
         document, is dropped).
+    @param warnings: see L{inject_document}.
     @return: each document injected, or unchanged.
     @raise InjectError: see L{inject_document}.
     """
-    return [inject_document(doc, options, i) for i, doc in enumerate(docs, start=1) if doc is not None]
+    return [inject_document(doc, options, i, warnings) for i, doc in enumerate(docs, start=1) if doc is not None]
 
 
-def inject_yaml(text: str, options: InjectOptions) -> str:
+def inject_yaml(text: str, options: InjectOptions, warnings: list[str] | None = None) -> str:
     """
     Inject every document of a multi-document YAML text.
 
+    @param warnings: see L{inject_document}.
     @return: the documents as YAML, separated by C{---}, keys in their
         original order.
     @raise InjectError: the text is not YAML (naming the document and
@@ -391,5 +493,5 @@ def inject_yaml(text: str, options: InjectOptions) -> str:
             problem = getattr(e, "problem", None) or str(e)
             raise InjectError(f"document {len(docs) + 1}: not YAML{line}: {problem}") from None
         docs.append(doc)
-    injected = inject_documents(docs, options)
+    injected = inject_documents(docs, options, warnings)
     return yaml.safe_dump_all(injected, sort_keys=False, default_flow_style=False, explicit_start=False)
