@@ -961,8 +961,6 @@ WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
                          [(3, "spec.http[0].match[0].sourceNamespace", "takes more requests")]),
     "stat_prefix": (_vs({"match": [{"statPrefix": "x"}], "route": TO_REVIEWS}),
                     [(3, "spec.http[0].match[0].statPrefix", "stats prefixes")]),
-    "match_gateways": (_vs({"match": [{"gateways": ["ingress"]}, {"uri": {"prefix": "/"}}], "route": TO_REVIEWS}),
-                       [(3, "spec.http[0].match[0].gateways", "applies only to gateways (ingress) and is skipped")]),
     "rewrite_exact": (_vs({"match": [{"uri": {"exact": "/a"}}, {"uri": {"prefix": "/b"}}], "rewrite": {"uri": "/c"},
                            "route": TO_REVIEWS}),
                       [(3, "spec.http[0].rewrite.uri", "rewrites only a uri prefix match; not applied to "
@@ -990,8 +988,8 @@ WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
                            (3, "spec.http[0].fault", "no fault is injected")]),
     "redirect_derive_port": (_vs({"redirect": {"uri": "/x", "derivePort": "FROM_REQUEST_PORT"}}),
                              [(3, "spec.http[0].redirect.derivePort", "not supported")]),
-    "ignored_kind": ([{"apiVersion": API, "kind": "Gateway", "metadata": {"name": "gw"}, "spec": {}}],
-                     [(3, "kind", "Gateway is not supported by txmesh; document ignored")]),
+    "ignored_kind": ([{"apiVersion": API, "kind": "Sidecar", "metadata": {"name": "sc"}, "spec": {}}],
+                     [(3, "kind", "Sidecar is not supported by txmesh; document ignored")]),
     "passthrough": ([], [(2, "spec.trafficPolicy.loadBalancer.simple", "PASSTHROUGH")]),
     "dr_tls": ([], [(2, "spec.trafficPolicy.tls.mode", "needs the mesh CA")]),
     "dr_port_level": ([], [(2, "spec.trafficPolicy.portLevelSettings", "per-port policies")]),
@@ -1086,9 +1084,8 @@ class WarningTests(SynchronousTestCase):
         config = with_base(virtual_service({"route": [{"destination": {"host": "reviews", "subset": "v2"}}]},
                                            gateways=["ingress"]))
         self.assertEqual([vh.name for vh in config.virtual_hosts], ["reviews.default.svc.cluster.local:9080"])
-        self.assertEqual(warnings_text(config), [
-            f"{FILE}: document 3: spec.gateways: txmesh is a sidecar ('mesh'); routes bound only to gateways "
-            f"(ingress) are skipped"])
+        # Bound to a gateway: served by gateway proxies, silently not here.
+        self.assertEqual(warnings_text(config), [])
 
     def test_gateways_with_mesh_apply(self):
         config = with_base(virtual_service({"route": TO_REVIEWS}, gateways=["ingress", "mesh"]))

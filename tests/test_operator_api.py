@@ -78,10 +78,11 @@ spec:
     - route: [{destination: {host: a.example.com, subset: v1, port: {number: 80}}}]
 """
 
-GATEWAY = """\
+# A valid networking.istio.io document txmesh does not apply: a warning.
+SIDECAR = """\
 apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: g, namespace: default}
+kind: Sidecar
+metadata: {name: s, namespace: default}
 spec: {}
 """
 
@@ -327,11 +328,11 @@ class OperatorAPITests(LivePilot, TestCase):
         Valid documents: 200 with the translation's warnings; nothing changes.
         """
         generation = self.pilot.config_version
-        code, body, _ = yield self.call("POST", "/config/validate", (DESTINATION_RULE + "---\n" + GATEWAY).encode())
+        code, body, _ = yield self.call("POST", "/config/validate", (DESTINATION_RULE + "---\n" + SIDECAR).encode())
         self.assertEqual(code, 200)
         self.assertEqual(body["valid"], True)
         [warning] = body["warnings"]
-        self.assertIn("Gateway is not supported", warning)
+        self.assertIn("Sidecar is not supported", warning)
         self.assertEqual(self.pilot.config_version, generation)
         self.assertEqual(os.listdir(self.istio_dir), ["mesh.yaml"])
 
@@ -357,10 +358,10 @@ class OperatorAPITests(LivePilot, TestCase):
         """
         self.write("rules.yaml", DESTINATION_RULE)
         self.write("route.yaml", SUBSET_ROUTE)
-        code, body, _ = yield self.call("POST", "/config/validate?name=rules.yaml", GATEWAY.encode())
+        code, body, _ = yield self.call("POST", "/config/validate?name=rules.yaml", SIDECAR.encode())
         self.assertEqual(code, 422)
         self.assertIn(os.path.join(self.istio_dir, "route.yaml") + ": document 1: spec.http[0]", body["error"])
-        code, body, _ = yield self.call("POST", "/config/validate?name=../x.yaml", GATEWAY.encode())
+        code, body, _ = yield self.call("POST", "/config/validate?name=../x.yaml", SIDECAR.encode())
         self.assertEqual(code, 400)
 
     @defer.inlineCallbacks
@@ -466,10 +467,10 @@ class OperatorAPITests(LivePilot, TestCase):
         self.assertEqual((code, body), (422, {"valid": False, "error": "other.yaml: refused meanwhile"}))
         with open(os.path.join(self.istio_dir, "mesh.yaml"), encoding="utf-8") as f:
             self.assertEqual(f.read(), SERVICE_ENTRY + "---\n" + VIRTUAL_SERVICE)
-        code, body, _ = yield self.call("PUT", "/config/istio/new.yaml", GATEWAY.encode())
+        code, body, _ = yield self.call("PUT", "/config/istio/new.yaml", SIDECAR.encode())
         self.assertEqual(code, 200)
         calls.clear()
-        code, body, _ = yield self.call("PUT", "/config/istio/newer.yaml", GATEWAY.encode())
+        code, body, _ = yield self.call("PUT", "/config/istio/newer.yaml", SIDECAR.encode())
         self.assertEqual(code, 422)
         self.assertEqual(sorted(os.listdir(self.istio_dir)), ["mesh.yaml", "new.yaml"])
         self.assertEqual(len(calls), 2)
@@ -503,7 +504,7 @@ class OperatorAPITests(LivePilot, TestCase):
         """
         for path in ("/config/istio/..%2Fescape.yaml", "/config/istio/a%5Cb.yaml", "/config/istio/sub/x.yaml",
                      "/config/istio/x.json", "/config/istio/.hidden.yaml", "/config/istio/..", "/config/istio/yaml"):
-            code, body, _ = yield self.call("PUT", path, GATEWAY.encode())
+            code, body, _ = yield self.call("PUT", path, SIDECAR.encode())
             self.assertEqual(code, 400, path)
             self.assertIn("error", body)
             code, _, _ = yield self.call("DELETE", path)

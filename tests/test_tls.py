@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -45,12 +46,12 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _pem_key(key: Any) -> bytes:
+def pem_key(key: Any) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
-def _pem_cert(cert: x509.Certificate) -> bytes:
+def pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -79,10 +80,13 @@ def make_ca() -> tuple[x509.Certificate, Any]:
     return cert, key
 
 
-def make_server_cert(ca: x509.Certificate, ca_key: Any, cn: str = "localhost") -> tuple[x509.Certificate, Any]:
+def make_server_cert(ca: x509.Certificate, ca_key: Any, cn: str = "localhost",
+                     names: tuple[str, ...] = ("localhost",), client: bool = False) -> tuple[x509.Certificate, Any]:
     """
-    @return: a certificate for C{localhost} and C{127.0.0.1} signed by
-        C{ca}, and its key.
+    @param names: the DNS names it is for.
+    @param client: a client certificate (extended key usage C{clientAuth}).
+    @return: a certificate for C{names} and C{127.0.0.1} signed by C{ca},
+        and its key.
     """
     key = _key()
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -95,10 +99,11 @@ def make_server_cert(ca: x509.Certificate, ca_key: Any, cn: str = "localhost") -
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+            *(x509.DNSName(n) for n in names), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
             critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                              else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -115,7 +120,7 @@ class Certificates:
         self.dir = tempfile.mkdtemp(prefix="txmesh-tls-")
         testcase.addCleanup(shutil.rmtree, self.dir, True)
         self.ca, self.ca_key = make_ca()
-        self.write("ca.pem", _pem_cert(self.ca))
+        self.write("ca.pem", pem_cert(self.ca))
         self.renew()
 
     def path(self, name: str) -> str:
@@ -131,7 +136,7 @@ class Certificates:
         Issue a new server certificate and key and write them.
         """
         self.cert, self.key = make_server_cert(self.ca, self.ca_key, cn)
-        self.cert_pem, self.key_pem = _pem_cert(self.cert), _pem_key(self.key)
+        self.cert_pem, self.key_pem = pem_cert(self.cert), pem_key(self.key)
         self.write("server.pem", self.cert_pem)
         self.write("server.key", self.key_pem)
         return self.cert
@@ -149,11 +154,11 @@ class ServerOptionsTests(unittest.SynchronousTestCase):
         self.certs = Certificates(self)
 
     def test_builds_context_with_chain(self) -> None:
-        options = server_options(self.certs.cert_pem + _pem_cert(self.certs.ca), self.certs.key_pem)
+        options = server_options(self.certs.cert_pem + pem_cert(self.certs.ca), self.certs.key_pem)
         self.assertIsNotNone(options.getContext())
 
     def test_mismatched_key(self) -> None:
-        e = self.assertRaises(TLSConfigError, server_options, self.certs.cert_pem, _pem_key(_key()))
+        e = self.assertRaises(TLSConfigError, server_options, self.certs.cert_pem, pem_key(_key()))
         self.assertEqual(e.part, "private_key")
         self.assertIn("does not match", e.reason)
 
@@ -175,7 +180,7 @@ class ServerOptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(e.part, "min_version")
 
     def test_client_ca_for_mtls(self) -> None:
-        options = server_options(self.certs.cert_pem, self.certs.key_pem, client_ca_pem=_pem_cert(self.certs.ca))
+        options = server_options(self.certs.cert_pem, self.certs.key_pem, client_ca_pem=pem_cert(self.certs.ca))
         self.assertTrue(options.verify)
         e = self.assertRaises(TLSConfigError, server_options, self.certs.cert_pem, self.certs.key_pem,
                               client_ca_pem=b"junk")
@@ -240,7 +245,7 @@ class LoaderTests(unittest.SynchronousTestCase):
 
     def test_missing_field(self) -> None:
         e = self.fails("certificate: server.pem")
-        self.assertEqual((e.field, e.reason), ("listeners[0].tls.private_key", "is required"))
+        self.assertEqual((e.field, e.reason), ("listeners[0].tls.private_key", "is required (a PEM file, or private_key_pem with the PEM text)"))
 
     def test_garbage_pem(self) -> None:
         self.certs.write("garbage.pem", b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
@@ -256,7 +261,7 @@ class LoaderTests(unittest.SynchronousTestCase):
         self.assertIn("not a PEM private key", e.reason)
 
     def test_mismatched_key(self) -> None:
-        self.certs.write("other.key", _pem_key(_key()))
+        self.certs.write("other.key", pem_key(_key()))
         e = self.fails("certificate: server.pem\nprivate_key: other.key")
         self.assertEqual(e.field, "listeners[0].tls.private_key")
         self.assertIn("does not match the certificate", e.reason)
@@ -278,6 +283,37 @@ class LoaderTests(unittest.SynchronousTestCase):
     def test_unknown_field(self) -> None:
         e = self.fails("certificate: server.pem\nprivate_key: server.key\nciphers: ALL")
         self.assertEqual(e.field, "listeners[0].tls.ciphers")
+
+    def test_inline_pem_client_ca_and_sni(self) -> None:
+        other, other_key = make_server_cert(self.certs.ca, self.certs.ca_key, "api", names=("api.example.com",))
+        self.certs.write("api.pem", pem_cert(other))
+        self.certs.write("api.key", pem_key(other_key))
+        cert = json.dumps(self.certs.cert_pem.decode())
+        key = json.dumps(self.certs.key_pem.decode())
+        tls = self.load(f"certificate_pem: {cert}\nprivate_key_pem: {key}\nclient_ca: ca.pem\n"
+                        "sni: [{server_names: [api.example.com, '*.api.example.com'], certificate: api.pem, "
+                        "private_key: api.key}]").listeners[0].tls
+        self.assertEqual((tls.certificate, tls.certificate_pem), ("<inline>", self.certs.cert_pem))
+        self.assertTrue(tls.client_ca_pem.startswith(b"-----BEGIN CERTIFICATE-----"))
+        [entry] = tls.sni
+        self.assertEqual(entry.server_names, ("api.example.com", "*.api.example.com"))
+        self.assertEqual(entry.certificate_pem, pem_cert(other))
+        self.assertEqual(entry.client_ca_pem, b"")
+
+    def test_sni_errors(self) -> None:
+        e = self.fails("certificate: server.pem\nprivate_key: server.key\nsni: [{certificate: server.pem, "
+                       "private_key: server.key}]")
+        self.assertEqual((e.field, e.reason), ("listeners[0].tls.sni[0].server_names", "is required"))
+        self.certs.write("other.key", pem_key(_key()))
+        e = self.fails("certificate: server.pem\nprivate_key: server.key\nsni: [{server_names: [a], "
+                       "certificate: server.pem, private_key: other.key}]")
+        self.assertEqual(e.field, "listeners[0].tls.sni[0].private_key")
+        self.assertIn("other.key", e.reason)
+        e = self.fails("certificate: server.pem\ncertificate_pem: x\nprivate_key: server.key")
+        self.assertEqual(e.field, "listeners[0].tls.certificate")
+        self.assertIn("not both", e.reason)
+        e = self.fails("certificate: server.pem\nprivate_key: server.key\nserver_names: [a]")
+        self.assertEqual(e.field, "listeners[0].tls.server_names")
 
 
 # Real sockets
@@ -450,7 +486,7 @@ class TLSProxyTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_reload_with_bad_key_keeps_serving(self) -> None:
         yield self.start()
-        self.certs.write("server.key", _pem_key(_key()))
+        self.certs.write("server.key", pem_key(_key()))
         applied = yield self.proxy.service.reload()
         self.assertFalse(applied)
         self.flushLoggedErrors()

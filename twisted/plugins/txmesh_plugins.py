@@ -50,12 +50,25 @@ class ProxyOptions(usage.Options):
     ]
     optFlags = [
         ["pilot-insecure", None, "With --pilot: plaintext channel (only to a pilot run with --insecure)."],
+        ["router", None, "With --pilot: run as an ingress or egress gateway, serving the Istio Gateways whose "
+         "selector matches this proxy's labels (see --label)."],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.yaml")})
 
     def __init__(self) -> None:
         super().__init__()
         self["pilot"] = []
+        self["label"] = []
+
+    def opt_label(self, label: str) -> None:
+        """
+        With --pilot: a node label KEY=VALUE (e.g. istio=ingressgateway, for
+        a Gateway's selector); repeat for several.
+        """
+        key, eq, value = label.partition("=")
+        if not eq or not key:
+            raise usage.UsageError(f"--label {label!r}: write KEY=VALUE")
+        self["label"].append((key, value))
 
     def opt_pilot(self, address: str) -> None:
         """
@@ -130,6 +143,7 @@ def _pilot_bootstrap(options: ProxyOptions) -> dict:
         bool(options["pilot-insecure"]),
         options["node-id"], options["namespace"], options["workload"], options["admin"],
         options["service-account"], options["inbound-port"], options["app-port"],
+        tuple(options["label"]), bool(options["router"]),
     )
     return bootstrap_document(base, pilot, socket.gethostname())
 

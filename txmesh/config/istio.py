@@ -30,7 +30,7 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -87,9 +87,14 @@ API_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networ
 KINDS = ("ServiceEntry", "DestinationRule", "VirtualService")
 # Valid networking.istio.io kinds that a sidecar's routing does not use here:
 # the document is ignored with a warning rather than refused.
-_IGNORED_KINDS = ("Gateway", "Sidecar", "WorkloadEntry", "WorkloadGroup", "EnvoyFilter", "ProxyConfig")
+_IGNORED_KINDS = ("Sidecar", "WorkloadEntry", "WorkloadGroup", "EnvoyFilter", "ProxyConfig")
 DEFAULT_PORT = 80
 MESH = "mesh"
+"""
+The gateway name that stands for every sidecar in a VirtualService's
+C{gateways} (the default when it names none).
+"""
+GATEWAY = "Gateway"
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 """
 The endpoint label that says a sidecar with a workload certificate stands
@@ -191,6 +196,8 @@ def translate(
     partial: bool = False,
     mtls: bool = False,
     accepts_mtls: Callable[[str], bool] | None = None,
+    gateways: Collection[str] | None = None,
+    gateway_port: int | None = None,
 ) -> IstioConfig:
     """
     Translate Istio documents into txmesh clusters and virtual hosts.
@@ -214,10 +221,18 @@ def translate(
         accept mutual TLS at all (Istio looks at the namespace's and the
         mesh's PeerAuthentication: C{DISABLE} keeps it plaintext); C{None}
         for yes.
+    @param gateways: translate for a gateway proxy: the C{namespace/name}
+        of the Gateways it serves on C{gateway_port}.  Only the
+        VirtualServices (and matches) bound to one of them apply, a match's
+        C{port} must be C{gateway_port}, hosts are also accepted with that
+        port, and hosts no VirtualService routes get no default route.
+        C{None} (the default) translates for a sidecar: what is bound to
+        C{mesh}.
+    @param gateway_port: the gateway port being translated for.
     @raise ConfigError: on the first invalid document (unless C{partial}).
     """
     return _Translation(namespace, domain_suffix, registry or {}, partial, mtls,
-                        accepts_mtls).run(documents)
+                        accepts_mtls, gateways, gateway_port).run(documents)
 
 
 # --- reading values ---------------------------------------------------------
@@ -478,8 +493,11 @@ class _Rule:
 
 class _Translation:
     def __init__(self, namespace: str, domain_suffix: str, registry: Mapping[str, Sequence[Endpoint]],
-                 partial: bool, mtls: bool = False, accepts_mtls: Callable[[str], bool] | None = None):
+                 partial: bool, mtls: bool = False, accepts_mtls: Callable[[str], bool] | None = None,
+                 gateways: Collection[str] | None = None, gateway_port: int | None = None):
         self.namespace = namespace
+        self.bound = frozenset([MESH] if gateways is None else gateways)
+        self.gateway_port = gateway_port if gateways is not None else None
         self.mtls = mtls
         self.accepts_mtls = accepts_mtls
         self.domain_suffix = domain_suffix
@@ -526,7 +544,10 @@ class _Translation:
                 if vh is not None:
                     virtual_hosts.append(vh)
         clusters = self.clusters()
-        virtual_hosts.extend(self.default_virtual_hosts(clusters))
+        if self.gateway_port is None:
+            # A sidecar reaches every known service; a gateway only what
+            # its VirtualServices route.
+            virtual_hosts.extend(self.default_virtual_hosts(clusters))
         warnings = tuple(w for doc in docs for w in doc.warnings)
         return IstioConfig(tuple(virtual_hosts), tuple(clusters), warnings)
 
@@ -561,6 +582,9 @@ class _Translation:
             raise doc.error("apiVersion", f"unsupported apiVersion {api_version!r} "
                                           f"(supported: {', '.join(API_VERSIONS)})")
         kind = body.get("kind")
+        if kind == GATEWAY:
+            # Read by txmesh.config.gateway: which proxies serve which ports.
+            return None
         if kind in _IGNORED_KINDS:
             doc.warn("kind", f"{kind} is not supported by txmesh; document ignored")
             return None
@@ -580,6 +604,17 @@ class _Translation:
         if kind == "DestinationRule":
             return self.destination_rule(doc, spec_value)
         return self.virtual_service(doc, spec_value)
+
+    def binds(self, doc: _Doc, gateways: list[str] | None) -> bool:
+        """
+        @param gateways: a VirtualService's (or a match's) C{gateways}, as
+            written: C{mesh}, C{name} (in the document's namespace) or
+            C{namespace/name}; C{None} for C{mesh} alone.
+        @return: whether they include what this translation is for.
+        """
+        if gateways is None:
+            return MESH in self.bound
+        return any((g if g == MESH or "/" in g else f"{doc.namespace}/{g}") in self.bound for g in gateways)
 
     def host(self, doc: _Doc, field: str, value: Any) -> str:
         try:
@@ -970,9 +1005,6 @@ class _Translation:
         if not hosts:
             raise doc.error("spec.hosts", "a VirtualService needs at least one host")
         gateways = spec.get("gateways", _strings)
-        if gateways is not None and MESH not in gateways:
-            doc.warn("spec.gateways", f"txmesh is a sidecar ('{MESH}'); routes bound only to gateways "
-                                      f"({', '.join(gateways) or 'none'}) are skipped")
         routes = []
         for f, v in spec.list("http"):
             route = self.http_route(doc, f, v, gateways)
@@ -1041,7 +1073,7 @@ class _Translation:
             mirror = None
         if raw_matches and not matches:
             return None
-        if not raw_matches and gateways is not None and MESH not in gateways:
+        if not raw_matches and not self.binds(doc, gateways):
             return None
         return _HTTPRoute(field, name, matches, destinations, settings, rewrite_uri, o.field("rewrite.uri"),
                           mirror, mirror_percent)
@@ -1055,11 +1087,8 @@ class _Translation:
             "statPrefix": "per-route stats prefixes are not supported by txmesh; ignored",
         })
         own_gateways = o.get("gateways", _strings)
-        if own_gateways is not None and MESH not in own_gateways:
-            doc.warn(o.field("gateways"), f"txmesh is a sidecar ('{MESH}'); this match applies only to gateways "
-                                          f"({', '.join(own_gateways) or 'none'}) and is skipped")
-            return None
-        if own_gateways is None and gateways is not None and MESH not in gateways:
+        # A match's own gateways replace the VirtualService's.
+        if not self.binds(doc, own_gateways if own_gateways is not None else gateways):
             return None
         kw: dict[str, Any] = {}
         ignore_case = o.get("ignoreUriCase", _bool, False)
@@ -1097,6 +1126,11 @@ class _Translation:
             tuple(self.header_matches(o, "withoutHeaders", invert=True))
         kw["query_params"] = tuple(self.header_matches(o, "queryParams", invert=False, query=True))
         kw["port"] = o.get("port", _port)
+        if self.gateway_port is not None:
+            # On a gateway the port is the listener's: this one or none.
+            if kw["port"] not in (None, self.gateway_port):
+                return None
+            kw["port"] = None
         kw["source_labels"] = o.get("sourceLabels", _labels, ())
         return _Match(field, o.get("name", _string), RouteMatch(**kw))
 
@@ -1292,6 +1326,8 @@ class _Translation:
             # Bound only to gateways (warned), or routing nothing over HTTP.
             return None
         vs_key = f"{doc.namespace}/{doc.name}"
+        if self.gateway_port is not None:
+            vs_key = f"{vs_key}:{self.gateway_port}"
         refs: dict[tuple[str, int], str] = {}
         routes: list[Route] = []
         for hr in vs.routes:
@@ -1330,7 +1366,10 @@ class _Translation:
             self.cluster_refs.setdefault(ref, (doc, field))
         domains: list[str] = []
         for field, host in vs.hosts:
-            ports = self.ports_of(host) or sorted({p for h, p in refs if h == host})
+            if self.gateway_port is not None:
+                ports = [self.gateway_port]
+            else:
+                ports = self.ports_of(host) or sorted({p for h, p in refs if h == host})
             taken = []
             for domain in self.host_domains(host, ports):
                 owner = self.domains.get(domain)

@@ -720,24 +720,14 @@ class ConfigLoader:
 
     def _tls(self, s: _Section | None) -> ListenerTLS | None:
         """
-        Read a listener's C{tls} section: the certificate and key files
-        (relative to the config file) are read and checked here, so a bad
-        file refuses the config instead of failing handshakes.
+        Read a listener's C{tls} section: the certificate and key (files
+        relative to the config file, or inline PEM as the pilot pushes
+        them), a client CA for mutual TLS, and more certificates chosen by
+        SNI.  Everything is read and checked here, so a bad file refuses
+        the config instead of failing handshakes.
         """
         if s is None:
             return None
-        base = os.path.dirname(s.source) if s.source else ""
-        pems = {}
-        paths = {}
-        for key in ("certificate", "private_key"):
-            name = s.get(key, _string, required=True)
-            path = os.path.join(base, name)
-            try:
-                with open(path, "rb") as f:
-                    pems[key] = (name, f.read())
-                paths[key] = path
-            except OSError as e:
-                raise s.error(f"cannot read {path}: {e.strerror}", s.field(key)) from None
         alpn_items = s.items("alpn")
         alpn = _each(s.source, alpn_items, lambda v: _one_of(p.decode() for p in ALPN_PROTOCOLS)(v).encode())
         if s.value.get("alpn") is None:
@@ -745,11 +735,50 @@ class ConfigLoader:
         elif not alpn:
             raise s.error("list at least one protocol (or leave alpn out for h2 and http/1.1)", s.field("alpn"))
         min_version = s.get("min_version", lambda v: _one_of(MIN_VERSIONS)(str(v)), "1.2")
+        sni = tuple(self._tls_certificate(_Section(s.source, f, v), alpn, min_version, sni=True)
+                    for f, v in s.items("sni"))
+        tls = self._tls_certificate(s, alpn, min_version, sni=False)
+        return attrs.evolve(tls, sni=sni)
+
+    def _tls_certificate(self, s: _Section, alpn: tuple[bytes, ...], min_version: str, sni: bool) -> ListenerTLS:
+        """
+        Read one certificate of a C{tls} section (the section itself, or an
+        entry of its C{sni} list, which also names its C{server_names}).
+        """
+        base = os.path.dirname(s.source) if s.source else ""
+        pems: dict[str, tuple[str, bytes]] = {}
+        paths: dict[str, str] = {}
+        for key, required in (("certificate", True), ("private_key", True), ("client_ca", False)):
+            inline = s.get(key + "_pem", _string)
+            name = s.get(key, _string)
+            if inline is not None and name is not None:
+                raise s.error(f"give {key} (a file) or {key}_pem (the PEM text), not both", s.field(key))
+            if inline is not None:
+                pems[key] = ("<inline>", inline.encode("ascii", "replace"))
+                continue
+            if name is None:
+                if required:
+                    raise s.error(f"is required (a PEM file, or {key}_pem with the PEM text)", s.field(key))
+                continue
+            path = os.path.join(base, name)
+            try:
+                with open(path, "rb") as f:
+                    pems[key] = (name, f.read())
+                paths[key] = path
+            except OSError as e:
+                raise s.error(f"cannot read {path}: {e.strerror}", s.field(key)) from None
+        server_names: tuple[str, ...] = ()
+        if sni:
+            server_names = _each(s.source, s.items("server_names", required=True), _string)
+            if not server_names:
+                raise s.error("list the SNI names this certificate serves", s.field("server_names"))
         s.done()
+        client_ca = pems.get("client_ca", ("", b""))[1]
         tls = ListenerTLS(pems["certificate"][0], pems["private_key"][0], pems["certificate"][1],
-                          pems["private_key"][1], alpn, min_version)
+                          pems["private_key"][1], alpn, min_version, client_ca, server_names)
         try:
-            server_options(tls.certificate_pem, tls.private_key_pem, tls.alpn, tls.min_version)
+            server_options(tls.certificate_pem, tls.private_key_pem, tls.alpn, tls.min_version,
+                           client_ca_pem=client_ca or None)
         except TLSConfigError as e:
             where = f" ({paths[e.part]})" if e.part in paths else ""
             raise s.error(e.reason + where, s.field(e.part)) from None

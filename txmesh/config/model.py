@@ -432,6 +432,15 @@ class ListenerTLS:
     @ivar private_key_pem: the key file's contents when loaded.
     @ivar alpn: protocols offered in ALPN, in order of preference.
     @ivar min_version: lowest TLS version accepted, C{"1.2"} or C{"1.3"}.
+    @ivar client_ca_pem: CA certificates that client certificates must
+        chain to (Istio's gateway C{MUTUAL}); empty for no client
+        certificate.
+    @ivar server_names: the SNI patterns (C{bookinfo.example.com},
+        C{*.example.com}, C{*}) this certificate serves, for an entry of
+        C{sni}.
+    @ivar sni: other certificates on the same port, each chosen when the
+        client's SNI matches its C{server_names} (a gateway's servers);
+        this one serves the rest.
     """
 
     certificate: str
@@ -440,6 +449,9 @@ class ListenerTLS:
     private_key_pem: bytes = attrs.field(default=b"", repr=False)
     alpn: tuple[bytes, ...] = (b"h2", b"http/1.1")
     min_version: str = "1.2"
+    client_ca_pem: bytes = attrs.field(default=b"", repr=False)
+    server_names: tuple[str, ...] = ()
+    sni: tuple[ListenerTLS, ...] = ()
 
 
 def _connect_ports(instance: Any, attribute: Any, value: tuple[int, ...]) -> None:

@@ -39,7 +39,9 @@ from txmesh.observability.audit import AuditLog, AuditRecord
 from txmesh.pilot.api import operator_site
 from txmesh.pilot.ca import CAError
 from txmesh.pilot.channel_security import Admission, CertificateRefused, ChannelSecurity
+from txmesh.pilot.credentials import credentials_signature, load_credentials
 from txmesh.pilot.documents import Document, istio_files, load_istio_documents
+from txmesh.pilot.gateways import build_gateway_snapshot, gateway_view, is_router, selected_gateways
 from txmesh.pilot.mesh_config import build_registries, load_pilot_settings
 from txmesh.pilot.messages import (
     ROOT_CA_SECRET,
@@ -55,7 +57,6 @@ from txmesh.pilot.registry.base import CombinedRegistry
 from txmesh.pilot.server import PilotChannelFactory, PilotChannelProtocol
 from txmesh.pilot.snapshot import (
     MeshConfig,
-    NamespaceView,
     Node,
     Snapshot,
     build_snapshot,
@@ -153,6 +154,7 @@ class PilotService(Service):
         self._site = operator_site(self, api, api_token, tuple(api_admins)) if api is not None else None
         self._poll_interval = poll_interval
         self._istio_dir = os.path.join(config_dir, "istio")
+        self._credentials_dir = os.path.join(config_dir, "credentials")
         self.security = security
         self.audit = audit
         self._keepalive = keepalive
@@ -161,7 +163,7 @@ class PilotService(Service):
         self.registry: CombinedRegistry | None = CombinedRegistry(registries, reactor) if registries else None
         self._mesh_defaults = settings.mesh
         self.mesh = self._mesh_defaults
-        self._views: dict[str, NamespaceView] = {}
+        self._views: dict[Any, Any] = {}
         self._documents: list[tuple[str, int, Any]] = []
         self.config_error: str | None = None
         self.config_version = 0
@@ -218,7 +220,7 @@ class PilotService(Service):
                 self.metrics.push_duration.observe(self._reactor.seconds() - taken)
         return True
 
-    def prepare(self, documents: list[Document]) -> tuple[MeshConfig, dict[str, NamespaceView], list[str]]:
+    def prepare(self, documents: list[Document]) -> tuple[MeshConfig, dict[Any, Any], list[str]]:
         """
         Check C{documents} as the pilot would take them, changing nothing:
         translated for the mesh's default namespace and for the namespace of
@@ -231,25 +233,35 @@ class PilotService(Service):
         """
         # With a CA every proxy has a workload certificate: mutual TLS on.
         mesh = attrs.evolve(self._mesh_defaults, documents=documents, registry=self._registry_view(),
-                            mtls=self.security is not None)
+                            mtls=self.security is not None,
+                            credentials=load_credentials(self._credentials_dir))
         warnings = check_documents(mesh)
-        views: dict[str, NamespaceView] = {}
+        views: dict[Any, Any] = {}
         for channel in self.channels:
             if channel.node is not None:
                 self._build(mesh, views, channel.node)
         return mesh, views, warnings
 
-    def _build(self, mesh: MeshConfig, views: dict[str, NamespaceView], node: Node) -> Snapshot:
+    def _build(self, mesh: MeshConfig, views: dict[Any, Any], node: Node) -> Snapshot:
         """
-        Build C{node}'s snapshot, translating its namespace's view only once
-        per config (C{views} caches them), with the mesh trust bundle as
-        the C{secrets} resource when the pilot has a CA.
+        Build C{node}'s snapshot, translating its namespace's view (or, for
+        a gateway proxy, its Gateways' view) only once per config (C{views}
+        caches them), with the mesh trust bundle as the C{secrets} resource
+        when the pilot has a CA.
         """
         namespace = node.namespace or mesh.default_namespace
-        view = views.get(namespace)
-        if view is None:
-            view = views[namespace] = namespace_view(mesh, namespace)
-        snapshot = build_snapshot(mesh, node, view)
+        if is_router(node):
+            gateways = selected_gateways(mesh, node)
+            key = ("gateways", namespace, tuple(g.key for g in gateways))
+            gateway = views.get(key)
+            if gateway is None:
+                gateway = views[key] = gateway_view(mesh, namespace, gateways)
+            snapshot = build_gateway_snapshot(mesh, node, gateway)
+        else:
+            view = views.get(namespace)
+            if view is None:
+                view = views[namespace] = namespace_view(mesh, namespace)
+            snapshot = build_snapshot(mesh, node, view)
         if self.security is None:
             return snapshot
         secrets = [{"name": ROOT_CA_SECRET, "trust_bundle": self.security.root_pem.decode("ascii")}]
@@ -262,12 +274,15 @@ class PilotService(Service):
         )
 
     def _check(self) -> None:
-        stamp = _signature(self._istio_dir)
+        stamp = self._config_signature()
         if stamp != self._stamp:
             self._stamp = stamp
             self._schedule()
         if self.security is not None:
             self._check_ca()
+
+    def _config_signature(self) -> object:
+        return (_signature(self._istio_dir), credentials_signature(self._credentials_dir))
 
     def _check_ca(self) -> None:
         """
@@ -404,7 +419,7 @@ class PilotService(Service):
         if self.registry is not None:
             self.registry.subscribe(self._schedule)
             self.registry.start()
-        self._stamp = _signature(self._istio_dir)
+        self._stamp = self._config_signature()
         if self._pending is not None and self._pending.active():
             # The registry's first view is read already.
             self._pending.cancel()

@@ -35,6 +35,7 @@ import attrs
 
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError
+from txmesh.config.gateway import parse_gateways
 from txmesh.config.istio import IstioWarning, translate
 from txmesh.config.model import (
     DISABLED,
@@ -59,6 +60,7 @@ from txmesh.config.model import (
     VirtualHost,
     WeightedDestination,
 )
+from txmesh.pilot.credentials import Credential
 from txmesh.policy.authorization import Policy
 from txmesh.policy.istio_security import KIND as AUTHORIZATION_POLICY
 from txmesh.policy.istio_security import (
@@ -170,6 +172,8 @@ class MeshConfig:
     @ivar audit_log: where the pushed C{authz} and C{jwt} filters write
         their audit records (a path on the proxy's host, C{-} for its
         standard output), or C{None} for none.
+    @ivar credentials: operator certificates for gateways, by name (see
+        L{txmesh.pilot.credentials}).
     @ivar telemetry: the metrics, access log and tracing filters every
         pushed listener gets.
     """
@@ -187,6 +191,7 @@ class MeshConfig:
     root_namespace: str = "istio-system"
     audit_log: str | None = None
     telemetry: Telemetry = attrs.field(factory=lambda: Telemetry())
+    credentials: Mapping[str, Credential] = attrs.field(factory=dict, eq=False)
 
 
 @attrs.frozen
@@ -271,8 +276,8 @@ class NamespaceView:
 def check_documents(mesh: MeshConfig, namespace: str | None = None) -> list[str]:
     """
     Check the mesh's documents as snapshots will use them, without needing
-    a proxy: the Istio translation (with L{MeshConfig.mtls}) and the
-    C{security.istio.io} documents, for C{namespace} (default: the mesh's
+    a proxy: the Istio translation (with L{MeshConfig.mtls}), the Gateways
+    and the C{security.istio.io} documents, for C{namespace} (default: the mesh's
     default namespace).  Unlike L{namespace_view}, routed hosts without
     endpoints are warnings, not errors.
 
@@ -282,16 +287,23 @@ def check_documents(mesh: MeshConfig, namespace: str | None = None) -> list[str]
     namespace = namespace or mesh.default_namespace
     every_peer = parse_peer_authentications(mesh.documents, namespace)
     istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
-                      accepts_mtls=_accepts_mtls(mesh, every_peer))
+                      accepts_mtls=auto_mtls_check(mesh, every_peer))
     parse_authorization_policies(mesh.documents, namespace)
     parse_request_authentications(mesh.documents, namespace)
+    parse_gateways(mesh.documents, namespace)
     warnings = [str(w) for w in istio.warnings]
     if not mesh.mtls:
         warnings.extend(_unapplied_security(mesh.documents))
     return warnings
 
 
-def _accepts_mtls(mesh: MeshConfig, peer_authentications: Sequence[PeerAuthentication]) -> Callable[[str], bool]:
+def auto_mtls_check(mesh: MeshConfig, peer_authentications: Sequence[PeerAuthentication]) -> Callable[[str], bool]:
+    """
+    @return: for L{translate}'s C{accepts_mtls}: whether a host's workloads
+        take mutual TLS, by their namespace's or the mesh's
+        PeerAuthentication.
+    """
+
     def accepts_mtls(host: str) -> bool:
         # As Istio's auto mutual TLS: the destination's namespace-wide or
         # mesh-wide PeerAuthentication, not a workload's.
@@ -312,7 +324,7 @@ def namespace_view(mesh: MeshConfig, namespace: str) -> NamespaceView:
     # Parsed whatever mesh.mtls says, so a bad document is refused either way.
     every_peer = parse_peer_authentications(mesh.documents, namespace)
     istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
-                      accepts_mtls=_accepts_mtls(mesh, every_peer))
+                      accepts_mtls=auto_mtls_check(mesh, every_peer))
     scope = (namespace, mesh.root_namespace)
     policies = [p for p in parse_authorization_policies(mesh.documents, namespace) if p.namespace in scope]
     peer = [p for p in every_peer if p.namespace in scope]
@@ -323,7 +335,7 @@ def namespace_view(mesh: MeshConfig, namespace: str) -> NamespaceView:
     needed: set[str] = set()
     for vh in istio.virtual_hosts:
         for route in vh.routes:
-            needed.update(_clusters_of(route))
+            needed.update(clusters_of(route))
     clusters = []
     for cluster in istio.clusters:
         if cluster.name not in needed:
@@ -478,7 +490,10 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
     return Snapshot(resources, version, per_type, native_node, mesh.admin_address, view.warnings)
 
 
-def _clusters_of(route: Route) -> set[str]:
+def clusters_of(route: Route) -> set[str]:
+    """
+    @return: the names of the clusters C{route} sends to (mirror included).
+    """
     names = {d.cluster for d in route.destinations}
     if route.cluster is not None:
         names.add(route.cluster)

@@ -14,6 +14,8 @@ from typing import Any
 
 import attrs
 
+from txmesh.config.gateway import PROXY_TYPE_LABEL, ROUTER
+
 DEFAULT_ADMIN = "tcp:15000:interface=127.0.0.1"
 
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})\Z")
@@ -52,6 +54,9 @@ class PilotOptions:
         or C{None}.
     @ivar inbound_port: the inbound listener's port, or C{None}.
     @ivar app_port: the app's port beside the proxy, or C{None}.
+    @ivar labels: node labels to add (a gateway's C{istio: ingressgateway}).
+    @ivar router: run as a gateway: serve the Gateways whose selector
+        matches the labels instead of being a sidecar.
     """
 
     addresses: Sequence[str]
@@ -65,6 +70,8 @@ class PilotOptions:
     service_account: str | None = None
     inbound_port: int | None = None
     app_port: int | None = None
+    labels: Sequence[tuple[str, str]] = ()
+    router: bool = False
 
 
 def bootstrap_document(base: Mapping[str, Any] | None, options: PilotOptions, default_node_id: str) -> dict[str, Any]:
@@ -84,6 +91,12 @@ def bootstrap_document(base: Mapping[str, Any] | None, options: PilotOptions, de
             if value is not None:
                 node[key] = value
         node.setdefault("id", default_node_id)
+        labels = dict(options.labels)
+        if options.router:
+            labels[PROXY_TYPE_LABEL] = ROUTER
+        if labels:
+            given = node.get("labels")
+            node["labels"] = {**(given if isinstance(given, Mapping) else {}), **labels}
     if options.admin is not None:
         doc["admin"] = {"address": options.admin}
     elif base is None:

@@ -24,7 +24,7 @@ from txmesh.capture.listener import CaptureFactory
 from txmesh.capture.original_dst import OriginalDestinationFactory
 from txmesh.config.errors import ConfigError
 from txmesh.config.loader import ConfigLoader
-from txmesh.config.model import ClusterConfig, Endpoint, ListenerConfig, ProxyConfig
+from txmesh.config.model import ClusterConfig, Endpoint, ListenerConfig, ListenerTLS, ProxyConfig
 from txmesh.filters.access_log import TCPAccessLog
 from txmesh.filters.registry import FilterRegistry
 from txmesh.observability.metrics import ProxyMetrics
@@ -38,7 +38,7 @@ from txmesh.proxy.listener import HTTPListenerFactory
 from txmesh.proxy.mesh_tls import MeshServerCreator, PermissiveFactory
 from txmesh.proxy.pilot_client import PilotClient, pilot_tls_options
 from txmesh.proxy.tcp import TCPProxyFactory
-from txmesh.proxy.tls import TLSListenerFactory, server_options
+from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, server_options
 from txmesh.proxy.workload_identity import WorkloadIdentity, token_service_account
 from txmesh.proxy.write_coalescer import WriteCoalescer
 
@@ -318,7 +318,12 @@ class ProxyService(Service):
             return MeshServerCreator(self.identity, alpn, require_peer=True)
         tls = listener.tls
         alpn = [p for p in tls.alpn if spoken is None or p in spoken]
-        return server_options(tls.certificate_pem, tls.private_key_pem, alpn, tls.min_version)
+
+        def options(t: ListenerTLS) -> Any:
+            return server_options(t.certificate_pem, t.private_key_pem, alpn, tls.min_version,
+                                  client_ca_pem=t.client_ca_pem or None)
+
+        return add_server_name_certificates(options(tls), [(t.server_names, options(t)) for t in tls.sni])
 
     @inlineCallbacks
     def _open_listener(self, listener: ListenerConfig) -> Any:

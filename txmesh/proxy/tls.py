@@ -11,7 +11,7 @@ go through the same code.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +25,8 @@ ALPN_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 """
 Protocols a listener may offer in ALPN.
 """
+
+T = TypeVar("T")
 
 MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 
@@ -126,6 +128,82 @@ def server_options(
         options.getContext()
     except SSL.Error as e:
         raise TLSConfigError("certificate", f"OpenSSL refused the certificate or key: {e}") from None
+    return options
+
+
+def server_name_matches(pattern: str, name: str) -> bool:
+    """
+    Match a TLS server name against a host pattern as gateways write them:
+    C{*} matches any name (and none), C{*.example.com} any name under
+    C{example.com}, anything else only itself.  Case does not matter.
+    """
+    pattern = pattern.lower()
+    name = name.lower().rstrip(".")
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return name == pattern
+
+
+def select_by_server_name(entries: Sequence[tuple[Sequence[str], T]], name: str | None) -> T | None:
+    """
+    Pick what serves the TLS server name C{name} (SNI): an exact pattern
+    wins over a wildcard, a longer wildcard over a shorter one, and C{*}
+    comes last, as in Envoy's filter chain match.
+
+    @param entries: C{(patterns, value)} pairs.
+    @param name: the client's SNI, or C{None} if it sent none (then only
+        C{*} matches).
+    @return: the value of the best match, or C{None}.
+    """
+    best: tuple[int, T] | None = None
+    for patterns, value in entries:
+        for pattern in patterns:
+            if name is None:
+                if pattern != "*":
+                    continue
+            elif not server_name_matches(pattern, name):
+                continue
+            rank = 0 if pattern == "*" else (len(pattern) if pattern.startswith("*.") else 1 << 16)
+            if best is None or rank > best[0]:
+                best = (rank, value)
+    return None if best is None else best[1]
+
+
+def add_server_name_certificates(options: CertificateOptions,
+                                 entries: Sequence[tuple[Sequence[str], CertificateOptions]]) -> CertificateOptions:
+    """
+    Serve other certificates on the same port, chosen by the client's SNI
+    (a gateway's several servers): when a name matches one of C{entries},
+    the handshake switches to its context (certificate, key, client CA and
+    verification); otherwise C{options}' own certificate is used.
+
+    @param options: the default, from L{server_options}.
+    @param entries: C{(server name patterns, options)} pairs, each from
+        L{server_options}.
+    @return: C{options}, whose context now chooses by SNI.
+    """
+    if not entries:
+        return options
+    chosen = [(patterns, (o.getContext(), o.verify, o.requireCertificate)) for patterns, o in entries]
+
+    def on_server_name(connection: SSL.Connection) -> None:
+        raw = connection.get_servername()
+        name = raw.decode("ascii", "replace") if raw else None
+        picked = select_by_server_name(chosen, name)
+        if picked is None:
+            return
+        context, verify, require = picked
+        connection.set_context(context)
+        # OpenSSL keeps the first context's verification mode on the
+        # connection: set the chosen one's.
+        mode = SSL.VERIFY_NONE
+        if verify:
+            mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if require else 0)
+        connection.set_verify(mode)
+
+    options.getContext().set_tlsext_servername_callback(on_server_name)
     return options
 
 
