@@ -3,7 +3,9 @@ The demo mesh (C{scripts/demo}, C{examples/demo/}) still starts and does
 what its tour says: C{scripts/demo --check} is run as a child process, in
 this test's own Python environment (C{TXMESH_VENV}, so nothing is installed
 and no network is needed). The mesh is a pilot, three apps and their
-sidecars; the tour changes the pilot's routes live.
+sidecars, and a trace collector; the tour changes the pilot's routes live,
+shows mutual TLS and an AuthorizationPolicy between the sidecars, and the
+metrics, trace and access log they report.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from tests.support import busy_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "scripts", "demo")
-DEMO_PORTS = (15800, 15801, 15802, 15810, 15811, 15812, 15819, 15820, 15821, 15829, 15830, 15831, 15839,
+DEMO_PORTS = (15800, 15801, 15802, 15809, 15810, 15811, 15812, 15819, 15820, 15821, 15829, 15830, 15831, 15839,
               15840, 15841)
 TIMEOUT = 120
-TOUR_STEPS = 15
+TOUR_STEPS = 22
 
 
 class DemoTests(unittest.TestCase):
@@ -87,6 +89,17 @@ class DemoTests(unittest.TestCase):
             self.assertIn(" --pilot http://127.0.0.1:15841 proxy-status\n", out)
             self.assertIn(" apply -f examples/demo/canary-50-50.yaml --name backend-routes.yaml\n", out)
             self.assertIn("txmesh apply: refused, nothing changed: ", out)
+            # Security: the caller's identity from mutual TLS, a plaintext
+            # client refused, the AuthorizationPolicy's 403.
+            self.assertIn("URI=spiffe://cluster.local/ns/demo/sa/frontend", out)
+            self.assertIn("$ curl -sS http://127.0.0.1:15820/\ncurl: (", out)
+            self.assertIn("$ curl -s -i -X DELETE -H 'Host: backend' http://127.0.0.1:15811/\nHTTP/1.1 403 ", out)
+            self.assertIn("\nRBAC: access denied\n", out)
+            # Observability: the trace from the collector, the metrics, the
+            # access log line.
+            self.assertIn("$ curl -s http://127.0.0.1:15809/api/v2/trace/4bf92f3577b34da6a3ce929d0e0e4736 ", out)
+            self.assertIn('connection_security_policy="mutual_tls"', out)
+            self.assertIn('"DELETE / HTTP/1.1" 403 RBACD ', out)
             self.assertIn("demo: stopped", out)
             self.assertLogsClean()
             self.assertFalse(os.path.exists(os.path.join(self.state, "pids.json")))

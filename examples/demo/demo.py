@@ -1,8 +1,13 @@
 """
 Run the txmesh demo mesh on 127.0.0.1: a txmesh-pilot (the control plane,
-with the Istio documents of C{examples/demo/pilot/}), sample apps, and a
-txmesh-proxy sidecar beside each app, bootstrapped to the pilot over TLS
-with a join token each; then a short tour, which changes the routing live.
+with the Istio documents and C{mesh.yaml} of C{examples/demo/pilot/}),
+sample apps, a txmesh-proxy sidecar beside each app, bootstrapped to the
+pilot over TLS with a join token each, and a Zipkin-compatible trace
+collector (C{collector.py}); then a short tour of the mesh's three promises:
+traffic management (the routing changed live), security (mutual TLS
+between sidecars with the pilot's workload certificates, a plaintext client
+refused, an AuthorizationPolicy's 403) and observability (a trace across
+sidecars, Istio metrics, an access log line).
 
 Started by C{scripts/demo} (which makes the virtualenv first)::
 
@@ -52,10 +57,19 @@ FRONTEND_INBOUND = 15810
 FRONTEND_OUTBOUND = 15811
 FRONTEND_TCP = 15812
 FRONTEND_ADMIN = 15819
+BACKEND_V1_INBOUND = 15820
+BACKEND_V1_OUTBOUND = 15821
+BACKEND_V1_ADMIN = 15829
+COLLECTOR = 15809
 PILOT_CHANNEL = 15840
 PILOT_API = 15841
 PILOT_URL = f"http://{HOST}:{PILOT_API}"
 NAMESPACE = "demo"
+TRUST_DOMAIN = "cluster.local"
+# The trace the tour starts with its own traceparent (W3C's example id), so
+# it can ask the collector for it by id.
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 class Component:
@@ -88,10 +102,13 @@ class Component:
 def yaml_ports(path: str) -> list[int]:
     """
     @return: the ports of a sidecar config's listeners and admin endpoint
-        (its C{tcp:PORT:interface=...} endpoint strings).
+        (its C{tcp:PORT:interface=...} endpoint strings), and of the inbound
+        listener it asks the pilot for (C{pilot.inbound_port}).
     """
     with open(path) as f:
-        return [int(p) for p in re.findall(r"\btcp:(\d+):", f.read())]
+        text = f.read()
+    found = re.findall(r"\btcp:(\d+):|^\s+inbound_port:\s*(\d+)", text, re.M)
+    return [int(port) for pair in found for port in pair if port]
 
 
 def admin_port(path: str) -> int:
@@ -135,6 +152,9 @@ def components() -> list[Component]:
     python = sys.executable
     services = os.path.join(HERE, "services.py")
     out = [
+        # First: the sidecars report spans to it from their first request.
+        Component("collector", [python, os.path.join(HERE, "collector.py"), "--port", str(COLLECTOR)],
+                  [COLLECTOR], COLLECTOR, "/api/v2/services"),
         Component("backend-v1", [python, services, "--role", "backend", "--version", "v1", "--port", "15801"],
                   [15801], 15801, None),
         Component("backend-v2", [python, services, "--role", "backend", "--version", "v2", "--port", "15802"],
@@ -262,13 +282,30 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None,
     """
     @return: C{(status, headers, body)}; status 0 if the request failed.
     """
+    status, response_headers, body, _ = http_request("GET", port, path, headers, timeout)
+    return status, response_headers, body
+
+
+def http_request(method: str, port: int, path: str, headers: dict[str, str] | None = None,
+                 timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes, str]:
+    """
+    @return: C{(status, headers, body, error)}: status 0 and what curl
+        would say (C{curl: (52) Empty reply from server}) if the request
+        failed, else an empty error.
+    """
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request("GET", path, headers={"User-Agent": "curl/demo", "Accept": "*/*", **(headers or {})})
+        conn.request(method, path, headers={"User-Agent": "curl/demo", "Accept": "*/*", **(headers or {})})
         response = conn.getresponse()
-        return response.status, response.getheaders(), response.read()
-    except (OSError, http.client.HTTPException):
-        return 0, [], b""
+        return response.status, response.getheaders(), response.read(), ""
+    except ConnectionRefusedError:
+        return 0, [], b"", f"curl: (7) Failed to connect to {HOST} port {port}: Connection refused"
+    except (http.client.RemoteDisconnected, http.client.IncompleteRead):
+        return 0, [], b"", "curl: (52) Empty reply from server"
+    except ConnectionResetError:
+        return 0, [], b"", "curl: (56) Recv failure: Connection reset by peer"
+    except (OSError, http.client.HTTPException) as e:
+        return 0, [], b"", f"curl: (56) Failure when receiving data from the peer ({e})"
     finally:
         conn.close()
 
@@ -425,11 +462,21 @@ class Step:
     def __init__(self, title: str, port: int, path: str = "/", headers: dict[str, str] | None = None,
                  include: bool = False, grep: str | None = None, tail: int | None = None,
                  repeat: int = 1, count: bool = False, check: Callable[[str], str | None] | None = None,
-                 note: str = ""):
+                 note: str = "", method: str = "GET", show_error: bool = False,
+                 before: Callable[[], None] | None = None):
+        """
+        @param method: the request's method (C{curl -X METHOD} unless GET).
+        @param show_error: C{curl -sS}: say why a request failed.
+        @param before: run (bounded) before the command, to wait for what
+            it shows (spans reaching the collector, say).
+        """
         self.title = title
         self.port = port
         self.path = path
         self.headers = headers or {}
+        self.method = method
+        self.show_error = show_error
+        self.before = before
         self.include = include
         self.grep = grep
         self.tail = tail
@@ -439,9 +486,11 @@ class Step:
         self.note = note
 
     def command(self) -> str:
-        parts = ["curl -s"]
+        parts = ["curl -sS" if self.show_error else "curl -s"]
         if self.include:
             parts.append("-i")
+        if self.method != "GET":
+            parts.append(f"-X {self.method}")
         for k, v in self.headers.items():
             parts.append(f"-H '{k}: {v}'")
         parts.append(f"http://{HOST}:{self.port}{self.path}")
@@ -458,6 +507,8 @@ class Step:
         return cmd
 
     def run(self, curl: str | None) -> str:
+        if self.before is not None:
+            self.before()
         if curl is not None:
             try:
                 result = subprocess.run(["sh", "-c", self.command()], check=False, stdout=subprocess.PIPE,
@@ -479,9 +530,9 @@ class Step:
         """
         What the command prints, done with http.client (no curl here).
         """
-        status, headers, body = http_get(self.port, self.path, self.headers)
+        status, headers, body, error = http_request(self.method, self.port, self.path, self.headers)
         if status == 0:
-            return f"curl: (7) Failed to connect to {HOST} port {self.port}\n"
+            return error + "\n" if self.show_error else ""
         text = ""
         if self.include:
             reason = http.client.responses.get(status, "")
@@ -548,6 +599,36 @@ class TxmeshStep(Step):
         return super().verify(out)
 
 
+class LogStep(Step):
+    """
+    One tour stop that shows the last line of a demo process's log (in the
+    state directory) containing a string: C{grep -F STRING LOG | tail -n 1},
+    done in Python.  It waits (bounded) for such a line, as the line is
+    written when the stream ends, a moment after its response.
+    """
+
+    def __init__(self, title: str, log: str, needle: str, check: Callable[[str], str | None] | None = None,
+                 note: str = ""):
+        super().__init__(title, 0, check=check, note=note)
+        self.log = os.path.join(STATE_DIR, log)
+        self.needle = needle
+
+    def command(self) -> str:
+        return f"grep -F '{self.needle}' {rel(self.log)} | tail -n 1"
+
+    def run(self, curl: str | None) -> str:
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                with open(self.log, encoding="utf-8", errors="replace") as f:
+                    lines = [line for line in f if self.needle in line]
+            except OSError:
+                lines = []
+            if lines or time.monotonic() > deadline:
+                return lines[-1] if lines else ""
+            time.sleep(0.05)
+
+
 PUSH_TIMEOUT = 10.0
 
 
@@ -604,8 +685,8 @@ def check_default(out: str) -> str | None:
         return "x-request-id did not follow the request from frontend to backend"
     if headers.get("host") != "backend":
         return f"expected the frontend's call to be for host 'backend', got {headers.get('host')!r}"
-    if headers.get("x-mesh-inbound") != "backend-v1-sidecar":
-        return "the backend sidecar's add-header filter did not set x-mesh-inbound"
+    if "URI=spiffe://" not in headers.get("x-forwarded-client-cert", ""):
+        return "no x-forwarded-client-cert at the backend: the hop to it was not mutual TLS"
     if "x-forwarded-for" not in headers:
         return "no x-forwarded-for at the backend"
     return None
@@ -673,11 +754,102 @@ def check_v1_only(out: str) -> str | None:
     return None
 
 
+def spiffe(service_account: str) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{service_account}"
+
+
+def check_identity(out: str) -> str | None:
+    xfcc = re.findall(r'"x-forwarded-client-cert": "([^"]*)"', out)
+    if not xfcc:
+        return "no x-forwarded-client-cert at the backend: the hop to it was not mutual TLS"
+    if f"URI={spiffe('frontend')}" not in xfcc[0]:
+        return f"expected the caller's identity URI={spiffe('frontend')}, got {xfcc[0]!r}"
+    if f"By={spiffe('backend')}" not in xfcc[0]:
+        return f"expected By={spiffe('backend')} (the backend sidecar's own identity), got {xfcc[0]!r}"
+    return None
+
+
+def check_plaintext_refused(out: str) -> str | None:
+    if "HTTP/" in out or '"version"' in out:
+        return "a plaintext request reached the backend through its STRICT inbound listener"
+    if "curl: (" not in out:
+        return "expected curl to report the connection failing"
+    return None
+
+
+def check_rbac_denied(out: str) -> str | None:
+    first = out.split("\n", 1)[0]
+    if " 403" not in first:
+        return f"expected 403 from the AuthorizationPolicy, got {first!r}"
+    if "RBAC: access denied" not in out:
+        return "expected the body 'RBAC: access denied'"
+    return None
+
+
+def check_trace_propagated(out: str) -> str | None:
+    parent = re.search(r'"traceparent": "00-([0-9a-f]{32})-([0-9a-f]{16})-01"', out)
+    if parent is None:
+        return "the backend got no sampled traceparent"
+    if parent.group(1) != TRACE_ID:
+        return f"expected trace {TRACE_ID} to reach the backend, got {parent.group(1)}"
+    if parent.group(2) == TRACEPARENT.split("-")[2]:
+        return "the sidecars did not start spans of their own (the backend got the caller's span id)"
+    return None
+
+
+def trace_spans(trace_id: str) -> list[dict[str, Any]]:
+    """
+    @return: the collector's spans of one trace, or C{[]}.
+    """
+    status, _, body = http_get(COLLECTOR, f"/api/v2/trace/{trace_id}", timeout=2.0)
+    try:
+        spans = json.loads(body) if status == 200 else []
+    except ValueError:
+        return []
+    return spans if isinstance(spans, list) else []
+
+
+def wait_trace(trace_id: str = TRACE_ID, timeout: float = 5.0) -> None:
+    """
+    Wait until the collector has the tour's trace from both sidecars (they
+    report in batches, every C{flush_interval}), or C{timeout} has passed.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spans = trace_spans(trace_id)
+        if len(spans) >= 3 and len({s.get("localEndpoint", {}).get("serviceName") for s in spans}) >= 2:
+            return
+        time.sleep(0.1)
+
+
+def check_trace(out: str) -> str | None:
+    kinds = re.findall(r'"kind": "(\w+)"', out)
+    if kinds.count("SERVER") < 2 or kinds.count("CLIENT") < 1:
+        return f"expected 3 spans (frontend server, frontend client, backend server), got kinds {kinds}"
+    services = set(re.findall(r'"serviceName": "([^"]+)"', out))
+    if not {"frontend", "backend-v1"} <= services:
+        return f"expected spans of both the frontend's and backend v1's sidecars, saw {sorted(services)}"
+    if set(re.findall(r'"traceId": "([0-9a-f]+)"', out)) != {TRACE_ID}:
+        return f"expected every span in trace {TRACE_ID}"
+    ids = set(re.findall(r'"id": "([0-9a-f]{16})"', out))
+    parents = re.findall(r'"parentId": "([0-9a-f]{16})"', out)
+    if len([p for p in parents if p in ids]) < 2:
+        return "expected the spans to link parent to child (server -> client -> server)"
+    return None
+
+
 def check_metrics(out: str) -> str | None:
-    for needle in ('destination_service="frontend"', 'response_code="200"', 'response_code="403"',
-                   'source_workload="frontend"'):
+    for needle in ('reporter="destination"', 'source_workload="frontend"', 'destination_workload="backend-v1"',
+                   f'source_principal="{spiffe("frontend")}"', 'connection_security_policy="mutual_tls"',
+                   'response_code="200"', 'response_code="403"'):
         if needle not in out:
             return f"no istio_requests_total series with {needle}"
+    return None
+
+
+def check_access_log(out: str) -> str | None:
+    if '"DELETE / ' not in out or " 403 " not in out or "RBACD" not in out:
+        return "expected the DELETE's access log line with 403 and response flag RBACD"
     return None
 
 
@@ -708,9 +880,9 @@ def tour_steps() -> list[Step]:
         Step("Default route: frontend's sidecar -> frontend -> its sidecar's outbound listener -> backend v1",
              FRONTEND_INBOUND, check=check_default,
              note="One x-request-id follows the request through every hop; the frontend called host "
-                  "\"backend\", which\n# the outbound listener (pushed by the pilot) routed to subset v1; "
-                  "backend v1's sidecar's add-header\n# filter set x-mesh-inbound; each sidecar appended to "
-                  "x-forwarded-for."),
+                  "\"backend\", which\n# the outbound listener (pushed by the pilot) routed to subset v1, "
+                  "over mutual TLS (x-forwarded-client-cert);\n# each sidecar appended to x-forwarded-for; "
+                  "traceparent and x-b3-* carry the trace (see the tracing steps)."),
         Step("Header route: x-version: v2 (propagated by the app) sends it to backend v2",
              FRONTEND_INBOUND, headers={"x-version": "v2"}, grep='"version"', check=check_v2),
         Step("A filter from examples/filters (reject-header) answers locally",
@@ -738,8 +910,46 @@ def tour_steps() -> list[Step]:
         TxmeshStep("Restore the original routes", ["apply", "-f", routes], check=check_applied, await_push=True),
         Step("... and the default route is v1 again", FRONTEND_INBOUND, grep='"version"', repeat=5,
              count=True, check=check_v1_only),
-        Step("Admin: Istio-named metrics (of the static inbound listener's metrics filter)", admin,
-             "/stats/prometheus", grep="^istio_requests_total", check=check_metrics),
+        # --- security: zero trust ---
+        Step("Zero trust: the hop to backend is mutual TLS with the workload certificates the pilot issued; "
+             "backend's\n#    sidecar checked the caller's and tells the app who called (URI=) and who "
+             "answered (By=)",
+             FRONTEND_INBOUND, grep='"(x-forwarded-client-cert|version)"', check=check_identity,
+             note="No app changed: the backend app only echoes the header its sidecar set. Mutual TLS is "
+                  "automatic: the\n# ServiceEntry's endpoints carry security.istio.io/tlsMode: istio, so "
+                  "the pushed clusters use ISTIO_MUTUAL."),
+        Step(f"PeerAuthentication STRICT (pilot/istio/backend-security.yaml): a plaintext client going "
+             f"straight to backend\n#    v1's sidecar (:{BACKEND_V1_INBOUND}) is refused",
+             BACKEND_V1_INBOUND, show_error=True, check=check_plaintext_refused,
+             note="No certificate, no request: the inbound listener takes only TLS with a mesh certificate."),
+        Step("AuthorizationPolicy backend-readers: backend allows GET and HEAD from frontend's identity only; "
+             "a DELETE\n#    sent through frontend's sidecar (what a caller beside the frontend uses) is "
+             "answered by backend's sidecar",
+             FRONTEND_OUTBOUND, headers={"Host": "backend"}, method="DELETE", include=True,
+             check=check_rbac_denied),
+        Step(f"... and identity, not the network, decides: the same GET sent through backend v1's own "
+             f"sidecar (:{BACKEND_V1_OUTBOUND},\n#    {spiffe('backend')}) is refused too",
+             BACKEND_V1_OUTBOUND, headers={"Host": "backend"}, include=True, check=check_rbac_denied),
+        # --- observability ---
+        Step("Tracing: a request carrying a W3C traceparent; each sidecar starts a span and passes the "
+             "trace on (the\n#    frontend app copies traceparent to its call, as Istio's sample apps do)",
+             FRONTEND_INBOUND, headers={"traceparent": TRACEPARENT}, grep='"(traceparent|x-b3-[a-z]+)"',
+             check=check_trace_propagated),
+        Step(f"... and the trace, as the sidecars reported it to the demo's Zipkin-compatible collector "
+             f"(:{COLLECTOR}):\n#    frontend's server and client spans and backend v1's server span, "
+             "linked parent to child",
+             COLLECTOR, f"/api/v2/trace/{TRACE_ID}", grep='"(traceId|id|parentId|kind|name|serviceName)"',
+             check=check_trace, before=wait_trace,
+             note="Telemetry comes from pilot/mesh.yaml: every pushed listener reports spans (sampling 100%), "
+                  "Istio metrics\n# and an access log; the frontend's static inbound listener names its "
+                  "tracing filter itself."),
+        Step("Metrics: istio_requests_total at backend v1's sidecar, with Istio's labels: who called "
+             "(source_workload,\n#    source_principal), who answered, the response code and "
+             "connection_security_policy=\"mutual_tls\"",
+             BACKEND_V1_ADMIN, "/stats/prometheus", grep="^istio_requests_total", check=check_metrics),
+        LogStep("Access log: the DELETE's line in backend v1's sidecar's log (Envoy's format); "
+                "response flag RBACD says why it was 403",
+                "backend-v1-sidecar.log", '"DELETE / ', check=check_access_log),
         Step("Admin: clusters, static and pushed, their endpoints and counters (just the main lines)", admin,
              "/clusters", grep='^  "|"address"|"upstream_requests"', check=check_clusters),
         Step("Admin: the running config (its tail; the bootstrap file as loaded is under \"config\")", admin,
@@ -838,11 +1048,14 @@ def wait_ready(comps: list[Component], timeout: float) -> str | None:
 def wait_synced(comps: list[Component], timeout: float) -> str | None:
     """
     Wait until the pilot reports every sidecar connected and SYNCED (its
-    first push applied), so the tour starts on the pilot's routes.
+    first push applied) and every sidecar has its workload certificate
+    (its admin C{/pilot}), so the tour starts on the pilot's routes and
+    the mutual TLS between sidecars works from its first request.
 
     @return: C{None}, or what went wrong.
     """
     deadline = time.monotonic() + timeout
+    admin = {c.name: c.ready_port for c in comps if c.name in SIDECARS}
     while True:
         for c in comps:
             code = c.process.poll()
@@ -850,14 +1063,30 @@ def wait_synced(comps: list[Component], timeout: float) -> str | None:
                 return f"{c.name} exited with status {code}; its log ({c.log}):\n" + _tail(c.log)
         proxies = {p.get("id"): p for p in pilot_proxies()}
         pending = [s for s in SIDECARS if proxies.get(s, {}).get("status") != "SYNCED"]
-        if not pending:
+        no_certificate = [s for s in SIDECARS if s not in pending and not has_certificate(admin[s])]
+        if not pending and not no_certificate:
             return None
         if time.monotonic() > deadline:
-            return (f"sidecars not SYNCED with the pilot after {timeout:.0f}s: "
-                    + ", ".join(f"{s} ({proxies.get(s, {}).get('status', 'not connected')})" for s in pending)
+            return (f"sidecars not SYNCED with the pilot (or without a workload certificate) after {timeout:.0f}s: "
+                    + ", ".join([f"{s} ({proxies.get(s, {}).get('status', 'not connected')})" for s in pending]
+                                + [f"{s} (no workload certificate)" for s in no_certificate])
                     + "\n" + "\n".join(f"  {s} ({os.path.join(STATE_DIR, s + '.log')}):\n"
-                                       f"{_tail(os.path.join(STATE_DIR, s + '.log'), 10)}" for s in pending))
+                                       f"{_tail(os.path.join(STATE_DIR, s + '.log'), 10)}"
+                                       for s in pending + no_certificate))
         time.sleep(0.1)
+
+
+def has_certificate(admin_port: int) -> bool:
+    """
+    @return: whether the sidecar whose admin is on C{admin_port} has its
+        workload certificate from the pilot (its C{/pilot} page says so).
+    """
+    status, _, body = http_get(admin_port, "/pilot", timeout=2.0)
+    try:
+        identity = json.loads(body).get("identity") if status == 200 else None
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(identity, dict) and identity.get("certificate") is True
 
 
 def stop_all(comps: list[Component]) -> None:
@@ -881,10 +1110,13 @@ demo: the mesh is up ({len(comps)} processes, ready in {elapsed:.1f}s; logs in {
   pilot:  :{PILOT_CHANNEL} channel (TLS; join tokens) ─► every sidecar's outbound listener and clusters
           :{PILOT_API} operator API: {display(txmesh_argv())} --pilot {PILOT_URL} proxy-status
           config: {state}/pilot/istio/*.yaml (copied from examples/demo/pilot/)
+          {state}/pilot/mesh.yaml: telemetry (tracing, metrics, access log) on every pushed listener
   curl ─► :15810 frontend-sidecar ─► :15800 frontend ─► :15811 frontend-sidecar (outbound, from the pilot)
-             x-version: v2 ─► :15830 backend-v2-sidecar ─► :15802 backend v2
-             otherwise     ─► :15820 backend-v1-sidecar ─► :15801 backend v1
-  curl ─► :15812 frontend-sidecar (tcp listener) ─► round-robin over :15820 and :15830
+             x-version: v2 ═mTLS═► :15830 backend-v2-sidecar ─► :15802 backend v2
+             otherwise     ═mTLS═► :15820 backend-v1-sidecar ─► :15801 backend v1
+             (:15820, :15830 from the pilot: STRICT mutual TLS, AuthorizationPolicy backend-readers)
+  curl ─► :15812 frontend-sidecar (tcp listener) ═mTLS═► round-robin over :15820 and :15830
+  spans:  every sidecar ─► :{COLLECTOR} collector (Zipkin v2 API: /api/v2/trace/TRACEID, /api/v2/traces)
   admin:  :15819 frontend-sidecar, :15829 backend-v1-sidecar, :15839 backend-v2-sidecar
 """)
     sys.stdout.flush()

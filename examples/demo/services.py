@@ -5,15 +5,18 @@ They know nothing about txmesh ("mesh-agnostic"):
 
   - C{backend} answers every request with JSON naming its version and the
     request headers it received (so you can see what the sidecars added:
-    C{x-request-id}, C{x-forwarded-for}, ...);
+    C{x-request-id}, C{x-forwarded-for}, C{x-forwarded-client-cert},
+    C{traceparent}, ...);
   - C{frontend} answers every request by calling the backend by its
     service name (C{http://backend/}) and wraps the backend's answer in its
     own JSON.  The call goes to its own sidecar's outbound listener on
     localhost (C{--connect-to}), which routes it by that name; in
     Kubernetes, Istio's iptables capture does this instead.  Like Istio's sample
     apps, it propagates C{x-request-id} (so one id follows the request
-    through every hop) and C{x-version} (so a routing header set by the
-    caller reaches the sidecar that routes on it).
+    through every hop), C{x-version} (so a routing header set by the
+    caller reaches the sidecar that routes on it) and the trace headers
+    (C{traceparent}, C{x-b3-traceid}, C{x-b3-spanid}: so the sidecars'
+    spans join one trace).
 
 Run::
 
