@@ -1585,6 +1585,34 @@ class ReloadTests(_Base):
         responses = yield get_responses(client, 2)
         self.assertEqual(responses[1].body, b"from b")
 
+    @defer.inlineCallbacks
+    def test_replaced_listener_drains_its_connections(self):
+        """
+        A config that replaces a listener (here: a new address) closes the
+        old listener's idle connections at once and its busy ones after
+        their response, so nothing keeps being served under the old
+        listener's settings.
+        """
+        pending = []
+        self.answer_a = lambda proto, req: pending.append(proto)
+        idle = yield raw_connect(self, self.h.port())
+        idle.transport.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        yield wait_until(lambda: pending)
+        send_response(pending.pop(), body=b"first")
+        yield get_responses(idle, 1)
+        busy = yield raw_connect(self, self.h.port())
+        busy.transport.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        yield wait_until(lambda: pending)
+        self.h.write(self.TWO.replace('interface=127.0.0.1"', 'interface=127.0.0.1:backlog=64"'),
+                     target="b", **self.ports)
+        self.assertTrue((yield self.h.service.reload()))
+        yield wait_closed(idle)
+        send_response(pending.pop(), body=b"slow")
+        data = yield wait_closed(busy)
+        [r] = finals(read_responses(data))
+        self.assertEqual((r.body, dict(r.headers).get(b"connection")), (b"slow", b"close"))
+        self.assertEqual((yield self.get()), b"from b")
+
 
 class ReviewFixTests(unittest.TestCase):
     """

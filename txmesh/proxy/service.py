@@ -125,6 +125,8 @@ class ProxyService(Service):
         self._deadlines = DeadlineWheel(reactor)
         self._clusters = ClusterManager(reactor, writes=self._writes)
         self._listeners: dict[str, _Listener] = {}
+        # Factories of removed or replaced listeners whose connections drain.
+        self._retired: set[HTTP1ServerFactory] = set()
         self._admin_port: Any = None
         self._watcher: LoopingCall | None = None
         self._mtime: float | None = None
@@ -209,7 +211,7 @@ class ProxyService(Service):
             stops.append(maybeDeferred(self._admin_port.stopListening))
         yield DeferredList(stops)
         http = [entry.factory.inner for entry in self._listeners.values()
-                if isinstance(entry.factory.inner, HTTP1ServerFactory)]
+                if isinstance(entry.factory.inner, HTTP1ServerFactory)] + list(self._retired)
         for f in http:
             f.drain()
         idle = DeferredList([f.when_idle() for f in http])
@@ -223,6 +225,33 @@ class ProxyService(Service):
                 conn.transport.abortConnection()
         self._clusters.stop()
         self._deadlines.stop()
+
+    @inlineCallbacks
+    def _retire(self, entry: _Listener) -> Any:
+        """
+        Drain the connections of a listener that a new config removed or
+        replaced (it has stopped listening): they were set up under the old
+        listener (its TLS, its mutual TLS mode) and must not keep serving
+        under it.  Idle HTTP connections close now, busy ones after their
+        response (C{Connection: close}, or GOAWAY for HTTP/2); what is left
+        after the drain timeout is aborted.
+        """
+        inner = entry.factory.inner
+        if not isinstance(inner, HTTP1ServerFactory) or not inner.connections:
+            return
+        inner.drain()
+        log.info("listener {name} replaced: draining {n} connection(s)", name=entry.config.name,
+                 n=len(inner.connections))
+        self._retired.add(inner)
+        idle = inner.when_idle()
+        idle.addTimeout(self._drain_timeout, self._reactor)
+        try:
+            yield idle
+        except defer.TimeoutError:
+            for conn in list(inner.connections):
+                conn.transport.abortConnection()
+        finally:
+            self._retired.discard(inner)
 
     # Config application
 
@@ -414,6 +443,8 @@ class ProxyService(Service):
                     or (cfg.capture is None) != (entry.config.capture is None)):
                 del self._listeners[name]
                 yield maybeDeferred(entry.port.stopListening)
+                # Not waited for: the new listener opens while they drain.
+                self._retire(entry)
         for listener in new.listeners:
             entry = self._listeners.get(listener.name)
             if entry is None:
