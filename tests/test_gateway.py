@@ -22,6 +22,7 @@ from txmesh.filters.registry import FilterRegistry
 from txmesh.pilot.credentials import Credential, load_credentials
 from txmesh.pilot.gateways import build_gateway_snapshot, gateway_view, is_router, selected_gateways
 from txmesh.pilot.snapshot import MeshConfig, Node
+from txmesh.proxy.sni_router import SNIRouterFactory, client_hello_state
 from txmesh.proxy.tls import select_by_server_name, server_name_matches
 
 
@@ -68,13 +69,17 @@ class ParseTests(unittest.SynchronousTestCase):
             (gateway([dict(HTTPS, tls=None)]), "spec.servers[0].tls", "needs tls"),
             (gateway([dict(HTTPS, tls={"mode": "SIMPLE"})]), "spec.servers[0].tls.credentialName",
              "needs credentialName"),
-            (gateway([dict(HTTPS, tls={"mode": "PASSTHROUGH", "credentialName": "x"})]),
+            (gateway([dict(HTTPS, tls={"mode": "ISTIO_MUTUAL", "credentialName": "x"})]),
              "spec.servers[0].tls.mode", "not supported"),
-            (gateway([dict(HTTP, port={"number": 9000, "name": "t", "protocol": "TCP"})]),
-             "spec.servers[0].port.protocol", "not supported by txmesh yet"),
+            (gateway([dict(HTTP, port={"number": 9000, "name": "t", "protocol": "TLS"},
+                           tls={"mode": "SIMPLE", "credentialName": "x"})]),
+             "spec.servers[0].tls.mode", "mode PASSTHROUGH"),
+            (gateway([dict(HTTP, port={"number": 9000, "name": "t", "protocol": "TLS"},
+                           tls={"mode": "PASSTHROUGH", "credentialName": "x"})]),
+             "spec.servers[0].tls.credentialName", "no certificate"),
             (gateway([dict(HTTP, hosts=["/x"])]), "spec.servers[0].hosts[0]", "NAMESPACE/HOST"),
             (gateway([dict(HTTP, port={"number": 8443, "name": "h", "protocol": "HTTP"}), HTTPS]),
-             "spec.servers[1].port", "either plaintext or TLS"),
+             "spec.servers[1].port", "one port has one kind"),
             (gateway([dict(HTTP, port={"number": 0, "name": "h", "protocol": "HTTP"})]),
              "spec.servers[0].port.number", "between 1 and 65535"),
             (gateway([dict(HTTP, bogus=1)]), "spec.servers[0].bogus", "unknown field"),
@@ -225,3 +230,112 @@ class YAMLTests(unittest.SynchronousTestCase):
         found = [d for b in blocks for d in yaml.safe_load_all(b) if isinstance(d, dict)]
         gateways = parse_gateways([("gateways.md", i + 1, d) for i, d in enumerate(found)])
         self.assertGreaterEqual(len(gateways), 2)
+
+
+class L4RouteTests(unittest.SynchronousTestCase):
+    VS = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+          "metadata": {"name": "secure", "namespace": "istio-system"},
+          "spec": {"hosts": ["secure.example.com"], "gateways": ["ingress"],
+                   "tls": [{"match": [{"sniHosts": ["Secure.example.com"], "port": 443}],
+                            "route": [{"destination": {"host": "web"}}]}],
+                   "tcp": [{"match": [{"port": 5432}], "route": [{"destination": {"host": "web"}}]}]}}
+
+    def test_tls_and_tcp_routes_on_their_ports(self) -> None:
+        tls = translate(docs(SERVICE, self.VS), "istio-system", gateways=["istio-system/ingress"], gateway_port=443)
+        self.assertEqual([(r.sni_hosts, r.cluster) for r in tls.tls_routes],
+                         [(("secure.example.com",), "outbound|80||web.istio-system.svc.cluster.local")])
+        self.assertEqual(tls.tcp_routes, ())
+        tcp = translate(docs(SERVICE, self.VS), "istio-system", gateways=["istio-system/ingress"], gateway_port=5432)
+        self.assertEqual([r.cluster for r in tcp.tcp_routes], ["outbound|80||web.istio-system.svc.cluster.local"])
+        self.assertEqual(tcp.tls_routes, ())
+
+    def test_sidecar_ignores_them_silently_when_bound_to_gateways(self) -> None:
+        self.assertEqual(translate(docs(SERVICE, self.VS), "istio-system").warnings, ())
+
+    def test_tls_match_needs_sni_hosts(self) -> None:
+        vs = dict(self.VS, spec=dict(self.VS["spec"], tls=[{"match": [{"port": 443}],
+                                                            "route": [{"destination": {"host": "web"}}]}]))
+        e = self.assertRaises(ConfigError, translate, docs(SERVICE, vs), "istio-system",
+                              gateways=["istio-system/ingress"], gateway_port=443)
+        self.assertEqual(e.field, "spec.tls[0].match[0].sniHosts")
+
+    def test_passthrough_listener(self) -> None:
+        server = {"port": {"number": 443, "name": "tls", "protocol": "TLS"}, "hosts": ["secure.example.com"],
+                  "tls": {"mode": "PASSTHROUGH"}}
+        tcp = {"port": {"number": 5432, "name": "pg", "protocol": "TCP"}, "hosts": ["*"]}
+        mesh = MeshConfig(documents=docs(SERVICE, gateway([server, tcp]), self.VS))
+        node = Node("gw", namespace="istio-system", labels=(("istio", "ingressgateway"),))
+        view = gateway_view(mesh, "istio-system", selected_gateways(mesh, node))
+        passthrough, relay = view.listeners
+        self.assertEqual((passthrough["protocol"], passthrough["sni_routes"]),
+                         ("tcp", [{"server_names": ["secure.example.com"],
+                                   "cluster": "outbound|80||web.istio-system.svc.cluster.local"}]))
+        self.assertEqual(relay["cluster"], "outbound|80||web.istio-system.svc.cluster.local")
+        snapshot = build_gateway_snapshot(mesh, node, view)
+        config = ConfigLoader(FilterRegistry.from_plugins()).load_document(snapshot.document(), "<pilot>")
+        self.assertEqual(config.listeners[0].sni_routes[0].server_names, ("secure.example.com",))
+
+
+class SNIRouterTests(unittest.SynchronousTestCase):
+    def hello(self, name: str) -> bytes:
+        """
+        A real ClientHello for C{name}, from OpenSSL.
+        """
+        from OpenSSL import SSL
+
+        client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+        client.set_tlsext_host_name(name.encode())
+        client.set_connect_state()
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        return client.bio_read(65536)
+
+    def test_client_hello_state(self) -> None:
+        hello = self.hello("a.example.com")
+        self.assertIsNone(client_hello_state(b""))
+        self.assertIsNone(client_hello_state(hello[:3]))
+        self.assertIsNone(client_hello_state(hello[:-1]))
+        self.assertTrue(client_hello_state(hello))
+        self.assertFalse(client_hello_state(b"GET / HTTP/1.1\r\n"))
+
+    def route(self, name: str | None) -> Any:
+        self.asked.append(name)
+        return self.relay if name == "a.example.com" else None
+
+    def test_routes_by_sni_with_the_bytes_read(self) -> None:
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        received: list[bytes] = []
+
+        class Sink(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        self.asked: list[str | None] = []
+        self.relay = Factory.forProtocol(Sink)
+        clock = Clock()
+        factory = SNIRouterFactory(self.route, clock, timeout=5)
+        hello = self.hello("a.example.com")
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(hello[:10])
+        self.assertEqual(self.asked, [])
+        protocol.dataReceived(hello[10:] + b"more")
+        self.assertEqual(self.asked, ["a.example.com"])
+        self.assertEqual(b"".join(received), hello + b"more")
+        self.assertFalse(transport.disconnecting)
+        # Unknown name: closed; silent client: closed at the timeout.
+        other = factory.buildProtocol(None)
+        other.makeConnection(StringTransport())
+        other.dataReceived(self.hello("b.example.com"))
+        self.assertTrue(other.transport.disconnecting)
+        silent = factory.buildProtocol(None)
+        silent.makeConnection(StringTransport())
+        clock.advance(5)
+        self.assertEqual(self.asked[-1], None)
+        self.assertTrue(silent.transport.disconnecting)

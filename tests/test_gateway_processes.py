@@ -71,6 +71,11 @@ spec:
     - port: {{number: {https}, name: https-api, protocol: HTTPS}}
       hosts: ["default/api.example.com"]
       tls: {{mode: MUTUAL, credentialName: api-cert}}
+    - port: {{number: {passthrough}, name: tls, protocol: TLS}}
+      hosts: [secure.example.com]
+      tls: {{mode: PASSTHROUGH}}
+    - port: {{number: {tcp}, name: tcp, protocol: TCP}}
+      hosts: ["*"]
 ---
 apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -106,6 +111,33 @@ spec:
   hosts: [bookinfo.example.com, plain.example.com]
   gateways: [istio-system/ingress]
   http: [{{route: [{{destination: {{host: web}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure}}
+spec:
+  hosts: [secure-backend]
+  ports: [{{number: 443, name: tls, protocol: TLS, targetPort: {secure}}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: secure}}
+spec:
+  hosts: [secure.example.com]
+  gateways: [istio-system/ingress]
+  tls:
+    - match: [{{sniHosts: [secure.example.com], port: {passthrough}}}]
+      route: [{{destination: {{host: secure-backend}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: raw-tcp}}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  tcp: [{{match: [{{port: {tcp}}}], route: [{{destination: {{host: web}}}}]}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -163,6 +195,7 @@ class _External(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         body = json.dumps({"service": "external", "host": self.headers.get("host"),
+                           "name": getattr(self.server, "name", None),
                            "sni": getattr(self.server, "last_sni", None)}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -200,11 +233,16 @@ class GatewayProcessTests(unittest.TestCase):
         if ca:
             self.write(f"credentials/{name}/ca.crt", pem_cert(self.ca))
 
-    def external_server(self) -> int:
-        cert, key = make_server_cert(self.ca, self.ca_key, "external.example", names=("external.example",))
+    def tls_server(self, name: str) -> int:
+        """
+        @return: the port of an HTTPS server with a certificate for C{name}
+            that answers with the Host and SNI it saw.
+        """
+        cert, key = make_server_cert(self.ca, self.ca_key, name, names=(name,))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.write("external.pem", pem_cert(cert)), self.write("external.key", pem_key(key)))
+        context.load_cert_chain(self.write(f"{name}.pem", pem_cert(cert)), self.write(f"{name}.key", pem_key(key)))
         server = ThreadingHTTPServer(("127.0.0.1", 0), _External)
+        server.name = name  # type: ignore[attr-defined]
 
         def remember_sni(sock: Any, name: str | None, ctx: Any) -> None:
             server.last_sni = name  # type: ignore[attr-defined]
@@ -241,8 +279,10 @@ class GatewayProcessTests(unittest.TestCase):
     def test_ingress_and_egress(self) -> Any:
         web = yield listen_upstream(self, RecordingFactory(fixed_response(b"web")))
         api = yield listen_upstream(self, RecordingFactory(fixed_response(b"api")))
-        external = self.external_server()
-        ports = {"http": free_port(), "https": free_port(), "egress": free_port()}
+        external = self.tls_server("external.example")
+        secure = self.tls_server("secure.example.com")
+        ports = {"http": free_port(), "https": free_port(), "egress": free_port(), "passthrough": free_port(),
+                 "tcp": free_port()}
         self.credential("bookinfo-cert", "bookinfo.example.com")
         self.credential("api-cert", "api.example.com", ca=True)
         client, client_key = make_server_cert(self.ca, self.ca_key, "operator", names=("client.example",),
@@ -250,7 +290,7 @@ class GatewayProcessTests(unittest.TestCase):
         client_cert = self.write("client.pem", pem_cert(client))
         client_key_path = self.write("client.key", pem_key(client_key))
         self.write("mesh.yaml", MESH.encode())
-        self.write("istio/gateways.yaml", ISTIO.format(web=web, api=api, external=external,
+        self.write("istio/gateways.yaml", ISTIO.format(web=web, api=api, external=external, secure=secure,
                                                        external_ca=self.ca_path, **ports).encode())
         pilot = PilotProcess(self, self.dir, "pilot")
         yield pilot.start()
@@ -284,6 +324,19 @@ class GatewayProcessTests(unittest.TestCase):
         out, _, _ = yield curl("--max-time", "2", "-s", "-o", "/dev/null", "-w", "%{http_code}", *resolve,
                                f"http://other.example.com:{http}/")
         self.assertEqual(out, b"404")
+
+        # TLS passthrough: routed by SNI, not terminated (the backend's own
+        # certificate reaches curl); an unknown name is closed.  TCP: bytes
+        # relayed to the route's service.
+        passthrough = ports["passthrough"]
+        out = yield self.wait_curl("--resolve", f"secure.example.com:{passthrough}:127.0.0.1", "--cacert",
+                                   self.ca_path, f"https://secure.example.com:{passthrough}/", expect=b"secure")
+        self.assertEqual(json.loads(out)["sni"], "secure.example.com")
+        _, _, code = yield curl("--max-time", "5", "-s", "-k", "--resolve",
+                                f"other.example.com:{passthrough}:127.0.0.1",
+                                f"https://other.example.com:{passthrough}/")
+        self.assertNotEqual(code, 0)
+        yield self.wait_curl(f"http://127.0.0.1:{ports['tcp']}/", expect=b"web")
 
         # Egress: the sidecar sends external.example to the egress gateway,
         # which originates TLS to the external server.

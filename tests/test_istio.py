@@ -947,8 +947,8 @@ del _name, _case_
 # (documents after the two base documents, (document, field, message fragment) of the expected warnings)
 WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
     "vs_export_to": (_vs({"route": TO_REVIEWS}, exportTo=["."]), [(3, "spec.exportTo", "visibility")]),
-    "vs_tcp": (_vs({"route": TO_REVIEWS}, tcp=[{"route": []}]), [(3, "spec.tcp", "TCP routes are not supported")]),
-    "vs_tls": (_vs({"route": TO_REVIEWS}, tls=[{"route": []}]), [(3, "spec.tls", "TLS routes are not supported")]),
+    "vs_tcp": (_vs({"route": TO_REVIEWS}, tcp=[{"route": []}]), [(3, "spec.tcp", "TCP routes are served by gateways only")]),
+    "vs_tls": (_vs({"route": TO_REVIEWS}, tls=[{"route": []}]), [(3, "spec.tls", "TLS routes are served by gateways only")]),
     "cors": (_vs({"route": TO_REVIEWS, "corsPolicy": {"allowOrigins": [{"exact": "x"}]}}),
              [(3, "spec.http[0].corsPolicy", "not supported")]),
     "delegate": (_vs({"delegate": {"name": "other"}}, {"route": TO_REVIEWS}),

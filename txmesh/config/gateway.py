@@ -87,10 +87,10 @@ class GatewayServer:
     One entry of a Gateway's C{servers}.
 
     @ivar port: the port the gateway listens on.
-    @ivar protocol: C{HTTP}, C{HTTP2}, C{GRPC} or C{HTTPS}.
+    @ivar protocol: C{HTTP}, C{HTTP2}, C{GRPC}, C{HTTPS}, C{TLS} or C{TCP}.
     @ivar hosts: C{(namespace, host pattern)} pairs: the VirtualServices of
         C{namespace} (C{*} for any) may route C{host} here.
-    @ivar tls: TLS termination (C{HTTPS}), or C{None}.
+    @ivar tls: TLS termination (C{HTTPS}), or C{None}; see L{passthrough}.
     @ivar https_redirect: an C{HTTP} server that answers every request with
         a redirect to C{https}.
     @ivar field: where it was written, e.g. C{spec.servers[1]}.
@@ -102,6 +102,20 @@ class GatewayServer:
     tls: ServerTLS | None = None
     https_redirect: bool = False
     field: str = ""
+    passthrough: bool = False
+
+    @property
+    def kind(self) -> str:
+        """
+        @return: what the port's listener does: C{http} (plaintext HTTP),
+            C{https} (TLS terminated, then HTTP), C{passthrough} (TLS routed
+            by SNI, not terminated) or C{tcp}.
+        """
+        if self.passthrough:
+            return "passthrough"
+        if self.protocol == "TCP":
+            return "tcp"
+        return "https" if self.tls is not None else "http"
 
     @property
     def host_patterns(self) -> tuple[str, ...]:
@@ -169,16 +183,24 @@ def _host(namespace: str, value: Any) -> tuple[str, str]:
     return ns, host.lower()
 
 
-def _tls(s: Section, protocol: str) -> tuple[ServerTLS | None, bool]:
+def _tls(s: Section, protocol: str) -> tuple[ServerTLS | None, bool, bool]:
     redirect = s.get("httpsRedirect", _bool, False)
-    mode = s.get("mode", _upper_one_of(_TLS_MODES), "SIMPLE" if protocol == "HTTPS" else None)
+    mode = s.get("mode", _upper_one_of(_TLS_MODES), "SIMPLE" if protocol in ("HTTPS", "TLS") else None)
     for unsupported in ("subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "cipherSuites",
                         "maxProtocolVersion", "credentialNames", "tlsCertificates"):
         if s.value.get(unsupported) is not None:
             raise s.error("not supported by txmesh", s.field(unsupported))
     min_version = s.get("minProtocolVersion", _upper_one_of(tuple(_MIN_VERSIONS)), "TLS_AUTO")
     tls = None
-    if protocol == "HTTPS":
+    passthrough = protocol in ("HTTPS", "TLS") and mode == "PASSTHROUGH"
+    if protocol == "TLS" and not passthrough:
+        raise s.error(f"a TLS server is routed by SNI without terminating: mode PASSTHROUGH (txmesh does not "
+                      f"terminate TLS for TCP routes; got {mode})", s.field("mode"))
+    if passthrough:
+        for key in ("credentialName", "serverCertificate", "privateKey", "caCertificates"):
+            if s.value.get(key) is not None:
+                raise s.error("PASSTHROUGH does not terminate TLS: no certificate", s.field(key))
+    elif protocol == "HTTPS":
         if mode not in _SUPPORTED_TLS_MODES:
             raise s.error(f"{mode} is not supported by txmesh on a gateway (supported: "
                           f"{', '.join(_SUPPORTED_TLS_MODES)})", s.field("mode"))
@@ -201,7 +223,7 @@ def _tls(s: Section, protocol: str) -> tuple[ServerTLS | None, bool]:
         s.get("privateKey", _string)
         s.get("caCertificates", _string)
     s.done()
-    return tls, redirect
+    return tls, redirect, passthrough
 
 
 def _upper_one_of(choices: tuple[str, ...]) -> Any:
@@ -225,9 +247,6 @@ def _server(namespace: str, field: str, value: Any, source: str | None) -> Gatew
     if port.value.get("targetPort") is not None:
         port.get("targetPort", _port)
     port.done()
-    if protocol in ("TLS", "TCP"):
-        raise s.error(f"{protocol} servers (TLS passthrough and TCP routes) are not supported by txmesh yet; "
-                      f"use HTTP, HTTP2, GRPC or HTTPS", s.field("port.protocol"))
     hosts = []
     for f, v in s.items("hosts", required=True):
         try:
@@ -237,14 +256,15 @@ def _server(namespace: str, field: str, value: Any, source: str | None) -> Gatew
     if not hosts:
         raise s.error("list at least one host", s.field("hosts"))
     tls_section = s.sub("tls")
-    tls, redirect = (None, False) if tls_section is None else _tls(tls_section, protocol)
-    if protocol == "HTTPS" and tls is None:
-        raise s.error("an HTTPS server needs tls (mode and credentialName)", s.field("tls"))
+    tls, redirect, passthrough = (None, False, False) if tls_section is None else _tls(tls_section, protocol)
+    if protocol in ("HTTPS", "TLS") and tls is None and not passthrough:
+        raise s.error(f"an {protocol} server needs tls (mode and credentialName, or mode PASSTHROUGH)",
+                      s.field("tls"))
     s.get("name", _string)
     if s.value.get("bind") is not None:
         raise s.error("not supported by txmesh (gateways listen on all of their addresses)", s.field("bind"))
     s.done()
-    return GatewayServer(number, protocol, tuple(hosts), tls, redirect, field)
+    return GatewayServer(number, protocol, tuple(hosts), tls, redirect, field, passthrough)
 
 
 def parse_gateway(body: Any, source: str | None = None, document: int | None = None,
@@ -279,9 +299,10 @@ def parse_gateway(body: Any, source: str | None = None, document: int | None = N
         by_port: dict[int, GatewayServer] = {}
         for server in servers:
             other = by_port.setdefault(server.port, server)
-            if (other.tls is None) != (server.tls is None):
-                raise spec.error(f"port {server.port} is also served without TLS by {other.field}; one port "
-                                 f"is either plaintext or TLS", server.field + ".port")
+            if other.kind != server.kind:
+                raise spec.error(f"port {server.port} is served as {other.kind} by {other.field}, and this "
+                                 f"server is {server.kind}; one port has one kind (http, https, TLS "
+                                 f"passthrough or tcp)", server.field + ".port")
     except ConfigError as e:
         if e.document is None:
             e = ConfigError(e.source, e.field, e.reason, document=document)

@@ -76,6 +76,7 @@ __all__ = [
     "TLS_MODE_LABEL",
     "IstioConfig",
     "IstioWarning",
+    "L4Route",
     "cluster_name",
     "resolve_host",
     "translate",
@@ -155,18 +156,38 @@ class IstioWarning:
 
 
 @attrs.frozen
+class L4Route:
+    """
+    A VirtualService's C{tls} or C{tcp} route on a gateway port.
+
+    @ivar namespace: the VirtualService's namespace (a Gateway server's
+        hosts say which namespaces may route through it).
+    @ivar sni_hosts: a C{tls} route's C{sniHosts}; empty for a C{tcp} route.
+    @ivar cluster: where connections go.
+    """
+
+    namespace: str
+    sni_hosts: tuple[str, ...]
+    cluster: str
+
+
+@attrs.frozen
 class IstioConfig:
     """
     The result of L{translate}.
 
     @ivar virtual_hosts: for an HTTP listener, after its own.
-    @ivar clusters: every cluster the virtual hosts name.
+    @ivar clusters: every cluster the virtual hosts (and L4 routes) name.
     @ivar warnings: unsupported fields and skipped documents, in document order.
+    @ivar tls_routes: on a gateway port, the C{tls} routes (by SNI) bound to it.
+    @ivar tcp_routes: on a gateway port, the C{tcp} routes bound to it.
     """
 
     virtual_hosts: tuple[VirtualHost, ...] = ()
     clusters: tuple[ClusterConfig, ...] = ()
     warnings: tuple[IstioWarning, ...] = ()
+    tls_routes: tuple[L4Route, ...] = ()
+    tcp_routes: tuple[L4Route, ...] = ()
 
 
 def cluster_name(host: str, port: int) -> str:
@@ -473,6 +494,7 @@ class _VirtualService:
     doc: _Doc
     hosts: list[tuple[str, str]]
     routes: list[_HTTPRoute]
+    l4: list[tuple[str, tuple[str, ...], _Dest]] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -538,18 +560,22 @@ class _Translation:
             if isinstance(item, _DestinationRule):
                 self.attempt(item.doc, lambda item=item: self.add_rule(item))
         virtual_hosts = []
+        l4: list[tuple[str, L4Route]] = []
         for item in parsed:
             if isinstance(item, _VirtualService):
                 vh = self.attempt(item.doc, lambda item=item: self.add_virtual_service(item))
                 if vh is not None:
                     virtual_hosts.append(vh)
+                if item.l4:
+                    l4.extend(self.attempt(item.doc, lambda item=item: self.add_l4_routes(item)) or [])
         clusters = self.clusters()
         if self.gateway_port is None:
             # A sidecar reaches every known service; a gateway only what
             # its VirtualServices route.
             virtual_hosts.extend(self.default_virtual_hosts(clusters))
         warnings = tuple(w for doc in docs for w in doc.warnings)
-        return IstioConfig(tuple(virtual_hosts), tuple(clusters), warnings)
+        return IstioConfig(tuple(virtual_hosts), tuple(clusters), warnings,
+                           tuple(r for kind, r in l4 if kind == "tls"), tuple(r for kind, r in l4 if kind == "tcp"))
 
     def latest(self, parsed: list[Any]) -> list[Any]:
         """
@@ -996,11 +1022,19 @@ class _Translation:
     # --- VirtualService -----------------------------------------------------
 
     def virtual_service(self, doc: _Doc, value: Any) -> _VirtualService | None:
-        spec = _Obj(doc, "spec", value, ("hosts", "gateways", "http"), {
-            "tls": "TLS routes are not supported by txmesh; ignored",
-            "tcp": "TCP routes are not supported by txmesh (use a tcp listener); ignored",
-            "exportTo": "visibility is not supported by txmesh; the routes apply to this proxy",
-        })
+        ignored = {"exportTo": "visibility is not supported by txmesh; the routes apply to this proxy"}
+        fields = ["hosts", "gateways", "http"]
+        if self.gateway_port is not None:
+            fields += ["tls", "tcp"]
+        elif isinstance(value, Mapping) and any(value.get(k) is not None for k in ("tls", "tcp")):
+            gateways = value.get("gateways")
+            if gateways is None or MESH in gateways:
+                ignored.update(tls="TLS routes are served by gateways only in txmesh; ignored here",
+                               tcp="TCP routes are served by gateways only in txmesh (a sidecar uses a tcp "
+                                   "listener); ignored here")
+            else:
+                fields += ["tls", "tcp"]
+        spec = _Obj(doc, "spec", value, fields, ignored)
         hosts = [(f, self.host(doc, f, v)) for f, v in spec.list("hosts", required=True)]
         if not hosts:
             raise doc.error("spec.hosts", "a VirtualService needs at least one host")
@@ -1010,7 +1044,53 @@ class _Translation:
             route = self.http_route(doc, f, v, gateways)
             if route is not None:
                 routes.append(route)
-        return _VirtualService(doc, hosts, routes)
+        l4 = []
+        if self.gateway_port is not None:
+            for kind in ("tls", "tcp"):
+                for f, v in spec.list(kind):
+                    route = self.l4_route(doc, kind, f, v, gateways)
+                    if route is not None:
+                        l4.append(route)
+        return _VirtualService(doc, hosts, routes, l4)
+
+    def l4_route(self, doc: _Doc, kind: str, field: str, value: Any,
+                 gateways: list[str] | None) -> tuple[str, tuple[str, ...], _Dest] | None:
+        """
+        Read a C{tls} or C{tcp} route for this gateway port.
+
+        @return: C{(kind, sni hosts, destination)}, or C{None} if none of
+            its matches is for this gateway and port.
+        """
+        o = _Obj(doc, field, value, ("match", "route"))
+        sni: list[str] = []
+        matched = False
+        match_fields = ("sniHosts", "port", "gateways") if kind == "tls" else ("port", "gateways")
+        for f, v in o.list("match", required=kind == "tls"):
+            m = _Obj(doc, f, v, match_fields, ("destinationSubnets", "sourceLabels", "sourceNamespace"))
+            own = m.get("gateways", _strings)
+            port = m.get("port", _port)
+            hosts = [h.lower() for h in m.get("sniHosts", _strings, [])] if kind == "tls" else []
+            if kind == "tls" and not hosts:
+                raise doc.error(m.field("sniHosts"), "a tls match needs sniHosts")
+            if self.binds(doc, own if own is not None else gateways) and port in (None, self.gateway_port):
+                matched = True
+                sni.extend(hosts)
+        if kind == "tls" and not o.list("match"):
+            raise doc.error(o.field("match"), "a tls route needs a match with sniHosts")
+        if not o.list("match"):
+            matched = self.binds(doc, gateways)
+        destinations = [self.route_destination(doc, f, v) for f, v in o.list("route", required=True)]
+        if not destinations:
+            raise doc.error(o.field("route"), "needs a destination")
+        if len(destinations) > 1:
+            doc.warn(o.field("route"), f"weighted {kind} routes are not supported by txmesh; the first "
+                                       f"destination takes every connection")
+        if destinations[0].subset is not None:
+            doc.warn(f"{destinations[0].field}.subset", f"subsets of {kind} routes are not supported by txmesh; "
+                                                        f"every endpoint of the host is used")
+        if not matched:
+            return None
+        return kind, tuple(dict.fromkeys(sni)), destinations[0]
 
     def http_route(self, doc: _Doc, field: str, value: Any, gateways: list[str] | None) -> _HTTPRoute | None:
         o = _Obj(doc, field, value, (
@@ -1319,6 +1399,21 @@ class _Translation:
             elif b.has("bytes"):
                 body = b.get("bytes", _base64)
         return DirectResponse(status, body)
+
+    def add_l4_routes(self, vs: _VirtualService) -> list[tuple[str, L4Route]]:
+        """
+        @return: C{(kind, route)} for each of C{vs}'s C{tls}/C{tcp} routes
+            on this gateway port, their clusters now referenced.
+        """
+        doc = vs.doc
+        refs: dict[tuple[str, int], str] = {}
+        out = []
+        for kind, sni, dest in vs.l4:
+            key = self.resolve(doc, attrs.evolve(dest, subset=None), refs)
+            out.append((kind, L4Route(doc.namespace, sni, cluster_name(*key))))
+        for ref, field in refs.items():
+            self.cluster_refs.setdefault(ref, (doc, field))
+        return out
 
     def add_virtual_service(self, vs: _VirtualService) -> VirtualHost | None:
         doc = vs.doc

@@ -46,6 +46,7 @@ from txmesh.config.model import (
     RetryPolicy,
     Route,
     RouteMatch,
+    SNIRoute,
     SubsetConfig,
     UpstreamTLS,
     VirtualHost,
@@ -625,8 +626,11 @@ class ConfigLoader:
             raise s.error("give tls (a certificate of your own) or mtls (the workload certificate), not both",
                           s.field("mtls"))
         if protocol == "tcp":
-            cluster = s.get("cluster", _string, required=True)
-            if cluster not in clusters:
+            sni_routes = tuple(self._sni_route(f, v, source, clusters) for f, v in s.items("sni_routes"))
+            # With sni_routes (even none), connections no route takes are
+            # closed unless a cluster takes them.
+            cluster = s.get("cluster", _string, required="sni_routes" not in s.value)
+            if cluster is not None and cluster not in clusters:
                 raise s.error(f"unknown cluster {cluster!r}", s.field("cluster"))
             filters = tuple(self._filter(f, v, source, network=True) for f, v in s.items("network_filters"))
             access_log = None
@@ -638,7 +642,7 @@ class ConfigLoader:
                 access_log = self._parse_filter(factory, s.value["access_log"], s.field("access_log"), source)
             s.done()
             return ListenerConfig(name, address, "tcp", cluster=cluster, network_filters=filters,
-                                  access_log=access_log, **common)
+                                  access_log=access_log, sni_routes=sni_routes, **common)
 
         vhosts = [self._vhost(f, v, source, clusters) for f, v in s.items("virtual_hosts")]
         if "routes" in s.value:
@@ -783,6 +787,18 @@ class ConfigLoader:
             where = f" ({paths[e.part]})" if e.part in paths else ""
             raise s.error(e.reason + where, s.field(e.part)) from None
         return tls
+
+    def _sni_route(self, field: str, value: Any, source: str | None,
+                   clusters: Mapping[str, ClusterConfig]) -> SNIRoute:
+        s = _Section(source, field, value)
+        names = _each(source, s.items("server_names", required=True), _string)
+        if not names:
+            raise s.error("list the TLS server names this route takes", s.field("server_names"))
+        cluster = s.get("cluster", _string, required=True)
+        if cluster not in clusters:
+            raise s.error(f"unknown cluster {cluster!r}", s.field("cluster"))
+        s.done()
+        return SNIRoute(names, cluster)
 
     def _vhost(self, field: str, value: Any, source: str | None, clusters: Mapping[str, ClusterConfig]) -> VirtualHost:
         s = _Section(source, field, value)

@@ -485,6 +485,21 @@ class ForwardProxyConfig:
         return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.allow_hosts)
 
 
+@attrs.frozen
+class SNIRoute:
+    """
+    Where a C{tcp} listener sends a TLS connection it does not terminate,
+    by the server name of the client's ClientHello (a gateway's TLS
+    C{PASSTHROUGH}).
+
+    @ivar server_names: patterns: C{name}, C{*.domain} or C{*}.
+    @ivar cluster: the cluster the connection is relayed to.
+    """
+
+    server_names: tuple[str, ...]
+    cluster: str
+
+
 CAPTURE_MODES = ("ALLOW_ANY", "REGISTRY_ONLY")
 
 
@@ -532,6 +547,9 @@ class ListenerConfig:
         L{CaptureConfig}), or C{None}.
     @ivar forward_proxy: forward-proxy mode of an C{http} listener, or
         C{None} (a reverse proxy only: absolute-form targets get 400).
+    @ivar sni_routes: a C{tcp} listener's routes by TLS server name; its
+        C{cluster}, if any, takes connections no route matches (others are
+        closed).
     """
 
     name: str
@@ -551,6 +569,7 @@ class ListenerConfig:
     access_log: Any = None
     forward_proxy: ForwardProxyConfig | None = None
     capture: CaptureConfig | None = None
+    sni_routes: tuple[SNIRoute, ...] = ()
 
 
 @attrs.frozen

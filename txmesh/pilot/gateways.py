@@ -90,10 +90,25 @@ def gateway_view(mesh: MeshConfig, namespace: str, gateways: Sequence[Gateway]) 
     warnings: list[str] = []
     for port in sorted(by_port):
         servers = by_port[port]
+        kinds = {server.kind for _, server in servers}
+        if len(kinds) > 1:
+            first, *_ = servers
+            raise ConfigError(first[0].source, f"{first[1].field}.port",
+                              f"port {port} is served as {' and '.join(sorted(kinds))} by the Gateways of "
+                              f"one proxy ({', '.join(sorted({g.key for g, _ in servers}))}); one port has "
+                              f"one kind", document=first[0].document)
         keys = sorted({gateway.key for gateway, _ in servers})
         istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
                           accepts_mtls=auto_mtls_check(mesh, peer), gateways=keys, gateway_port=port)
         warnings.extend(str(w) for w in istio.warnings)
+        by_name = {c.name: c for c in istio.clusters}
+        kind = kinds.pop()
+        if kind in ("passthrough", "tcp"):
+            listener = _l4_listener(mesh, port, kind, [s for _, s in servers], istio)
+            for name in listener.pop("_clusters"):
+                clusters.setdefault(name, _routable(by_name[name]))
+            listeners.append(listener)
+            continue
         redirects = [_https_redirect(gateway, server, by_port) for gateway, server in servers if server.https_redirect]
         routed = [vh for vh in (_admitted(vh, [s for _, s in servers]) for vh in istio.virtual_hosts)
                   if vh is not None]
@@ -101,13 +116,8 @@ def gateway_view(mesh: MeshConfig, namespace: str, gateways: Sequence[Gateway]) 
         for vh in routed:
             for route in vh.routes:
                 needed.update(clusters_of(route))
-        by_name = {c.name: c for c in istio.clusters}
         for name in sorted(needed):
-            cluster = by_name[name]
-            if not cluster.endpoints:
-                raise ConfigError(None, f"clusters: {name}", "has no endpoints (none from a ServiceEntry or "
-                                                            "service discovery); a gateway cannot route to it")
-            clusters.setdefault(name, to_native(cluster))
+            clusters.setdefault(name, _routable(by_name[name]))
         listener: dict[str, Any] = {
             "name": f"gateway-{port}",
             "address": mesh.inbound_address.format(port=port),
@@ -126,6 +136,47 @@ def gateway_view(mesh: MeshConfig, namespace: str, gateways: Sequence[Gateway]) 
             listener["tls"] = tls
         listeners.append(listener)
     return GatewayView(tuple(g.key for g in gateways), tuple(listeners), tuple(clusters.values()), tuple(warnings))
+
+
+def _routable(cluster: Any) -> dict[str, Any]:
+    if not cluster.endpoints:
+        raise ConfigError(None, f"clusters: {cluster.name}", "has no endpoints (none from a ServiceEntry or "
+                                                             "service discovery); a gateway cannot route to it")
+    return to_native(cluster)
+
+
+def _l4_listener(mesh: MeshConfig, port: int, kind: str, servers: Sequence[GatewayServer],
+                 istio: Any) -> dict[str, Any]:
+    """
+    A C{tcp} listener for a TLS C{PASSTHROUGH} port (routed by SNI to the
+    VirtualServices' C{tls} routes) or a C{TCP} port (to the first C{tcp}
+    route bound to it), with the names of its clusters under C{_clusters}.
+    A connection no route takes is closed.
+    """
+    listener: dict[str, Any] = {"name": f"gateway-{port}", "protocol": "tcp",
+                                "address": mesh.inbound_address.format(port=port)}
+    if mesh.telemetry.access_log is not None:
+        listener["access_log"] = dict(mesh.telemetry.access_log)
+    used: list[str] = []
+    if kind == "tcp":
+        routes = [r for r in istio.tcp_routes
+                  if any(ns in ("*", r.namespace) for s in servers for ns, _ in s.hosts)]
+        if routes:
+            listener["cluster"] = routes[0].cluster
+            used.append(routes[0].cluster)
+        else:
+            listener["sni_routes"] = []
+        listener["_clusters"] = used
+        return listener
+    sni_routes = []
+    for route in istio.tls_routes:
+        names = [name for name in route.sni_hosts if any(s.admits(route.namespace, name) for s in servers)]
+        if names:
+            sni_routes.append({"server_names": names, "cluster": route.cluster})
+            used.append(route.cluster)
+    listener["sni_routes"] = sni_routes
+    listener["_clusters"] = used
+    return listener
 
 
 def _domain_host(domain: str) -> str:

@@ -37,8 +37,9 @@ from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.listener import HTTPListenerFactory
 from txmesh.proxy.mesh_tls import MeshServerCreator, PermissiveFactory
 from txmesh.proxy.pilot_client import PilotClient, pilot_tls_options
+from txmesh.proxy.sni_router import SNIRouterFactory
 from txmesh.proxy.tcp import TCPProxyFactory
-from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, server_options
+from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, select_by_server_name, server_options
 from txmesh.proxy.workload_identity import WorkloadIdentity, token_service_account
 from txmesh.proxy.write_coalescer import WriteCoalescer
 
@@ -283,35 +284,56 @@ class ProxyService(Service):
 
     def _inner_factory(self, listener: ListenerConfig, config: ProxyConfig) -> Factory:
         if listener.protocol == "tcp":
-            cluster = self._cluster_set.get(listener.cluster)
-            reactor = self._reactor
-            timeout = cluster.config.connect_timeout
+            if listener.cluster is not None and not listener.sni_routes:
+                return self._tcp_proxy(listener, listener.cluster)
+            relays: dict[str, TCPProxyFactory] = {}
+            routes = [(route.server_names, route.cluster) for route in listener.sni_routes]
 
-            def pick() -> Any:
-                try:
-                    return cluster.pick().endpoint
-                except NoHealthyUpstream:
+            def route(sni: str | None) -> TCPProxyFactory | None:
+                name = select_by_server_name(routes, sni) or listener.cluster
+                if name is None:
                     return None
+                relay = relays.get(name)
+                if relay is None:
+                    relay = relays[name] = self._tcp_proxy(listener, name)
+                return relay
 
-            identity = self.identity
-
-            def connector(ep: Any) -> Any:
-                endpoint = TCP4ClientEndpoint(reactor, ep.host, ep.port, timeout=timeout)
-                tls = upstream_tls(cluster.config, ep, None, identity)
-                return endpoint if tls is None else wrapClientTLS(tls, endpoint)
-
-            return TCPProxyFactory(
-                listener_name=listener.name,
-                pick_endpoint=pick,
-                connector=connector,
-                clock=reactor,
-                idle_timeout=listener.idle_timeout,
-                filters=listener.network_filters,
-                observer=self.metrics.tcp_listener(listener.name, listener.cluster, listener.mtls),
-                on_connection_closed=(TCPAccessLog(listener.access_log, listener.cluster)
-                                      if listener.access_log is not None else None),
-            )
+            return SNIRouterFactory(route, self._reactor, listener_name=listener.name)
         return HTTPListenerFactory(HTTPConnectionManager(listener, self._cluster_set, self._proxy_context(config)))
+
+    def _tcp_proxy(self, listener: ListenerConfig, cluster_name: str) -> TCPProxyFactory:
+        """
+        @return: the L4 proxy of C{listener}'s connections to the cluster
+            called C{cluster_name}.
+        """
+        cluster = self._cluster_set.get(cluster_name)
+        reactor = self._reactor
+        timeout = cluster.config.connect_timeout
+
+        def pick() -> Any:
+            try:
+                return cluster.pick().endpoint
+            except NoHealthyUpstream:
+                return None
+
+        identity = self.identity
+
+        def connector(ep: Any) -> Any:
+            endpoint = TCP4ClientEndpoint(reactor, ep.host, ep.port, timeout=timeout)
+            tls = upstream_tls(cluster.config, ep, None, identity)
+            return endpoint if tls is None else wrapClientTLS(tls, endpoint)
+
+        return TCPProxyFactory(
+            listener_name=listener.name,
+            pick_endpoint=pick,
+            connector=connector,
+            clock=reactor,
+            idle_timeout=listener.idle_timeout,
+            filters=listener.network_filters,
+            observer=self.metrics.tcp_listener(listener.name, cluster_name, listener.mtls),
+            on_connection_closed=(TCPAccessLog(listener.access_log, cluster_name)
+                                  if listener.access_log is not None else None),
+        )
 
     def _capture_relay(self, listener_name: str, destination: tuple[str, int]) -> TCPProxyFactory:
         """
