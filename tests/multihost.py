@@ -352,7 +352,8 @@ class Sidecar:
             TWISTD, "-n", "--pidfile=", "txmesh-proxy", "--config", bootstrap,
             "--pilot", f"{self.pilot.host.address}:{PILOT_PORT}", "--pilot-ca", root,
             "--pilot-token-file", self.token_file, "--node-id", self.node_id, "--namespace", "default",
-            "--workload", self.workload, "--service-account", self.account, *inbound], env=child_env())
+            "--workload", self.workload, "--service-account", self.account, "--capture", *inbound],
+            env=child_env())
 
     def wait_ready(self, timeout: float = 20) -> None:
         def ready() -> bool:

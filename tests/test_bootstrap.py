@@ -75,6 +75,19 @@ class BootstrapDocumentTests(SynchronousTestCase):
         self.assertEqual((config.pilot.service_account, config.pilot.inbound_port, config.pilot.app_port),
                          ("reviews", 15006, 9080))
 
+    def test_node_labels(self) -> None:
+        """
+        --label, --router, --capture and --app-protocol become node labels
+        the pilot reads.
+        """
+        options = PilotOptions(["pilot:15010"], self.root, labels=(("istio", "ingressgateway"),), router=True,
+                               capture=True, app_protocol="grpc")
+        config = self.loader.load_document(bootstrap_document({"node": {"labels": {"team": "a"}}}, options, "h"),
+                                           "<command line>")
+        self.assertEqual(dict(config.node.labels), {
+            "team": "a", "istio": "ingressgateway", "txmesh.io/proxy-type": "router",
+            "txmesh.io/interception": "REDIRECT", "txmesh.io/app-protocol": "grpc"})
+
     def test_missing_ca_is_the_loaders_error(self) -> None:
         doc = bootstrap_document(None, PilotOptions(["pilot:15010"]), "host-1")
         with self.assertRaises(ConfigError) as e:

@@ -184,8 +184,8 @@ class RemoteCommandTests(LivePilot, TestCase):
         lines = s.out.getvalue().splitlines()
         self.assertEqual(columns(lines[0]), ["LISTENER", "VIRTUAL HOST", "DOMAINS", "MATCH", "DESTINATION",
                                                  "TIMEOUT"])
-        [outbound] = [line for line in lines if line.startswith("outbound")]
-        self.assertIn("a.example.com", outbound)
+        # The VirtualService's host (the registry's services have default routes too).
+        [outbound] = [line for line in lines if line.startswith("outbound") and "a.example.com" in line]
         self.assertIn(" /* ", outbound)
         self.assertIn("outbound|80||a.example.com", outbound)
         [inbound] = [line for line in lines if line.startswith("inbound")]

@@ -56,6 +56,11 @@ class PilotSettingsTests(SynchronousTestCase):
         self.assertEqual(telemetry.tracing["sampling"], 100)
         self.assertTrue(load_pilot_settings(tempfile.mkdtemp()).mesh.telemetry.metrics)
 
+    def test_outbound_traffic_policy(self) -> None:
+        self.write("outbound_traffic_policy: {mode: REGISTRY_ONLY}\n")
+        self.assertEqual(load_pilot_settings(self.dir).mesh.outbound_traffic_policy, "REGISTRY_ONLY")
+        self.assertError("outbound_traffic_policy: {mode: NONE}\n", "outbound_traffic_policy.mode", "ALLOW_ANY")
+
     def test_bad_telemetry(self) -> None:
         self.assertError("telemetry: {tracing: yes}\n", "telemetry.tracing", "mapping")
         self.assertError("telemetry: {logs: {}}\n", "telemetry.logs", "unknown field")

@@ -424,7 +424,3 @@ class MultiHostMeshTests(SynchronousTestCase):
         [result] = self.call(f"http://{PILOT}:{COLLECTOR_PORT}/spans", 1)
         self.assertEqual(result["status"], 200, result)
 
-    test_unknown_destination_passes_through.todo = (  # type: ignore[attr-defined]
-        "the pilot pushes the outbound listener (mesh.yaml outbound_address) without a capture section "
-        "(txmesh/pilot/snapshot.py build_snapshot), so a redirected request no route matches gets 404 NR "
-        "instead of going to its original destination")

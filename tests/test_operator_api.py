@@ -222,10 +222,12 @@ class OperatorAPITests(LivePilot, TestCase):
         yield self.proxy()
         code, routes, _ = yield self.call("GET", "/proxies/p1/config/routes")
         self.assertEqual(code, 200)
-        by_listener = {r["listener"]: r for r in routes}
+        # The VirtualService's route, beside the registry services' defaults.
+        by_listener = {r["listener"]: r for r in routes if r["listener"] == "inbound"
+                       or "a.example.com" in r["domains"]}
         self.assertEqual(sorted(by_listener), ["inbound", "outbound"])
         outbound = by_listener["outbound"]
-        self.assertIn("a.example.com", outbound["domains"])
+        self.assertTrue(any("b.default.svc.cluster.local" in r["domains"] for r in routes))
         self.assertIsNotNone(outbound["virtual_host"])
         self.assertEqual((outbound["cluster"], outbound["timeout"]), ("outbound|80||a.example.com", "5000ms"))
         self.assertEqual(by_listener["inbound"]["virtual_host"], None)

@@ -812,3 +812,39 @@ class ZeroTrustTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as cm:
                 check_documents(mesh(shop_services() + [bad], True))
             self.assertEqual(cm.exception.document, 3)
+
+
+class SidecarShapeTests(SynchronousTestCase):
+    """
+    What a node's labels and the registry change in its snapshot: a
+    captured sidecar's outbound listener, an HTTP/2 app, services known
+    only from discovery.
+    """
+
+    def test_captured_sidecar_gets_a_capture_listener(self) -> None:
+        mesh = MeshConfig((), outbound_traffic_policy="REGISTRY_ONLY")
+        node = Node("n", labels=(("txmesh.io/interception", "REDIRECT"),))
+        [outbound] = build_snapshot(mesh, node).resources["listeners"]
+        self.assertEqual(outbound["capture"], {"mode": "REGISTRY_ONLY"})
+        loader().load_document(build_snapshot(mesh, node).document(), "<pilot>")
+        # Without the label: no listener at all when nothing is routed.
+        self.assertEqual(build_snapshot(mesh, Node("n")).resources["listeners"], [])
+
+    def test_http2_app(self) -> None:
+        node = attrs.evolve(productpage(), labels=(("txmesh.io/app-protocol", "grpc"),))
+        snapshot = build_snapshot(MeshConfig(bookinfo_documents()), node)
+        [inbound] = [c for c in snapshot.resources["clusters"] if c["name"].startswith("inbound|")]
+        self.assertTrue(inbound["http2"])
+        plain = build_snapshot(MeshConfig(bookinfo_documents()), productpage())
+        [inbound] = [c for c in plain.resources["clusters"] if c["name"].startswith("inbound|")]
+        self.assertNotIn("http2", inbound)
+
+    def test_registry_services_keep_ports_and_protocols(self) -> None:
+        host = "ratings.default.svc.cluster.local"
+        mesh = MeshConfig((), registry={host: (Endpoint("10.0.0.9", 50051),)},
+                          registry_ports={host: (("grpc", 80, "GRPC"),)})
+        snapshot = build_snapshot(mesh, Node("n"))
+        [cluster] = snapshot.resources["clusters"]
+        self.assertEqual((cluster["name"], cluster.get("http2")), (cluster_name(host, 80), True))
+        [outbound] = snapshot.resources["listeners"]
+        self.assertIn("ratings", [d for vh in outbound["virtual_hosts"] for d in vh["domains"]])

@@ -199,6 +199,8 @@ def proxy_container(options: InjectOptions, workload: str, app_ports: Sequence[i
                     "--namespace", "$(POD_NAMESPACE)",
                     "--workload", workload,
                     "--service-account", "$(SERVICE_ACCOUNT)",
+                    # txmesh-init's iptables rules send the app's traffic here.
+                    "--capture",
                     # The kubelet probes the pod's address, not loopback.
                     "--admin", f"tcp:{ADMIN_PORT}"]
                    + (["--inbound-port", str(INBOUND_PORT), "--app-port", str(app_ports[0])] if app_ports else []),

@@ -47,11 +47,15 @@ class ProxyOptions(usage.Options):
          "[default: the join token's, else default]."],
         ["inbound-port", None, None, "With --pilot: the port the proxy takes inbound traffic on.", int],
         ["app-port", None, None, "With --pilot: the port the app listens on beside the proxy.", int],
+        ["app-protocol", None, None, "With --pilot: what the app speaks: http (HTTP/1.1, the default), "
+         "http2 or grpc."],
     ]
     optFlags = [
         ["pilot-insecure", None, "With --pilot: plaintext channel (only to a pilot run with --insecure)."],
         ["router", None, "With --pilot: run as an ingress or egress gateway, serving the Istio Gateways whose "
          "selector matches this proxy's labels (see --label)."],
+        ["capture", None, "With --pilot: the workload's traffic is redirected here by iptables (txmesh "
+         "iptables); the pushed outbound listener recovers each connection's original destination."],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.yaml")})
 
@@ -80,6 +84,8 @@ class ProxyOptions(usage.Options):
     def postOptions(self) -> None:
         if not self["config"] and not self["pilot"]:
             raise usage.UsageError("--config FILE or --pilot ADDRESS is required")
+        if self["app-protocol"] not in (None, "http", "http2", "grpc"):
+            raise usage.UsageError(f"--app-protocol: http, http2 or grpc, not {self['app-protocol']!r}")
         if self["pilot"] and not (self["pilot-ca"] or self["pilot-insecure"] or self["config"]):
             raise usage.UsageError("--pilot needs --pilot-ca FILE (the mesh root) or --pilot-insecure")
 
@@ -143,7 +149,7 @@ def _pilot_bootstrap(options: ProxyOptions) -> dict:
         bool(options["pilot-insecure"]),
         options["node-id"], options["namespace"], options["workload"], options["admin"],
         options["service-account"], options["inbound-port"], options["app-port"],
-        tuple(options["label"]), bool(options["router"]),
+        tuple(options["label"]), bool(options["router"]), bool(options["capture"]), options["app-protocol"],
     )
     return bootstrap_document(base, pilot, socket.gethostname())
 

@@ -85,15 +85,17 @@ class _CapturedHTTPFactory:
             self._made_from = current
         return self._manager
 
-    @property
-    def draining(self) -> bool:
-        return self._listener.draining
+    # Everything else (draining, connection bookkeeping, limits) is the
+    # listener's own: read from it and written to it.
 
-    def connection_opened(self, protocol: Any) -> None:
-        self._listener.connection_opened(protocol)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._listener, name)
 
-    def connection_closed(self, protocol: Any) -> None:
-        self._listener.connection_closed(protocol)
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._listener, name, value)
 
 
 @implementer(IHalfCloseableProtocol)

@@ -219,6 +219,7 @@ def translate(
     accepts_mtls: Callable[[str], bool] | None = None,
     gateways: Collection[str] | None = None,
     gateway_port: int | None = None,
+    registry_ports: Mapping[str, Sequence[tuple[str, int, str]]] | None = None,
 ) -> IstioConfig:
     """
     Translate Istio documents into txmesh clusters and virtual hosts.
@@ -250,10 +251,14 @@ def translate(
         C{None} (the default) translates for a sidecar: what is bound to
         C{mesh}.
     @param gateway_port: the gateway port being translated for.
+    @param registry_ports: the ports of services from service discovery
+        by FQDN, as C{(name, number, protocol)}: each becomes a service as
+        a ServiceEntry would (its clusters, default routes, and HTTP/2 for
+        C{HTTP2}/C{GRPC} ports) unless a ServiceEntry defines the host.
     @raise ConfigError: on the first invalid document (unless C{partial}).
     """
     return _Translation(namespace, domain_suffix, registry or {}, partial, mtls,
-                        accepts_mtls, gateways, gateway_port).run(documents)
+                        accepts_mtls, gateways, gateway_port, registry_ports or {}).run(documents)
 
 
 # --- reading values ---------------------------------------------------------
@@ -516,8 +521,10 @@ class _Rule:
 class _Translation:
     def __init__(self, namespace: str, domain_suffix: str, registry: Mapping[str, Sequence[Endpoint]],
                  partial: bool, mtls: bool = False, accepts_mtls: Callable[[str], bool] | None = None,
-                 gateways: Collection[str] | None = None, gateway_port: int | None = None):
+                 gateways: Collection[str] | None = None, gateway_port: int | None = None,
+                 registry_ports: Mapping[str, Sequence[tuple[str, int, str]]] | None = None):
         self.namespace = namespace
+        self.registry_ports = registry_ports or {}
         self.bound = frozenset([MESH] if gateways is None else gateways)
         self.gateway_port = gateway_port if gateways is not None else None
         self.mtls = mtls
@@ -556,6 +563,7 @@ class _Translation:
         for item in parsed:
             if isinstance(item, _ServiceEntry):
                 self.attempt(item.doc, lambda item=item: self.add_service(item))
+        self.add_registry_services()
         for item in parsed:
             if isinstance(item, _DestinationRule):
                 self.attempt(item.doc, lambda item=item: self.add_rule(item))
@@ -738,6 +746,22 @@ class _Translation:
             self.services[host] = _Service(se.doc, se.ports, by_port)
             for port in se.ports:
                 self.cluster_refs.setdefault((host, port.number), (se.doc, field))
+
+    def add_registry_services(self) -> None:
+        """
+        Make the services of service discovery known as ServiceEntries
+        would make them: with their ports (and so their protocols) and
+        their endpoints.
+        """
+        for host, ports in sorted(self.registry_ports.items()):
+            if host in self.services or not ports:
+                continue
+            doc = _Doc("<service registry>", 0, self.namespace)
+            endpoints = tuple(self.registry.get(host, ()))
+            service_ports = [_Port(number, name, protocol, None) for name, number, protocol in ports]
+            self.services[host] = _Service(doc, service_ports, {p.number: endpoints for p in service_ports})
+            for port in service_ports:
+                self.cluster_refs.setdefault((host, port.number), (doc, "ports"))
 
     def endpoints(self, host: str, port: int | None = None) -> tuple[Endpoint, ...]:
         service = self.services.get(host)

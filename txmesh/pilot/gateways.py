@@ -18,7 +18,6 @@ import attrs
 
 from txmesh.config.errors import ConfigError
 from txmesh.config.gateway import PROXY_TYPE_LABEL, ROUTER, Gateway, GatewayServer, gateways_for, parse_gateways
-from txmesh.config.istio import translate
 from txmesh.config.model import NodeConfig, Redirect, Route, RouteMatch, VirtualHost
 from txmesh.pilot.snapshot import (
     CLUSTERS,
@@ -26,10 +25,10 @@ from txmesh.pilot.snapshot import (
     MeshConfig,
     Node,
     Snapshot,
-    auto_mtls_check,
     clusters_of,
     content_hash,
     to_native,
+    translate_mesh,
     workload_labels,
 )
 from txmesh.policy.istio_security import parse_peer_authentications
@@ -98,8 +97,7 @@ def gateway_view(mesh: MeshConfig, namespace: str, gateways: Sequence[Gateway]) 
                               f"one proxy ({', '.join(sorted({g.key for g, _ in servers}))}); one port has "
                               f"one kind", document=first[0].document)
         keys = sorted({gateway.key for gateway, _ in servers})
-        istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
-                          accepts_mtls=auto_mtls_check(mesh, peer), gateways=keys, gateway_port=port)
+        istio = translate_mesh(mesh, namespace, peer, gateways=keys, gateway_port=port)
         warnings.extend(str(w) for w in istio.warnings)
         by_name = {c.name: c for c in istio.clusters}
         kind = kinds.pop()

@@ -12,6 +12,7 @@ start.
     workload_cert_ttl: 24h               # proxies renew at half-life; at least 1m
     root_namespace: istio-system         # security policies here apply mesh-wide
     audit_log: /var/log/txmesh/audit.log # where proxies' authz/jwt filters audit ("-": stdout)
+    outbound_traffic_policy: {mode: ALLOW_ANY}  # captured traffic to unknown hosts: or REGISTRY_ONLY
     telemetry:                           # what every proxy reports
       metrics: true                      # Istio's standard metrics (default)
       access_log: {format: json, path: "-"}
@@ -43,6 +44,7 @@ import yaml
 from txmesh.config import values
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError
+from txmesh.config.model import CAPTURE_MODES
 from txmesh.config.section import Section
 from txmesh.pilot.registry.base import IRegistry
 from txmesh.pilot.snapshot import MeshConfig, Telemetry
@@ -134,6 +136,10 @@ def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> 
     telemetry = _telemetry(top.sub("telemetry"))
     if telemetry is not None:
         changes["telemetry"] = telemetry
+    policy = top.sub("outbound_traffic_policy")
+    if policy is not None:
+        changes["outbound_traffic_policy"] = policy.get("mode", values.one_of(CAPTURE_MODES), "ALLOW_ANY")
+        policy.done()
     registries: list[tuple[str, Mapping[str, Any]]] = []
     if "registries" in top.value:
         for field, body in top.items("registries"):

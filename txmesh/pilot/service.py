@@ -187,6 +187,12 @@ class PilotService(Service):
             return {}
         return {host: svc.endpoints for host, svc in self.registry.services().items()}
 
+    def _registry_ports(self) -> dict[str, Any]:
+        if self.registry is None:
+            return {}
+        return {host: tuple((p.name, p.number, p.protocol) for p in svc.ports)
+                for host, svc in self.registry.services().items()}
+
     def _registry_statuses(self) -> list[dict[str, Any]]:
         """
         @return: each service registry's own status, for the metrics.
@@ -233,6 +239,7 @@ class PilotService(Service):
         """
         # With a CA every proxy has a workload certificate: mutual TLS on.
         mesh = attrs.evolve(self._mesh_defaults, documents=documents, registry=self._registry_view(),
+                            registry_ports=self._registry_ports(),
                             mtls=self.security is not None,
                             credentials=load_credentials(self._credentials_dir))
         warnings = check_documents(mesh)

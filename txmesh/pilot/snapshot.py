@@ -36,7 +36,7 @@ import attrs
 from txmesh.config.durations import parse_duration
 from txmesh.config.errors import ConfigError
 from txmesh.config.gateway import parse_gateways
-from txmesh.config.istio import IstioWarning, translate
+from txmesh.config.istio import IstioConfig, IstioWarning, translate
 from txmesh.config.model import (
     DISABLED,
     CircuitBreakerConfig,
@@ -76,6 +76,19 @@ from txmesh.policy.istio_security import (
     policies_for,
 )
 from txmesh.policy.istio_security import to_native as policy_to_native
+
+INTERCEPTION_LABEL = "txmesh.io/interception"
+"""
+Node label: C{REDIRECT} when iptables sends the workload's traffic to the
+proxy (C{txmesh-proxy --capture}): its outbound listener is a capture
+listener.
+"""
+REDIRECT = "REDIRECT"
+APP_PROTOCOL_LABEL = "txmesh.io/app-protocol"
+"""
+Node label: what the app beside the proxy speaks (C{http}, C{http2},
+C{grpc}); with C{http2} or C{grpc} the inbound cluster speaks HTTP/2.
+"""
 
 LISTENERS = "listeners"
 CLUSTERS = "clusters"
@@ -172,6 +185,12 @@ class MeshConfig:
     @ivar audit_log: where the pushed C{authz} and C{jwt} filters write
         their audit records (a path on the proxy's host, C{-} for its
         standard output), or C{None} for none.
+    @ivar outbound_traffic_policy: what a transparently captured sidecar
+        does with traffic to hosts it has no route for: C{ALLOW_ANY} (pass
+        it to its original destination) or C{REGISTRY_ONLY} (refuse it), as
+        Istio's C{meshConfig.outboundTrafficPolicy.mode}.
+    @ivar registry_ports: the ports of the services in C{registry}, as
+        C{(name, number, protocol)}.
     @ivar credentials: operator certificates for gateways, by name (see
         L{txmesh.pilot.credentials}).
     @ivar telemetry: the metrics, access log and tracing filters every
@@ -192,6 +211,8 @@ class MeshConfig:
     audit_log: str | None = None
     telemetry: Telemetry = attrs.field(factory=lambda: Telemetry())
     credentials: Mapping[str, Credential] = attrs.field(factory=dict, eq=False)
+    registry_ports: Mapping[str, Sequence[tuple[str, int, str]]] = attrs.field(factory=dict, eq=False)
+    outbound_traffic_policy: str = "ALLOW_ANY"
 
 
 @attrs.frozen
@@ -286,8 +307,7 @@ def check_documents(mesh: MeshConfig, namespace: str | None = None) -> list[str]
     """
     namespace = namespace or mesh.default_namespace
     every_peer = parse_peer_authentications(mesh.documents, namespace)
-    istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
-                      accepts_mtls=auto_mtls_check(mesh, every_peer))
+    istio = translate_mesh(mesh, namespace, every_peer)
     parse_authorization_policies(mesh.documents, namespace)
     parse_request_authentications(mesh.documents, namespace)
     parse_gateways(mesh.documents, namespace)
@@ -295,6 +315,19 @@ def check_documents(mesh: MeshConfig, namespace: str | None = None) -> list[str]
     if not mesh.mtls:
         warnings.extend(_unapplied_security(mesh.documents))
     return warnings
+
+
+def translate_mesh(mesh: MeshConfig, namespace: str, peer_authentications: Sequence[PeerAuthentication],
+                   **options: Any) -> IstioConfig:
+    """
+    L{translate} the mesh's documents with its registry, mutual TLS and
+    auto mutual TLS settings, as seen from C{namespace}.
+
+    @param options: more of L{translate}'s options (a gateway's).
+    """
+    return translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry,
+                     registry_ports=mesh.registry_ports, mtls=mesh.mtls,
+                     accepts_mtls=auto_mtls_check(mesh, peer_authentications), **options)
 
 
 def auto_mtls_check(mesh: MeshConfig, peer_authentications: Sequence[PeerAuthentication]) -> Callable[[str], bool]:
@@ -323,8 +356,7 @@ def namespace_view(mesh: MeshConfig, namespace: str) -> NamespaceView:
     """
     # Parsed whatever mesh.mtls says, so a bad document is refused either way.
     every_peer = parse_peer_authentications(mesh.documents, namespace)
-    istio = translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry, mtls=mesh.mtls,
-                      accepts_mtls=auto_mtls_check(mesh, every_peer))
+    istio = translate_mesh(mesh, namespace, every_peer)
     scope = (namespace, mesh.root_namespace)
     policies = [p for p in parse_authorization_policies(mesh.documents, namespace) if p.namespace in scope]
     peer = [p for p in every_peer if p.namespace in scope]
@@ -450,10 +482,17 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
     listeners: list[dict[str, Any]] = []
     outbound_address = None
     outbound_filters = mesh.telemetry.filters(inbound=False)
-    if view.virtual_hosts:
+    labels = dict(node.labels)
+    captured = labels.get(INTERCEPTION_LABEL) == REDIRECT
+    capture = {"mode": mesh.outbound_traffic_policy} if captured else None
+    if view.virtual_hosts or captured:
         outbound_address = node.outbound_address or mesh.outbound_address
         outbound: dict[str, Any] = {"name": "outbound", "address": outbound_address,
                                     "virtual_hosts": list(view.virtual_hosts)}
+        if capture is not None:
+            # iptables sends the app's connections here: each is routed by
+            # its original destination and first bytes.
+            outbound["capture"] = capture
         if outbound_filters:
             outbound["http_filters"] = outbound_filters
         listeners.append(outbound)
@@ -462,6 +501,8 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
     if node.inbound_port is not None and node.app_port is not None:
         name = inbound_cluster_name(node)
         inbound_cluster = {"name": name, "endpoints": [{"address": mesh.app_host, "port": node.app_port}]}
+        if labels.get(APP_PROTOCOL_LABEL) in ("http2", "grpc"):
+            inbound_cluster["http2"] = True
         inbound_listener = {
             "name": "inbound",
             "address": mesh.inbound_address.format(port=node.inbound_port),
@@ -481,7 +522,7 @@ def build_snapshot(mesh: MeshConfig, node: Node, view: NamespaceView | None = No
     per_type = {
         LISTENERS: content_hash(
             {"virtual_hosts": view.virtual_hosts_hash if view.virtual_hosts else None,
-             "outbound_address": outbound_address, "outbound_filters": outbound_filters,
+             "outbound_address": outbound_address, "outbound_filters": outbound_filters, "capture": capture,
              "inbound": inbound_listener}
         ),
         CLUSTERS: content_hash({"shared": view.clusters_hash, "inbound": inbound_cluster}),

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from txmesh.config.gateway import PROXY_TYPE_LABEL, ROUTER
+from txmesh.pilot.snapshot import APP_PROTOCOL_LABEL, INTERCEPTION_LABEL, REDIRECT
 
 DEFAULT_ADMIN = "tcp:15000:interface=127.0.0.1"
 
@@ -57,6 +58,11 @@ class PilotOptions:
     @ivar labels: node labels to add (a gateway's C{istio: ingressgateway}).
     @ivar router: run as a gateway: serve the Gateways whose selector
         matches the labels instead of being a sidecar.
+    @ivar capture: the workload's traffic is redirected to the proxy by
+        iptables (C{txmesh iptables}): the pilot makes its outbound
+        listener a capture listener.
+    @ivar app_protocol: what the app speaks (C{http}, C{http2}, C{grpc}),
+        or C{None} for HTTP/1.1.
     """
 
     addresses: Sequence[str]
@@ -72,6 +78,8 @@ class PilotOptions:
     app_port: int | None = None
     labels: Sequence[tuple[str, str]] = ()
     router: bool = False
+    capture: bool = False
+    app_protocol: str | None = None
 
 
 def bootstrap_document(base: Mapping[str, Any] | None, options: PilotOptions, default_node_id: str) -> dict[str, Any]:
@@ -94,6 +102,10 @@ def bootstrap_document(base: Mapping[str, Any] | None, options: PilotOptions, de
         labels = dict(options.labels)
         if options.router:
             labels[PROXY_TYPE_LABEL] = ROUTER
+        if options.capture:
+            labels[INTERCEPTION_LABEL] = REDIRECT
+        if options.app_protocol is not None:
+            labels[APP_PROTOCOL_LABEL] = options.app_protocol
         if labels:
             given = node.get("labels")
             node["labels"] = {**(given if isinstance(given, Mapping) else {}), **labels}
