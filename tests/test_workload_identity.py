@@ -143,6 +143,49 @@ class PilotClientCertificateTests(TestCase):
         self.assertIsNone(client.last_error)
 
 
+    @defer.inlineCallbacks
+    def test_ca_unreachable_at_renewal(self) -> Any:
+        """
+        The pilot (the CA) is gone when the certificate is due for renewal:
+        the proxy keeps its current certificate, and renews by itself once
+        a pilot is back on the address, reconnecting with that certificate.
+        """
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        os.mkdir(os.path.join(directory, "istio"))
+        security = load_channel_security(ca_directory(directory), "cluster.local", reactor,
+                                         workload_ttl=timedelta(minutes=10))
+        pilot = PilotService(directory, reactor, "tcp:0:interface=127.0.0.1", None, security=security)
+        yield pilot.startService()
+        port = pilot.channel_port.getHost().port
+        identity = WorkloadIdentity(WEB)
+        token = token_authority(ca_directory(directory)).create("default", "web", reactor.seconds(), 600)
+        client = PilotClient(
+            [f"tcp:127.0.0.1:{port}"], Node(id="web-1"), reactor, lambda doc: None, random.Random(0),
+            backoff_base=0.05, backoff_max=0.2, credential=token, identity=identity,
+            tls=lambda a: pilot_tls_options(None, security.root_pem, a, identity, reactor.seconds()),
+        )
+        client.start()
+        self.addCleanup(client.stop)
+        yield wait(lambda: identity.chain_pem is not None)
+        first = identity.chain_pem
+        yield pilot.stopService()
+        yield wait(lambda: client.connected_address is None)
+        # Half-life passes while the CA is away.
+        due = identity.renew_at
+        self.patch(identity, "renew_at", lambda: reactor.seconds() - 1 if identity.chain_pem == first else due())
+        if client._renewal is not None and client._renewal.active():
+            client._renewal.reset(0)
+        yield sleep(0.5)
+        self.assertEqual(identity.chain_pem, first)  # still serving with the old one
+        back = PilotService(directory, reactor, f"tcp:{port}:interface=127.0.0.1", None, security=security)
+        yield back.startService()
+        self.addCleanup(back.stopService)
+        yield wait(lambda: identity.chain_pem != first)
+        self.assertEqual(back.certificates_signed, 1)
+        yield wait(lambda: len(back.channels) == 1 and back.channels[0].identity == WEB)
+
+
 @defer.inlineCallbacks
 def wait(condition: Any, timeout: float = 10.0) -> Any:
     deadline = reactor.seconds() + timeout
