@@ -50,6 +50,7 @@ from http1 import (  # noqa: E402
     pin,
     pinning_available,
     port_open,
+    write_result,
 )
 
 PY = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
@@ -325,9 +326,7 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
         "ratios": {"txmesh/direct": ratio},
         "raw": raw,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"json: {args.json}")
+    write_result(args.json, result)
     return 0
 
 

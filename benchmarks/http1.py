@@ -7,6 +7,7 @@ free ports:
 
   app     nginx returning a fixed 100-byte body           taskset -c 1
   nginx   nginx reverse proxy, upstream keepalive 64       taskset -c 0
+  haproxy haproxy 1 thread, mode http, keep-alive upstream taskset -c 0
   txmesh  twistd -n txmesh-proxy with a generated config   taskset -c 0
   bare    benchmarks/bare_proxy.py (only with --bare)      taskset -c 0
 
@@ -43,10 +44,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profiling import print_profile, profile_under_load  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+NGINX_MODULES = Path("/usr/lib/nginx/modules")
 
 # Exactly 100 bytes, printable, nothing nginx would interpret inside "...".
 PAYLOAD = (b"txmesh-bench-" + b"0123456789abcdefghijklmnopqrstuvwxyz" * 3)[:100]
@@ -205,7 +212,7 @@ def pin(cpu: str, argv: list[str], enabled: bool) -> list[str]:
 # -- the targets --------------------------------------------------------------
 
 NGINX_COMMON = """\
-worker_processes 1;
+{top}worker_processes 1;
 daemon off;
 master_process on;
 pid {prefix}/nginx.pid;
@@ -224,7 +231,7 @@ http {{
     scgi_temp_path {prefix}/scgi;
 {body}
 }}
-"""
+{tail}"""
 
 NGINX_APP = """\
     server {{
@@ -249,11 +256,22 @@ NGINX_PROXY = """\
     }}"""
 
 
-def start_nginx(name: str, tmp: Path, cpu: str, body: str, port: int, pinning: bool) -> Proc:
+def start_nginx(name: str, tmp: Path, cpu: str, body: str, port: int, pinning: bool,
+                stream: str = "") -> Proc:
+    """
+    Start one nginx (one worker) in its own prefix under C{tmp}.
+
+    @param body: what goes inside C{http {}}.
+    @param stream: a C{stream {}} block (L4); loads the dynamic stream
+        module when this nginx has it as a module.
+    """
     prefix = tmp / name
     prefix.mkdir()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_COMMON.format(prefix=prefix, body=body))
+    top = ""
+    if stream and (NGINX_MODULES / "ngx_stream_module.so").exists():
+        top = f"load_module {NGINX_MODULES / 'ngx_stream_module.so'};\n"
+    conf.write_text(NGINX_COMMON.format(prefix=prefix, body=body, top=top, tail=stream))
     proc = Proc(name, pin(cpu, [NGINX, "-p", f"{prefix}/", "-c", str(conf)], pinning), prefix / "stdout.log")
     try:
         wait_port(proc, port, 10)
@@ -261,6 +279,47 @@ def start_nginx(name: str, tmp: Path, cpu: str, body: str, port: int, pinning: b
         err = (prefix / "error.log").read_text(errors="replace") if (prefix / "error.log").exists() else ""
         raise Unavailable(f"{e} {last_lines(err)}") from None
     return proc
+
+
+HAPROXY_CONFIG = """\
+global
+    nbthread 1
+    maxconn 4096
+    log stderr format short local0 err
+defaults
+    mode {mode}
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    {options}
+frontend fe
+    bind 127.0.0.1:{port} backlog 4096
+    default_backend app
+backend app
+    server app 127.0.0.1:{app_port}
+"""
+
+# Keep-alive both ways (haproxy 2.x's default), idle upstream connections
+# reused by any client, like nginx's upstream keepalive pool.
+HAPROXY_HTTP_OPTIONS = "option http-keep-alive\n    http-reuse always"
+
+
+def start_haproxy(name: str, tmp: Path, cpu: str, app_port: int, pinning: bool, mode: str = "http") -> tuple[Proc, int]:
+    """
+    Start haproxy in the foreground (C{-db}), one thread, its config in C{tmp}.
+
+    @param mode: C{http} (an HTTP reverse proxy) or C{tcp} (L4).
+    @return: the process and its port.
+    """
+    if not os.path.exists(HAPROXY):
+        raise Unavailable(f"{HAPROXY} not found (apt: haproxy)")
+    port = free_port()
+    conf = tmp / f"{name}.cfg"
+    conf.write_text(HAPROXY_CONFIG.format(mode=mode, port=port, app_port=app_port,
+                                          options=HAPROXY_HTTP_OPTIONS if mode == "http" else ""))
+    proc = Proc(name, pin(cpu, [HAPROXY, "-db", "-f", str(conf)], pinning), tmp / f"{name}.log")
+    wait_port(proc, port, 10)
+    return proc, port
 
 
 TXMESH_CONFIG = """\
@@ -286,18 +345,35 @@ clusters:
 """
 
 
+# Propagation only (no collector on this box): trace headers parsed and
+# written on every request, 1% of new traces sampled, as Istio's default.
+TRACING_FILTER = "      - name: tracing\n        config: {kind: client}\n"
+
+
 def start_txmesh(tmp: Path, app_port: int, metrics: bool, pinning: bool, timeout: float,
                  reactor: str = "txmesh") -> tuple[Proc, int]:
     """Start txmesh-proxy and wait for admin /ready (or the listener). Returns (proc, port)."""
-    twistd = VENV_BIN / "twistd"
-    if not twistd.exists():
-        raise Unavailable(f"{twistd} not found")
     port, admin_port = free_port(), free_port()
-    filters = ("      - name: metrics\n" if metrics else "") + "      - name: router"
+    filters = ("      - name: metrics\n" if metrics else "") + TRACING_FILTER + "      - name: router"
     conf = tmp / ("txmesh.yaml" if metrics else "txmesh-nometrics.yaml")
     conf.write_text(
         TXMESH_CONFIG.format(admin_port=admin_port, port=port, app_port=app_port, filters=filters)
     )
+    return launch_txmesh(conf, port, admin_port, pinning, timeout, reactor), port
+
+
+def launch_txmesh(conf: Path, port: int, admin_port: int, pinning: bool, timeout: float,
+                  reactor: str = "txmesh") -> Proc:
+    """
+    Run C{twistd -n txmesh-proxy --config conf} on the proxy CPU and wait
+    until its admin C{/ready} answers 200 (or, without an admin, C{port}
+    listens).
+
+    @raise Unavailable: it exited or was not ready within C{timeout}.
+    """
+    twistd = VENV_BIN / "twistd"
+    if not twistd.exists():
+        raise Unavailable(f"{twistd} not found")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     argv = pin(PROXY_CPU, [str(twistd), "-n", "--pidfile=", "-r", reactor, "txmesh-proxy", "--config", str(conf)],
@@ -313,12 +389,12 @@ def start_txmesh(tmp: Path, app_port: int, metrics: bool, pinning: bool, timeout
         try:
             status, _ = http_get(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5)
             if status == 200:
-                return proc, port
+                return proc
         except OSError:
             # No admin answering: a listening data port counts as ready too,
             # once the admin has had a couple of seconds to come up.
             if time.monotonic() > start + 2 and port_open(port):
-                return proc, port
+                return proc
         time.sleep(0.1)
     proc.stop()
     raise Unavailable(f"not ready within {timeout:.0f}s: {last_lines(proc.output())}")
@@ -419,8 +495,12 @@ def fmt(v: float | None, spec: str = ",.0f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="HTTP/1.1 proxy benchmark: txmesh vs nginx, same run, ratios.")
+def wrk_parser(description: str, json_name: str) -> argparse.ArgumentParser:
+    """
+    The options every C{wrk} benchmark here shares (rounds, durations,
+    pinning, JSON path, profiling); L{parse_wrk_args} applies C{--quick}.
+    """
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--runs", type=int, default=3, help="rounds, targets interleaved in each (default 3)")
     ap.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c for the throughput run (default 50)")
@@ -428,34 +508,46 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--warmup", type=int, default=1, help="seconds of unrecorded load per target first (default 1)"
     )
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 run of 2 s each")
-    ap.add_argument("--bare", action="store_true", help="also measure benchmarks/bare_proxy.py (Python peer)")
     ap.add_argument("--no-txmesh", action="store_true", help="skip txmesh-proxy")
+    ap.add_argument("--no-haproxy", action="store_true", help="skip the haproxy peer")
+    ap.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                    help="after the rounds, profile txmesh with py-spy under this many seconds of load")
     ap.add_argument("--reactor", default="txmesh",
                     help="twistd reactor for txmesh-proxy (default: txmesh, the lean epoll; 'epoll' for Twisted's)")
-    ap.add_argument(
-        "--no-metrics", action="store_true", help="leave the metrics filter out of the txmesh config"
-    )
     ap.add_argument("--txmesh-timeout", type=float, default=20.0, help="seconds to wait for txmesh /ready")
     ap.add_argument("--no-pin", action="store_true", help="do not use taskset")
-    ap.add_argument(
-        "--c1-shared-cpu",
-        action="store_true",
-        help="for the -c1 latency runs move the proxy onto the load CPU (with wrk and the app), so the "
-        "added latency excludes cross-CPU wake-ups (about 30 us per hop on this VM, 4 hops)",
-    )
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument(
         "--json",
         type=Path,
-        default=ROOT / "benchmarks" / "results" / "http1-latest.json",
-        help="where to write JSON results (default benchmarks/results/http1-latest.json)",
+        default=ROOT / "benchmarks" / "results" / json_name,
+        help=f"where to write JSON results (default benchmarks/results/{json_name})",
     )
+    return ap
+
+
+def parse_wrk_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.duration = 1, 2
     if args.runs < 1 or args.duration < 1:
         ap.error("--runs and --duration must be >= 1")
     return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = wrk_parser("HTTP/1.1 proxy benchmark: txmesh vs nginx and haproxy, same run, ratios.", "http1-latest.json")
+    ap.add_argument("--bare", action="store_true", help="also measure benchmarks/bare_proxy.py (Python peer)")
+    ap.add_argument(
+        "--no-metrics", action="store_true", help="leave the metrics filter out of the txmesh config"
+    )
+    ap.add_argument(
+        "--c1-shared-cpu",
+        action="store_true",
+        help="for the -c1 latency runs move the proxy onto the load CPU (with wrk and the app), so the "
+        "added latency excludes cross-CPU wake-ups (about 30 us per hop on this VM, 4 hops)",
+    )
+    return parse_wrk_args(ap, argv)
 
 
 def check_tools(pinning: bool) -> bool:
@@ -516,6 +608,133 @@ def pinning_available(pinning: bool) -> bool:
     return pinning
 
 
+def measure_targets(args, pinning: bool, targets: dict, status: dict,
+                    required: tuple = ("direct", "nginx")) -> tuple[list, dict, dict]:
+    """
+    Load every target: C{wrk -c<connections>} for req/s and C{-c1} for
+    latency, C{args.runs} rounds with the first target rotating.
+
+    @param targets: C{{name: (url, Proc or None)}}; a target other than
+        C{required} that fails is dropped (and C{status} says why).
+    @return: C{(names, raw, summary)}, medians per target in C{summary}.
+    """
+    names = list(targets)
+    est = len(names) * (args.warmup + args.runs * 2 * args.duration)
+    print(
+        f"targets: {', '.join(names)}; {args.runs} run(s) x {args.duration}s x (c{args.connections} + c1); "
+        f"pinning {'proxies CPU ' + PROXY_CPU + ', app+wrk CPU ' + LOAD_CPU if pinning else 'off'}; ~{est}s"
+    )
+
+    if args.warmup:
+        for name in list(names):
+            try:
+                run_wrk(targets[name][0], args.connections, args.warmup, pinning)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                if name in required:
+                    raise
+                status[name] = f"failed during warm-up ({e})"
+                print(f"  warm-up {name}: FAILED: {e}")
+                del targets[name]
+                names.remove(name)
+
+    raw: dict[str, dict[str, list]] = {n: {"throughput": [], "latency": []} for n in names}
+    for rnd in range(args.runs):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate who goes first
+        for name in order:
+            url, proc = targets[name]
+            try:
+                cpu0, t0 = (proc.cpu_seconds() if proc else 0.0), time.monotonic()
+                tp = run_wrk(url, args.connections, args.duration, pinning)
+                if proc is not None:
+                    tp["proxy_cpu"] = (proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+                    tp["proxy_rss_mb"] = proc.rss_mb()
+                if proc is not None and not proc.alive():
+                    raise RuntimeError(f"died under load: {last_lines(proc.output())}")
+                shared = getattr(args, "c1_shared_cpu", False) and pinning and proc is not None
+                if shared:
+                    proc.repin(LOAD_CPU)
+                try:
+                    lat = run_wrk(url, 1, args.duration, pinning)
+                finally:
+                    if shared:
+                        proc.repin(PROXY_CPU)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                if name in required:
+                    raise
+                status[name] = f"failed during load ({e})"
+                print(f"  run {rnd + 1}/{args.runs} {name:9s} FAILED: {e}")
+                del targets[name], raw[name]
+                names.remove(name)
+                continue
+            raw[name]["throughput"].append(tp)
+            raw[name]["latency"].append(lat)
+            errs = tp["non2xx"] + tp["socket_errors"] + lat["non2xx"] + lat["socket_errors"]
+            print(
+                f"  run {rnd + 1}/{args.runs} {name:9s} {tp['rps']:>10,.0f} req/s   "
+                f"c1 p50 {fmt(lat['p50_us'], '.0f')} us" + (f"   ERRORS {errs}" if errs else "")
+            )
+
+    summary: dict[str, dict] = {}
+    for name in names:
+        tps, lats = raw[name]["throughput"], raw[name]["latency"]
+        summary[name] = {
+            "rps": med([r["rps"] for r in tps]),
+            "rps_runs": [r["rps"] for r in tps],
+            "c50_p50_us": med([r["p50_us"] for r in tps]),
+            "c50_p99_us": med([r["p99_us"] for r in tps]),
+            "c1_rps": med([r["rps"] for r in lats]),
+            "c1_p50_us": med([r["p50_us"] for r in lats]),
+            "c1_p90_us": med([r["p90_us"] for r in lats]),
+            "c1_p99_us": med([r["p99_us"] for r in lats]),
+            "errors": sum(r["non2xx"] + r["socket_errors"] for r in tps + lats),
+            "proxy_cpu": med([r.get("proxy_cpu") for r in tps]),
+            "proxy_rss_mb": max([r["proxy_rss_mb"] for r in tps if "proxy_rss_mb" in r], default=None),
+        }
+    direct_p50 = summary["direct"]["c1_p50_us"]
+    for name in names:
+        s = summary[name]
+        s["added_p50_us"] = (
+            None
+            if name == "direct" or s["c1_p50_us"] is None or direct_p50 is None
+            else s["c1_p50_us"] - direct_p50
+        )
+
+    return names, raw, summary
+
+def rps_ratios(summary: dict, pairs: list, key: str = "rps") -> dict:
+    """
+    @return: C{{"a/b": summary[a][key] / summary[b][key]}}, C{None} where
+        either side was not measured.
+    """
+    out = {}
+    for a, b in pairs:
+        x, y = summary.get(a, {}).get(key), summary.get(b, {}).get(key)
+        out[f"{a}/{b}"] = x / y if x and y else None
+    return out
+
+
+def print_table(title: str, names: list, summary: dict, status: dict) -> None:
+    """Print one row per measured target, then why the others are missing."""
+    print()
+    print(title)
+    hdr = (
+        f"{'target':9s} {'req/s':>10s} {'min..max':>17s} {'c1 p50':>8s} {'c1 p90':>8s} {'c1 p99':>8s} "
+        f"{'added p50':>10s} {'proxy CPU':>9s} {'RSS MB':>7s} {'errors':>6s}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for name in names:
+        s = summary[name]
+        rng = f"{min(s['rps_runs']):,.0f}..{max(s['rps_runs']):,.0f}"
+        print(
+            f"{name:9s} {fmt(s['rps']):>10s} {rng:>17s} {fmt(s['c1_p50_us']):>6s}us {fmt(s['c1_p90_us']):>6s}us "
+            f"{fmt(s['c1_p99_us']):>6s}us {fmt(s['added_p50_us'], '+.0f'):>8s}us "
+            f"{fmt(s['proxy_cpu'], '.2f'):>9s} {fmt(s['proxy_rss_mb'], '.1f'):>7s} {s['errors']:>6d}"
+        )
+    for name, st in status.items():
+        if name not in summary:
+            print(f"{name}: {st}")
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     return harness("http1", args, check_tools(not args.no_pin), run)
@@ -546,6 +765,18 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
     for name in list(targets):
         sanity_check(name, targets[name][0])  # nginx rows must work: let this fail loudly
         status[name] = "ok"
+    if args.no_haproxy:
+        status["haproxy"] = "skipped (--no-haproxy)"
+    else:
+        try:
+            proc, port = start_haproxy("haproxy", tmp, PROXY_CPU, app_port, pinning)
+            procs.append(proc)
+            sanity_check("haproxy", f"http://127.0.0.1:{port}/")
+            targets["haproxy"] = (f"http://127.0.0.1:{port}/", proc)
+            status["haproxy"] = "ok"
+        except Unavailable as e:
+            status["haproxy"] = f"unavailable ({e})"
+        print(f"haproxy: {status['haproxy']}")
 
     if args.no_txmesh:
         status["txmesh"] = "skipped (--no-txmesh)"
@@ -593,128 +824,29 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
             status["bare"] = f"unavailable ({e})"
         print(f"bare: {status['bare']}")
 
-    names = list(targets)
-    est = len(names) * (args.warmup + args.runs * 2 * args.duration)
-    print(
-        f"targets: {', '.join(names)}; {args.runs} run(s) x {args.duration}s x (c{args.connections} + c1); "
-        f"pinning {'proxies CPU ' + PROXY_CPU + ', app+wrk CPU ' + LOAD_CPU if pinning else 'off'}; ~{est}s"
-    )
-
-    if args.warmup:
-        for name in list(names):
-            try:
-                run_wrk(targets[name][0], args.connections, args.warmup, pinning)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                if name in ("direct", "nginx"):
-                    raise
-                status[name] = f"failed during warm-up ({e})"
-                print(f"  warm-up {name}: FAILED: {e}")
-                del targets[name]
-                names.remove(name)
-
-    raw: dict[str, dict[str, list]] = {n: {"throughput": [], "latency": []} for n in names}
-    for rnd in range(args.runs):
-        order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate who goes first
-        for name in order:
-            url, proc = targets[name]
-            try:
-                cpu0, t0 = (proc.cpu_seconds() if proc else 0.0), time.monotonic()
-                tp = run_wrk(url, args.connections, args.duration, pinning)
-                if proc is not None:
-                    tp["proxy_cpu"] = (proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-                    tp["proxy_rss_mb"] = proc.rss_mb()
-                if proc is not None and not proc.alive():
-                    raise RuntimeError(f"died under load: {last_lines(proc.output())}")
-                shared = args.c1_shared_cpu and pinning and proc is not None
-                if shared:
-                    proc.repin(LOAD_CPU)
-                try:
-                    lat = run_wrk(url, 1, args.duration, pinning)
-                finally:
-                    if shared:
-                        proc.repin(PROXY_CPU)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                if name in ("direct", "nginx"):
-                    raise
-                status[name] = f"failed during load ({e})"
-                print(f"  run {rnd + 1}/{args.runs} {name:7s} FAILED: {e}")
-                del targets[name], raw[name]
-                names.remove(name)
-                continue
-            raw[name]["throughput"].append(tp)
-            raw[name]["latency"].append(lat)
-            errs = tp["non2xx"] + tp["socket_errors"] + lat["non2xx"] + lat["socket_errors"]
-            print(
-                f"  run {rnd + 1}/{args.runs} {name:7s} {tp['rps']:>10,.0f} req/s   "
-                f"c1 p50 {fmt(lat['p50_us'], '.0f')} us" + (f"   ERRORS {errs}" if errs else "")
-            )
-
-    summary: dict[str, dict] = {}
-    for name in names:
-        tps, lats = raw[name]["throughput"], raw[name]["latency"]
-        summary[name] = {
-            "rps": med([r["rps"] for r in tps]),
-            "rps_runs": [r["rps"] for r in tps],
-            "c50_p50_us": med([r["p50_us"] for r in tps]),
-            "c50_p99_us": med([r["p99_us"] for r in tps]),
-            "c1_rps": med([r["rps"] for r in lats]),
-            "c1_p50_us": med([r["p50_us"] for r in lats]),
-            "c1_p90_us": med([r["p90_us"] for r in lats]),
-            "c1_p99_us": med([r["p99_us"] for r in lats]),
-            "errors": sum(r["non2xx"] + r["socket_errors"] for r in tps + lats),
-            "proxy_cpu": med([r.get("proxy_cpu") for r in tps]),
-            "proxy_rss_mb": max([r["proxy_rss_mb"] for r in tps if "proxy_rss_mb" in r], default=None),
-        }
-    direct_p50 = summary["direct"]["c1_p50_us"]
-    for name in names:
-        s = summary[name]
-        s["added_p50_us"] = (
-            None
-            if name == "direct" or s["c1_p50_us"] is None or direct_p50 is None
-            else s["c1_p50_us"] - direct_p50
-        )
-
-    def ratio(a: str, b: str) -> float | None:
-        if a in summary and b in summary and summary[a]["rps"] and summary[b]["rps"]:
-            return summary[a]["rps"] / summary[b]["rps"]
-        return None
-
-    ratios = {
-        "txmesh/nginx": ratio("txmesh", "nginx"),
-        "txmesh/direct": ratio("txmesh", "direct"),
-        "nginx/direct": ratio("nginx", "direct"),
-    }
+    required = ("direct", "nginx")
+    names, raw, summary = measure_targets(args, pinning, targets, status, required)
+    pairs = [("txmesh", "nginx"), ("txmesh", "haproxy"), ("txmesh", "direct"), ("nginx", "direct"),
+             ("haproxy", "direct")]
     if "bare" in summary:
-        ratios["bare/nginx"] = ratio("bare", "nginx")
-        ratios["txmesh/bare"] = ratio("txmesh", "bare")
+        pairs += [("bare", "nginx"), ("txmesh", "bare")]
+    ratios = rps_ratios(summary, pairs)
+    ratios_c1 = rps_ratios(summary, pairs, "c1_rps")
+    profile = None
+    if args.profile and "txmesh" in targets:
+        profile = profile_under_load(targets["txmesh"][1], args.profile, tmp / "txmesh-profile.txt",
+                                     lambda: run_wrk(targets["txmesh"][0], args.connections, args.profile, pinning))
 
-    # -- report --
-    print()
-    print(
+    print_table(
         f"HTTP/1.1, {len(PAYLOAD)}-byte responses, wrk -t1 -c{args.connections} (req/s) and -c1 (latency), "
-        f"median of {args.runs} x {args.duration}s"
-    )
-    hdr = (
-        f"{'target':8s} {'req/s':>10s} {'min..max':>17s} {'c1 p50':>8s} {'c1 p90':>8s} {'c1 p99':>8s} "
-        f"{'added p50':>10s} {'proxy CPU':>9s} {'RSS MB':>7s} {'errors':>6s}"
-    )
-    print(hdr)
-    print("-" * len(hdr))
-    for name in names:
-        s = summary[name]
-        rng = f"{min(s['rps_runs']):,.0f}..{max(s['rps_runs']):,.0f}"
-        print(
-            f"{name:8s} {fmt(s['rps']):>10s} {rng:>17s} {fmt(s['c1_p50_us']):>6s}us {fmt(s['c1_p90_us']):>6s}us "
-            f"{fmt(s['c1_p99_us']):>6s}us {fmt(s['added_p50_us'], '+.0f'):>8s}us "
-            f"{fmt(s['proxy_cpu'], '.2f'):>9s} {fmt(s['proxy_rss_mb'], '.1f'):>7s} {s['errors']:>6d}"
-        )
-    for name, st in status.items():
-        if name not in summary:
-            print(f"{name}: {st}")
+        f"median of {args.runs} x {args.duration}s",
+        names, summary, status)
     print()
-    print("ratios (req/s, same run):")
+    print(f"ratios (req/s, same run; c{args.connections} and c1):")
     for key, val in ratios.items():
-        print(f"  {key:14s} {fmt(val, '.3f', 'n/a')}")
+        print(f"  {key:16s} {fmt(val, '.3f', 'n/a')}   c1 {fmt(ratios_c1[key], '.3f', 'n/a')}")
+    if profile:
+        print_profile("txmesh", profile)
     print(
         "added p50 latency at 1 connection vs direct"
         + (" (proxies moved to the load CPU)" if args.c1_shared_cpu and pinning else "")
@@ -768,6 +900,7 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
             "cpus": os.cpu_count(),
             "nginx": _version([NGINX, "-v"]),
             "wrk": _version([WRK, "-v"]),
+            "haproxy": _version([HAPROXY, "-v"]),
         },
         "params": {
             "runs": args.runs,
@@ -783,15 +916,22 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
         "status": status,
         "summary": summary,
         "ratios": ratios,
+        "ratios_c1": ratios_c1,
+        "profile": profile,
         "targets": {"txmesh/nginx_rps_min": TARGET_RPS_RATIO, "txmesh_added_p50_us_max": TARGET_ADDED_P50_US},
         "verdicts": verdicts,
         "notes": notes,
         "raw": raw,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"json: {args.json}")
+    write_result(args.json, result)
     return 0
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a benchmark's JSON result (making its directory) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"json: {path}")
 
 
 def _logs(tmp: Path, name: str) -> str:

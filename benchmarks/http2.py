@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -56,6 +55,7 @@ from http1 import (  # noqa: E402
     pinning_available,
     port_open,
     start_nginx,
+    write_result,
 )
 
 H2LOAD = shutil.which("h2load") or "/usr/bin/h2load"
@@ -394,9 +394,7 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
         "notes": notes,
         "raw": raw,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"json: {args.json}")
+    write_result(args.json, result)
     return 0
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -73,6 +72,7 @@ from http1 import (  # noqa: E402
     run_wrk,
     start_nginx,
     wait_port,
+    write_result,
 )
 
 TRUST_DOMAIN = "cluster.local"
@@ -259,7 +259,7 @@ LISTENER = """\
   - name: {name}
     address: "tcp:{port}:interface=127.0.0.1"
     protocol: http
-{extra}    http_filters: [{{name: metrics}}, {{name: router}}]
+{extra}    http_filters: [{{name: metrics}}, {{name: tracing}}, {{name: router}}]
     virtual_hosts:
       - name: all
         domains: ["*"]
@@ -333,7 +333,14 @@ def wait_ok(url: str, procs: list, deadline: float) -> None:
     raise Unavailable(f"{url} not answering 200 in time (last: {last})")
 
 
-def measure_proxies(args, pinning: bool, tmp: Path, procs: list) -> dict:
+def start_sidecars(args, pinning: bool, tmp: Path, procs: list) -> dict:
+    """
+    Start the app, a pilot and the two sidecars, and wait until both paths
+    answer and the STRICT listener refuses plaintext.
+
+    @return: C{{"client": Proc, "server": Proc, "urls": {"mtls": url,
+        "plain": url}, "app_port": port}}.
+    """
     app_port = free_port()
     procs.append(start_nginx("app", tmp, LOAD_CPU, NGINX_APP.format(port=app_port, payload=PAYLOAD.decode()),
                              app_port, pinning))
@@ -373,6 +380,12 @@ def measure_proxies(args, pinning: bool, tmp: Path, procs: list) -> dict:
         raise Unavailable(f"the STRICT listener answered a plaintext request with {status}")
     print("proxies: both have their workload certificates; mTLS and plaintext paths answer 200; "
           "the STRICT listener refuses plaintext")
+    return {"client": client, "server": server, "urls": urls, "app_port": app_port}
+
+
+def measure_proxies(args, pinning: bool, tmp: Path, procs: list) -> dict:
+    sidecars = start_sidecars(args, pinning, tmp, procs)
+    client, server, urls = sidecars["client"], sidecars["server"], sidecars["urls"]
 
     if args.warmup:
         for url in urls.values():
@@ -505,9 +518,7 @@ def run(args, pinning: bool, tmp: Path, procs: list) -> int:
         "proxies": proxies,
         "ratios": ratios,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"json: {args.json}")
+    write_result(args.json, result)
     return 0
 
 
