@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from txmesh.proxy.http1 import (
     HOP_BY_HOP,
+    MAX_CHUNK_FRAMING,
     ProtocolError,
     RequestParser,
     ResponseParser,
@@ -602,6 +603,19 @@ SMUGGLING_VECTORS = {
     "te_xchunked": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
     "te_identity": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\n\r\nhello",
     "te_empty": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: \r\n\r\n",
+    "te_chunked_identity": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+                           b"0\r\n\r\n",
+    "te_chunked_trailing_comma": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n",
+    "te_on_http10": b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te_on_http10_with_cl": b"POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+                            b"hello",
+    "cl_hex": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x5\r\n\r\nhello",
+    "cl_space_inside": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1 0\r\n\r\nhello",
+    "cl_vertical_tab": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \x0b5\r\n\r\nhello",
+    "nul_in_name": b"GET / HTTP/1.1\r\nHost: h\r\nX\x00A: b\r\n\r\n",
+    "ctl_in_value": b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x01b\r\n\r\n",
+    "del_in_value": b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x7fb\r\n\r\n",
+    "absolute_form_reverse_proxy": b"GET http://other/ HTTP/1.1\r\nHost: h\r\n\r\n",
     "obs_fold": b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\r\n b\r\n\r\n",
     "obs_fold_te": b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n chunked\r\n\r\n0\r\n\r\n",
     "space_before_colon": b"GET / HTTP/1.1\r\nHost: h\r\nX-A : b\r\n\r\n",
@@ -1066,10 +1080,47 @@ class MalformedResponseTests(CodecTestCase):
             outcome = self.parse_response(MALFORMED_RESPONSES[name])
             self.assertEqual(outcome.events, [], name)
 
+    def test_101_without_upgrade_is_refused_whole(self):
+        """
+        A 101 without C{Connection: upgrade} and an C{Upgrade} protocol
+        (which llhttp would not switch on) is a 502, and its head never
+        reaches the client (found by fuzzing).
+        """
+        for data in (b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                     b"HTTP/1.1 101 Switching Protocols\r\nupgrade: \r\nconnection: upgrade\r\n\r\n",
+                     b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"):
+            outcome = self.parse_response(data)
+            self.assertEqual((outcome.status, outcome.events), (502, []), data)
+
     def test_invalid_chunk_size(self):
-        outcome = self.parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\nabc\r\n")
-        self.assertEqual(outcome.status, 502)
-        self.assertEqual(outcome.kinds(), ["head"])
+        """
+        A head whose body turns out malformed in the same input is not
+        delivered (the client can still get a 502); one that arrived
+        earlier was.
+        """
+        data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\nabc\r\n"
+        for name, split in chunkers():
+            recorder = ResponseRecorder()
+            outcome = _run(ResponseParser(recorder), recorder, [EXPECT(False), data], split, _response_state)
+            self.assertEqual(outcome.status, 502, name)
+            if name == "whole":
+                self.assertEqual(outcome.kinds(), [], name)
+            else:
+                self.assertIn(outcome.kinds(), ([], ["head"]), name)
+
+    def test_head_held_with_body_pieces(self):
+        """
+        The pieces of body that came with the head follow it once the input
+        parsed cleanly.
+        """
+        recorder = ResponseRecorder()
+        parser = ResponseParser(recorder)
+        parser.expect_response(False)
+        parser.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n1\r\nf\r\n")
+        self.assertEqual([e[0] for e in recorder.events], ["head", "data", "data", "data"])
+        self.assertEqual(b"".join(e[1] for e in recorder.events[1:]), b"abcdef")
+        parser.receive_data(b"0\r\n\r\n")
+        self.assertEqual(recorder.events[-1], ("end", None))
 
     def test_data_after_complete_response(self):
         outcome = self.parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"extra")
@@ -1227,3 +1278,209 @@ class RoundTripTests(CodecTestCase):
         outcome = self.parse_response(encode_response_head(head, connection=b"upgrade") + b"tunnel")
         self.assertEqual(outcome.events, [("head", head, False)])
         self.assertEqual(outcome.tail, b"tunnel")
+
+
+CHUNKED_HEAD = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class ChunkFramingLimitTests(CodecTestCase):
+    """
+    Chunk extensions and leading zeros beyond L{MAX_CHUNK_FRAMING}: llhttp
+    bounds the size's value, not the line, so the parser counts what a feed
+    held beyond its body bytes.
+    """
+
+    def assertLineRefused(self, body: bytes) -> None:
+        """
+        Refused in every feeding mode (which may differ in how much body
+        went through before).
+        """
+        for name, split in chunkers():
+            recorder = RequestRecorder()
+            outcome = _run(RequestParser(recorder), recorder, [CHUNKED_HEAD + body], split, _request_state)
+            self.assertEqual(outcome.status, 400, name)
+            self.assertIn("chunk extension", outcome.reason, name)
+            self.assertNotIn("end", outcome.kinds(), name)
+
+    def test_long_extension(self):
+        self.assertLineRefused(b"5;" + b"e" * 2 * MAX_CHUNK_FRAMING)
+
+    def test_many_extensions(self):
+        self.assertLineRefused(b"5" + b";a=b" * MAX_CHUNK_FRAMING)
+
+    def test_leading_zeros(self):
+        self.assertLineRefused(b"0" * 2 * MAX_CHUNK_FRAMING)
+
+    def test_long_line_after_good_chunks(self):
+        self.assertLineRefused(b"5\r\nhello\r\n" * 50 + b"5;" + b"e" * 2 * MAX_CHUNK_FRAMING)
+
+    def test_small_extensions_add_up(self):
+        """
+        Extensions on every chunk add up (each chunk header pays for a
+        plain chunk's framing, so a few bytes of extension each go free).
+        """
+        self.assertLineRefused((b"1;" + b"e" * 62 + b"\r\nx\r\n") * (MAX_CHUNK_FRAMING // 20))
+
+    def test_trickled_extension(self):
+        """
+        Fed a little at a time, the line is still refused near the limit.
+        """
+        parser = RequestParser(RequestRecorder())
+        parser.receive_data(CHUNKED_HEAD + b"5;")
+        fed = 0
+        with self.assertRaises(ProtocolError) as cm:
+            while fed < 1 << 20:
+                parser.receive_data(b"e" * 7)
+                fed += 7
+        self.assertEqual(cm.exception.status, 400)
+        self.assertLessEqual(fed, MAX_CHUNK_FRAMING + 7 + 20)
+
+    def test_small_chunks_in_pieces(self):
+        """
+        A chunk's line, data and CRLF in separate feeds, as a client writing
+        each on its own sends them: plain framing never adds up.
+        """
+        parser = RequestParser(RequestRecorder())
+        parser.receive_data(CHUNKED_HEAD)
+        for _ in range(5000):
+            for piece in (b"5", b"\r\n", b"hello", b"\r", b"\n"):
+                parser.receive_data(piece)
+        parser.receive_data(b"0\r\n\r\n")
+        self.assertFalse(parser.in_message)
+
+    def test_extensions_within_limit(self):
+        body = (b"5;" + b"e" * (MAX_CHUNK_FRAMING // 4) + b"\r\nhello\r\n" + b"1;a=b\r\nx\r\n" * 200
+                + b"0000000000000001\r\ny\r\n" * 100 + b"0\r\n" + b"x-trailer: " + b"t" * 2000 + b"\r\n" * 5
+                + b"\r\n")
+        outcome = self.parse_request(CHUNKED_HEAD + body)
+        self.assertIsNone(outcome.status, outcome)
+        self.assertEqual(outcome.kinds(), ["head", "data", "end"])
+        self.assertEqual(outcome.events[1], ("data", b"hello" + b"x" * 200 + b"y" * 100))
+
+    def test_response_long_extension(self):
+        outcome = self.parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", b"5;" + b"e" * (2 * MAX_CHUNK_FRAMING))
+        self.assertEqual(outcome.status, 502, outcome)
+        self.assertNotIn("end", outcome.kinds())
+
+
+class HeaderCountTests(CodecTestCase):
+    """
+    L{RequestParser}: C{max_headers}.
+    """
+
+    def head(self, n: int) -> bytes:
+        return b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(n)) + b"\r\n"
+
+    def test_default_is_100(self):
+        self.assertIsNone(self.parse_request(self.head(99)).status)
+        self.assertRejected(self.head(100), 431)
+
+    def test_configured(self):
+        self.assertIsNone(self.parse_request(self.head(9), max_headers=10).status)
+        outcome = self.assertRejected(self.head(10), 431, max_headers=10)
+        self.assertIn("too many", outcome.reason)
+
+
+class BodyLimitTests(CodecTestCase):
+    """
+    L{RequestParser}: C{max_body_bytes}, counted as the body flows.
+    """
+
+    def test_declared_length_over(self):
+        self.assertRejected(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n" + b"b" * 11, 413,
+                            max_body_bytes=10)
+
+    def test_declared_length_at_limit(self):
+        outcome = self.parse_request(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n" + b"b" * 10,
+                                     max_body_bytes=10)
+        self.assertEqual(outcome.kinds(), ["head", "data", "end"])
+
+    def test_chunked_over(self):
+        """
+        Counted as it flows: at most the limit is delivered, whatever the
+        feeding (so the modes differ in how much).
+        """
+        for name, split in chunkers():
+            recorder = RequestRecorder()
+            outcome = _run(RequestParser(recorder, max_body_bytes=10), recorder,
+                           [CHUNKED_HEAD + b"8\r\n" + b"b" * 8 + b"\r\n8\r\n" + b"c" * 8 + b"\r\n0\r\n\r\n"],
+                           split, _request_state)
+            self.assertEqual(outcome.status, 413, name)
+            self.assertNotIn("end", outcome.kinds(), name)
+            self.assertLessEqual(sum(len(e[1]) for e in outcome.events if e[0] == "data"), 10, name)
+
+    def test_limit_is_per_request(self):
+        one = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 8\r\n\r\n" + b"b" * 8
+        outcome = self.parse_request(one * 3 + CHUNKED_HEAD + b"8\r\n12345678\r\n0\r\n\r\n", max_body_bytes=10)
+        self.assertIsNone(outcome.status)
+        self.assertEqual(len(outcome.heads()), 4)
+
+
+class BareLFTests(CodecTestCase):
+    """
+    L{RequestParser}: C{allow_bare_lf}.
+    """
+
+    def test_strict_by_default(self):
+        self.assertRejected(b"GET / HTTP/1.1\r\nHost: h\nX-A: b\n\n")
+
+    def test_lenient_header_lines(self):
+        outcome = self.parse_request(b"GET / HTTP/1.1\r\nHost: h\nX-A: b\n\n", allow_bare_lf=True)
+        self.assertEqual(outcome.events, [("head", req(b"GET", b"/", b"h", [(b"x-a", b"b")]), True, True)])
+
+    def test_lenient_still_refuses_bare_lf_request_line(self):
+        self.assertRejected(b"GET / HTTP/1.1\nHost: h\r\n\r\n", allow_bare_lf=True)
+
+    def test_lenient_still_refuses_bare_cr(self):
+        self.assertRejected(b"GET / HTTP/1.1\r\nHost: h\rX-A: b\r\n\r\n", allow_bare_lf=True)
+        self.assertRejected(b"GET / HTTP/1.1\rHost: h\r\n\r\n", allow_bare_lf=True)
+
+    def test_lenient_still_refuses_smuggling(self):
+        for data in SMUGGLING_VECTORS.values():
+            if b"\n" in data.replace(b"\r\n", b""):
+                continue  # bare LF vectors
+            self.assertRejected(data, allow_bare_lf=True)
+
+
+class ResponseSplittingTests(CodecTestCase):
+    """
+    L{ResponseParser}: ambiguous upstream responses are a 502.
+    """
+
+    VECTORS = {
+        "cl_and_te": b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "duplicate_cl": b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "cl_list": b"Content-Length: 5, 5\r\n\r\nhello",
+        "te_identity": b"Transfer-Encoding: identity\r\n\r\nhello",
+        "te_chunked_identity": b"Transfer-Encoding: chunked, identity\r\n\r\nhello",
+        "te_chunked_twice": b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "te_empty": b"Transfer-Encoding: \r\n\r\nhello",
+        "obs_fold": b"Content-Length: 0\r\nX-A: a\r\n b\r\n\r\n",
+        "space_before_colon": b"Content-Length : 0\r\n\r\n",
+        "nul_in_value": b"Content-Length: 0\r\nX-A: a\x00b\r\n\r\n",
+        "cr_in_value": b"Content-Length: 0\r\nX-A: a\rb\r\n\r\n",
+        "lf_in_value": b"Content-Length: 0\r\nX-A: a\nb\r\n\r\n",
+    }
+
+    def test_vectors(self):
+        for name, rest in self.VECTORS.items():
+            outcome = self.parse_response(b"HTTP/1.1 200 OK\r\n" + rest)
+            self.assertEqual(outcome.status, 502, name)
+            self.assertEqual(outcome.heads(), [], name)
+
+    def test_te_on_http10(self):
+        outcome = self.parse_response(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        self.assertEqual(outcome.status, 502)
+        self.assertEqual(outcome.heads(), [])
+
+    def test_bad_chunks(self):
+        for body in (b"z\r\nhello\r\n0\r\n\r\n", b"ffffffffffffffffff\r\n", b"5\r\nhelloXX0\r\n\r\n",
+                     b"5\nhello\r\n0\r\n\r\n"):
+            recorder = ResponseRecorder()
+            parser = ResponseParser(recorder)
+            parser.expect_response(False)
+            with self.assertRaises(ProtocolError) as cm:
+                parser.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+            self.assertEqual(cm.exception.status, 502, body)
+            self.assertNotIn("end", [e[0] for e in recorder.events], body)

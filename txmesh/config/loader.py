@@ -40,6 +40,7 @@ from txmesh.config.model import (
     MirrorPolicy,
     NodeConfig,
     OutlierDetectionConfig,
+    OverloadConfig,
     PilotConfig,
     ProxyConfig,
     Redirect,
@@ -99,6 +100,68 @@ def _positive_seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"must be a positive number of seconds, not {value!r}")
     return float(value)
+
+
+# The event-loop lag thresholds of an overload section's event_loop_lag
+# that does not give them: generous, as a lag of half a second already
+# delays every request by as much.
+DEFAULT_LAG_SHED_REQUESTS = 0.5
+DEFAULT_LAG_REFUSE_CONNECTIONS = 2.0
+
+_BYTE_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?\s*$")
+_BYTE_UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def _byte_size(value: Any) -> int:
+    """
+    A memory size: a number of bytes, or a string with a Kubernetes suffix
+    (C{512Mi}, C{2Gi}, C{1500M}); at least 1Mi.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = _BYTE_SIZE.match(value) if isinstance(value, str) else None
+        if m is None:
+            raise ValueError(f"expected a number of bytes or a size like '512Mi' or '2Gi', got {value!r}")
+        size = int(float(m.group(1)) * _BYTE_UNITS[m.group(2)])
+    if size < 1 << 20:
+        raise ValueError(f"must be at least 1Mi (1048576 bytes), got {value!r}")
+    return size
+
+
+def _memory_share(value: Any) -> float:
+    """
+    A share of a memory limit: a percent, as a number (C{80}) or written
+    with its sign (C{'80%'}), from 10 to 100; as a fraction.
+    """
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and text.endswith("%"):
+        try:
+            value = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"expected a percent like 80 or '80%', got {text!r}") from None
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a percent like 80 or '80%', got {_kind(value)}")
+    if not 10 <= value <= 100:
+        # Below 10% the proxy would shed load at a size it always has: a
+        # fraction (0.8) written where a percent (80) was meant.
+        raise ValueError(f"must be a percent from 10 to 100, got {value!r}")
+    return value / 100
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be a positive duration, got {value!r}")
+    return seconds
+
+
+def _overload_interval(value: Any) -> float:
+    seconds = parse_duration(value)
+    if not 0.001 <= seconds <= 60:
+        raise ValueError(f"must be from 1ms to 1m, got {value!r}")
+    return seconds
 
 
 def _bytes(value: Any) -> bytes:
@@ -252,6 +315,7 @@ class ConfigLoader:
         top = _Section(source, "", doc if doc is not None else {})
         node = self._node(top.sub("node"))
         pilot = self._pilot(top.sub("pilot"))
+        overload = self._overload(top.sub("overload"))
         admin_address = None
         admin = top.sub("admin")
         if admin is not None:
@@ -289,7 +353,45 @@ class ConfigLoader:
         warnings = tuple(str(w) for w in istio.warnings) if istio is not None else ()
         included, self._included = self._included, ()
         return ProxyConfig(listeners, clusters, admin_address, node, source, doc, warnings=warnings,
-                           included_files=included if istio is not None else (), pilot=pilot)
+                           included_files=included if istio is not None else (), pilot=pilot,
+                           overload=overload)
+
+    def _overload(self, s: _Section | None) -> OverloadConfig | None:
+        """
+        The C{overload} section: C{interval}, C{cooldown}, and optional
+        C{memory} (C{limit}, C{shed_requests}, C{refuse_connections} as
+        percentages of the limit) and C{event_loop_lag} (C{shed_requests},
+        C{refuse_connections} as durations) thresholds.
+        """
+        if s is None:
+            return None
+        d = OverloadConfig()
+        interval = s.get("interval", _overload_interval, d.interval)
+        cooldown = s.get("cooldown", parse_duration, d.cooldown)
+        memory_limit = None
+        memory_shed, memory_refuse = d.memory_shed_requests, d.memory_refuse_connections
+        memory = s.sub("memory")
+        if memory is not None:
+            memory_limit = memory.get("limit", _byte_size, required=True)
+            memory_shed = memory.get("shed_requests", _memory_share, memory_shed)
+            memory_refuse = memory.get("refuse_connections", _memory_share, memory_refuse)
+            if memory_refuse < memory_shed:
+                raise memory.error(f"must be at least shed_requests (by default it is "
+                                   f"{d.memory_refuse_connections:.0%})", memory.field("refuse_connections"))
+            memory.done()
+        lag_shed = lag_refuse = None
+        lag = s.sub("event_loop_lag")
+        if lag is not None:
+            lag_shed = lag.get("shed_requests", _positive_duration, DEFAULT_LAG_SHED_REQUESTS)
+            lag_refuse = lag.get("refuse_connections", _positive_duration, DEFAULT_LAG_REFUSE_CONNECTIONS)
+            if lag_refuse < lag_shed:
+                raise lag.error(f"must be at least shed_requests (by default it is "
+                                f"{DEFAULT_LAG_REFUSE_CONNECTIONS:g}s)", lag.field("refuse_connections"))
+            lag.done()
+        s.done()
+        return OverloadConfig(interval=interval, cooldown=cooldown, memory_limit=memory_limit,
+                              memory_shed_requests=memory_shed, memory_refuse_connections=memory_refuse,
+                              lag_shed_requests=lag_shed, lag_refuse_connections=lag_refuse)
 
     def _pilot(self, s: _Section | None) -> PilotConfig | None:
         if s is None:
@@ -680,6 +782,11 @@ class ConfigLoader:
             request_headers_timeout=s.get("request_headers_timeout", parse_duration, d.request_headers_timeout),
             max_request_headers_bytes=s.get(
                 "max_request_headers_bytes", _int_in(1024, 1 << 20), d.max_request_headers_bytes),
+            max_request_headers=s.get("max_request_headers", _int_in(1, 10000), d.max_request_headers),
+            max_request_bytes=s.get("max_request_bytes", _int_in(0, 1 << 62), d.max_request_bytes),
+            request_body_timeout=s.get("request_body_timeout", parse_duration, d.request_body_timeout),
+            max_connections=s.get("max_connections", _int_in(0, 1 << 30), d.max_connections),
+            allow_bare_lf=s.get("allow_bare_lf", _bool, d.allow_bare_lf),
             default_host=default_host,
             tls=tls,
             scheme=b"https" if tls is not None else b"http",
@@ -868,6 +975,7 @@ class ConfigLoader:
             request_headers=self._header_ops(s.sub("request_headers"), request=True),
             response_headers=self._header_ops(s.sub("response_headers")),
             hash_policy=self._hash_policy(s.sub("hash_policy")),
+            max_request_bytes=s.get("max_request_bytes", _int_in(1, 1 << 62)),
         )
         if route.prefix_rewrite is not None and route.match.regex is not None:
             raise s.error("prefix_rewrite needs a prefix or path match, not a regex", s.field("prefix_rewrite"))

@@ -358,6 +358,9 @@ class Route:
     @ivar retry: retry policy, or C{None} for no retries.
     @ivar request_headers: header set/add/remove on the request.
     @ivar response_headers: header set/add/remove on the response.
+    @ivar max_request_bytes: limit on an HTTP/1 request body on this route,
+        counted as it flows (413 beyond it); the listener's own limit, if
+        lower, still applies.  C{None} for the listener's alone.
     """
 
     name: str
@@ -378,6 +381,7 @@ class Route:
     request_headers: HeaderOps = HeaderOps()
     response_headers: HeaderOps = HeaderOps()
     hash_policy: HashPolicy | None = None
+    max_request_bytes: int | None = None
 
 
 @attrs.frozen
@@ -535,6 +539,17 @@ class ListenerConfig:
     @ivar request_headers_timeout: seconds a client has to send a complete
         request head (slowloris defence).
     @ivar max_request_headers_bytes: limit on the request head; beyond it 431.
+    @ivar max_request_headers: limit on the number of header fields in an
+        HTTP/1 request head; beyond it 431.
+    @ivar max_request_bytes: limit on an HTTP/1 request body, counted as it
+        flows; beyond it 413.  0 for no limit.  A route may set a lower
+        one of its own.
+    @ivar request_body_timeout: seconds an HTTP/1 request body may go
+        without a byte from the client before a 408; 0 disables.
+    @ivar max_connections: open client connections beyond which new ones
+        are closed at once; 0 for no limit.
+    @ivar allow_bare_lf: accept a bare LF ending an HTTP/1 header line
+        (never the request line or a chunk line).
     @ivar default_host: authority used for HTTP/1.0 requests with no C{Host}.
     @ivar tls: TLS termination, or C{None} for plaintext (then C{scheme} is
         C{http}; with TLS it is C{https}).
@@ -562,6 +577,11 @@ class ListenerConfig:
     idle_timeout: float = 300.0
     request_headers_timeout: float = 30.0
     max_request_headers_bytes: int = 64 * 1024
+    max_request_headers: int = 100
+    max_request_bytes: int = 0
+    request_body_timeout: float = 60.0
+    max_connections: int = 0
+    allow_bare_lf: bool = False
     default_host: bytes | None = None
     scheme: bytes = b"http"
     tls: ListenerTLS | None = None
@@ -637,6 +657,60 @@ class PilotConfig:
     identity_dir: str | None = None
 
 
+def _overload_fraction(instance: Any, attribute: Any, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"{attribute.name} must be a fraction in (0, 1], not {value!r}")
+
+
+def _overload_seconds(instance: Any, attribute: Any, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be a positive number of seconds, not {value!r}")
+
+
+@attrs.frozen
+class OverloadConfig:
+    """
+    The overload manager (the config's C{overload} section): what the proxy
+    measures about itself and when it sheds load.  See
+    L{txmesh.proxy.overload}.
+
+    @ivar interval: seconds between measurements; the event-loop lag is how
+        late such a measurement runs.
+    @ivar cooldown: seconds a state lasts after the last measurement that
+        called for it, so one good reading does not end it.
+    @ivar memory_limit: the process's memory budget in bytes (its resident
+        set), or C{None}: memory is measured but never sheds load.
+    @ivar memory_shed_requests: fraction of C{memory_limit} from which new
+        requests get C{503 OL}.
+    @ivar memory_refuse_connections: fraction of C{memory_limit} from which
+        new connections are also refused.
+    @ivar lag_shed_requests: event-loop lag in seconds from which new
+        requests get C{503 OL}, or C{None} (lag never sheds load).
+    @ivar lag_refuse_connections: event-loop lag in seconds from which new
+        connections are also refused, or C{None}.
+    """
+
+    interval: float = attrs.field(default=0.1, validator=_overload_seconds)
+    cooldown: float = 1.0
+    memory_limit: int | None = None
+    memory_shed_requests: float = attrs.field(default=0.8, validator=_overload_fraction)
+    memory_refuse_connections: float = attrs.field(default=0.95, validator=_overload_fraction)
+    lag_shed_requests: float | None = attrs.field(default=None, validator=_overload_seconds)
+    lag_refuse_connections: float | None = attrs.field(default=None, validator=_overload_seconds)
+
+    def __attrs_post_init__(self) -> None:
+        if self.cooldown < 0:
+            raise ValueError(f"cooldown must not be negative, not {self.cooldown!r}")
+        if self.memory_limit is not None and self.memory_limit <= 0:
+            raise ValueError(f"memory_limit must be a positive number of bytes, not {self.memory_limit!r}")
+        if self.memory_refuse_connections < self.memory_shed_requests:
+            raise ValueError("memory_refuse_connections must be at least memory_shed_requests")
+        if (self.lag_shed_requests is None) != (self.lag_refuse_connections is None):
+            raise ValueError("lag_shed_requests and lag_refuse_connections are set together")
+        if self.lag_refuse_connections is not None and self.lag_refuse_connections < self.lag_shed_requests:
+            raise ValueError("lag_refuse_connections must be at least lag_shed_requests")
+
+
 @attrs.frozen
 class ProxyConfig:
     """
@@ -650,6 +724,8 @@ class ProxyConfig:
         applied, e.g. unsupported Istio fields, for the service to log.
     @ivar pilot: where to get listeners and clusters from, or C{None} to run
         from this config alone.
+    @ivar overload: the overload manager's config, or C{None}: no
+        measurements, load is never shed.
     """
 
     listeners: tuple[ListenerConfig, ...]
@@ -661,6 +737,7 @@ class ProxyConfig:
     warnings: tuple[str, ...] = ()
     included_files: tuple[str, ...] = ()
     pilot: PilotConfig | None = None
+    overload: OverloadConfig | None = None
 
     def cluster(self, name: str) -> ClusterConfig | None:
         """

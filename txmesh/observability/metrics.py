@@ -39,6 +39,7 @@ from txmesh.config.model import NodeConfig
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory
 from txmesh.observability.peer_metadata import NO_PEER, PEER_HEADER, UNKNOWN, PeerMetadata, clean, decode, encode
 from txmesh.proxy.grpc import is_grpc
+from txmesh.proxy.overload import LAG_BUCKETS
 
 # Istio's default buckets for istio_request_duration_milliseconds.
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
@@ -88,6 +89,7 @@ _TCP_INDEXES = tuple(REQUEST_LABELS.index(name) for name in TCP_LABELS)
 # The "le" label values, rendered as Prometheus's Go clients do.
 _DURATION_LE = [floatToGoString(b) for b in DURATION_BUCKETS_MS] + ["+Inf"]
 _BYTES_LE = [floatToGoString(b) for b in BYTES_BUCKETS] + ["+Inf"]
+_LAG_LE = [floatToGoString(b) for b in LAG_BUCKETS] + ["+Inf"]
 
 _HOST = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\Z")
 
@@ -679,6 +681,34 @@ class _ProxyStateCollector:
                 yield info
         if m.filter_factories is not None:
             yield from _factory_families(m.filter_factories())
+        yield from _overload_families(m.overload)
+
+
+def _overload_families(overload: Any) -> Iterable[Any]:
+    """
+    The overload manager's measures, state and shed load (see
+    L{txmesh.proxy.overload.OverloadManager}): families without samples
+    when the proxy has none (no C{overload} section).
+    """
+    memory = GaugeMetricFamily("txmesh_overload_memory_bytes",
+                               "The proxy's resident memory at the last overload measurement.")
+    lag = GaugeMetricFamily("txmesh_overload_event_loop_lag_seconds",
+                            "How late the last overload measurement ran (event-loop lag).")
+    histogram = HistogramMetricFamily("txmesh_event_loop_lag_seconds",
+                                      "Event-loop lag, at each overload measurement.")
+    state = GaugeMetricFamily("txmesh_overload_state",
+                              "0 normal, 1 shedding new requests, 2 also refusing new connections.")
+    shed = CounterMetricFamily("txmesh_overload_shed", "Load shed by the overload manager.", labels=("what",))
+    if overload is not None:
+        if overload.memory_bytes is not None:
+            memory.add_metric((), overload.memory_bytes)
+        lag.add_metric((), overload.lag_seconds)
+        histogram.add_metric((), list(zip(_LAG_LE, accumulate(overload.lag_buckets), strict=True)),
+                             overload.lag_sum)
+        state.add_metric((), overload.state)
+        shed.add_metric(("request",), overload.requests_shed)
+        shed.add_metric(("connection",), overload.connections_refused)
+    yield from (memory, lag, histogram, state, shed)
 
 
 def _factory_families(factories: Iterable[Any]) -> Iterable[Any]:
@@ -728,6 +758,7 @@ class ProxyMetrics:
         self.config_version: Callable[[], int] | None = None
         self.pilot_status: Callable[[], dict | None] | None = None
         self.filter_factories: Callable[[], Iterable[Any]] | None = None
+        self.overload: Any = None
         r = self.registry
         r.register(self.http)
         r.register(self.tcp)
@@ -736,6 +767,10 @@ class ProxyMetrics:
             "txmesh_config_reloads", "Config reloads by result.", ("result",), registry=r)
         self.downstream_connections = Gauge(
             "txmesh_downstream_connections_active", "Open downstream connections by listener.",
+            ("listener",), registry=r)
+        self.downstream_connections_overflow = Counter(
+            "txmesh_downstream_connections_overflow",
+            "Downstream connections closed at once because the listener had max_connections open.",
             ("listener",), registry=r)
 
     def watch(self, *, clusters: Callable[[], Iterable[Any]] | None = None,
@@ -757,6 +792,16 @@ class ProxyMetrics:
         self.filter_factories = filter_factories
         self.config_version = config_version
         self.pilot_status = pilot_status
+
+    def watch_overload(self, overload: Any) -> None:
+        """
+        Export C{overload}'s measures and state (the C{txmesh_overload_*}
+        families and C{txmesh_event_loop_lag_seconds}) at each scrape.
+
+        @param overload: an L{OverloadManager
+            <txmesh.proxy.overload.OverloadManager>}.
+        """
+        self.overload = overload
 
     def set_identity(self, identity: Any) -> None:
         """

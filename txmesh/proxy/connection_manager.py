@@ -19,11 +19,13 @@ from typing import Any
 import attrs
 
 from txmesh.config.model import ListenerConfig, NodeConfig
+from txmesh.filters.api import LocalReply
 from txmesh.filters.chain import FilterChain, ResponseWriter
 from txmesh.proxy.forward_proxy import ForwardProxyRoutes
 from txmesh.proxy.mesh_tls import client_cert_header, downstream_identity
+from txmesh.proxy.overload import NEVER_OVERLOADED, OVERLOADED_BODY
 from txmesh.proxy.router import RouteTable
-from txmesh.proxy.stream import RequestHead
+from txmesh.proxy.stream import RequestHead, ResponseFlag
 
 # Request ids need uniqueness, not secrecy: a PRNG seeded from the OS
 # avoids a getrandom() system call per request.
@@ -119,6 +121,8 @@ class ProxyContext:
         C{random} module.
     @ivar identity: the proxy's L{WorkloadIdentity
         <txmesh.proxy.workload_identity.WorkloadIdentity>}, or C{None}.
+    @ivar overload: the proxy's L{OverloadManager
+        <txmesh.proxy.overload.OverloadManager>}, or C{None}.
     """
 
     node: NodeConfig
@@ -128,6 +132,7 @@ class ProxyContext:
     deadlines: Any = None
     rng: Any = None
     identity: Any = None
+    overload: Any = None
 
 
 class HTTPConnectionManager:
@@ -146,7 +151,11 @@ class HTTPConnectionManager:
         self.clusters = clusters
         self.proxy = proxy
         self.clock = proxy.clock
+        self._overload = proxy.overload if proxy.overload is not None else NEVER_OVERLOADED
         self._filters = listener.http_filters
+        # Whether a codec needs to look for a route's own body limit.
+        self.route_body_limits = any(
+            getattr(r, "max_request_bytes", None) for vh in listener.virtual_hosts for r in vh.routes)
         self._route_lookup = self.routes.match
         if listener.forward_proxy is not None:
             self._route_lookup = ForwardProxyRoutes(listener.forward_proxy, self.routes.match).match
@@ -179,6 +188,12 @@ class HTTPConnectionManager:
             C{None}.
         @param local_port: the port the connection arrived on.
         """
+        if self._overload.shed_requests:
+            # Before routing and before any filter is built: under memory
+            # pressure, allocating less matters more (as Envoy).
+            self._overload.count_shed_request()
+            return _ShedStream(writer, self.clock, self.listener.name, downstream_address, request_id,
+                               _no_route, self.clusters, ())
         stream = FilterChain(
             writer,
             self.clock,
@@ -212,3 +227,25 @@ class HTTPConnectionManager:
         identity = self.proxy.identity
         own = identity.spiffe_id if identity is not None else None
         return principal, client_cert_header(own, principal, certificate), port
+
+
+def _no_route(head: RequestHead) -> None:
+    return None
+
+
+_OVERLOADED = LocalReply(503, OVERLOADED_BODY, flag=ResponseFlag.OVERLOAD)
+
+
+class _ShedStream(FilterChain):
+    """
+    A stream the overload manager sheds: C{503} with flag C{OL} as soon as
+    its head arrives, without routing or filters (so it is not in
+    C{istio_requests_total} or the access log, only in
+    C{txmesh_overload_shed_total}).  A gRPC request gets C{UNAVAILABLE}.
+    """
+
+    def request_headers(self, head: RequestHead, end_stream: bool) -> None:
+        self.request_head = head
+        if end_stream:
+            self.request_complete = True
+        self._local_reply(_OVERLOADED, -1)

@@ -7,14 +7,20 @@ L{txmesh.proxy.stream}.  The C{encode_*} functions turn those values back
 into bytes.  No sockets, no clocks: the Twisted protocols in
 L{txmesh.proxy.http1_server} and L{txmesh.proxy.http1_client} wrap these.
 
-llhttp is strict by default and rejects the classic smuggling vectors
+llhttp is strict by default and rejects most request smuggling vectors
 (C{Content-Length} with C{Transfer-Encoding}, duplicate C{Content-Length},
 obs-fold, whitespace before the colon, bare LF, NUL in values, invalid
-chunk sizes); L{ProtocolError} carries the status to answer with.
+chunk sizes).  The parsers here add what llhttp lets through:
+C{Transfer-Encoding} that does not end in C{chunked} (llhttp only checks
+that after the head), C{Transfer-Encoding} in an HTTP/1.0 message, and
+chunk extensions or leading zeros beyond L{MAX_CHUNK_FRAMING};
+and the limits: head size and header count, and body size.
+L{ProtocolError} carries the status to answer with.
 """
 
 from __future__ import annotations
 
+import sys
 from http import HTTPStatus
 from typing import Protocol
 
@@ -49,6 +55,73 @@ _OWS = (b" ", b"\t")
 _AUTHORITY_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
 
 REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+MAX_CHUNK_FRAMING = 4096
+"""
+How many bytes of chunk extensions, leading zeros and other framing beyond
+the plain C{SIZE CRLF ... CRLF} one chunked message may carry.  llhttp
+bounds a chunk size's value but neither its leading zeros nor extensions
+(CVE-2024-22019), which would let a peer send, without end, bytes that are
+neither body nor head and that no other limit counts.
+"""
+
+# The framing a chunk needs: 16 hex digits, CRLF, and the CRLF after its data.
+_CHUNK_OVERHEAD = 20
+
+_UNLIMITED = sys.maxsize
+
+
+def _check_chunk_framing(parser: RequestParser | ResponseParser, framing: int, chunks: int) -> bool:
+    """
+    Account for the framing bytes of one feed into a chunked body.
+
+    httptools reports neither chunk extensions nor offsets, so the framing
+    of a feed is what it held beyond the body bytes it delivered.  It adds
+    to the message's excess, from which each chunk header completed takes
+    L{_CHUNK_OVERHEAD} (a chunk's line and CRLF may arrive in other feeds
+    than its header's end), down to 0: a run of plain chunks buys at most
+    that much per chunk for a later extension.  Complete trailer fields are
+    taken back out, as they count against the head limit: the parser's
+    C{on_header} subtracts them from C{_framing}.
+
+    @param framing: the feed's bytes after the head, less the body bytes
+        delivered.
+    @param chunks: the chunk headers completed in the feed.
+    @return: C{False} once the message's excess passes
+        L{MAX_CHUNK_FRAMING}.
+    """
+    excess = parser._framing + framing - chunks * _CHUNK_OVERHEAD
+    if excess <= 0:
+        parser._framing = 0
+        return True
+    parser._framing = excess
+    return excess <= MAX_CHUNK_FRAMING
+
+
+def _feed_framing_ok(parser: RequestParser | ResponseParser, data: bytes, chunked: bool, begun: int, body: int,
+                     chunks: int, fresh: bool) -> bool:
+    """
+    After a feed that left C{parser} in a chunked body, account for its
+    framing (see L{_check_chunk_framing}).
+
+    @param chunked: the feed began in that body.
+    @param begun: messages begun during the feed.
+    @param body: C{parser._body_received} before the feed.
+    @param chunks: C{parser._chunks} before the feed.
+    @param fresh: the feed began between messages.
+    """
+    if chunked:
+        return begun > 0 or _check_chunk_framing(parser, len(data) - parser._body_received + body,
+                                                 parser._chunks - chunks)
+    if begun == 0 or (begun == 1 and fresh):
+        # The head ended in this feed, so its body starts after the first
+        # blank line (leading CRLFs before a start line are allowed).  Not
+        # found (a CRLF split between feeds, bare LFs): the next feeds
+        # still count.
+        start = data.find(b"\r\n\r\n", len(data) - len(data.lstrip(b"\r\n")))
+        return start < 0 or _check_chunk_framing(parser, len(data) - start - 4 - parser._body_received,
+                                                 parser._chunks - chunks)
+    return True
 
 
 def split_absolute_form(target: bytes) -> tuple[bytes, bytes]:
@@ -161,11 +234,13 @@ class RequestParser:
     __slots__ = (
         "_sink", "_parser", "_max_head", "_head_bytes", "_headers", "_url",
         "_in_head", "_trailers", "_has_body", "upgraded", "_scheme", "in_message",
-        "_default_authority", "_quiet", "_progress", "_forward_proxy",
+        "_default_authority", "_quiet", "_progress", "_forward_proxy", "_max_headers", "_max_body",
+        "_body_received", "_chunked_body", "_chunks", "_framing", "_messages",
     )
 
     def __init__(self, sink: RequestSink, max_head_bytes: int = 64 * 1024, scheme: bytes = b"http",
-                 default_authority: bytes | None = None, forward_proxy: bool = False):
+                 default_authority: bytes | None = None, forward_proxy: bool = False,
+                 max_headers: int = 100, max_body_bytes: int = 0, allow_bare_lf: bool = False):
         """
         @param sink: receives parsed events.
         @param max_head_bytes: request line plus headers beyond this is a 431.
@@ -175,10 +250,26 @@ class RequestParser:
             origin form, their authority replacing C{Host}, and the head is
             marked C{absolute_form}) and drop C{Proxy-Authorization}, which
             is meant for this hop.
+        @param max_headers: more header fields than this in a head is a 431.
+        @param max_body_bytes: a body longer than this (declared or as it
+            flows) is a 413; 0 for no limit.
+        @param allow_bare_lf: accept a bare LF ending a header line or the
+            head (llhttp's C{lenient_optional_cr_before_lf}).  The request
+            line and chunk lines still need CRLF: llhttp's leniency that
+            would allow a bare LF there also takes a bare CR as a line end.
         """
         self._forward_proxy = forward_proxy
+        self._max_headers = max_headers
+        self._max_body = max_body_bytes or _UNLIMITED
+        self._body_received = 0
+        self._chunked_body = False
+        self._chunks = 0
+        self._framing = 0
+        self._messages = 0
         self._sink = sink
         self._parser = httptools.HttpRequestParser(self)
+        if allow_bare_lf:
+            self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._max_head = max_head_bytes
         self._scheme = scheme
         self._default_authority = default_authority
@@ -205,6 +296,9 @@ class RequestParser:
         if self.upgraded:
             return data
         self._progress = False
+        chunked = self._chunked_body
+        in_message = self.in_message
+        messages, body, chunks = self._messages, self._body_received, self._chunks
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -217,6 +311,9 @@ class RequestParser:
             raise
         except httptools.HttpParserError as e:
             raise ProtocolError(400, str(e) or "malformed request") from None
+        if self._chunked_body and not _feed_framing_ok(self, data, chunked, self._messages - messages, body, chunks,
+                                                       not in_message):
+            raise ProtocolError(400, "too many chunk extension or framing bytes")
         if self._progress:
             self._quiet = 0
         else:
@@ -237,6 +334,7 @@ class RequestParser:
         self._headers = []
         self._url = b""
         self._trailers = None
+        self._messages += 1
 
     def on_url(self, url: bytes) -> None:
         self._progress = True
@@ -258,6 +356,7 @@ class RequestParser:
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name.lower(), value))
+            self._framing -= len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -265,6 +364,8 @@ class RequestParser:
         version = _version_bytes(parser.get_http_version())
         if version not in _VERSIONS:
             raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        if len(self._headers) > self._max_headers:
+            raise ProtocolError(431, "too many request headers")
         method = parser.get_method()
         url = self._url
         authority = None
@@ -299,6 +400,10 @@ class RequestParser:
                     content_length = value
                 headers.append((name, value))
         if codings:
+            # An HTTP/1.0 recipient may not know chunked: a front end that
+            # framed this by Content-Length would disagree (RFC 9112 6.1).
+            if version == b"1.0":
+                raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
             # llhttp checks for a final "chunked" only after this callback,
             # and codings are not forwarded: take "chunked" alone.
             if codings[-1] != b"chunked":
@@ -342,19 +447,35 @@ class RequestParser:
         # llhttp switches to the tunnel right after the head: a body declared
         # with Content-Length is the tunnel's first bytes, not a request body.
         self._has_body = not tunnel and (chunked or (content_length is not None and content_length != b"0"))
+        if self._has_body:
+            self._body_received = 0
+            if chunked:
+                self._chunked_body = True
+                self._framing = 0
+            elif self._max_body < _UNLIMITED and int(content_length) > self._max_body:
+                raise ProtocolError(413, "request body too large")
         end_stream = not self._has_body and not tunnel
         head = RequestHead(method, url, authority, Headers(headers), self._scheme, version, absolute_form)
         self._sink.request_head(head, end_stream, parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
+        received = self._body_received + len(body)
+        self._body_received = received
+        if received > self._max_body:
+            raise ProtocolError(413, "request body too large")
         self._sink.request_data(body)
+
+    def on_chunk_header(self) -> None:
+        self._progress = True
+        self._chunks += 1
 
     def on_message_complete(self) -> None:
         self._progress = True
         self.in_message = False
         if self._has_body:
             self._has_body = False
+            self._chunked_body = False
             trailers = self._trailers
             self._sink.request_end(Headers(trailers) if trailers else None)
 
@@ -372,6 +493,7 @@ class ResponseParser:
         "_sink", "_parser", "_headers", "_in_head", "_trailers", "_head_request",
         "_close_delimited", "_head_done", "_done", "upgraded", "_has_body", "_max_head", "_head_bytes",
         "_stale", "_keep_alive", "_held", "_hop", "_content_length",
+        "_body_received", "_chunked_body", "_chunks", "_framing", "_messages", "_pending_head", "_early",
     )
 
     def __init__(self, sink: ResponseSink, max_head_bytes: int = 64 * 1024):
@@ -381,6 +503,12 @@ class ResponseParser:
         self._head_request = False
         self._done = False
         self._stale = False
+        self._chunks = 0
+        self._framing = 0
+        self._messages = 0
+        # Cleared when released; after an error the parser is not used again.
+        self._pending_head: ResponseHead | None = None
+        self._early: list[bytes] | None = None
         self._reset_message()
         self.upgraded = False
 
@@ -396,6 +524,8 @@ class ResponseParser:
         self._head_bytes = 0
         self._keep_alive = False
         self._held = b""
+        self._body_received = 0
+        self._chunked_body = False
 
     def expect_response(self, head_request: bool) -> None:
         """
@@ -449,6 +579,8 @@ class ResponseParser:
             if data:
                 raise ProtocolError(502, "upstream sent data after a complete response")
             return None
+        chunked = self._chunked_body
+        messages, body, chunks = self._messages, self._body_received, self._chunks
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -461,6 +593,11 @@ class ResponseParser:
             raise
         except httptools.HttpParserError as e:
             raise ProtocolError(502, f"malformed upstream response: {e}") from None
+        if self._chunked_body and not _feed_framing_ok(self, data, chunked, self._messages - messages, body, chunks,
+                                                       data.startswith(b"HTTP/")):
+            raise ProtocolError(502, "upstream sent too many chunk extension or framing bytes")
+        if self._pending_head is not None:
+            self._release_head()
         held = self._held
         if held:
             self._held = b""
@@ -488,6 +625,7 @@ class ResponseParser:
             # connection, as the answer to the next request.
             raise ProtocolError(502, "upstream sent data after a complete response")
         self._reset_message()
+        self._messages += 1
 
     def on_status(self, status: bytes) -> None:
         pass
@@ -514,6 +652,7 @@ class ResponseParser:
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value))
+            self._framing -= len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -542,6 +681,12 @@ class ResponseParser:
         head = ResponseHead(status, Headers(headers), b"", version)
         if status < 200:
             if status == 101:
+                # llhttp switches protocols only on Connection: upgrade with
+                # a non-empty Upgrade; any other 101 would reach the client
+                # and then fail the parse, so it is refused whole.
+                if b"upgrade" not in connection or not any(n == b"upgrade" and v.strip() for n, v in headers):
+                    raise ProtocolError(502, "malformed upstream response: 101 without Connection: upgrade "
+                                             "and an Upgrade protocol")
                 self._head_done = True
                 self._done = True
                 self._sink.response_head(head, False)
@@ -560,9 +705,13 @@ class ResponseParser:
             # would wait for a chunked body the upstream never frames.
             if codings != [b"chunked"]:
                 raise ProtocolError(502, "upstream used a transfer coding other than chunked")
+            if version == b"1.0":
+                raise ProtocolError(502, "upstream sent Transfer-Encoding in an HTTP/1.0 response")
             chunked = True
         if chunked:
             self._has_body = True
+            self._chunked_body = True
+            self._framing = 0
         elif content_length is not None:
             self._has_body = content_length != b"0"
         else:
@@ -570,7 +719,22 @@ class ResponseParser:
             self._close_delimited = True
         if not self._has_body:
             self._done = True
-        self._sink.response_head(head, not self._has_body)
+            self._sink.response_head(head, True)
+        else:
+            # Held to the end of this input (or of the message), with the
+            # body pieces that come with it: a malformed body in the same
+            # read is then a 502, not a relayed head and a cut connection.
+            self._pending_head = head
+
+    def _release_head(self) -> None:
+        head = self._pending_head
+        self._pending_head = None
+        self._sink.response_head(head, False)
+        early = self._early
+        if early is not None:
+            self._early = None
+            for piece in early:
+                self._sink.response_data(piece)
 
     def on_body(self, body: bytes) -> None:
         if self._done:
@@ -579,17 +743,36 @@ class ResponseParser:
         # The latest piece is held until the next one, the end of the
         # message, or the end of this input: a small body then leaves as one
         # "data + end" event instead of two.
+        if self._chunked_body:
+            self._body_received += len(body)
         held = self._held
         self._held = body
         if held:
-            self._sink.response_data(held)
+            if self._pending_head is not None:
+                if self._early is None:
+                    self._early = [held]
+                else:
+                    self._early.append(held)
+            else:
+                self._sink.response_data(held)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
 
     def on_message_complete(self) -> None:
+        self._chunked_body = False
         if not self._head_done:
             return  # an informational (1xx) response
         if self._done and not self._has_body:
             return  # already ended at the head
         self._done = True
+        head = self._pending_head
+        if head is not None:
+            if self._early is not None:
+                self._release_head()
+            else:
+                self._pending_head = None
+                self._sink.response_head(head, False)
         trailers = self._trailers
         held, self._held = self._held, b""
         self._sink.response_end(Headers(trailers) if trailers else None, held)

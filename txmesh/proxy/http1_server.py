@@ -69,11 +69,21 @@ class _RequestReading:
 
 def _check_interval(listener: Any) -> float:
     """
-    How often a connection checks its timeouts: the shorter of the two that
-    are enabled (0 disables one, not both).
+    How often a connection checks its timeouts: the shortest of those that
+    are enabled (0 disables one, not the others).
     """
-    enabled = [t for t in (listener.idle_timeout, listener.request_headers_timeout) if t > 0]
+    enabled = [t for t in (listener.idle_timeout, listener.request_headers_timeout,
+                           listener.request_body_timeout) if t > 0]
     return min(enabled) if enabled else 0.0
+
+
+class _Refused(Protocol):
+    """
+    A connection over the listener's C{max_connections}: closed at once.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
 
 
 class HTTP1ServerProtocol(Protocol):
@@ -104,6 +114,9 @@ class HTTP1ServerProtocol(Protocol):
         self._tunnel = False
         self._connect = False
         self._held = b""
+        # A route's own max_request_bytes (the listener's is the parser's).
+        self._body_limit = 0
+        self._body_count = 0
 
     def start_drain(self) -> None:
         """
@@ -126,7 +139,8 @@ class HTTP1ServerProtocol(Protocol):
         self._forward_proxy = listener.forward_proxy is not None
         self._parser = RequestParser(
             self, listener.max_request_headers_bytes, listener.scheme, listener.default_host,
-            self._forward_proxy)
+            self._forward_proxy, listener.max_request_headers, listener.max_request_bytes,
+            listener.allow_bare_lf)
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -212,6 +226,11 @@ class HTTP1ServerProtocol(Protocol):
                     queue.popleft()
                     self._queued_bytes -= len(event[1])
                     if self._stream is not None and self._request_open:
+                        if self._body_limit:
+                            self._body_count += len(event[1])
+                            if self._body_count > self._body_limit:
+                                self._body_too_large()
+                                break
                         self._stream.request_data(event[1], False)
                 else:
                     queue.popleft()
@@ -250,6 +269,15 @@ class HTTP1ServerProtocol(Protocol):
         stream = manager.new_stream(self, self._peer, request_id, principal, port)
         self._stream = stream
         stream.request_headers(head, end_stream)
+        limit = getattr(stream.route, "max_request_bytes", None) if manager.route_body_limits else None
+        if limit and not end_stream and head.method != b"CONNECT" and b"upgrade" not in head.headers:
+            self._body_limit = limit
+            self._body_count = 0
+            length = head.headers.get(b"content-length")
+            if length is not None and int(length) > limit and self._stream is stream:
+                self._body_too_large()
+        else:
+            self._body_limit = 0
 
     # ResponseWriter, for the active stream
 
@@ -354,6 +382,8 @@ class HTTP1ServerProtocol(Protocol):
         if reason in reasons:
             reasons.discard(reason)
             if not reasons and not self._closing:
+                # Time spent paused is the proxy's, not the client's.
+                self._last_activity = self._clock.seconds()
                 self.transport.resumeProducing()
 
     def set_response_producer(self, producer: Any) -> None:
@@ -428,6 +458,17 @@ class HTTP1ServerProtocol(Protocol):
         if self._stream is None and not self._closing:
             self._write_error(error)
 
+    def _body_too_large(self) -> None:
+        """
+        The active request's body is over its route's C{max_request_bytes}:
+        abandon the upstream exchange and answer 413 (or, if the response
+        has begun, close), as for a malformed body.
+        """
+        self._body_limit = 0
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._protocol_error(ProtocolError(413, "request body too large"))
+
     def _abandon_stream(self) -> Any:
         stream, self._stream = self._stream, None
         if self._response_producer is not None:
@@ -474,7 +515,16 @@ class HTTP1ServerProtocol(Protocol):
                 return
             self._schedule_check(_check_interval(listener))
             return
-        # A stream is in flight: its own timeouts govern it.
+        # A stream is in flight: its own timeouts govern it, but for the
+        # request body, which only the client can send.
+        body_timeout = listener.request_body_timeout
+        if body_timeout > 0 and self._request_open and not self._pause_reasons:
+            waited = now - self._last_activity
+            if waited >= body_timeout:
+                self._protocol_error(ProtocolError(408, "request body read timeout"))
+                return
+            self._schedule_check(min(body_timeout - waited, _check_interval(listener)))
+            return
         self._schedule_check(_check_interval(listener))
 
 
@@ -494,7 +544,24 @@ class HTTP1ServerFactory(Factory):
         self.manager = manager
         self.draining = False
         self.connections: set[HTTP1ServerProtocol] = set()
+        # Accepted connections whose codec is not chosen yet (see listener).
+        self.pending = 0
         self._idle_waiters: list[Deferred] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        """
+        A new connection: refused (closed at once, and counted in
+        C{txmesh_downstream_connections_overflow}) when the listener
+        already has C{max_connections} open.
+        """
+        listener = self.manager.listener
+        limit = listener.max_connections
+        if limit and len(self.connections) + self.pending >= limit:
+            metrics = self.manager.proxy.metrics
+            if metrics is not None:
+                metrics.downstream_connections_overflow.labels(listener.name).inc()
+            return _Refused()
+        return super().buildProtocol(addr)
 
     def drain(self) -> None:
         """

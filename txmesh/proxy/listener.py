@@ -19,6 +19,7 @@ from txmesh.proxy.connection_manager import HTTPConnectionManager
 from txmesh.proxy.http1_server import HTTP1ServerFactory, HTTP1ServerProtocol
 from txmesh.proxy.http2 import PREFACE, parse_h2c_upgrade
 from txmesh.proxy.http2_server import HTTP2ServerProtocol
+from txmesh.proxy.overload import REFUSE_CONNECTIONS, SHED_REQUESTS
 from txmesh.proxy.tls import negotiated_protocol
 
 # How much of a request head is looked at for an h2c upgrade.
@@ -47,8 +48,13 @@ class _SniffingProtocol(Protocol):
         self._inner: Any = None
         self._buffer = b""
         self._timer: Any = None
+        self._pending = False
 
     def connectionMade(self) -> None:
+        # Counted against the listener's max_connections until the codec,
+        # which counts itself, is chosen.
+        self._pending = True
+        self.factory.pending += 1
         if negotiated_protocol(self.transport) == b"h2":
             self._choose(HTTP2ServerProtocol())
             return
@@ -93,7 +99,10 @@ class _SniffingProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        inner.factory = self.factory
+        self._no_longer_pending()
+        # HTTP/2 sees the listener through a view that leaves overload out
+        # of draining (see HTTPListenerFactory.overload_changed).
+        inner.factory = _HTTP2View(self.factory) if isinstance(inner, HTTP2ServerProtocol) else self.factory
         self._inner = inner
         # The codec talks to the transport directly; a TCP transport also
         # delivers to it directly from now on, other transports (TLS)
@@ -108,10 +117,16 @@ class _SniffingProtocol(Protocol):
         if self._inner is None:
             self.transport.loseConnection()
 
+    def _no_longer_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.factory.pending -= 1
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._no_longer_pending()
         if self._inner is not None:
             self._inner.connectionLost(reason)
 
@@ -125,8 +140,88 @@ class HTTPListenerFactory(HTTP1ServerFactory):
         and HTTP/2 connections get a GOAWAY; both end after the streams in
         flight.
     @ivar connections: the open codec protocols (of either version).
+    @ivar drain_requested: L{drain} was called (C{draining} may also be
+        set by the overload manager).
     """
 
     protocol = _SniffingProtocol
     # What TLS listeners offer in ALPN (see ProxyService._tls_options).
     alpn_protocols = (b"h2", b"http/1.1")
+
+    def __init__(self, manager: HTTPConnectionManager):
+        super().__init__(manager)
+        self.drain_requested = False
+        self._refusing = False
+        self._overload = manager.proxy.overload
+        if self._overload is not None:
+            self._overload.subscribe(self)
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        """
+        A new connection: closed at once, and counted, while the overload
+        manager refuses connections.
+        """
+        if self._refusing:
+            self._overload.count_refused_connection()
+            return _Overloaded()
+        return super().buildProtocol(addr)
+
+    def drain(self) -> None:
+        self.drain_requested = True
+        super().drain()
+
+    def overload_changed(self, state: int) -> None:
+        """
+        The overload manager's state changed (see L{txmesh.proxy.overload}).
+
+        While requests are shed, HTTP/1 responses close their connection
+        (keep-alive off): C{draining} is set, without closing idle
+        connections as a drain does.  HTTP/2 connections are left open (no
+        GOAWAY): their new streams get C{503 OL}, which costs less than
+        every client reconnecting.
+        """
+        self._refusing = state >= REFUSE_CONNECTIONS
+        self.draining = self.drain_requested or state >= SHED_REQUESTS
+
+
+class _HTTP2View:
+    """
+    A listener's factory as one HTTP/2 connection sees it: C{draining} only
+    when the listener drains, not while overloaded.
+    """
+
+    __slots__ = ("_factory",)
+
+    def __init__(self, factory: Any):
+        """
+        @param factory: the connection's factory: an L{HTTPListenerFactory},
+            or a capture listener's view of one.
+        """
+        self._factory = factory
+
+    @property
+    def manager(self) -> HTTPConnectionManager:
+        return self._factory.manager
+
+    @property
+    def draining(self) -> bool:
+        factory = self._factory
+        return getattr(factory, "drain_requested", factory.draining)
+
+    def connection_opened(self, protocol: Any) -> None:
+        self._factory.connection_opened(protocol)
+
+    def connection_closed(self, protocol: Any) -> None:
+        self._factory.connection_closed(protocol)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
+
+
+class _Overloaded(Protocol):
+    """
+    A connection refused by the overload manager: closed at once.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()

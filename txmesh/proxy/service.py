@@ -36,7 +36,9 @@ from txmesh.proxy.deadlines import DeadlineWheel
 from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.listener import HTTPListenerFactory
 from txmesh.proxy.mesh_tls import MeshServerCreator, PermissiveFactory
+from txmesh.proxy.overload import OverloadManager
 from txmesh.proxy.pilot_client import PilotClient, pilot_tls_options
+from txmesh.proxy.reuseport import listener_endpoint
 from txmesh.proxy.sni_router import SNIRouterFactory
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, select_by_server_name, server_options
@@ -98,6 +100,7 @@ class ProxyService(Service):
         pilot_backoff_base: float = 0.5,
         pilot_backoff_max: float = 15.0,
         document: dict | None = None,
+        reuse_port: bool = False,
     ):
         """
         @param config_path: the YAML file to run from (a name for messages
@@ -114,9 +117,12 @@ class ProxyService(Service):
             file's (a bootstrap made from the command line, see
             L{txmesh.proxy.bootstrap}); relative paths in it are relative
             to C{config_path}'s directory.
+        @param reuse_port: listen with C{SO_REUSEPORT}, as the worker
+            processes of C{--concurrency} do (see L{txmesh.proxy.workers}).
         """
         self._path = config_path
         self._document = document
+        self._reuse_port = reuse_port
         self._reactor = reactor
         self._loader = ConfigLoader(registry or FilterRegistry.from_plugins())
         self._watch_interval = watch_interval
@@ -141,6 +147,9 @@ class ProxyService(Service):
         self.pilot: PilotClient | None = None
         self.identity: WorkloadIdentity | None = None
         self._bootstrap: ProxyConfig | None = None
+        # Built from the config the service starts with (its overload
+        # section); changes to that section need a restart.
+        self.overload: OverloadManager | None = None
 
     def load_initial(self) -> ProxyConfig:
         """
@@ -175,6 +184,10 @@ class ProxyService(Service):
         self.identity = self._clusters.identity = self._make_identity(config)
         self.metrics.set_identity(self.identity)
         self._check_identity(config, self._path)
+        if config.overload is not None:
+            self.overload = OverloadManager(config.overload, self._reactor)
+            self.metrics.watch_overload(self.overload)
+            self.overload.start()
         self._clusters.start()
         self._apply_clusters(config)
         for listener in config.listeners:
@@ -201,6 +214,8 @@ class ProxyService(Service):
             self.pilot.stop()
         if self._watcher is not None and self._watcher.running:
             self._watcher.stop()
+        if self.overload is not None:
+            self.overload.stop()
         self._restore_sighup()
         return self._drain()
 
@@ -280,7 +295,7 @@ class ProxyService(Service):
 
     def _proxy_context(self, config: ProxyConfig) -> ProxyContext:
         return ProxyContext(config.node, self._reactor, self.metrics, self._writes, self._deadlines,
-                            identity=self.identity)
+                            identity=self.identity, overload=self.overload)
 
     def _inner_factory(self, listener: ListenerConfig, config: ProxyConfig) -> Factory:
         if listener.protocol == "tcp":
@@ -333,6 +348,7 @@ class ProxyService(Service):
             observer=self.metrics.tcp_listener(listener.name, cluster_name, listener.mtls),
             on_connection_closed=(TCPAccessLog(listener.access_log, cluster_name)
                                   if listener.access_log is not None else None),
+            writes=self._writes,
         )
 
     def _capture_relay(self, listener_name: str, destination: tuple[str, int]) -> TCPProxyFactory:
@@ -351,6 +367,7 @@ class ProxyService(Service):
             clock=reactor,
             idle_timeout=self._listeners[listener_name].config.idle_timeout,
             observer=self.metrics.tcp_listener(listener_name, PASSTHROUGH_CLUSTER),
+            writes=self._writes,
         )
 
     def _tls_options(self, listener: ListenerConfig, inner: Factory) -> Any:
@@ -390,7 +407,8 @@ class ProxyService(Service):
                                      lambda destination: self._capture_relay(listener.name, destination),
                                      self._reactor)
             factory = OriginalDestinationFactory(capture, require=True, name=listener.name)
-        entry.port = yield serverFromString(self._reactor, listener.address).listen(factory)
+        endpoint = listener_endpoint(self._reactor, listener.address, self._reuse_port)
+        entry.port = yield endpoint.listen(factory)
         self._listeners[listener.name] = entry
         log.info("listener {name} ({protocol}) on {address}", name=listener.name,
                  protocol=listener.protocol, address=listener.address)
@@ -429,6 +447,28 @@ class ProxyService(Service):
             self.metrics.config_reloads.labels("rejected").inc()
             return False
         return True
+
+    @inlineCallbacks
+    def apply_document(self, document: dict, source: str) -> Any:
+        """
+        Apply a config document read and validated elsewhere: a worker
+        process of C{--concurrency} applies its parent's this way (see
+        L{txmesh.proxy.workers}), with the same validation as a reload.
+
+        @param source: the file it came from (relative paths in it are
+            relative to that file's directory).
+        @return: a L{Deferred} firing with C{None} if it was applied, or
+            with the L{ConfigError} message that refused it.
+        """
+        try:
+            new = self._loader.load_document(document, source)
+            yield self._apply_config(new, source)
+        except ConfigError as e:
+            log.error("config refused, still serving version {version}: {error}",
+                      version=self.version, error=str(e))
+            self.metrics.config_reloads.labels("rejected").inc()
+            return str(e)
+        return None
 
     def _remember_mtime(self) -> None:
         self._mtime = self._file_mtime()

@@ -196,6 +196,7 @@ class ResponseFlag:
     LOCAL_REPLY = "LR"
     RBAC_DENIED = "RBACD"
     STREAM_IDLE_TIMEOUT = "SI"
+    OVERLOAD = "OL"
 
 
 FLAGS_HEADER = b"x-txmesh-flags"

@@ -127,6 +127,7 @@ class TCPProxyFactory(ServerFactory):
         filters: Sequence[FilterConfig] = (),
         on_connection_closed: Callable[[TCPConnectionStats], None] | None = None,
         observer: Any = None,
+        writes: Any = None,
     ) -> None:
         """
         @param listener_name: the listener's name, for logs, stats and
@@ -156,6 +157,10 @@ class TCPProxyFactory(ServerFactory):
             stats)} once it is closed, where C{connection} has C{bytes_received}
             and C{bytes_sent} (so far) and C{stats} is the
             L{TCPConnectionStats}.
+        @param writes: a L{WriteCoalescer
+            <txmesh.proxy.write_coalescer.WriteCoalescer>} that relayed bytes
+            go through (one C{send} per transport per reactor iteration, no
+            C{epoll_ctl} per write), or C{None} for plain C{transport.write}.
 
         @raise ValueError: if C{idle_timeout} is negative.
         """
@@ -169,6 +174,7 @@ class TCPProxyFactory(ServerFactory):
         self.filters = tuple(filters)
         self.on_connection_closed = on_connection_closed
         self.observer = observer
+        self.writes = writes
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """
@@ -209,6 +215,7 @@ class _Side:
     name: str
     hooks: list[tuple[str, Callable[[bytes], Any]]] = attrs.Factory(list)
     transport: ITransport | None = None
+    write: Callable[[bytes], None] | None = None
     read_closed: bool = False
     lost: bool = False
     has_producer: bool = False
@@ -338,6 +345,8 @@ class _ProxySession:
     # Events from the two protocols.
 
     def side_connected(self, side: _Side, transport: ITransport) -> None:
+        writes = self._factory.writes
+        side.write = writes.writer_for(transport) if writes is not None else transport.write
         if side is self._down:
             self._downstream_connected(transport)
         else:
@@ -544,8 +553,8 @@ class _ProxySession:
                 return
         target = self._up if source is self._down else self._down
         target.bytes_written += len(data)
-        assert target.transport is not None
-        target.transport.write(data)
+        assert target.write is not None
+        target.write(data)
 
     def _run_hooks(self, source: _Side, data: bytes) -> Any:
         """
