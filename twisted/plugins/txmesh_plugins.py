@@ -59,6 +59,8 @@ class ProxyOptions(usage.Options):
          "selector matches this proxy's labels (see --label)."],
         ["capture", None, "With --pilot: the workload's traffic is redirected here by iptables (txmesh "
          "iptables); the pushed outbound listener recovers each connection's original destination."],
+        ["reuse-port", None, "Bind TCP listeners with SO_REUSEPORT, so a replacement proxy can start on the same "
+         "ports while this one drains after SIGTERM (a restart without refused connections)."],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.yaml")})
 
@@ -121,6 +123,7 @@ class ProxyServiceMaker:
         service = ProxyService(
             options["config"] or "<command line>", reactor,
             watch_interval=options["watch"], drain_timeout=options["drain-timeout"], document=document,
+            reuse_port=bool(options["reuse-port"]),
         )
         try:
             service.load_initial()

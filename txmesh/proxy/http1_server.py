@@ -38,6 +38,13 @@ _HEAD, _DATA, _END = 0, 1, 2
 
 # Pipelined requests and their bodies queued behind the active one; past
 # either limit the client is not read until the queue drains.
+DRAIN_IDLE_GRACE = 0.5
+"""
+Seconds an idle connection stays open once draining starts: a client that
+is sending its next request right then gets it answered (with
+C{Connection: close}) instead of racing a close; one that stays idle is
+closed after this.
+"""
 QUEUE_EVENTS_LIMIT = 64
 QUEUE_BYTES_LIMIT = 1 << 20
 
@@ -99,6 +106,7 @@ class HTTP1ServerProtocol(Protocol):
         self._reading = _RequestReading(self)
         self._response_producer: Any = None
         self._draining = False
+        self._drain_call: Any = None
         self._closing = False
         self._pending_error: ProtocolError | None = None
         self._timer: Any = None
@@ -120,10 +128,16 @@ class HTTP1ServerProtocol(Protocol):
 
     def start_drain(self) -> None:
         """
-        Close now if no response is under way; otherwise the connection
-        ends after the current response (the factory is draining).
+        End the connection after the current response (the factory is
+        draining); an idle one after L{DRAIN_IDLE_GRACE} unless a request
+        comes first.
         """
-        if self._stream is None:
+        if self._stream is None and self._drain_call is None and not self._closing:
+            self._drain_call = self._clock.callLater(DRAIN_IDLE_GRACE, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._drain_call = None
+        if self._stream is None and not self._queue:
             self._close()
 
     # Connection lifecycle
@@ -156,6 +170,9 @@ class HTTP1ServerProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
         self._queue.clear()
         stream = self._abandon_stream()
         if stream is not None:
