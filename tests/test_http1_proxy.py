@@ -39,6 +39,7 @@ from txmesh.filters.registry import FilterRegistry
 from txmesh.filters.router import RouterFactory
 from txmesh.observability.metrics import MetricsFactory
 from txmesh.proxy.http1_client import HTTP1ClientConnection
+from txmesh.proxy.request_rate import RequestRate
 from txmesh.proxy.stream import Headers, RequestHead
 
 UUID4 = re.compile(rb"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -1748,3 +1749,45 @@ class PooledConnectionPauseTests(unittest.TestCase):
         self.assertEqual(transport.producerState, "paused")
         connection.start(RequestHead(b"GET", b"/", b"a", Headers([(b"host", b"a")])), True, handler)
         self.assertEqual(transport.producerState, "producing")
+
+
+class RequestRateTests(_Base):
+    """
+    C{max_requests_per_second}: one connection's requests beyond the rate
+    get 429 with flag RL; other connections are not affected.
+    """
+
+    LIMITED = """
+        listeners:
+          - name: http
+            address: "tcp:0:interface=127.0.0.1"
+            max_requests_per_second: 2
+            routes: [{match: {prefix: /}, cluster: app}]
+        clusters:
+          - {name: app, endpoints: ["127.0.0.1:{up}"]}
+        """
+
+    def test_token_bucket(self) -> None:
+        rate = RequestRate(2)
+        self.assertEqual([rate.allow(0.0) for _ in range(3)], [True, True, False])
+        self.assertFalse(rate.allow(0.4))  # 0.8 of a token
+        self.assertTrue(rate.allow(0.5))
+        self.assertTrue(rate.allow(10.0))  # refilled, capped at the burst
+        self.assertTrue(rate.allow(10.0))
+        self.assertFalse(rate.allow(10.0))
+        self.assertRaises(ValueError, RequestRate, 0)
+
+    @defer.inlineCallbacks
+    def test_excess_gets_429(self):
+        up = HTTPUpstream(lambda proto, req: send_response(proto, body=b"ok"))
+        port = yield self.upstream(up.factory)
+        h = yield self.proxy(self.LIMITED, up=port)
+        client = yield raw_connect(self, h.port())
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 4)
+        responses = yield get_responses(client, 4)
+        self.assertEqual([r.status for r in responses], [200, 200, 429, 429])
+        self.assertEqual(dict(responses[2].headers).get(b"x-txmesh-flags"), b"RL")
+        other = yield raw_connect(self, h.port())
+        other.transport.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        [r] = yield get_responses(other, 1)
+        self.assertEqual(r.status, 200)

@@ -78,6 +78,12 @@ from txmesh.proxy.tls import (
 
 T = TypeVar("T")
 
+
+def _request_rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1_000_000:
+        raise ValueError(f"expected requests per second from 0 (no limit) to 1000000, got {value!r}")
+    return float(value)
+
 ROUTER_FILTER = "router"
 FAULT_FILTER = "fault"
 ACCESS_LOG_FILTER = "access_log"
@@ -786,6 +792,7 @@ class ConfigLoader:
             max_request_bytes=s.get("max_request_bytes", _int_in(0, 1 << 62), d.max_request_bytes),
             request_body_timeout=s.get("request_body_timeout", parse_duration, d.request_body_timeout),
             max_connections=s.get("max_connections", _int_in(0, 1 << 30), d.max_connections),
+            max_requests_per_second=s.get("max_requests_per_second", _request_rate, d.max_requests_per_second),
             allow_bare_lf=s.get("allow_bare_lf", _bool, d.allow_bare_lf),
             default_host=default_host,
             tls=tls,

@@ -548,6 +548,9 @@ class ListenerConfig:
         without a byte from the client before a 408; 0 disables.
     @ivar max_connections: open client connections beyond which new ones
         are closed at once; 0 for no limit.
+    @ivar max_requests_per_second: requests one client connection may
+        send per second (a token bucket holding one second's worth); the
+        excess gets C{429} with flag C{RL}.  0 for no limit.
     @ivar allow_bare_lf: accept a bare LF ending an HTTP/1 header line
         (never the request line or a chunk line).
     @ivar default_host: authority used for HTTP/1.0 requests with no C{Host}.
@@ -581,6 +584,7 @@ class ListenerConfig:
     max_request_bytes: int = 0
     request_body_timeout: float = 60.0
     max_connections: int = 0
+    max_requests_per_second: float = 0.0
     allow_bare_lf: bool = False
     default_host: bytes | None = None
     scheme: bytes = b"http"

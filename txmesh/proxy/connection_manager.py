@@ -24,6 +24,7 @@ from txmesh.filters.chain import FilterChain, ResponseWriter
 from txmesh.proxy.forward_proxy import ForwardProxyRoutes
 from txmesh.proxy.mesh_tls import client_cert_header, downstream_identity
 from txmesh.proxy.overload import NEVER_OVERLOADED, OVERLOADED_BODY
+from txmesh.proxy.request_rate import RequestRate
 from txmesh.proxy.router import RouteTable
 from txmesh.proxy.stream import RequestHead, ResponseFlag
 
@@ -179,7 +180,8 @@ class HTTPConnectionManager:
         return clone
 
     def new_stream(self, writer: ResponseWriter, downstream_address: Any, request_id: bytes,
-                   principal: str | None = None, local_port: int | None = None) -> FilterChain:
+                   principal: str | None = None, local_port: int | None = None,
+                   rate: RequestRate | None = None) -> FilterChain:
         """
         Start a stream for a codec.
 
@@ -187,7 +189,12 @@ class HTTPConnectionManager:
         @param principal: the peer's verified SPIFFE ID (mutual TLS), or
             C{None}.
         @param local_port: the port the connection arrived on.
+        @param rate: the connection's request rate limit (see
+            L{request_rate}), or C{None}.
         """
+        if rate is not None and not rate.allow(self.clock.seconds()):
+            return _RateLimitedStream(writer, self.clock, self.listener.name, downstream_address, request_id,
+                                      _no_route, self.clusters, ())
         if self._overload.shed_requests:
             # Before routing and before any filter is built: under memory
             # pressure, allocating less matters more (as Envoy).
@@ -234,6 +241,7 @@ def _no_route(head: RequestHead) -> None:
 
 
 _OVERLOADED = LocalReply(503, OVERLOADED_BODY, flag=ResponseFlag.OVERLOAD)
+_RATE_LIMITED = LocalReply(429, b"too many requests on this connection\n", flag=ResponseFlag.RATE_LIMITED)
 
 
 class _ShedStream(FilterChain):
@@ -249,3 +257,25 @@ class _ShedStream(FilterChain):
         if end_stream:
             self.request_complete = True
         self._local_reply(_OVERLOADED, -1)
+
+
+class _RateLimitedStream(FilterChain):
+    """
+    A request over its connection's rate limit: C{429} with flag C{RL}
+    as soon as its head arrives, without routing or filters.
+    """
+
+    def request_headers(self, head: RequestHead, end_stream: bool) -> None:
+        self.request_head = head
+        if end_stream:
+            self.request_complete = True
+        self._local_reply(_RATE_LIMITED, -1)
+
+
+def request_rate(listener: ListenerConfig) -> RequestRate | None:
+    """
+    @return: a new connection's request rate limit on C{listener}, or
+        C{None} if it has none.
+    """
+    rate = listener.max_requests_per_second
+    return RequestRate(rate) if rate > 0 else None

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
-from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_headers
+from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_headers, request_rate
 from txmesh.proxy.http1 import (
     REASONS,
     ProtocolError,
@@ -150,6 +150,7 @@ class HTTP1ServerProtocol(Protocol):
         self._peer_ip = getattr(self._peer, "host", "").encode("ascii")
         # Learnt at the first request: with TLS the handshake is done by then.
         self._peer_info: tuple | None = None
+        self._rate = request_rate(listener)
         self._forward_proxy = listener.forward_proxy is not None
         self._parser = RequestParser(
             self, listener.max_request_headers_bytes, listener.scheme, listener.default_host,
@@ -283,7 +284,7 @@ class HTTP1ServerProtocol(Protocol):
             self._peer_info = manager.peer_info(self.transport)
         principal, client_cert, port = self._peer_info
         request_id = forwarding_headers(head, self._peer_ip, client_cert)
-        stream = manager.new_stream(self, self._peer, request_id, principal, port)
+        stream = manager.new_stream(self, self._peer, request_id, principal, port, self._rate)
         self._stream = stream
         stream.request_headers(head, end_stream)
         limit = getattr(stream.route, "max_request_bytes", None) if manager.route_body_limits else None

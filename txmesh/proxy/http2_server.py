@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_headers
+from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_headers, request_rate
 from txmesh.proxy.http2 import (
     CONNECTION_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
@@ -312,6 +312,7 @@ class HTTP2ServerProtocol(Protocol):
         self._peer_ip = getattr(self._peer, "host", "").encode("ascii")
         # Learnt at the first request: with TLS the handshake is done by then.
         self._peer_info: tuple | None = None
+        self._rate = request_rate(manager.listener)
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -440,7 +441,7 @@ class HTTP2ServerProtocol(Protocol):
             self._peer_info = manager.peer_info(self.transport)
         principal, client_cert, port = self._peer_info
         request_id = forwarding_headers(head, self._peer_ip, client_cert)
-        chain = manager.new_stream(stream, self._peer, request_id, principal, port)
+        chain = manager.new_stream(stream, self._peer, request_id, principal, port, self._rate)
         stream.chain = chain
         chain.request_headers(head, end_stream)
 

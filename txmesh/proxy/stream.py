@@ -197,6 +197,7 @@ class ResponseFlag:
     RBAC_DENIED = "RBACD"
     STREAM_IDLE_TIMEOUT = "SI"
     OVERLOAD = "OL"
+    RATE_LIMITED = "RL"
 
 
 FLAGS_HEADER = b"x-txmesh-flags"
