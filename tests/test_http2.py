@@ -241,13 +241,14 @@ class InMemoryServer:
     client connection talking to it over L{StringTransport}s.
     """
 
-    def __init__(self, auto: Any = None, client_window: int | None = None, idle_timeout: float = 300.0):
+    def __init__(self, auto: Any = None, client_window: int | None = None, idle_timeout: float = 300.0,
+                 max_concurrent_streams: int = 100):
         from txmesh.config.model import FilterConfig
 
         self.clock = Clock()
         self.terminal = _TerminalFactory(auto)
         listener = ListenerConfig("h", "tcp:0", http_filters=(FilterConfig("terminal", self.terminal),),
-                                  idle_timeout=idle_timeout)
+                                  idle_timeout=idle_timeout, max_concurrent_streams=max_concurrent_streams)
         manager = HTTPConnectionManager(listener, None, ProxyContext(NodeConfig(), self.clock))
         self.factory = HTTPListenerFactory(manager)
         self.protocol = self.factory.buildProtocol(None)
@@ -421,7 +422,18 @@ class ServerProtocolTests(unittest.TestCase):
         for i, sid in enumerate(sids):
             self.assertEqual(s.body(sid), b"/%d" % i)
 
+    def test_listener_stream_limit_announced(self) -> None:
+        """
+        The listener's C{max_concurrent_streams} is what SETTINGS announce.
+        """
+        self.assertEqual(InMemoryServer(max_concurrent_streams=3).client.remote_settings.max_concurrent_streams, 3)
+        self.assertEqual(InMemoryServer().client.remote_settings.max_concurrent_streams, 100)
+
     def test_refuses_streams_over_limit(self) -> None:
+        """
+        Streams over the limit (from a client that ignores SETTINGS) are
+        refused.
+        """
         s = InMemoryServer()
         s.inner.max_concurrent_streams = 3
         sids = [s.request() for _ in range(5)]

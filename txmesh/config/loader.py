@@ -793,6 +793,8 @@ class ConfigLoader:
             request_body_timeout=s.get("request_body_timeout", parse_duration, d.request_body_timeout),
             max_connections=s.get("max_connections", _int_in(0, 1 << 30), d.max_connections),
             max_requests_per_second=s.get("max_requests_per_second", _request_rate, d.max_requests_per_second),
+            max_concurrent_streams=s.get("max_concurrent_streams", _int_in(1, 1 << 31 - 1),
+                                         d.max_concurrent_streams),
             allow_bare_lf=s.get("allow_bare_lf", _bool, d.allow_bare_lf),
             default_host=default_host,
             tls=tls,

@@ -548,6 +548,9 @@ class ListenerConfig:
         without a byte from the client before a 408; 0 disables.
     @ivar max_connections: open client connections beyond which new ones
         are closed at once; 0 for no limit.
+    @ivar max_concurrent_streams: HTTP/2 streams one client connection
+        may have open (C{SETTINGS_MAX_CONCURRENT_STREAMS}); more are
+        refused with C{REFUSED_STREAM}.
     @ivar max_requests_per_second: requests one client connection may
         send per second (a token bucket holding one second's worth); the
         excess gets C{429} with flag C{RL}.  0 for no limit.
@@ -585,6 +588,7 @@ class ListenerConfig:
     request_body_timeout: float = 60.0
     max_connections: int = 0
     max_requests_per_second: float = 0.0
+    max_concurrent_streams: int = 100
     allow_bare_lf: bool = False
     default_host: bytes | None = None
     scheme: bytes = b"http"

@@ -320,6 +320,7 @@ class HTTP2ServerProtocol(Protocol):
         writes = manager.proxy.writes
         self._write = writes.writer_for(self.transport) if writes is not None else self.transport.write
         conn = self._conn = GracefulH2Connection(server_config())
+        self.max_concurrent_streams = manager.listener.max_concurrent_streams
         settings = local_settings(self.max_concurrent_streams)
         limit = settings.pop(SettingCodes.MAX_CONCURRENT_STREAMS)
         conn.local_settings = Settings(client=False, initial_values=settings)
