@@ -36,7 +36,7 @@ from txmesh.config.gateway import parse_gateways
 from txmesh.config.istio import translate
 from txmesh.config.loader import ConfigLoader
 from txmesh.config.model import FilterConfig, ListenerConfig, NodeConfig
-from txmesh.filters.api import LocalReply
+from txmesh.filters.api import HTTPFilter, LocalReply
 from txmesh.filters.registry import FilterRegistry
 from txmesh.pilot.messages import ChannelDecoder, ChannelProtocolError, encode
 from txmesh.policy import istio_security
@@ -301,7 +301,7 @@ _REQUEST_VALUES = (b"GET", b"POST", b"CONNECT", b"http", b"https", b"example.com
                    b"trailers", b"gzip", b"", b"websocket", b"\x00", b"a\r\nb")
 
 
-class _H2Terminal:
+class _H2Terminal(HTTPFilter):
     """
     The last filter of the fuzzed listener: keeps every stream so the input
     can answer, stream or reset it later.
@@ -315,23 +315,6 @@ class _H2Terminal:
         self.factory.streams.append(self)
         return None
 
-    def request_data(self, data: bytes, end_stream: bool) -> Any:
-        return None
-
-    def request_trailers(self, trailers: Headers) -> Any:
-        return None
-
-    def response_headers(self, head: ResponseHead, end_stream: bool) -> Any:
-        return None
-
-    def response_data(self, data: bytes, end_stream: bool) -> Any:
-        return None
-
-    def response_trailers(self, trailers: Headers) -> Any:
-        return None
-
-    def stream_complete(self) -> None:
-        pass
 
 
 class _H2TerminalFactory:

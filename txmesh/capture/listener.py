@@ -25,16 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from txmesh.capture.original_dst import original_destination
 from txmesh.capture.sniff import HTTP, TLS, classify, server_name
 from txmesh.config.model import DirectResponse, Route, RouteMatch
 from txmesh.proxy.cluster import PASSTHROUGH_CLUSTER, passthrough_cluster_name
+from txmesh.proxy.handoff import HandOffProtocol
 from txmesh.proxy.listener import HTTPListenerFactory
 
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
@@ -98,8 +97,7 @@ class _CapturedHTTPFactory:
             setattr(self._listener, name, value)
 
 
-@implementer(IHalfCloseableProtocol)
-class _CaptureProtocol(Protocol):
+class _CaptureProtocol(HandOffProtocol):
     """
     Holds a captured connection until its first bytes (or the sniff
     timeout) decide what it is, then hands it and every later event to the
@@ -107,9 +105,7 @@ class _CaptureProtocol(Protocol):
     """
 
     def __init__(self) -> None:
-        self._inner: Protocol | None = None
         self._buffer = b""
-        self._timer: Any = None
         self._destination: tuple[str, int] | None = None
 
     def connectionMade(self) -> None:
@@ -137,9 +133,7 @@ class _CaptureProtocol(Protocol):
             self._decide(None)
 
     def _decide(self, kind: str | None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self.cancel_timer()
         factory: CaptureFactory = self.factory
         assert self._destination is not None
         data, self._buffer = self._buffer, b""
@@ -155,31 +149,7 @@ class _CaptureProtocol(Protocol):
                 self._destination = None  # what else comes is dropped
                 self.transport.loseConnection()
                 return
-        self._inner = inner
-        inner.makeConnection(self.transport)
-        if data:
-            inner.dataReceived(data)
-
-    def readConnectionLost(self) -> None:
-        # A relay keeps the client's half-close; a client that ends before
-        # its first bytes decided anything is closed.
-        half = IHalfCloseableProtocol(self._inner, None)
-        if half is not None:
-            half.readConnectionLost()
-        else:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        half = IHalfCloseableProtocol(self._inner, None)
-        if half is not None:
-            half.writeConnectionLost()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._inner is not None:
-            self._inner.connectionLost(reason)
+        self.hand_off(inner, data)
 
 
 class CaptureFactory(ServerFactory):

@@ -79,6 +79,21 @@ from txmesh.proxy.tls import (
 T = TypeVar("T")
 
 
+def watched_mtimes(path: str, config: ProxyConfig | None) -> tuple[float | None, ...]:
+    """
+    @return: the modification times of the config file C{path} and of the
+        files C{config} was read from besides it (its Istio documents), for
+        C{--watch} to compare; C{None} for a file that cannot be read.
+    """
+    times: list[float | None] = []
+    for name in (path, *(config.included_files if config is not None else ())):
+        try:
+            times.append(os.stat(name).st_mtime)
+        except OSError:
+            times.append(None)
+    return tuple(times)
+
+
 def _request_rate(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1_000_000:
         raise ValueError(f"expected requests per second from 0 (no limit) to 1000000, got {value!r}")

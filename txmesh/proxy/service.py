@@ -5,7 +5,6 @@ endpoint and config reloads -- as a Twisted service.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
@@ -23,7 +22,7 @@ from twisted.logger import Logger
 from txmesh.capture.listener import CaptureFactory
 from txmesh.capture.original_dst import OriginalDestinationFactory
 from txmesh.config.errors import ConfigError
-from txmesh.config.loader import ConfigLoader
+from txmesh.config.loader import ConfigLoader, watched_mtimes
 from txmesh.config.model import ClusterConfig, Endpoint, ListenerConfig, ListenerTLS, ProxyConfig
 from txmesh.filters.access_log import TCPAccessLog
 from txmesh.filters.registry import FilterRegistry
@@ -630,14 +629,7 @@ class ProxyService(Service):
         @return: the modification times of the config file and the files it
             includes (its Istio documents), which C{--watch} compares.
         """
-        included = self.config.included_files if self.config is not None else ()
-        times = []
-        for path in (self._path, *included):
-            try:
-                times.append(os.stat(path).st_mtime)
-            except OSError:
-                times.append(None)
-        return tuple(times)
+        return watched_mtimes(self._path, self.config)
 
     def _check_file(self) -> None:
         if self._file_mtime() != self._mtime:

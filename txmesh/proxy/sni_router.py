@@ -13,15 +13,13 @@ timeout, or one no route takes, is closed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory, Protocol, ServerFactory
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from txmesh.capture.sniff import server_name
+from txmesh.proxy.handoff import HandOffProtocol
 
 __all__ = ["CLIENT_HELLO_LIMIT", "SNIRouterFactory", "client_hello_state"]
 
@@ -48,12 +46,9 @@ def client_hello_state(data: bytes) -> bool | None:
     return True if len(data) >= 5 + int.from_bytes(data[3:5], "big") else None
 
 
-@implementer(IHalfCloseableProtocol)
-class _SNIRoutingProtocol(Protocol):
+class _SNIRoutingProtocol(HandOffProtocol):
     def __init__(self) -> None:
-        self._inner: Protocol | None = None
         self._buffer = b""
-        self._timer: Any = None
         self._closed = False
 
     def connectionMade(self) -> None:
@@ -72,9 +67,7 @@ class _SNIRoutingProtocol(Protocol):
         self._decide(server_name(self._buffer) if state else None)
 
     def _decide(self, sni: str | None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self.cancel_timer()
         factory: SNIRouterFactory = self.factory
         relay = factory.route(sni)
         if relay is None:
@@ -84,31 +77,8 @@ class _SNIRoutingProtocol(Protocol):
             self._buffer = b""
             self.transport.loseConnection()
             return
-        inner = relay.buildProtocol(self.transport.getPeer())
         data, self._buffer = self._buffer, b""
-        self._inner = inner
-        inner.makeConnection(self.transport)
-        if data:
-            inner.dataReceived(data)
-
-    def readConnectionLost(self) -> None:
-        half = IHalfCloseableProtocol(self._inner, None)
-        if half is not None:
-            half.readConnectionLost()
-        else:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        half = IHalfCloseableProtocol(self._inner, None)
-        if half is not None:
-            half.writeConnectionLost()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._inner is not None:
-            self._inner.connectionLost(reason)
+        self.hand_off(relay.buildProtocol(self.transport.getPeer()), data)
 
 
 class SNIRouterFactory(ServerFactory):

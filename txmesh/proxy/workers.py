@@ -48,7 +48,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from txmesh.config.errors import ConfigError
-from txmesh.config.loader import ConfigLoader
+from txmesh.config.loader import ConfigLoader, watched_mtimes
 from txmesh.config.model import ProxyConfig
 from txmesh.filters.registry import FilterRegistry
 from txmesh.proxy.admin import AdminResource, AdminSite
@@ -289,14 +289,7 @@ class WorkerPool(Service):
         return defer.succeed(True)
 
     def _file_mtime(self) -> tuple[float | None, ...]:
-        included = self.config.included_files if self.config is not None else ()
-        times = []
-        for path in (self._path, *included):
-            try:
-                times.append(os.stat(path).st_mtime)
-            except OSError:
-                times.append(None)
-        return tuple(times)
+        return watched_mtimes(self._path, self.config)
 
     def _check_file(self) -> None:
         if self._file_mtime() != self._mtime:
