@@ -242,13 +242,14 @@ class InMemoryServer:
     """
 
     def __init__(self, auto: Any = None, client_window: int | None = None, idle_timeout: float = 300.0,
-                 max_concurrent_streams: int = 100):
+                 max_concurrent_streams: int = 100, max_request_bytes: int = 0):
         from txmesh.config.model import FilterConfig
 
         self.clock = Clock()
         self.terminal = _TerminalFactory(auto)
         listener = ListenerConfig("h", "tcp:0", http_filters=(FilterConfig("terminal", self.terminal),),
-                                  idle_timeout=idle_timeout, max_concurrent_streams=max_concurrent_streams)
+                                  idle_timeout=idle_timeout, max_concurrent_streams=max_concurrent_streams,
+                                  max_request_bytes=max_request_bytes)
         manager = HTTPConnectionManager(listener, None, ProxyContext(NodeConfig(), self.clock))
         self.factory = HTTPListenerFactory(manager)
         self.protocol = self.factory.buildProtocol(None)
@@ -421,6 +422,29 @@ class ServerProtocolTests(unittest.TestCase):
         s.pump()
         for i, sid in enumerate(sids):
             self.assertEqual(s.body(sid), b"/%d" % i)
+
+    def test_request_body_limit(self) -> None:
+        """
+        A body over the listener's C{max_request_bytes}: 413, and the rest
+        of the stream refused with C{RST_STREAM NO_ERROR}; the filters saw
+        at most the limit.  A declared content-length over it is refused
+        before any body.
+        """
+        s = InMemoryServer(max_request_bytes=10)
+        sid = s.request(method=b"POST", end_stream=False)
+        s.client.send_data(sid, b"x" * 8)
+        s.pump()
+        s.client.send_data(sid, b"x" * 8)
+        s.pump()
+        [response] = s.of(h2.events.ResponseReceived, sid)
+        self.assertEqual(dict(response.headers)[b":status"], b"413")
+        [reset] = s.of(h2.events.StreamReset, sid)
+        self.assertEqual(reset.error_code, ErrorCodes.NO_ERROR)
+        self.assertLessEqual(len(s.terminal.streams[0].body), 10)
+        declared = s.request(method=b"POST", end_stream=False, extra=[(b"content-length", b"50")])
+        s.pump()
+        [response] = s.of(h2.events.ResponseReceived, declared)
+        self.assertEqual(dict(response.headers)[b":status"], b"413")
 
     def test_listener_stream_limit_announced(self) -> None:
         """

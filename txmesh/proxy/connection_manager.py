@@ -279,3 +279,13 @@ def request_rate(listener: ListenerConfig) -> RequestRate | None:
     """
     rate = listener.max_requests_per_second
     return RequestRate(rate) if rate > 0 else None
+
+
+def body_limit(listener: ListenerConfig, route: Any) -> int:
+    """
+    @return: the request body limit of a request on C{listener} routed by
+        C{route} (the lower of the listener's and the route's
+        C{max_request_bytes}), or 0 for none.
+    """
+    limits = [n for n in (listener.max_request_bytes, getattr(route, "max_request_bytes", None)) if n]
+    return min(limits) if limits else 0

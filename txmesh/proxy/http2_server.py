@@ -38,7 +38,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txmesh.proxy.connection_manager import HTTPConnectionManager, forwarding_headers, request_rate
+from txmesh.filters.api import LocalReply
+from txmesh.proxy.connection_manager import HTTPConnectionManager, body_limit, forwarding_headers, request_rate
 from txmesh.proxy.http2 import (
     CONNECTION_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
@@ -65,6 +66,7 @@ RAPID_RESET_LIMIT = 200
 RAPID_RESET_WINDOW = 10.0
 
 _DEFAULT_WINDOW = 65535
+_TOO_LARGE = LocalReply(413, b"request body too large\n", flag=ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR)
 
 
 @implementer(IPushProducer)
@@ -101,6 +103,9 @@ class _ServerStream:
         self.chain: Any = None
         self.request_open = True
         self.closed = False
+        # The request body's limit (0: none) and what has come of it.
+        self.body_limit = 0
+        self.body_count = 0
         self._pause_reasons: set = set()
         self._unacked = 0
         self._buffer: deque[bytes] = deque()
@@ -445,6 +450,13 @@ class HTTP2ServerProtocol(Protocol):
         chain = manager.new_stream(stream, self._peer, request_id, principal, port, self._rate)
         stream.chain = chain
         chain.request_headers(head, end_stream)
+        if not end_stream and stream.chain is chain and not stream.closed:
+            limit = body_limit(manager.listener, chain.route)
+            if limit:
+                stream.body_limit = limit
+                length = head.headers.get(b"content-length")
+                if length is not None and length.isdigit() and int(length) > limit:
+                    self._body_too_large(stream)
 
     def _data(self, event: DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -452,10 +464,25 @@ class HTTP2ServerProtocol(Protocol):
             self._acknowledge(event.flow_controlled_length, event.stream_id)
             return
         end = event.stream_ended is not None
+        if stream.body_limit:
+            stream.body_count += len(event.data)
+            if stream.body_count > stream.body_limit:
+                self._acknowledge(event.flow_controlled_length, event.stream_id)
+                self._body_too_large(stream)
+                return
         if end:
             stream.request_open = False
         stream.chain.request_data(event.data, end)
         stream.received(event.flow_controlled_length)
+
+    def _body_too_large(self, stream: _ServerStream) -> None:
+        """
+        A request body over its listener's or route's C{max_request_bytes}:
+        413 (the rest of the body is refused with C{RST_STREAM NO_ERROR}),
+        or a reset if the response has begun.
+        """
+        stream.body_limit = 0
+        stream.chain.send_local_reply(_TOO_LARGE)
 
     def _trailers(self, event: TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
