@@ -61,13 +61,17 @@ class GatewayView:
     warnings: tuple[str, ...]
 
 
-def selected_gateways(mesh: MeshConfig, node: Node) -> list[Gateway]:
+def selected_gateways(mesh: MeshConfig, node: Node, parsed: Sequence[Gateway] | None = None) -> list[Gateway]:
     """
+    @param parsed: the mesh's Gateways as read for the node's namespace,
+        when the caller shares them between gateway proxies; read here
+        otherwise.
     @return: the Gateways C{node} serves, by its labels.
     @raise ConfigError: a Gateway document is invalid.
     """
-    gateways = parse_gateways(mesh.documents, node.namespace or mesh.default_namespace)
-    return gateways_for(gateways, workload_labels(node))
+    if parsed is None:
+        parsed = parse_gateways(mesh.documents, node.namespace or mesh.default_namespace)
+    return gateways_for(parsed, workload_labels(node))
 
 
 def gateway_view(mesh: MeshConfig, namespace: str, gateways: Sequence[Gateway]) -> GatewayView:

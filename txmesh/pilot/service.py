@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmesh.config.errors import ConfigError
+from txmesh.config.gateway import parse_gateways
 from txmesh.observability.audit import AuditLog, AuditRecord
 from txmesh.pilot.api import operator_site
 from txmesh.pilot.ca import CAError
@@ -258,7 +259,11 @@ class PilotService(Service):
         """
         namespace = node.namespace or mesh.default_namespace
         if is_router(node):
-            gateways = selected_gateways(mesh, node)
+            # Read once per config and namespace, shared by its gateway proxies.
+            parsed = views.get(("parsed-gateways", namespace))
+            if parsed is None:
+                parsed = views[("parsed-gateways", namespace)] = parse_gateways(mesh.documents, namespace)
+            gateways = selected_gateways(mesh, node, parsed)
             key = ("gateways", namespace, tuple(g.key for g in gateways))
             gateway = views.get(key)
             if gateway is None:
