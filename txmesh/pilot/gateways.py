@@ -106,8 +106,8 @@ def gateway_view(mesh: MeshConfig, namespace: str, gateways: Sequence[Gateway]) 
         by_name = {c.name: c for c in istio.clusters}
         kind = kinds.pop()
         if kind in ("passthrough", "tcp"):
-            listener = _l4_listener(mesh, port, kind, [s for _, s in servers], istio)
-            for name in listener.pop("_clusters"):
+            listener, used = _l4_listener(mesh, port, kind, [s for _, s in servers], istio)
+            for name in used:
                 clusters.setdefault(name, _routable(by_name[name]))
             listeners.append(listener)
             continue
@@ -148,12 +148,13 @@ def _routable(cluster: Any) -> dict[str, Any]:
 
 
 def _l4_listener(mesh: MeshConfig, port: int, kind: str, servers: Sequence[GatewayServer],
-                 istio: Any) -> dict[str, Any]:
+                 istio: Any) -> tuple[dict[str, Any], list[str]]:
     """
     A C{tcp} listener for a TLS C{PASSTHROUGH} port (routed by SNI to the
     VirtualServices' C{tls} routes) or a C{TCP} port (to the first C{tcp}
-    route bound to it), with the names of its clusters under C{_clusters}.
-    A connection no route takes is closed.
+    route bound to it).  A connection no route takes is closed.
+
+    @return: the listener and the names of the clusters it uses.
     """
     listener: dict[str, Any] = {"name": f"gateway-{port}", "protocol": "tcp",
                                 "address": mesh.inbound_address.format(port=port)}
@@ -168,8 +169,7 @@ def _l4_listener(mesh: MeshConfig, port: int, kind: str, servers: Sequence[Gatew
             used.append(routes[0].cluster)
         else:
             listener["sni_routes"] = []
-        listener["_clusters"] = used
-        return listener
+        return listener, used
     sni_routes = []
     for route in istio.tls_routes:
         names = [name for name in route.sni_hosts if any(s.admits(route.namespace, name) for s in servers)]
@@ -177,8 +177,7 @@ def _l4_listener(mesh: MeshConfig, port: int, kind: str, servers: Sequence[Gatew
             sni_routes.append({"server_names": names, "cluster": route.cluster})
             used.append(route.cluster)
     listener["sni_routes"] = sni_routes
-    listener["_clusters"] = used
-    return listener
+    return listener, used
 
 
 def _domain_host(domain: str) -> str:
