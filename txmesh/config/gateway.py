@@ -129,8 +129,7 @@ class GatewayServer:
         @return: whether a VirtualService in C{namespace} may route C{host}
             (a domain, without port) through this server.
         """
-        return any(ns in ("*", namespace) and (server_name_matches(pattern, host) or pattern == host)
-                   for ns, pattern in self.hosts)
+        return any(ns in ("*", namespace) and server_name_matches(pattern, host) for ns, pattern in self.hosts)
 
 
 @attrs.frozen
