@@ -450,7 +450,8 @@ class HTTP2ServerProtocol(Protocol):
         chain = manager.new_stream(stream, self._peer, request_id, principal, port, self._rate)
         stream.chain = chain
         chain.request_headers(head, end_stream)
-        if not end_stream and stream.chain is chain and not stream.closed:
+        if (not end_stream and (manager.listener.max_request_bytes or manager.route_body_limits)
+                and stream.chain is chain and not stream.closed):
             limit = body_limit(manager.listener, chain.route)
             if limit:
                 stream.body_limit = limit
