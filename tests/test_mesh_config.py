@@ -12,7 +12,7 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
 from txmesh.config.errors import ConfigError
-from txmesh.pilot.mesh_config import build_registries, load_pilot_settings
+from txmesh.pilot.mesh_config import build_registries, load_pilot_settings, mesh_changes, restart_needed
 from txmesh.pilot.registry.dns import DNSRegistry
 from txmesh.pilot.registry.file import FileRegistry
 from txmesh.pilot.snapshot import MeshConfig
@@ -101,3 +101,24 @@ class PilotSettingsTests(SynchronousTestCase):
 
     def test_not_yaml(self) -> None:
         self.assertError("registries: [\n", "", "not valid YAML")
+
+    def test_restart_needed(self) -> None:
+        """
+        Only what the CA and the credential check are made from needs a
+        restart.
+        """
+        before = load_pilot_settings(self.dir)
+        self.write("trust_domain: example.org\nworkload_cert_ttl: 1h\nkubernetes_auth: {api: 'http://127.0.0.1:1'}\n"
+                   "app_host: 10.0.0.9\n")
+        after = load_pilot_settings(self.dir)
+        self.assertEqual(restart_needed(before, after), ("trust_domain", "workload_cert_ttl", "kubernetes_auth"))
+        self.assertEqual(restart_needed(after, after), ())
+
+    def test_mesh_changes(self) -> None:
+        """
+        L{mesh_changes} names the mesh settings that differ.
+        """
+        self.write("app_host: 10.0.0.9\noutbound_traffic_policy: {mode: REGISTRY_ONLY}\n")
+        self.assertEqual(mesh_changes(MeshConfig(), load_pilot_settings(self.dir).mesh),
+                         ("app_host", "outbound_traffic_policy"))
+        self.assertEqual(mesh_changes(MeshConfig(), MeshConfig()), ())

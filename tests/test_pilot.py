@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 import tempfile
 import time
@@ -15,10 +16,12 @@ from typing import Any
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
 from txmesh.config.loader import ConfigLoader
@@ -69,6 +72,31 @@ services:
     ports: [{name: http, number: 8080, protocol: HTTP}]
     endpoints: [{address: 127.0.0.1, port: 18080}]
 """
+
+
+OTHER_SERVICES = """\
+services:
+  - host: c.default.svc.cluster.local
+    ports: [{name: http, number: 8080, protocol: HTTP}]
+    endpoints: [{address: 127.0.0.1, port: 18090}]
+"""
+
+
+def capture_log(case: Any) -> list[dict[str, Any]]:
+    """
+    @return: a list that receives every log event until C{case} ends.
+    """
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    case.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+def logged(events: list[dict[str, Any]], text: str) -> list[str]:
+    """
+    @return: the formatted events that contain C{text}.
+    """
+    return [m for m in (formatEvent(e) for e in events) if text in m]
 
 
 class ChannelClient(protocol.Protocol):
@@ -301,6 +329,110 @@ class PilotTests(TestCase):
         self.assertEqual(pong, Pong(id=1))
 
     @defer.inlineCallbacks
+    def test_invalid_json_frame_closes_one_channel(self) -> Any:
+        """
+        A well-framed message whose body is not JSON closes that channel
+        only; another proxy's channel keeps working.
+        """
+        good, _ = yield self.hello("good")
+        bad, _ = yield self.hello("bad")
+        body = b'{"type": "ping", "id": '
+        bad.transport.write(struct.pack(">I", len(body)) + body)
+        yield bad.closed()
+        yield self.wait_for(lambda: [p["id"] for p in self.pilot.proxies()] == ["good"])
+        good.send(Ping(id=4))
+        pong = yield good.next()
+        self.assertEqual(pong, Pong(id=4))
+
+    @defer.inlineCallbacks
+    def test_registry_garbage_keeps_endpoints(self) -> Any:
+        """
+        A service registration file turned to garbage keeps the last known
+        endpoints, says so in the log, and shows the registry's error on
+        C{GET /status}.
+        """
+        events = capture_log(self)
+        services = os.path.join(self.dir, "services", "svc.yaml")
+        write(services, "services: [\n")
+        yield self.wait_for(lambda: not self.pilot.status()["registry"]["ok"])
+        code, status = yield self.get("/status")
+        self.assertEqual(code, 200)
+        self.assertFalse(status["registry"]["ok"])
+        self.assertIn("svc.yaml", status["registry"]["error"])
+        self.assertIn("not valid YAML", status["registry"]["error"])
+        [part] = status["registry"]["registries"]
+        self.assertFalse(part["ok"])
+        self.assertIn("not valid YAML", part["error"])
+        self.assertTrue(status["config"]["ok"])
+        code, view = yield self.get("/services")
+        self.assertEqual(list(view), ["b.default.svc.cluster.local"])
+        self.assertEqual(view["b.default.svc.cluster.local"]["endpoints"][0]["port"], 18080)
+        [warning] = logged(events, "keeping the last known endpoints")
+        self.assertIn("svc.yaml", warning)
+
+    @defer.inlineCallbacks
+    def test_mesh_change_pushes(self) -> Any:
+        """
+        A valid change to C{CONFIG_DIR/mesh.yaml} is taken while the pilot
+        runs and pushed to the proxies it affects.
+        """
+        client, first = yield self.hello()
+        write(os.path.join(self.dir, "mesh.yaml"), "app_host: 10.0.0.9\n")
+        second = yield client.next(timeout=1.5)
+        self.assertIsInstance(second, Push)
+        self.assertIn("10.0.0.9", json.dumps(second.resources["clusters"]))
+        self.assertEqual(self.pilot.mesh.app_host, "10.0.0.9")
+        code, status = yield self.get("/status")
+        self.assertEqual(status["mesh"], {"ok": True, "error": None, "restart_needed": []})
+
+    @defer.inlineCallbacks
+    def test_invalid_mesh_kept(self) -> Any:
+        """
+        An invalid C{mesh.yaml} is refused with its file, field and reason in
+        the log and on C{GET /status}; nothing is pushed and the last good
+        settings keep serving, until the file is fixed.
+        """
+        events = capture_log(self)
+        client, first = yield self.hello()
+        mesh = os.path.join(self.dir, "mesh.yaml")
+        write(mesh, "app_host: 10.0.0.9\ntrust_domian: example.org\n")
+        yield self.wait_for(lambda: self.pilot.mesh_error is not None)
+        code, status = yield self.get("/status")
+        self.assertFalse(status["mesh"]["ok"])
+        self.assertIn(mesh, status["mesh"]["error"])
+        self.assertIn("trust_domian", status["mesh"]["error"])
+        self.assertIn("unknown field", status["mesh"]["error"])
+        [line] = logged(events, "keeping the last good mesh settings")
+        self.assertIn("trust_domian", line)
+        # A pong arrives after anything the pilot wrote before it.
+        client.send(Ping(id=5))
+        pong = yield client.next()
+        self.assertEqual(pong, Pong(id=5))
+        self.assertEqual(self.pilot.mesh.app_host, "127.0.0.1")
+        write(mesh, "app_host: 10.0.0.9\n")
+        second = yield client.next(timeout=1.5)
+        self.assertIn("10.0.0.9", json.dumps(second.resources["clusters"]))
+        self.assertIsNone(self.pilot.status()["mesh"]["error"])
+
+    @defer.inlineCallbacks
+    def test_mesh_registries_swapped(self) -> Any:
+        """
+        A new C{registries} list in C{mesh.yaml} stops the old registries and
+        serves from the new ones.
+        """
+        client, first = yield self.hello()
+        old = self.pilot.registry
+        os.mkdir(os.path.join(self.dir, "more"))
+        write(os.path.join(self.dir, "more", "svc.yaml"), OTHER_SERVICES)
+        write(os.path.join(self.dir, "mesh.yaml"), "registries: [{type: file, path: more}]\n")
+        second = yield client.next(timeout=1.5)
+        self.assertIn("c.default.svc.cluster.local", json.dumps(second.resources))
+        self.assertIsNot(self.pilot.registry, old)
+        code, view = yield self.get("/services")
+        self.assertEqual(list(view), ["c.default.svc.cluster.local"])
+        self.assertEqual([r._loop for r in old.registries], [None])
+
+    @defer.inlineCallbacks
     def test_message_before_hello_refused(self) -> Any:
         """
         A first message that is not hello is refused and the channel closed.
@@ -340,6 +472,165 @@ class SnapshotNodeTests(TestCase):
         self.assertEqual((node.inbound_port, node.app_port), (15006, 9080))
         self.assertEqual(snapshot_node(Node(id="n")).inbound_port, None)
 
+
+
+class PilotClockTests(SynchronousTestCase):
+    """
+    The pilot's timing and C{mesh.yaml} reloads on a fake reactor: no
+    sockets, no sleeping.
+    """
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        os.mkdir(os.path.join(self.dir, "istio"))
+        os.mkdir(os.path.join(self.dir, "services"))
+        write(os.path.join(self.dir, "services", "svc.yaml"), SERVICES)
+        self.mesh = os.path.join(self.dir, "mesh.yaml")
+        self.clock = MemoryReactorClock()
+        self.pilot = PilotService(self.dir, self.clock, "tcp:0:interface=127.0.0.1", None, poll_interval=0.2)
+
+    def start(self) -> None:
+        self.successResultOf(self.pilot.startService())
+        self.addCleanup(lambda: self.successResultOf(self.pilot.stopService()))
+
+    def elapse(self, seconds: float) -> None:
+        """
+        Move the clock on in small steps, as time passes: what a call made
+        on the way schedules runs on the way too.
+        """
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end - 1e-9:
+            self.clock.advance(min(0.01, end - self.clock.seconds()))
+
+    def pushes(self, changes: list[float], until: float) -> list[float]:
+        """
+        Report a change at each time of C{changes} and run the clock to
+        C{until}.
+
+        @return: the times the config was rebuilt (when pushes go out).
+        """
+        built = []
+        for t in sorted(changes) + [until]:
+            while self.clock.seconds() < t:
+                generation = self.pilot.config_version
+                self.clock.advance(min(0.01, t - self.clock.seconds()))
+                if self.pilot.config_version != generation:
+                    built.append(round(self.clock.seconds(), 3))
+            if t < until:
+                self.pilot._schedule()
+        return built
+
+    def test_changes_within_debounce_push_once(self) -> None:
+        """
+        Several changes within the debounce window make one push, the
+        debounce after the last of them.
+        """
+        self.assertEqual(self.pushes([0.0, 0.05, 0.09], until=2.0), [0.19])
+
+    def test_churn_pushes_by_debounce_max(self) -> None:
+        """
+        Changes arriving faster than the debounce for ever still push, no
+        later than C{debounce_max} after the first pending change.
+        """
+        changes = [i * 0.05 for i in range(60)]  # 3 s of churn
+        built = self.pushes(changes, until=4.0)
+        self.assertEqual(built[0], self.pilot.debounce_max)
+        # The last change (2.95 s) is in the third push's batch (2 s to 3 s).
+        self.assertEqual(len(built), 3, built)
+        for before, after in zip(built, built[1:], strict=False):
+            self.assertLessEqual(after - before, self.pilot.debounce_max + 0.01 + 1e-9)
+
+    def test_mesh_reload(self) -> None:
+        """
+        A change to C{mesh.yaml} is seen at the next poll and its live
+        settings are built into the next config.
+        """
+        self.start()
+        generation = self.pilot.config_version
+        write(self.mesh, "outbound_traffic_policy: {mode: REGISTRY_ONLY}\ntelemetry: {metrics: false}\n")
+        self.elapse(0.2)
+        self.assertEqual(self.pilot.config_version, generation)  # debounced
+        self.elapse(self.pilot.debounce)
+        self.assertEqual(self.pilot.config_version, generation + 1)
+        self.assertEqual(self.pilot.mesh.outbound_traffic_policy, "REGISTRY_ONLY")
+        self.assertFalse(self.pilot.mesh.telemetry.metrics)
+
+    def test_mesh_removed(self) -> None:
+        """
+        Removing C{mesh.yaml} goes back to the defaults.
+        """
+        write(self.mesh, "outbound_traffic_policy: {mode: REGISTRY_ONLY}\n")
+        self.pilot = PilotService(self.dir, self.clock, "tcp:0:interface=127.0.0.1", None, poll_interval=0.2)
+        self.start()
+        self.assertEqual(self.pilot.mesh.outbound_traffic_policy, "REGISTRY_ONLY")
+        os.remove(self.mesh)
+        self.elapse(0.5)
+        self.assertEqual(self.pilot.mesh.outbound_traffic_policy, "ALLOW_ANY")
+
+    def test_invalid_mesh_refused(self) -> None:
+        """
+        An invalid C{mesh.yaml} changes nothing (not even its valid fields)
+        and is shown in the status until fixed.
+        """
+        events = capture_log(self)
+        self.start()
+        generation = self.pilot.config_version
+        write(self.mesh, "app_host: 10.0.0.9\nregistries: [{type: dns}]\n")
+        self.elapse(0.5)
+        self.assertEqual(self.pilot.config_version, generation)
+        self.assertEqual(self.pilot.mesh.app_host, "127.0.0.1")
+        status = self.pilot.status()["mesh"]
+        self.assertFalse(status["ok"])
+        self.assertIn("registries[0].names", status["error"])
+        self.assertIn("required", status["error"])
+        self.assertEqual(len(logged(events, "keeping the last good mesh settings")), 1)
+        self.assertEqual(self.pilot.metrics.config_rejected._value.get(), 1)
+        write(self.mesh, "app_host: 10.0.0.9\n")
+        self.elapse(0.5)
+        self.assertEqual(self.pilot.mesh.app_host, "10.0.0.9")
+        self.assertTrue(self.pilot.status()["mesh"]["ok"])
+
+    def test_restart_needed(self) -> None:
+        """
+        A change to what the CA was made with is logged as needing a
+        restart, shown in the status, and not taken; the rest of the file
+        is.
+        """
+        events = capture_log(self)
+        self.start()
+        write(self.mesh, "trust_domain: example.org\nworkload_cert_ttl: 1h\napp_host: 10.0.0.9\n")
+        self.elapse(0.5)
+        self.assertEqual(self.pilot.status()["mesh"],
+                         {"ok": True, "error": None, "restart_needed": ["trust_domain", "workload_cert_ttl"]})
+        self.assertEqual(self.pilot.mesh.trust_domain, "cluster.local")
+        self.assertEqual(self.pilot.mesh.app_host, "10.0.0.9")
+        [line] = logged(events, "needs a restart")
+        self.assertIn("trust_domain, workload_cert_ttl", line)
+        write(self.mesh, "app_host: 10.0.0.9\n")
+        self.elapse(0.5)
+        self.assertEqual(self.pilot.restart_needed, ())
+
+    def test_registries_swapped(self) -> None:
+        """
+        A new C{registries} list replaces the registries: the old ones are
+        stopped, the new ones started, and a change from an old one no
+        longer schedules a push.
+        """
+        self.start()
+        old = self.pilot.registry
+        os.mkdir(os.path.join(self.dir, "more"))
+        write(os.path.join(self.dir, "more", "svc.yaml"), OTHER_SERVICES)
+        write(self.mesh, "registries: [{type: file, path: more}]\n")
+        self.elapse(0.2)
+        self.assertIsNot(self.pilot.registry, old)
+        self.assertEqual(list(self.pilot.services()), ["c.default.svc.cluster.local"])
+        self.assertEqual([r._loop for r in old.registries], [None])
+        self.elapse(self.pilot.debounce)
+        self.assertEqual(list(self.pilot.mesh.registry), ["c.default.svc.cluster.local"])
+        generation = self.pilot.config_version
+        self.pilot._registry_changed(old)
+        self.elapse(1.0)
+        self.assertEqual(self.pilot.config_version, generation)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

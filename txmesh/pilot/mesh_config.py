@@ -1,6 +1,7 @@
 """
-The pilot's own settings: C{CONFIG_DIR/mesh.yaml} (optional), read once at
-start.
+The pilot's own settings: C{CONFIG_DIR/mesh.yaml} (optional), read at start
+and again whenever it changes (see L{txmesh.pilot.service}).  Everything
+but the fields in L{RESTART_FIELDS} takes effect while the pilot runs.
 
     trust_domain: cluster.local          # SPIFFE trust domain
     default_namespace: default
@@ -51,6 +52,9 @@ from txmesh.pilot.snapshot import MeshConfig, Telemetry
 
 MESH_FILE = "mesh.yaml"
 REGISTRY_TYPES = ("file", "dns", "etcd", "kubernetes")
+RESTART_FIELDS = ("trust_domain", "workload_cert_ttl", "kubernetes_auth")
+"""The C{mesh.yaml} fields read only when the pilot starts: the CA and the
+channel's credential check are made from them."""
 
 _MESH_FIELDS: dict[str, Callable[[Any], Any]] = {
     "trust_domain": values.string,
@@ -154,6 +158,27 @@ def load_pilot_settings(config_dir: str, defaults: MeshConfig | None = None) -> 
     auth = _kubernetes_auth(auth_section, config_dir) if auth_section is not None else None
     top.done()
     return PilotSettings(attrs.evolve(mesh, **changes), tuple(registries), path, ttl, auth)
+
+
+def restart_needed(running: PilotSettings, new: PilotSettings) -> tuple[str, ...]:
+    """
+    @param running: the settings the pilot started with.
+    @param new: the settings just read.
+    @return: the fields of L{RESTART_FIELDS} whose value in C{new} differs
+        from C{running}'s, in that order.
+    """
+    now = {"trust_domain": (running.mesh.trust_domain, new.mesh.trust_domain),
+           "workload_cert_ttl": (running.workload_cert_ttl, new.workload_cert_ttl),
+           "kubernetes_auth": (running.kubernetes_auth, new.kubernetes_auth)}
+    return tuple(name for name in RESTART_FIELDS if now[name][0] != now[name][1])
+
+
+def mesh_changes(old: MeshConfig, new: MeshConfig) -> tuple[str, ...]:
+    """
+    @return: the names of the L{MeshConfig} fields that differ between
+        C{old} and C{new}, in declaration order.
+    """
+    return tuple(f.name for f in attrs.fields(MeshConfig) if getattr(old, f.name) != getattr(new, f.name))
 
 
 def _kubernetes_auth(section: Section, config_dir: str) -> KubernetesAuth:

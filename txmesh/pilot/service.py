@@ -6,18 +6,28 @@ connected proxy's snapshot and pushes it over the channel
 Layout of the config directory::
 
     CONFIG_DIR/mesh.yaml         the pilot's settings and registries (optional,
-                                 see L{txmesh.pilot.mesh_config}); read at start
+                                 see L{txmesh.pilot.mesh_config})
     CONFIG_DIR/istio/*.yaml      Istio documents (several per file allowed)
     CONFIG_DIR/services/*.yaml   service registrations (optional, see
                                  L{txmesh.pilot.registry.file})
     CONFIG_DIR/ca/               the CA and the join-token key (see
                                  L{txmesh.pilot.channel_security})
 
-The documents and the registries are watched.  A change is debounced, then every connected
-proxy's snapshot is rebuilt and pushed if its version changed.  An invalid
-change is refused as a whole: the last good config keeps being served and
-C{GET /status} shows the error.  If the config is invalid when the pilot
-starts, proxies get an empty snapshot until it is fixed.
+C{mesh.yaml}, the documents and the registries are watched.  A change is
+debounced (at most L{PilotService.debounce_max} after the first pending
+one), then every connected proxy's snapshot is rebuilt and pushed if its
+version changed.  An invalid change is refused as a whole: the last good
+config keeps being served and C{GET /status} shows the error.  If the
+documents are invalid when the pilot starts, proxies get an empty snapshot
+until they are fixed; an invalid C{mesh.yaml} at start stops the pilot.
+
+A valid change to C{mesh.yaml} takes effect at once for what snapshots are
+built from (addresses pushed to proxies, telemetry, audit log, outbound
+traffic policy, namespaces...) and for C{registries} (the old registries
+are stopped, the new ones started); what the CA and the channel's
+credential check were made with at start (C{trust_domain},
+C{workload_cert_ttl}, C{kubernetes_auth}) is logged as needing a restart
+and shown in C{GET /status} (C{mesh.restart_needed}).
 """
 
 from __future__ import annotations
@@ -43,7 +53,13 @@ from txmesh.pilot.channel_security import Admission, CertificateRefused, Channel
 from txmesh.pilot.credentials import credentials_signature, load_credentials
 from txmesh.pilot.documents import Document, istio_files, load_istio_documents
 from txmesh.pilot.gateways import build_gateway_snapshot, gateway_view, is_router, selected_gateways
-from txmesh.pilot.mesh_config import build_registries, load_pilot_settings
+from txmesh.pilot.mesh_config import (
+    MESH_FILE,
+    build_registries,
+    load_pilot_settings,
+    mesh_changes,
+    restart_needed,
+)
 from txmesh.pilot.messages import (
     ROOT_CA_SECRET,
     SECRETS,
@@ -54,7 +70,7 @@ from txmesh.pilot.messages import (
     Message,
 )
 from txmesh.pilot.metrics import PilotMetrics, metrics_site
-from txmesh.pilot.registry.base import CombinedRegistry
+from txmesh.pilot.registry.base import CombinedRegistry, IRegistry
 from txmesh.pilot.server import PilotChannelFactory, PilotChannelProtocol
 from txmesh.pilot.snapshot import (
     MeshConfig,
@@ -79,6 +95,20 @@ def _signature(directory: str) -> object:
     return tuple(stamp)
 
 
+def _file_signature(path: str) -> object:
+    """
+    @return: what changes when the file at C{path} is written, created or
+        removed.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return ("error", str(e))
+    return (st.st_mtime_ns, st.st_size)
+
+
 class PilotService(Service):
     """
     The pilot as a Twisted service.
@@ -86,12 +116,21 @@ class PilotService(Service):
     @ivar channel_port: the channel's listening port, once started.
     @ivar api_port: the operator API's listening port, or C{None}.
     @ivar config_error: why the last config change was refused, or C{None}.
+    @ivar mesh_error: why the last change to C{mesh.yaml} was refused, or
+        C{None}.
+    @ivar restart_needed: the C{mesh.yaml} fields whose change takes effect
+        only when the pilot restarts.
+    @ivar debounce: seconds of quiet after a change before the push.
+    @ivar debounce_max: the longest a pending change waits for quiet, so
+        that constant churn cannot hold pushes back for ever.
     @ivar metrics: the pilot's L{PilotMetrics}.
     @ivar metrics_port: the metrics' listening port, or C{None}.
     """
 
     log = Logger()
     debounce = 0.1
+    # Istio's PILOT_DEBOUNCE_MAX idea, within the mesh's 1 s convergence goal.
+    debounce_max = 1.0
 
     def __init__(
         self,
@@ -159,9 +198,20 @@ class PilotService(Service):
         self.security = security
         self.audit = audit
         self._keepalive = keepalive
+        self._mesh_path = os.path.join(config_dir, MESH_FILE)
+        # Taken before the read, so that a write during it is seen next time.
+        self._mesh_stamp = _file_signature(self._mesh_path)
         settings = load_pilot_settings(config_dir, mesh_defaults)
         registries = build_registries(settings, reactor, config_dir, poll_interval)
         self.registry: CombinedRegistry | None = CombinedRegistry(registries, reactor) if registries else None
+        self._stopping: list[defer.Deferred[None]] = []
+        self._mesh_base = mesh_defaults
+        # What the CA and the credential check were made with (by the plugin,
+        # from the same file): changing it later needs a restart.
+        self._started_settings = settings
+        self._settings = settings
+        self.mesh_error: str | None = None
+        self.restart_needed: tuple[str, ...] = ()
         self._mesh_defaults = settings.mesh
         self.mesh = self._mesh_defaults
         self._views: dict[Any, Any] = {}
@@ -175,6 +225,7 @@ class PilotService(Service):
         self._stamp: object = None
         self._poll: LoopingCall | None = None
         self._pending: IDelayedCall | None = None
+        self._first_pending: float | None = None
         self.channel_port: IListeningPort | None = None
         self.api_port: IListeningPort | None = None
         self.metrics = PilotMetrics(self._registry_statuses)
@@ -286,6 +337,10 @@ class PilotService(Service):
         )
 
     def _check(self) -> None:
+        mesh_stamp = _file_signature(self._mesh_path)
+        if mesh_stamp != self._mesh_stamp:
+            self._mesh_stamp = mesh_stamp
+            self.reload_mesh()
         stamp = self._config_signature()
         if stamp != self._stamp:
             self._stamp = stamp
@@ -318,14 +373,91 @@ class PilotService(Service):
         self.log.info("CA reloaded: trust bundle of {n} root(s)", n=1 + len(security.ca.previous_roots))
         self._schedule()
 
-    def _schedule(self, registry: object = None) -> None:
+    def reload_mesh(self) -> bool:
+        """
+        Read C{mesh.yaml} again and, if valid, take what can change while
+        the pilot runs: the mesh settings snapshots are built from and the
+        registries (the old ones are stopped, the new ones started); then
+        schedule a push.  What the CA and the credential check were made
+        with keeps its value from the start and is logged as needing a
+        restart.
+
+        @return: whether the file was taken.
+        """
+        try:
+            settings = load_pilot_settings(self.config_dir, self._mesh_base)
+            registries = None
+            if settings.registries != self._settings.registries:
+                # Built (not started) before anything changes, so that a bad
+                # registry section refuses the whole file.
+                registries = build_registries(settings, self._reactor, self.config_dir, self._poll_interval)
+        except ConfigError as e:
+            self.mesh_error = str(e)
+            self.metrics.config_rejected.inc()
+            self.log.error("{file} refused, keeping the last good mesh settings: {error}",
+                           file=self._mesh_path, error=self.mesh_error)
+            return False
+        self.mesh_error = None
+        started = self._started_settings
+        restart = restart_needed(started, settings)
+        if restart != self.restart_needed and restart:
+            self.log.warn("{file}: {fields} changed; this needs a restart of the pilot, which keeps the "
+                          "value it started with until then", file=self._mesh_path, fields=", ".join(restart))
+        self.restart_needed = restart
+        mesh = attrs.evolve(settings.mesh, trust_domain=started.mesh.trust_domain)
+        changed = list(mesh_changes(self._mesh_defaults, mesh))
+        self._settings = settings
+        self._mesh_defaults = mesh
+        if registries is not None:
+            self._swap_registry(registries)
+            changed.append("registries")
+        if changed:
+            self.log.info("{file} changed ({fields}): pushing to the proxies", file=self._mesh_path,
+                          fields=", ".join(changed))
+            self._schedule()
+        return True
+
+    def _swap_registry(self, registries: list[IRegistry]) -> None:
+        """
+        Serve from C{registries} instead of the current ones.
+        """
+        old = self.registry
+        self.registry = CombinedRegistry(registries, self._reactor) if registries else None
+        if self.running and self.registry is not None:
+            # Started before the old ones stop: a file registry's first view
+            # is read at once, so the view has no gap.
+            self.registry.subscribe(self._registry_changed)
+            self.registry.start()
+        if old is not None:
+            stopping = old.stop()
+            self._stopping.append(stopping)
+
+            def stopped(result: object) -> None:
+                self._stopping.remove(stopping)
+                if isinstance(result, Failure):
+                    self.log.failure("stopping the replaced registries failed", result)
+
+            stopping.addBoth(stopped)
+
+    def _registry_changed(self, registry: object) -> None:
+        # A replaced registry may still report while it stops.
+        if registry is self.registry:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        now = self._reactor.seconds()
         if self._pending is not None and self._pending.active():
-            self._pending.reset(self.debounce)
+            # Each change restarts the quiet period, but never past
+            # debounce_max after the first pending change.
+            first = self._first_pending if self._first_pending is not None else now
+            self._pending.reset(max(0.0, min(self.debounce, first + self.debounce_max - now)))
         else:
+            self._first_pending = now
             self._pending = self._reactor.callLater(self.debounce, self._debounced)
 
     def _debounced(self) -> None:
         self._pending = None
+        self._first_pending = None
         self.reload()
 
     # --- channels (PilotBackend) -------------------------------------------------
@@ -429,7 +561,7 @@ class PilotService(Service):
     def startService(self) -> Any:
         Service.startService(self)
         if self.registry is not None:
-            self.registry.subscribe(self._schedule)
+            self.registry.subscribe(self._registry_changed)
             self.registry.start()
         self._stamp = self._config_signature()
         if self._pending is not None and self._pending.active():
@@ -465,6 +597,7 @@ class PilotService(Service):
             self._pending.cancel()
         if self.registry is not None:
             yield self.registry.stop()
+        yield defer.gatherResults(list(self._stopping), consumeErrors=True)
         for port in (self.channel_port, self.api_port, self.metrics_port):
             if port is not None:
                 yield port.stopListening()
@@ -492,11 +625,14 @@ class PilotService(Service):
 
     def status(self) -> dict[str, Any]:
         """
-        @return: the config's and the registry's health, JSON-ready.
+        @return: the config's, C{mesh.yaml}'s and the registry's health,
+            JSON-ready.
         """
         return {
             "config": {"ok": self.config_error is None, "error": self.config_error,
                        "documents": len(self.mesh.documents), "generation": self.config_version},
+            "mesh": {"ok": self.mesh_error is None, "error": self.mesh_error,
+                     "restart_needed": list(self.restart_needed)},
             "registry": self.registry.status() if self.registry is not None else None,
             "proxies": len(self.channels),
         }
