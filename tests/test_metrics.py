@@ -6,6 +6,7 @@ parses it, the series cap, and the TCP families through a real L4 proxy.
 
 from types import SimpleNamespace
 
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 from twisted.internet import defer, reactor
@@ -28,6 +29,7 @@ from txmesh.observability.metrics import (
     ProxyMetrics,
     SourceMetricsFilter,
     authority_host,
+    namespace_of_principal,
     request_labels,
     service_of_cluster,
 )
@@ -39,6 +41,7 @@ U = "unknown"
 NODE = NodeConfig(workload="productpage-v1", namespace="default", app="productpage", version="v1")
 ME = "spiffe://cluster.local/ns/default/sa/productpage"
 CALLER = "spiffe://cluster.local/ns/default/sa/frontend"
+WEB_CALLER = "spiffe://cluster.local/ns/web/sa/frontend"
 REVIEWS = "outbound|9080|v2|reviews.default.svc.cluster.local"
 PEER = PeerMetadata("reviews-v2", "default", "reviews", "v2")
 
@@ -103,6 +106,23 @@ LABEL_CASES = {
     "destination_inbound_garbage_authority": (
         {"reporter": DESTINATION, "cluster": "inbound|9080||productpage-v1", "authority": b"a b/c"},
         {"destination_service": U, "destination_service_name": U}),
+    "destination_principal_gives_source_namespace": (
+        {"reporter": DESTINATION, "cluster": "app", "own_principal": ME, "downstream_principal": WEB_CALLER},
+        {"source_principal": WEB_CALLER, "source_workload_namespace": "web", "source_workload": U}),
+    "destination_peer_namespace_wins_over_principal": (
+        {"reporter": DESTINATION, "cluster": "app", "own_principal": ME, "downstream_principal": WEB_CALLER,
+         "peer": PEER},
+        {"source_workload_namespace": "default"}),
+    "destination_odd_principal_no_namespace": (
+        {"reporter": DESTINATION, "cluster": "app", "downstream_principal": "spiffe://cluster.local/x"},
+        {"source_workload_namespace": U, "source_principal": "spiffe://cluster.local/x"}),
+    "destination_inbound_cluster_without_authority": (
+        {"reporter": DESTINATION, "cluster": "inbound|9080||productpage-v1"},
+        {"destination_service": U, "destination_service_name": U, "destination_service_namespace": U}),
+    "destination_inbound_cluster_service_host": (
+        {"reporter": DESTINATION, "cluster": "inbound|9080|tcp|productpage.default.svc.cluster.local"},
+        {"destination_service": "productpage.default.svc.cluster.local",
+         "destination_service_name": "productpage", "destination_service_namespace": "default"}),
     "grpc": (
         {"reporter": SOURCE, "cluster": "app", "protocol": "grpc", "grpc_status": "14"},
         {"request_protocol": "grpc", "grpc_response_status": "14"}),
@@ -134,10 +154,25 @@ class LabelTests(SynchronousTestCase):
             "outbound|broken": ("outbound|broken", "outbound|broken", U),
             "app": ("app", "app", U),
             "": (U, U, U),
+            # Istio's older inbound names end with the service host...
+            "inbound|9080|http|reviews.default.svc.cluster.local": (
+                "reviews.default.svc.cluster.local", "reviews", "default"),
+            # ... txmesh's with the workload, which is no service.
+            "inbound|9080||reviews-v1": (U, U, U),
+            "inbound|9080||": (U, U, U),
+            "inbound|9080||www.example.com": (U, U, U),
+            "inbound|broken": (U, U, U),
         }
         for cluster, expected in cases.items():
             s = service_of_cluster(cluster)
             self.assertEqual((s.host, s.name, s.namespace), expected, cluster)
+
+    def test_namespace_of_principal(self):
+        cases = {WEB_CALLER: "web", CALLER: "default", "spiffe://td/ns//sa/x": U, "spiffe://td/ns/a/b/sa/x": U,
+                 "spiffe://td/x/a/sa/b": U, "https://td/ns/a/sa/b": U, "spiffe://td/ns/a b/sa/x": U, "": U,
+                 None: U}
+        for principal, expected in cases.items():
+            self.assertEqual(namespace_of_principal(principal), expected, principal)
 
     def test_authority_host(self):
         cases = {b"Reviews:9080": "reviews", b"10.0.0.1:80": "10.0.0.1", b"a.b.svc": "a.b.svc",
@@ -525,6 +560,223 @@ class TCPMetricsTests(TestCase):
         self.assertEqual(sample_value(fams["istio_tcp_connections_opened"], "_total", response_flags="-"), 1)
 
 
+def _spiffe_transport(principal):
+    """
+    @return: a stand-in TLS transport whose peer certificate carries
+        C{principal} (or no certificate for C{None}).
+    """
+    if principal is None:
+        return SimpleNamespace(getPeerCertificate=lambda: None)
+    extensions = x509.Extensions([x509.Extension(
+        x509.SubjectAlternativeName.oid, False,
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(principal)]))])
+    certificate = SimpleNamespace(extensions=extensions)
+    return SimpleNamespace(getPeerCertificate=lambda: SimpleNamespace(to_cryptography=lambda: certificate))
+
+
+class _Connection:
+    # Hashable (live connections are dict keys), unlike SimpleNamespace.
+    def __init__(self, transport):
+        self.bytes_received = self.bytes_sent = 0
+        self.downstream_transport = transport
+
+
+def _connection(principal=None, plain=False):
+    return _Connection(SimpleNamespace() if plain else _spiffe_transport(principal))
+
+
+def _closed(connection, flags=()):
+    return SimpleNamespace(bytes_received=connection.bytes_received, bytes_sent=connection.bytes_sent,
+                           response_flags=tuple(flags))
+
+
+class _Identity:
+    spiffe_id = ME
+
+
+class TCPListenerLabelTests(SynchronousTestCase):
+    """
+    The per-connection labels of L{TCPListenerMetrics}: the peer principal
+    of a mutual TLS listener, the policy, the cached label sets.
+    """
+
+    def series(self, metrics, **match):
+        fams = families(metrics)
+        return {name: sample_value(fams[f"istio_tcp_{name}"], "_total", **match)
+                for name in ("connections_opened", "connections_closed", "received_bytes", "sent_bytes")}
+
+    def test_strict_inbound_principals(self):
+        metrics = ProxyMetrics(NODE, identity=_Identity())
+        observer = metrics.tcp_listener("inbound", "inbound|9080||productpage-v1", "STRICT")
+        connection = _connection(WEB_CALLER)
+        observer.connection_opened(connection)
+        # Not counted before the handshake tells who the peer is.
+        self.assertEqual(self.series(metrics)["connections_opened"], None)
+        observer.connection_secured(connection)
+        connection.bytes_received, connection.bytes_sent = 10, 20
+        match = {"reporter": "destination", "source_principal": WEB_CALLER, "source_workload_namespace": "web",
+                 "destination_principal": ME, "connection_security_policy": "mutual_tls",
+                 "destination_workload": "productpage-v1", "destination_service": U, "response_flags": "-"}
+        self.assertEqual(self.series(metrics, **match),
+                         {"connections_opened": 1, "connections_closed": 0, "received_bytes": 10, "sent_bytes": 20})
+        connection.bytes_received, connection.bytes_sent = 15, 30
+        observer.connection_closed(connection, _closed(connection))
+        self.assertEqual(self.series(metrics, **match),
+                         {"connections_opened": 1, "connections_closed": 1, "received_bytes": 15, "sent_bytes": 30})
+        self.assertEqual(metrics.tcp.live, {})
+
+    def test_closed_before_handshake(self):
+        metrics = ProxyMetrics(NODE, identity=_Identity())
+        observer = metrics.tcp_listener("inbound", "app", "STRICT")
+        connection = _connection(None)
+        observer.connection_opened(connection)
+        observer.connection_closed(connection, _closed(connection, ["UH"]))
+        fams = families(metrics)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_opened"], "_total", response_flags="-",
+                                      source_principal=U, destination_principal=U,
+                                      connection_security_policy="mutual_tls"), 1)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_closed"], "_total", response_flags="UH"), 1)
+
+    def test_permissive_policy_per_connection(self):
+        metrics = ProxyMetrics(NODE, identity=_Identity())
+        observer = metrics.tcp_listener("inbound", "app", "PERMISSIVE")
+        mtls, plain = _connection(CALLER), _connection(plain=True)
+        observer.connection_opened(plain)
+        # A plaintext connection has no handshake to wait for.
+        self.assertEqual(sample_value(families(metrics)["istio_tcp_connections_opened"], "_total"), 1)
+        observer.connection_opened(mtls)
+        observer.connection_secured(mtls)
+        for connection in (mtls, plain):
+            observer.connection_closed(connection, _closed(connection))
+        fams = families(metrics)
+        opened = fams["istio_tcp_connections_opened"]
+        self.assertEqual(sample_value(opened, "_total", connection_security_policy="mutual_tls",
+                                      source_principal=CALLER, destination_principal=ME), 1)
+        self.assertEqual(sample_value(opened, "_total", connection_security_policy="none", source_principal=U,
+                                      destination_principal=U), 1)
+
+    def test_plain_listeners_read_no_certificate(self):
+        metrics = ProxyMetrics(NODE, identity=_Identity())
+        inbound = metrics.tcp_listener("inbound", "app")
+        outbound = metrics.tcp_listener("tcp-reviews", REVIEWS, upstream_mtls=True)
+        for observer in (inbound, outbound):
+            # A transport with a certificate: not read without mutual TLS.
+            connection = _connection(CALLER)
+            observer.connection_opened(connection)
+            observer.connection_closed(connection, _closed(connection))
+        opened = families(metrics)["istio_tcp_connections_opened"]
+        self.assertEqual(sample_value(opened, "_total", reporter="destination", source_principal=U,
+                                      connection_security_policy="none"), 1)
+        # The client side reports its own principal towards an ISTIO_MUTUAL cluster.
+        self.assertEqual(sample_value(opened, "_total", reporter="source", source_principal=ME,
+                                      destination_service="reviews.default.svc.cluster.local",
+                                      connection_security_policy=U), 1)
+
+    def test_label_sets_cached_per_peer(self):
+        metrics = ProxyMetrics(NODE, identity=_Identity())
+        observer = metrics.tcp_listener("inbound", "app", "STRICT")
+        computed = []
+        labels = metrics.tcp.labels
+        metrics.tcp.labels = lambda *a: computed.append(a) or labels(*a)
+        for principal in [CALLER, WEB_CALLER] * 50:
+            connection = _connection(principal)
+            observer.connection_opened(connection)
+            observer.connection_secured(connection)
+            observer.connection_closed(connection, _closed(connection))
+        # One label set per peer principal, computed once.
+        self.assertEqual(len(computed), 2)
+        self.assertEqual(len(metrics.tcp.table.series), 2)
+        self.assertEqual(sum(s.opened for s in metrics.tcp.table.series.values()), 100)
+
+    def test_identity_set_later(self):
+        metrics = ProxyMetrics(NODE)
+        observer = metrics.tcp_listener("inbound", "app", "STRICT")
+        for _ in range(2):
+            connection = _connection(CALLER)
+            observer.connection_opened(connection)
+            observer.connection_secured(connection)
+            observer.connection_closed(connection, _closed(connection))
+            metrics.set_identity(_Identity())
+        closed = families(metrics)["istio_tcp_connections_closed"]
+        self.assertEqual(sample_value(closed, "_total", destination_principal=U), 1)
+        self.assertEqual(sample_value(closed, "_total", destination_principal=ME), 1)
+
+
+class MutualTLSTCPTests(TestCase):
+    """
+    The TCP families of a STRICT mutual TLS inbound listener, through
+    txmesh.proxy.tcp behind txmesh's TLS listener, on real loopback sockets.
+    """
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_real_mtls_inbound(self):
+        import shutil
+        import tempfile
+        from datetime import datetime, timedelta, timezone
+
+        from twisted.internet.endpoints import wrapClientTLS
+
+        from txmesh.pilot.ca import CertificateAuthority, spiffe_id
+        from txmesh.proxy.mesh_tls import MeshClientCreator, MeshServerCreator
+        from txmesh.proxy.tls import TLSListenerFactory
+        from txmesh.proxy.workload_identity import WorkloadIdentity
+
+        directory = tempfile.mkdtemp(prefix="txmesh-metrics-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        now = datetime.now(timezone.utc)
+        ca = CertificateAuthority.load_or_create(directory, "cluster.local", now)
+
+        def issue(namespace, account):
+            identity = WorkloadIdentity(spiffe_id(ca.trust_domain, namespace, account))
+            identity.install(ca.sign_csr(identity.new_request(), identity.spiffe_id, now, timedelta(hours=1)),
+                             ca.trust_bundle_pem, now.timestamp())
+            return identity
+
+        server, caller = issue("default", "productpage"), issue("web", "frontend")
+        echo = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(_Echo))
+        self.addCleanup(echo.stopListening)
+        port = echo.getHost().port
+        metrics = ProxyMetrics(NODE, identity=server)
+        proxy = TCPProxyFactory(
+            listener_name="inbound",
+            pick_endpoint=lambda: Endpoint("127.0.0.1", port),
+            connector=lambda ep: TCP4ClientEndpoint(reactor, ep.host, ep.port),
+            clock=reactor,
+            idle_timeout=0,
+            observer=metrics.tcp_listener("inbound", "inbound|9080||productpage-v1", "STRICT"),
+        )
+        tls = TLSListenerFactory(MeshServerCreator(server, (), require_peer=True), proxy, clock=reactor)
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(tls)
+        self.addCleanup(listening.stopListening)
+        match = {"reporter": "destination", "request_protocol": "tcp", "source_principal": caller.spiffe_id,
+                 "source_workload_namespace": "web", "destination_principal": server.spiffe_id,
+                 "destination_workload": "productpage-v1", "connection_security_policy": "mutual_tls",
+                 "destination_service": U}
+        for n in (1, 2):
+            client = _Client()
+            endpoint = wrapClientTLS(MeshClientCreator(caller),
+                                     TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port))
+            yield connectProtocol(endpoint, client).addTimeout(5, reactor)
+            client.transport.write(b"x" * 100)
+            yield client.wait_for(100).addTimeout(5, reactor)
+            fams = families(metrics)
+            self.assertEqual(sample_value(fams["istio_tcp_connections_opened"], "_total", **match), n)
+            self.assertEqual(sample_value(fams["istio_tcp_received_bytes"], "_total", **match), 100 * n)
+            client.transport.loseConnection()
+            yield client.closed.addTimeout(5, reactor)
+            for _ in range(100):
+                if not metrics.tcp.live:
+                    break
+                yield deferLater(reactor, 0.01, lambda: None)
+        fams = families(metrics)
+        self.assertEqual(sample_value(fams["istio_tcp_connections_closed"], "_total", **match), 2)
+        self.assertEqual(sample_value(fams["istio_tcp_sent_bytes"], "_total", **match), 200)
+        # Nothing was counted under an unknown principal.
+        self.assertIsNone(sample_value(fams["istio_tcp_connections_opened"], "_total", source_principal=U))
+
+
 class TwoSidecarTests(TestCase):
     """
     Two real proxies: the client's (listener "outbound", source reporter)
@@ -617,7 +869,8 @@ class FilterFactoryCountersTests(SynchronousTestCase):
         from txmesh.filters.tracing import TracingFactory
 
         class Reporter:
-            dropped, sent, failures = 7, 3, 1
+            # 5 refused by a full queue, 2 lost in the failed POST.
+            dropped, sent, failures, spans_dropped = 5, 3, 1, 7
 
         factory = TracingFactory()
         factory.reporters["http://collector:9411/api/v2/spans"] = Reporter()

@@ -249,14 +249,18 @@ class PrometheusScrapeTests(unittest.TestCase):
 
         # A listener named "inbound" reports as the destination's sidecar.
         self.assertIn("destination", {m.get("reporter") for m, _ in rates}, rates)
+        # Exactly one series per (service, code): the live route's cluster
+        # answered 200, the refused one's 503, and nothing else was counted.
+        expected = {("app", "200"), ("down", "503")}
+
+        def series(result: Any) -> set[tuple[str | None, str | None]]:
+            return {(m.get("destination_service"), m.get("response_code")) for m, _ in result}
+
         rates = yield prometheus.wait_query(
-            REQUEST_RATE, lambda r: {m.get("response_code") for m, v in r if v > 0} >= {"200", "503"}, timeout=10)
-        by_code: dict[str, list[tuple[str, float]]] = {}
-        for metric, value in rates:
-            by_code.setdefault(metric["response_code"], []).append((metric.get("destination_service", ""), value))
-        for code_ in ("200", "503"):
-            self.assertTrue(by_code.get(code_), (code_, rates))
-            for service, value in by_code[code_]:
-                self.assertTrue(service, (code_, rates))
-                self.assertGreater(value, 0, (code_, rates))
+            REQUEST_RATE, lambda r: series(r) == expected and all(v > 0 for _, v in r), timeout=10)
         log.msg(f"{REQUEST_RATE} = {rates!r}")
+        self.assertEqual(len(rates), len(expected), rates)
+        self.assertEqual(series(rates), expected)
+        for metric, value in rates:
+            self.assertEqual(set(metric), {"destination_service", "response_code"}, rates)
+            self.assertGreater(value, 0, rates)

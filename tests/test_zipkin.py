@@ -342,6 +342,8 @@ class ZipkinReporterTests(TestCase):
         self.clock.advance(1)
         yield until(lambda: reporter.failures == 2)
         self.assertEqual((reporter.failed_spans, reporter.dropped), (3, 0))
+        # Spans lost in failed POSTs are dropped spans too (the metric).
+        self.assertEqual(reporter.spans_dropped, 3)
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
     @inlineCallbacks
@@ -377,6 +379,7 @@ class ZipkinReporterTests(TestCase):
         yield until(lambda: self.collector.hits == 2)
         self.assertEqual(self.collector.batches[1], [make_span(1)])
         self.assertEqual((reporter.pending, reporter.failed_spans), (3, 1))
+        self.assertEqual(reporter.spans_dropped, 1)
         self.assertValid()
 
     @inlineCallbacks
@@ -459,3 +462,109 @@ class ZipkinReporterUnitTests(SynchronousTestCase):
                    {"flush_interval": 0}, {"timeout": -1}]:
             with self.subTest(kw=kw):
                 self.assertRaises(ValueError, ReporterSettings, **kw)
+
+
+class CollectorOutageThroughProxyTests(TestCase):
+    """
+    A collector that is down or never answers costs spans, never requests:
+    a real L{ProxyService} with the C{tracing} filter (its reporter on the
+    default treq client) relays every request on loopback, and the spans
+    the collector never got are in C{txmesh_tracing_spans_dropped_total}.
+    """
+
+    timeout = 60
+    REQUESTS = 30
+
+    @inlineCallbacks
+    def proxy(self, collector_url: str) -> Any:
+        """
+        @return: a started L{tests.support.ProxyHarness} tracing every request
+            of listener C{inbound} to C{collector_url} (queue of 2 spans, one
+            per POST), routed to an app answering 200.
+        """
+        from tests.support import ProxyHarness, RecordingFactory, fixed_response, listen_upstream
+        from txmesh.filters.registry import FilterRegistry
+        from txmesh.filters.router import RouterFactory
+        from txmesh.filters.tracing import TracingFactory
+
+        tracing = TracingFactory()
+        # Cancels a POST still in flight and closes the reporter's connections.
+        self.addCleanup(tracing.stop)
+        app = yield listen_upstream(self, RecordingFactory(fixed_response(b"hello")))
+        harness = ProxyHarness(self, FilterRegistry(http=[RouterFactory(), tracing]))
+        yield harness.start("""
+            node: {workload: web-v1, namespace: default, app: web, version: v1}
+            listeners:
+              - name: inbound
+                address: "tcp:0:interface=127.0.0.1"
+                http_filters:
+                  - name: tracing
+                    config: {collector: "{collector}", sampling: 100, max_queue: 2, batch_size: 1,
+                             timeout: 60s}
+                routes: [{cluster: app}]
+            clusters:
+              - {name: app, endpoints: ["127.0.0.1:{app}"]}
+            """, collector=collector_url, app=app)
+        self.tracing = tracing
+        return harness
+
+    @inlineCallbacks
+    def send_requests(self, harness: Any) -> Any:
+        """
+        Send L{REQUESTS} requests, one connection each, all at once; each
+        must get its 200 (within a generous bound).
+        """
+        from twisted.internet.defer import gatherResults
+
+        from tests.support import raw_exchange
+
+        request = b"GET /items HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+        replies = yield gatherResults([raw_exchange(self, harness.port("inbound"), request, timeout=20)
+                                       for _ in range(self.REQUESTS)])
+        for reply in replies:
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:200])
+            self.assertTrue(reply.endswith(b"hello"), reply[-200:])
+
+    def dropped_metric(self, harness: Any) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = harness.service.metrics.exposition()[1].decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == "txmesh_tracing_spans_dropped":
+                return sum(s.value for s in family.samples if s.name == "txmesh_tracing_spans_dropped_total")
+        self.fail(f"no txmesh_tracing_spans_dropped_total in:\n{text}")
+
+    @inlineCallbacks
+    def test_collector_down(self) -> Any:
+        from tests.support import free_port
+
+        url = f"http://127.0.0.1:{free_port()}/api/v2/spans"
+        harness = yield self.proxy(url)
+        yield self.send_requests(harness)
+        (reporter,) = self.tracing.reporters.values()
+        # Every POST is refused at once: each span ends dropped, whether
+        # the queue was full or its POST failed.
+        yield until(lambda: reporter.pending == 0 and not reporter.in_flight).addTimeout(20, reactor)
+        self.assertEqual(reporter.queued + reporter.dropped, self.REQUESTS)
+        self.assertGreater(reporter.failures, 0)
+        self.assertEqual(reporter.sent, 0)
+        self.assertEqual(self.dropped_metric(harness), self.REQUESTS)
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_collector_never_answers(self) -> Any:
+        collector = Collector()
+        collector.hang = True
+        port = reactor.listenTCP(0, Site(collector), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(collector.release)
+        harness = yield self.proxy(f"http://127.0.0.1:{port.getHost().port}/api/v2/spans")
+        yield self.send_requests(harness)
+        (reporter,) = self.tracing.reporters.values()
+        # One POST hangs and two spans wait behind it; the rest were
+        # refused by the full queue.
+        yield until(lambda: collector.hits == 1).addTimeout(20, reactor)
+        self.assertTrue(reporter.in_flight)
+        self.assertEqual((reporter.pending, reporter.failures, reporter.sent), (2, 0, 0))
+        self.assertEqual(reporter.dropped, self.REQUESTS - 3)
+        self.assertEqual(self.dropped_metric(harness), self.REQUESTS - 3)

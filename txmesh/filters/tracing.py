@@ -426,7 +426,8 @@ class TracingFactory:
     def metric_samples(self) -> list[tuple[str, str, dict[str, str], float]]:
         """
         @return: each reporter's counters, for the proxy's metrics:
-            C{txmesh_tracing_spans_dropped_total} (queue full),
+            C{txmesh_tracing_spans_dropped_total} (the queue was full, or
+            the spans were in a failed POST),
             C{txmesh_tracing_spans_sent_total} and
             C{txmesh_tracing_report_failures_total}, by collector.
         """
@@ -434,8 +435,9 @@ class TracingFactory:
         for url, reporter in sorted(self.reporters.items()):
             labels = {"collector": url}
             out += [
-                ("txmesh_tracing_spans_dropped", "Spans dropped because the report queue was full.", labels,
-                 reporter.dropped),
+                ("txmesh_tracing_spans_dropped",
+                 "Spans the collector will never get: the report queue was full, or their report failed.",
+                 labels, reporter.spans_dropped),
                 ("txmesh_tracing_spans_sent", "Spans the collector accepted.", labels, reporter.sent),
                 ("txmesh_tracing_report_failures", "Reports that failed (error, timeout or non-2xx).", labels,
                  reporter.failures),

@@ -39,6 +39,7 @@ from txmesh.config.model import NodeConfig
 from txmesh.filters.api import HTTPFilter, IHTTPFilterFactory
 from txmesh.observability.peer_metadata import NO_PEER, PEER_HEADER, UNKNOWN, PeerMetadata, clean, decode, encode
 from txmesh.proxy.grpc import is_grpc
+from txmesh.proxy.mesh_tls import downstream_identity
 from txmesh.proxy.overload import LAG_BUCKETS
 
 # Istio's default buckets for istio_request_duration_milliseconds.
@@ -85,6 +86,7 @@ REQUEST_LABELS = (
 # As Istio: the TCP families have no response code or gRPC status.
 TCP_LABELS = tuple(name for name in REQUEST_LABELS if name not in ("response_code", "grpc_response_status"))
 _TCP_INDEXES = tuple(REQUEST_LABELS.index(name) for name in TCP_LABELS)
+_TCP_POLICY = TCP_LABELS.index("connection_security_policy")
 
 # The "le" label values, rendered as Prometheus's Go clients do.
 _DURATION_LE = [floatToGoString(b) for b in DURATION_BUCKETS_MS] + ["+Inf"]
@@ -127,16 +129,44 @@ def service_of_host(host: str, default_namespace: str = UNKNOWN) -> DestinationS
 def service_of_cluster(cluster: str, default_namespace: str = UNKNOWN) -> DestinationService:
     """
     @param cluster: a cluster name: Istio's C{outbound|<port>|<subset>|<host>}
-        form gives C{<host>}; any other name is the service's host and name.
-    @return: the destination service; C{"unknown"} for an empty name.
+        form gives C{<host>}; an C{inbound|<port>|<subset>|<host>} name
+        gives C{<host>} only when it is a service host
+        (C{<name>.<ns>.svc...}, as Istio's older inbound names were), since
+        txmesh's own inbound names end with the I{workload}
+        (C{inbound|9080||reviews-v1}), which is no service; any other name
+        is the service's host and name.
+    @return: the destination service; C{"unknown"} for an empty name or an
+        inbound name without a service host.
     """
     if cluster.startswith("outbound|"):
         parts = cluster.split("|")
         if len(parts) == 4 and parts[3]:
             return service_of_host(parts[3], default_namespace)
+    elif cluster.startswith("inbound|"):
+        parts = cluster.split("|")
+        if len(parts) == 4:
+            service = service_of_host(parts[3].lower())
+            if service.namespace != UNKNOWN and _HOST.match(service.host):
+                return service
+        return DestinationService(UNKNOWN, UNKNOWN, UNKNOWN)
     if not cluster:
         return DestinationService(UNKNOWN, UNKNOWN, UNKNOWN)
     return service_of_host(cluster, default_namespace)
+
+
+def namespace_of_principal(principal: str | None) -> str:
+    """
+    @param principal: a SPIFFE ID, C{spiffe://<trust domain>/ns/<namespace>/sa/<account>}.
+    @return: its namespace, or C{"unknown"} if it is not of that form (or
+        not a valid label value).
+    """
+    if not principal or not principal.startswith("spiffe://"):
+        return UNKNOWN
+    parts = principal.split("/")
+    # ["spiffe:", "", <trust domain>, "ns", <namespace>, "sa", <account>]
+    if len(parts) == 7 and parts[3] == "ns" and parts[5] == "sa" and parts[4]:
+        return clean(parts[4])
+    return UNKNOWN
 
 
 def authority_host(authority: bytes | str | None) -> str | None:
@@ -180,6 +210,9 @@ def request_labels(
     the peer metadata of the response.  The I{destination} reporter (the
     server's sidecar) knows itself; the source workload comes from the peer
     metadata of the request and the source principal from mutual TLS.
+    Without peer metadata (a client that sends none, or any TCP
+    connection), the source namespace is the verified principal's, as
+    Istio falls back to it.
 
     @param reporter: L{SOURCE} or L{DESTINATION}.
     @param node: this proxy's node.
@@ -194,20 +227,20 @@ def request_labels(
         ID, or C{None} if the connection was not mutual TLS.
     @param upstream_mtls: (source) whether the cluster uses mutual TLS.
     @param authority: (destination) the request's authority, naming the
-        service when the cluster is an inbound one (C{inbound|...}).
+        service when the cluster is an inbound one (C{inbound|...}); without
+        one (TCP), the inbound cluster name may (see L{service_of_cluster}).
     @return: the label values, in L{REQUEST_LABELS} order.
     """
     namespace = clean(node.namespace)
     me = (clean(node.workload), namespace, clean(node.app), clean(node.version))
     if reporter == DESTINATION:
-        if cluster.startswith("inbound|"):
-            host = authority_host(authority)
-            service = (service_of_host(host, namespace) if host is not None
-                       else DestinationService(UNKNOWN, UNKNOWN, UNKNOWN))
-        else:
-            service = service_of_cluster(cluster, namespace)
+        host = authority_host(authority) if cluster.startswith("inbound|") else None
+        service = service_of_host(host, namespace) if host is not None else service_of_cluster(cluster, namespace)
         mtls = downstream_principal is not None
-        source = (peer.workload, peer.namespace, downstream_principal or UNKNOWN, peer.app, peer.version)
+        source_namespace = peer.namespace
+        if source_namespace == UNKNOWN and mtls:
+            source_namespace = namespace_of_principal(downstream_principal)
+        source = (peer.workload, source_namespace, downstream_principal or UNKNOWN, peer.app, peer.version)
         destination = (me[0], me[1], (own_principal or UNKNOWN) if mtls else UNKNOWN, me[2], me[3])
         policy = "mutual_tls" if mtls else "none"
     else:
@@ -517,84 +550,149 @@ class RequestMetrics:
 
 class TCPListenerMetrics:
     """
-    The L{txmesh.proxy.tcp.TCPProxyFactory} observer of one TCP listener:
-    counts connections when they open and close, and their bytes when they
-    close or a scrape comes (as Istio reports long connections
-    periodically).
+    The L{txmesh.proxy.tcp.TCPProxyFactory} observer of one TCP listener (or
+    one of its SNI routes): counts connections when they open and close,
+    and their bytes when they close or a scrape comes (as Istio reports
+    long connections periodically).
+
+    On a mutual TLS listener the labels depend on the connection: its
+    peer's SPIFFE ID (C{source_principal}, and the source namespace)
+    is only known once the TLS handshake is done, so such a connection is
+    counted as opened then (L{connection_secured}), or when it closes if it
+    never gets that far.  Label sets are computed once per (listener, peer
+    principal, flags) and then found with one dict lookup.
     """
 
-    def __init__(self, tcp: TCPMetrics, reporter: str, cluster: str, security_policy: str):
+    def __init__(self, tcp: TCPMetrics, reporter: str, cluster: str, security_policy: str | None,
+                 peer_identity: bool = False, upstream_mtls: bool = False):
+        """
+        @param security_policy: the C{connection_security_policy} of every
+            connection, or C{None} to decide per connection (Istio's
+            PERMISSIVE mode: C{mutual_tls} if the peer proved an identity).
+        @param peer_identity: whether to read each connection's peer
+            principal from its TLS transport (a mutual TLS listener).
+        @param upstream_mtls: whether the cluster is C{ISTIO_MUTUAL} (the
+            source reporter's C{source_principal}).
+        """
         self._tcp = tcp
         self._reporter = reporter
         self._cluster = cluster
         self._policy = security_policy
+        self._peer_identity = peer_identity
+        self._upstream_mtls = upstream_mtls
+        # What tells this listener's label sets from another's, in the
+        # table's key cache.
+        self._key = (reporter, cluster, security_policy, upstream_mtls)
 
-    def _series(self, flags: str) -> TCPSeries:
-        key = (self._reporter, self._cluster, self._policy, flags)
-        series = self._tcp.table.keys.get(key)
+    def _series(self, principal: str | None, flags: str) -> TCPSeries:
+        key = (self._key, principal, flags)
+        tcp = self._tcp
+        series = tcp.table.keys.get(key)
         if series is None:
-            series = self._tcp.table.lookup(key, lambda: self._tcp.labels(self._reporter, self._cluster,
-                                                                          self._policy, flags))
+            series = tcp.table.lookup(key, lambda: tcp.labels(self._reporter, self._cluster, self._policy, flags,
+                                                              principal, self._upstream_mtls))
         return series
+
+    def _open(self, connection: Any) -> list:
+        principal = None
+        if self._peer_identity:
+            principal = downstream_identity(connection.downstream_transport)[0]
+        series = self._series(principal, "")
+        series.opened += 1
+        return [series, 0, 0, principal]
 
     def connection_opened(self, connection: Any) -> None:
         """
-        @param connection: has C{bytes_received} and C{bytes_sent}.
+        @param connection: has C{bytes_received}, C{bytes_sent} and
+            C{downstream_transport}.
         """
-        series = self._series("")
-        series.opened += 1
-        self._tcp.live[connection] = [series, 0, 0]
+        if self._peer_identity and hasattr(connection.downstream_transport, "getPeerCertificate"):
+            # TLS: counted by connection_secured, once the peer is known.
+            self._tcp.live[connection] = None
+        else:
+            # Plaintext (a PERMISSIVE listener's non-TLS client): no peer to wait for.
+            self._tcp.live[connection] = self._open(connection)
+
+    def connection_secured(self, connection: Any) -> None:
+        """
+        The TLS handshake of C{connection}'s downstream side is done: its
+        peer's certificate can be read.
+        """
+        live = self._tcp.live
+        if connection in live and live[connection] is None:
+            live[connection] = self._open(connection)
 
     def connection_closed(self, connection: Any, stats: Any) -> None:
         """
         @param stats: a L{txmesh.proxy.tcp.TCPConnectionStats}.
         """
         entry = self._tcp.live.pop(connection, None)
-        series = self._series(",".join(stats.response_flags))
+        if entry is None:
+            entry = self._open(connection)
+        series = self._series(entry[3], ",".join(stats.response_flags))
         series.closed += 1
-        reported_in, reported_out = (entry[1], entry[2]) if entry is not None else (0, 0)
-        series.received += stats.bytes_received - reported_in
-        series.sent += stats.bytes_sent - reported_out
+        series.received += stats.bytes_received - entry[1]
+        series.sent += stats.bytes_sent - entry[2]
 
 
 class TCPMetrics:
     """
     The four C{istio_tcp_*} families.
 
-    @ivar live: open connections: C{[series, bytes received, bytes sent]}
-        already counted, by connection.
+    @ivar live: open connections: C{[series, bytes received, bytes sent,
+        peer principal]} already counted, by connection; C{None} for one
+        not counted yet (its TLS handshake is not done).
     """
 
     def __init__(self, node: NodeConfig, max_series: int, identity: Callable[[], Any]):
         self.node = node
         self._identity = identity
         self.table = _SeriesTable(TCPSeries, TCP_LABELS, max_series)
-        self.live: dict[Any, list] = {}
+        self.live: dict[Any, list | None] = {}
 
-    def labels(self, reporter: str, cluster: str, policy: str, flags: str) -> tuple[str, ...]:
+    def labels(self, reporter: str, cluster: str, policy: str | None, flags: str, principal: str | None = None,
+               upstream_mtls: bool = False) -> tuple[str, ...]:
+        """
+        @param policy: the C{connection_security_policy}, or C{None} for
+            what the peer's principal implies.
+        @param principal: the downstream peer's verified SPIFFE ID, if any.
+        @return: the values of L{TCP_LABELS}.
+        """
         identity = self._identity()
         own = identity.spiffe_id if identity is not None else None
-        values = list(tcp_labels(reporter=reporter, node=self.node, cluster=cluster, flags=flags,
-                                 own_principal=own))
-        values[TCP_LABELS.index("connection_security_policy")] = policy
-        return tuple(values)
+        values = tcp_labels(reporter=reporter, node=self.node, cluster=cluster, flags=flags, own_principal=own,
+                            downstream_principal=principal, upstream_mtls=upstream_mtls)
+        if policy is None:
+            return values
+        return values[:_TCP_POLICY] + (policy,) + values[_TCP_POLICY + 1:]
 
-    def listener(self, name: str, cluster: str, mtls: str | None) -> TCPListenerMetrics:
+    def listener(self, name: str, cluster: str, mtls: str | None,
+                 upstream_mtls: bool = False) -> TCPListenerMetrics:
         """
         @param name: the listener's name: C{inbound} reports as the
             destination, any other as the source.
         @param mtls: the listener's mutual TLS mode, or C{None}.
+        @param upstream_mtls: whether C{cluster} is C{ISTIO_MUTUAL}.
         @return: the observer for the listener's L{TCPProxyFactory}.
         """
         reporter = DESTINATION if name == "inbound" else SOURCE
+        policy: str | None
         if reporter == SOURCE:
+            # As Istio: the client side does not report the policy.
             policy = UNKNOWN
+        elif mtls is None:
+            policy = "none"
+        elif mtls == "STRICT":
+            policy = "mutual_tls"
         else:
-            policy = {None: "none", "STRICT": "mutual_tls"}.get(mtls, UNKNOWN)
-        return TCPListenerMetrics(self, reporter, cluster, policy)
+            policy = None
+        return TCPListenerMetrics(self, reporter, cluster, policy, peer_identity=mtls is not None,
+                                  upstream_mtls=upstream_mtls and reporter == SOURCE)
 
     def _flush_live(self) -> None:
         for connection, entry in self.live.items():
+            if entry is None:
+                continue
             series = entry[0]
             received, sent = connection.bytes_received, connection.bytes_sent
             series.received += received - entry[1]
@@ -669,19 +767,28 @@ class _ProxyStateCollector:
             version.add_metric((), m.config_version())
             yield version
         if m.pilot_status is not None:
-            status = m.pilot_status()
-            if status is not None:
-                connected = GaugeMetricFamily("txmesh_pilot_connected", "1 while the pilot channel is up.")
-                connected.add_metric((), 1 if status.get("connected") else 0)
-                yield connected
-                info = GaugeMetricFamily("txmesh_pilot_info", "The config version last acked to the pilot.",
-                                         labels=("version",))
-                acked = status.get("acked_version")
-                info.add_metric((str(acked)[:64] if acked else "",), 1)
-                yield info
+            yield from pilot_families(m.pilot_status())
         if m.filter_factories is not None:
             yield from _factory_families(m.filter_factories())
         yield from _overload_families(m.overload)
+
+
+def pilot_families(status: dict | None) -> Iterable[Any]:
+    """
+    The pilot channel's state as metric families (none without a pilot).
+
+    @param status: L{PilotClient.status
+        <txmesh.proxy.pilot_client.PilotClient.status>}, or C{None}.
+    """
+    if status is None:
+        return
+    connected = GaugeMetricFamily("txmesh_pilot_connected", "1 while the pilot channel is up.")
+    connected.add_metric((), 1 if status.get("connected") else 0)
+    yield connected
+    info = GaugeMetricFamily("txmesh_pilot_info", "The config version last acked to the pilot.", labels=("version",))
+    acked = status.get("acked_version")
+    info.add_metric((str(acked)[:64] if acked else "",), 1)
+    yield info
 
 
 def _overload_families(overload: Any) -> Iterable[Any]:
@@ -808,19 +915,24 @@ class ProxyMetrics:
         Use C{identity}'s SPIFFE ID as this proxy's principal.
         """
         self._identity = self.http.identity = identity
+        # Label sets computed before had no principal of ours; series
+        # already counted keep their labels.
+        self.http.table.keys.clear()
+        self.tcp.table.keys.clear()
+
+    def tcp_listener(self, name: str, cluster: str, mtls: str | None = None,
+                     upstream_mtls: bool = False) -> TCPListenerMetrics:
+        """
+        @return: the observer a TCP listener's factory reports to (see
+            L{TCPMetrics.listener}).
+        """
+        return self.tcp.listener(name, cluster, mtls, upstream_mtls)
 
     def count_retry(self, cluster: str) -> None:
         """
         A retry started on C{cluster}.
         """
         self.retries[cluster] = self.retries.get(cluster, 0) + 1
-
-    def tcp_listener(self, name: str, cluster: str, mtls: str | None = None) -> TCPListenerMetrics:
-        """
-        @return: the observer a TCP listener's factory reports to (see
-            L{TCPMetrics.listener}).
-        """
-        return self.tcp.listener(name, cluster, mtls)
 
     def exposition(self) -> tuple[str, bytes]:
         """

@@ -15,7 +15,9 @@ The collector may be slow or down; the data path must not care:
     counted (L{ZipkinReporter.dropped});
   - a failed POST (error, timeout, non-2xx) is counted and its spans are
     lost, not retried, as Zipkin's own reporters do: a retry would only
-    compete with the spans queued behind it.
+    compete with the spans queued behind it.  They are counted as dropped
+    too (L{ZipkinReporter.spans_dropped}): a span a collector never got is
+    dropped, whether it was refused by the queue or lost in a POST.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class ZipkinReporter:
     @ivar failures: POSTs that failed (connection error, timeout, non-2xx).
     @ivar failed_spans: spans lost in failed POSTs.
     @ivar requests: POSTs started.
+    @ivar spans_dropped: every span the collector will never get
+        (C{dropped} plus C{failed_spans}), exported as
+        C{txmesh_tracing_spans_dropped_total}.
     """
 
     log = Logger()
@@ -124,6 +129,14 @@ class ZipkinReporter:
         @return: spans queued and not yet in a POST.
         """
         return len(self._queue)
+
+    @property
+    def spans_dropped(self) -> int:
+        """
+        @return: spans lost for good: refused (queue full, or the reporter
+            stopped) or in a failed POST.
+        """
+        return self.dropped + self.failed_spans
 
     @property
     def in_flight(self) -> bool:

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IReactorTime,
     IStreamClientEndpoint,
     ITransport,
@@ -153,10 +154,12 @@ class TCPProxyFactory(ServerFactory):
         @param observer: metrics hooks (e.g.
             L{txmesh.observability.metrics.TCPListenerMetrics}), or C{None}:
             C{observer.connection_opened(connection)} when a downstream
-            connection is accepted and C{observer.connection_closed(connection,
-            stats)} once it is closed, where C{connection} has C{bytes_received}
-            and C{bytes_sent} (so far) and C{stats} is the
-            L{TCPConnectionStats}.
+            connection is accepted, C{observer.connection_secured(connection)}
+            (if the observer has it) once a TLS downstream's handshake is
+            done, and C{observer.connection_closed(connection, stats)} once
+            it is closed, where C{connection} has C{bytes_received} and
+            C{bytes_sent} (so far) and C{downstream_transport}, and C{stats}
+            is the L{TCPConnectionStats}.
         @param writes: a L{WriteCoalescer
             <txmesh.proxy.write_coalescer.WriteCoalescer>} that relayed bytes
             go through (one C{send} per transport per reactor iteration, no
@@ -292,6 +295,23 @@ class _PeerProtocol(Protocol):
         self._session.side_lost(self._side, reason)
 
 
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class _DownstreamProtocol(_PeerProtocol):
+    """
+    The downstream side's protocol, which also hears when a TLS listener's
+    handshake is done (the peer's certificate can be read then).
+
+    Only the downstream side: Twisted's client endpoints wrap the upstream
+    protocol in one that re-declares its interfaces one at a time with
+    C{directlyProvides}, keeping only the last, so an upstream protocol
+    providing L{IHandshakeListener} would lose L{IHalfCloseableProtocol}.
+    """
+
+    def handshakeCompleted(self) -> None:
+        # Only under TLS (TLSMemoryBIOProtocol calls it once).
+        self._session.downstream_secured()
+
+
 class _ProxySession:
     """
     One downstream connection, its upstream connection, and the filters,
@@ -313,7 +333,7 @@ class _ProxySession:
         self._state = _State.CONNECTING
         self._down = _Side("downstream")
         self._up = _Side("upstream")
-        self.downstream_protocol = _PeerProtocol(self, self._down)
+        self.downstream_protocol = _DownstreamProtocol(self, self._down)
         self._info: ConnectionInfo | None = None
         self._filters: list[tuple[str, INetworkFilter]] = []
         self._endpoint: Endpoint | None = None
@@ -342,7 +362,24 @@ class _ProxySession:
         """
         return self._down.bytes_written
 
+    @property
+    def downstream_transport(self) -> ITransport | None:
+        """
+        The downstream client's transport (a TLS one on a TLS listener, to
+        read the peer's certificate from), or C{None} before it connected.
+        """
+        return self._down.transport
+
     # Events from the two protocols.
+
+    def downstream_secured(self) -> None:
+        factory = self._factory
+        secured = getattr(factory.observer, "connection_secured", None)
+        if secured is not None:
+            try:
+                secured(self)
+            except Exception:  # noqa: BLE001 (see _ProxySession)
+                self._log.failure("{listener}: metrics observer failed", listener=factory.listener_name)
 
     def side_connected(self, side: _Side, transport: ITransport) -> None:
         writes = self._factory.writes
