@@ -37,8 +37,8 @@ class ProxyOptions(usage.Options):
         ["watch", "w", 0.0, "Seconds between checks of the config file for changes (0: only on SIGHUP).", float],
         ["drain-timeout", None, 5.0, "Seconds in-flight requests get to finish at shutdown.", float],
         ["concurrency", None, 1, "Worker processes accepting on the same ports (SO_REUSEPORT); the parent "
-         "reads the config and serves the admin endpoint with their metrics summed. 1: no extra "
-         "process. Static config (--config) only, TCP listeners on fixed ports.", int],
+         "reads the config (or holds the pilot channel and the workload certificate) and serves the admin "
+         "endpoint with their metrics summed. 1: no extra process. TCP listeners on fixed ports.", int],
         ["pilot-ca", None, None, "With --pilot: the mesh root file (the pilot's ca/root-cert.pem)."],
         ["pilot-token-file", None, None, "With --pilot: the join token file (txmesh token create)."],
         ["node-id", None, None, "With --pilot: this proxy's node id [default: the file's, or the host name]."],
@@ -95,8 +95,6 @@ class ProxyOptions(usage.Options):
             raise usage.UsageError("--pilot needs --pilot-ca FILE (the mesh root) or --pilot-insecure")
         if self["concurrency"] < 1:
             raise usage.UsageError(f"--concurrency: at least 1, not {self['concurrency']}")
-        if self["concurrency"] > 1 and self["pilot"]:
-            raise usage.UsageError("--concurrency above 1 does not support --pilot yet")
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -115,11 +113,11 @@ class ProxyServiceMaker:
         from txmesh.config.errors import ConfigError
         from txmesh.proxy.service import ProxyService
 
-        if options["concurrency"] > 1:
-            return _worker_pool(options, reactor)
         document = None
         if options["pilot"]:
             document = _pilot_bootstrap(options)
+        if options["concurrency"] > 1:
+            return _worker_pool(options, reactor, document)
         service = ProxyService(
             options["config"] or "<command line>", reactor,
             watch_interval=options["watch"], drain_timeout=options["drain-timeout"], document=document,
@@ -133,7 +131,7 @@ class ProxyServiceMaker:
         return service
 
 
-def _worker_pool(options: ProxyOptions, reactor: object) -> object:
+def _worker_pool(options: ProxyOptions, reactor: object, document: dict | None) -> object:
     """
     The parent of C{--concurrency N} worker processes (see
     L{txmesh.proxy.workers}).
@@ -142,8 +140,8 @@ def _worker_pool(options: ProxyOptions, reactor: object) -> object:
     from txmesh.proxy.workers import WorkerPool
     from txmesh.reactor import TxmeshReactor
 
-    pool = WorkerPool(options["config"], reactor, options["concurrency"], watch_interval=options["watch"],
-                      drain_timeout=options["drain-timeout"],
+    pool = WorkerPool(options["config"] or "<command line>", reactor, options["concurrency"],
+                      watch_interval=options["watch"], drain_timeout=options["drain-timeout"], document=document,
                       reactor_name="txmesh" if isinstance(reactor, TxmeshReactor) else "default")
     try:
         pool.load_initial()

@@ -5,7 +5,6 @@ endpoint and config reloads -- as a Twisted service.
 
 from __future__ import annotations
 
-import random
 import signal
 import threading
 from typing import Any
@@ -27,7 +26,6 @@ from txmesh.config.model import ClusterConfig, Endpoint, ListenerConfig, Listene
 from txmesh.filters.access_log import TCPAccessLog
 from txmesh.filters.registry import FilterRegistry
 from txmesh.observability.metrics import ProxyMetrics
-from txmesh.pilot.messages import Node
 from txmesh.proxy.admin import AdminResource, AdminSite
 from txmesh.proxy.cluster import PASSTHROUGH_CLUSTER, ClusterManager, ClusterSet, NoHealthyUpstream, upstream_tls
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
@@ -36,12 +34,13 @@ from txmesh.proxy.http1_server import HTTP1ServerFactory
 from txmesh.proxy.listener import HTTPListenerFactory
 from txmesh.proxy.mesh_tls import MeshServerCreator, PermissiveFactory
 from txmesh.proxy.overload import OverloadManager
-from txmesh.proxy.pilot_client import PilotClient, pilot_tls_options
+from txmesh.proxy.pilot_client import PilotClient
+from txmesh.proxy.pilot_link import PilotLink
 from txmesh.proxy.reuseport import listener_endpoint
 from txmesh.proxy.sni_router import SNIRouterFactory
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, select_by_server_name, server_options
-from txmesh.proxy.workload_identity import WorkloadIdentity, token_service_account
+from txmesh.proxy.workload_identity import WorkloadIdentity
 from txmesh.proxy.write_coalescer import WriteCoalescer
 
 log = Logger()
@@ -100,6 +99,7 @@ class ProxyService(Service):
         pilot_backoff_max: float = 15.0,
         document: dict | None = None,
         reuse_port: bool = False,
+        identity: WorkloadIdentity | None = None,
     ):
         """
         @param config_path: the YAML file to run from (a name for messages
@@ -118,6 +118,9 @@ class ProxyService(Service):
             to C{config_path}'s directory.
         @param reuse_port: listen with C{SO_REUSEPORT}, as the worker
             processes of C{--concurrency} do (see L{txmesh.proxy.workers}).
+        @param identity: a workload identity kept up to date by someone
+            else (a worker's parent, which holds the pilot channel), for
+            the mutual TLS of a config without a C{pilot} section.
         """
         self._path = config_path
         self._document = document
@@ -144,8 +147,8 @@ class ProxyService(Service):
         self.metrics: ProxyMetrics | None = None
         self._cluster_set: ClusterSet | None = None
         self.pilot: PilotClient | None = None
-        self.identity: WorkloadIdentity | None = None
-        self._bootstrap: ProxyConfig | None = None
+        self.identity: WorkloadIdentity | None = identity
+        self._link: PilotLink | None = None
         # Built from the config the service starts with (its overload
         # section); changes to that section need a restart.
         self.overload: OverloadManager | None = None
@@ -180,7 +183,10 @@ class ProxyService(Service):
         self.metrics = ProxyMetrics(config.node)
         self.metrics.watch(clusters=self._clusters.clusters, config_version=lambda: self.version,
                            pilot_status=self.pilot_status, filter_factories=self._loader.registry.http_factories)
-        self.identity = self._clusters.identity = self._make_identity(config)
+        if config.pilot is not None:
+            self._link = PilotLink(config, self._reactor, self._apply_pushed, self._pilot_backoff)
+            self.identity = self._link.identity
+        self._clusters.identity = self.identity
         self.metrics.set_identity(self.identity)
         self._check_identity(config, self._path)
         if config.overload is not None:
@@ -203,8 +209,9 @@ class ProxyService(Service):
             self._watcher.clock = self._reactor
             self._watcher.start(self._watch_interval, now=False)
         log.info("txmesh-proxy ready: {n} listener(s) from {path}", n=len(config.listeners), path=self._path)
-        if config.pilot is not None:
-            self._start_pilot(config)
+        if self._link is not None:
+            self._link.start()
+            self.pilot = self._link.client
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -344,7 +351,9 @@ class ProxyService(Service):
             clock=reactor,
             idle_timeout=listener.idle_timeout,
             filters=listener.network_filters,
-            observer=self.metrics.tcp_listener(listener.name, cluster_name, listener.mtls),
+            observer=self.metrics.tcp_listener(
+                listener.name, cluster_name, listener.mtls,
+                upstream_mtls=cluster.config.tls is not None and cluster.config.tls.mode == "ISTIO_MUTUAL"),
             on_connection_closed=(TCPAccessLog(listener.access_log, cluster_name)
                                   if listener.access_log is not None else None),
             writes=self._writes,
@@ -534,82 +543,20 @@ class ProxyService(Service):
 
     # The pilot
 
-    def _start_pilot(self, config: ProxyConfig) -> None:
-        self._bootstrap = config
-        pilot = config.pilot
-        labels = dict(config.node.labels)
-        if pilot.inbound_port is not None:
-            labels["txmesh.io/inbound-port"] = str(pilot.inbound_port)
-        if pilot.app_port is not None:
-            labels["txmesh.io/app-port"] = str(pilot.app_port)
-        if pilot.outbound_address is not None:
-            labels["txmesh.io/outbound-address"] = pilot.outbound_address
-        node = config.node
-        self.pilot = PilotClient(
-            list(pilot.addresses),
-            Node(id=node.id, workload=node.workload, namespace=node.namespace or "default", app=node.app,
-                 version=node.version, labels=labels, locality=node.locality),
-            self._reactor,
-            self._apply_pushed,
-            random.Random(),
-            backoff_base=pilot.backoff_base if pilot.backoff_base is not None else self._pilot_backoff[0],
-            backoff_max=pilot.backoff_max if pilot.backoff_max is not None else self._pilot_backoff[1],
-            credential=pilot.token,
-            keepalive=(pilot.keepalive_interval, pilot.keepalive_timeout),
-            tls=None if pilot.insecure else self._pilot_tls,
-            identity=self.identity,
-        )
-        self.pilot.start()
-
-    def _make_identity(self, config: ProxyConfig) -> WorkloadIdentity | None:
+    def _apply_pushed(self, document: dict, source: str) -> Deferred:
         """
-        The workload identity this proxy asks the pilot to certify:
-        C{spiffe://<trust domain>/ns/<namespace>/sa/<service account>}.
-        """
-        pilot = config.pilot
-        if pilot is None or pilot.insecure:
-            return None
-        account = pilot.service_account or token_service_account(pilot.token) or "default"
-        namespace = config.node.namespace or "default"
-        identity = WorkloadIdentity(f"spiffe://{pilot.trust_domain}/ns/{namespace}/sa/{account}",
-                                    pilot.identity_dir)
-        if identity.load(self._reactor.seconds()):
-            log.info("workload certificate for {identity} taken from {dir}", identity=identity.spiffe_id,
-                     dir=pilot.identity_dir)
-        return identity
+        Apply a document pushed by the pilot, merged with the bootstrap
+        (see L{txmesh.proxy.pilot_link.merge_pushed}).
 
-    def _pilot_tls(self, address: str) -> Any:
-        pilot = self._bootstrap.pilot
-        return pilot_tls_options(pilot.server_name, pilot.ca_pem, address, self.identity, self._reactor.seconds())
-
-    def _apply_pushed(self, document: dict) -> Deferred:
+        @raise ConfigError: if it is not a valid config; the running config
+            is unchanged.
         """
-        Apply a document pushed by the pilot: the bootstrap's C{node} and
-        C{admin}, and its own (static) C{listeners} and C{clusters} followed
-        by the pushed (dynamic) ones, as Envoy's static and dynamic resources.
-        A pushed resource with a static one's name is refused.
-
-        @raise ConfigError: if the result is not a valid config; the running
-            config is unchanged.
-        """
-        raw = self._bootstrap.raw if isinstance(self._bootstrap.raw, dict) else {}
-        full = {key: raw[key] for key in ("node", "admin") if raw.get(key) is not None}
-        for rtype in ("listeners", "clusters"):
-            static = raw.get(rtype) or []
-            pushed = document.get(rtype, [])
-            names = {item.get("name") for item in static if isinstance(item, dict)}
-            clash = sorted(str(item.get("name")) for item in pushed if item.get("name") in names)
-            if clash:
-                raise ConfigError(f"pilot {self.pilot.connected_address}", rtype,
-                                  f"pushed {', '.join(clash)} clash with the bootstrap's static {rtype}")
-            full[rtype] = [*static, *pushed]
-        source = f"pilot {self.pilot.connected_address}" if self.pilot is not None else "pilot"
         try:
-            new = self._loader.load_document(full, source)
+            new = self._loader.load_document(document, source)
         except ConfigError:
             self.metrics.config_reloads.labels("rejected").inc()
             raise
-        new = attrs.evolve(new, pilot=self._bootstrap.pilot)
+        new = attrs.evolve(new, pilot=self._link.bootstrap.pilot)
 
         def rejected(failure: Any) -> Any:
             self.metrics.config_reloads.labels("rejected").inc()

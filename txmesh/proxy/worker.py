@@ -11,6 +11,10 @@ the worker's index.  The worker has no admin endpoint of its own: the
 parent asks it for its pages over the pipe.  It ignores C{SIGHUP} (the
 parent reloads and passes the config on), stops with draining on
 C{SIGTERM}, and stops when its parent goes away (end of standard input).
+
+With a pilot, the parent holds the channel and the workload identity: the
+worker's configs carry no C{pilot} section, and its mutual TLS uses the
+key and certificates the parent sends (L{WorkloadIdentity.adopt}).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 
 from txmesh.proxy.worker_channel import FrameDecoder, FrameError, encode, read_message
+from txmesh.proxy.workload_identity import IdentityError, WorkloadIdentity
 
 log = Logger()
 
@@ -38,11 +43,26 @@ The worker's descriptor for messages to its parent.
 def worker_document(document: Any) -> Any:
     """
     @return: the parent's config document as a worker runs it: without the
-        C{admin} section (the parent serves the admin endpoint).
+        C{admin} section (the parent serves the admin endpoint) and the
+        C{pilot} section (the parent holds the channel).
     """
     if not isinstance(document, dict):
         return document
-    return {key: value for key, value in document.items() if key != "admin"}
+    return {key: value for key, value in document.items() if key not in ("admin", "pilot")}
+
+
+def worker_identity(message: Any, now: float) -> WorkloadIdentity | None:
+    """
+    @param message: the parent's C{identity} message (or C{None}).
+    @return: the workload identity it describes, with its certificate if
+        the parent has one yet; C{None} for a proxy without one.
+    """
+    if not isinstance(message, dict) or not isinstance(message.get("spiffe_id"), str):
+        return None
+    identity = WorkloadIdentity(message["spiffe_id"])
+    if message.get("material") is not None:
+        identity.adopt(message["material"], now)
+    return identity
 
 
 class WorkerChannel(Protocol):
@@ -83,8 +103,20 @@ class WorkerChannel(Protocol):
             d.addErrback(lambda f: applied(f"{f.type.__name__}: {f.getErrorMessage()}"))
         elif kind == "admin":
             self.send({"type": "admin", "id": message.get("id"), "body": self._page(message.get("page"))})
+        elif kind == "identity":
+            self._identity(message)
         else:
             log.warn("unknown message from the parent: {kind}", kind=kind)
+
+    def _identity(self, message: dict[str, Any]) -> None:
+        identity = self._service.identity
+        material = message.get("material")
+        if identity is None or material is None:
+            return
+        try:
+            identity.adopt(material, self._reactor.seconds())
+        except IdentityError as e:
+            log.error("workload certificate from the parent refused, keeping the last: {error}", error=str(e))
 
     def _page(self, page: Any) -> Any:
         service = self._service
@@ -145,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if first is None or first["type"] != "config":
         return 1
+    try:
+        identity = worker_identity(first.get("identity"), reactor.seconds())
+    except IdentityError as e:
+        log.error("worker {index}: workload certificate from the parent refused: {error}", index=args.index,
+                  error=str(e))
+        return 1
     service = ProxyService(str(first["source"]), reactor, document=worker_document(first["document"]),
-                           drain_timeout=args.drain_timeout, reuse_port=True)
+                           drain_timeout=args.drain_timeout, reuse_port=True, identity=identity)
     try:
         service.load_initial()
     except ConfigError as e:

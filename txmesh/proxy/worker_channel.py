@@ -9,7 +9,11 @@ mapping with a C{"type"}.  Parent to worker (the worker's standard input):
 
   - C{config}: C{document} (the parsed YAML document, validated by the
     parent), C{source} (its file name, against which relative paths
-    resolve), C{version} (the parent's config version).
+    resolve), C{version} (the parent's config version); the first also
+    C{identity}: the C{identity} message below, or C{None}.
+  - C{identity}: C{spiffe_id}, C{material} (C{key}, C{chain}, C{roots}:
+    PEM text, or C{None} before the pilot signed a certificate): the
+    workload identity the parent holds, sent at start and on every change.
   - C{admin}: C{id}, C{page} (C{metrics}, C{clusters}, C{config_dump}).
 
 Worker to parent (the worker's file descriptor 3):
@@ -18,10 +22,9 @@ Worker to parent (the worker's file descriptor 3):
   - C{applied}: C{version}, C{ok}, C{error} (C{None} when C{ok}).
   - C{admin}: C{id}, C{body} (text for C{metrics}, else a JSON value).
 
-The pipe is private to the two processes, which is what a pilot's workload
-identity (key and certificates) would need to reach workers: it must never
-go through the environment or a file; workers with a pilot are not built
-yet.
+The pipe is private to the two processes, which is why the workload
+identity's private key may travel on it: it never goes through the
+environment or a file.
 """
 
 from __future__ import annotations

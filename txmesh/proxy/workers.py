@@ -12,6 +12,14 @@ listeners, one parent that reads the config and serves the admin endpoint.
     applies it with the same validation as a single proxy's reload
     (L{ProxyService.apply_document}).  A document the parent refuses
     reaches no worker.  A restarted worker starts from the current one.
+  - B{Pilot}: with a C{pilot} section (or C{--pilot}) the parent alone
+    holds the channel (L{txmesh.proxy.pilot_link}), so the pilot sees one
+    proxy: it merges and validates each push, sends it to the workers, and
+    acks it once every worker has applied it (a worker's refusal is the
+    NACK's reason).  The parent also keeps the workload identity: it makes
+    the key and asks the pilot for certificates, and sends the key, chain
+    and trust bundle to the workers over their pipes whenever they change
+    (never through the environment or a file).
   - B{Admin}: only the parent listens on the admin address.
     C{/stats/prometheus} is the workers' pages merged
     (L{txmesh.proxy.worker_metrics}) plus the parent's own
@@ -46,12 +54,15 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txmesh.config.errors import ConfigError
 from txmesh.config.loader import ConfigLoader, watched_mtimes
 from txmesh.config.model import ProxyConfig
 from txmesh.filters.registry import FilterRegistry
+from txmesh.observability.metrics import pilot_families
 from txmesh.proxy.admin import AdminResource, AdminSite
+from txmesh.proxy.pilot_link import PilotLink
 from txmesh.proxy.reuseport import shared_address_error
 from txmesh.proxy.worker_channel import FrameDecoder, FrameError, encode
 from txmesh.proxy.worker_metrics import merge_expositions, render
@@ -67,6 +78,11 @@ L{BACKOFF_BASE}.
 """
 
 SCRAPE_TIMEOUT = 5.0
+ROLLOUT_TIMEOUT = 30.0
+"""
+Seconds the workers get to apply a pushed config before the parent
+refuses (NACKs) it for them.
+"""
 KILL_GRACE = 5.0
 """
 Seconds past the drain timeout before a worker still running at stop is
@@ -100,11 +116,8 @@ def exit_description(status: Any) -> str:
 def check_shareable(config: ProxyConfig, source: str, reactor: Any) -> None:
     """
     @raise ConfigError: C{config} cannot run in several worker processes:
-        it has a pilot, or a listener whose address cannot be shared.
+        it has a listener whose address cannot be shared.
     """
-    if config.pilot is not None:
-        raise ConfigError(source, "pilot", "--concurrency above 1 does not support a pilot yet; "
-                                           "run one process per proxy with a pilot")
     for i, listener in enumerate(config.listeners):
         reason = shared_address_error(reactor, listener.address)
         if reason is not None:
@@ -185,8 +198,11 @@ class WorkerPool(Service):
     def __init__(self, config_path: str, reactor: Any, concurrency: int, *,
                  registry: FilterRegistry | None = None, watch_interval: float = 0.0,
                  drain_timeout: float = 5.0, reactor_name: str = "default",
-                 python: str = sys.executable, backoff: tuple[float, float] = (BACKOFF_BASE, BACKOFF_MAX)):
+                 python: str = sys.executable, backoff: tuple[float, float] = (BACKOFF_BASE, BACKOFF_MAX),
+                 document: dict | None = None, pilot_backoff: tuple[float, float] = (0.5, 15.0)):
         """
+        @param config_path: the YAML file to run from (a name for messages
+            when C{document} is given).
         @param concurrency: the number of worker processes, at least 1.
         @param reactor: provides C{IReactorProcess}, C{IReactorTCP} and
             C{IReactorTime}.
@@ -194,10 +210,19 @@ class WorkerPool(Service):
             C{default}, or a Twisted reactor's short name).
         @param python: the interpreter that runs the workers.
         @param backoff: seconds: the first restart delay and its cap.
+        @param document: the config document to run from instead of the
+            file's (the bootstrap C{--pilot} makes, see
+            L{txmesh.proxy.bootstrap}).
+        @param pilot_backoff: seconds: the default first and largest waits
+            before reconnecting to the pilot (see L{PilotLink}).
         """
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._path = config_path
+        self._document = document
+        self._pilot_backoff = pilot_backoff
+        self._link: PilotLink | None = None
+        self._rollouts: dict[int, _Rollout] = {}
         self._reactor = reactor
         self._concurrency = concurrency
         self._loader = ConfigLoader(registry or FilterRegistry.from_plugins())
@@ -230,6 +255,8 @@ class WorkerPool(Service):
         workers.labels("configured").set(concurrency)
         workers.labels("running").set_function(lambda: sum(w is not None for w in self.workers))
         workers.labels("ready").set_function(lambda: sum(w is not None and w.ready for w in self.workers))
+        # The parent holds the pilot channel: its state is the parent's to report.
+        self._registry.register(_PilotCollector(self.pilot_status))
 
     # Config
 
@@ -240,7 +267,10 @@ class WorkerPool(Service):
         @raise ConfigError: the file is invalid, or cannot run in worker
             processes (see L{check_shareable}).
         """
-        config = self._loader.load_file(self._path)
+        if self._document is not None:
+            config = self._loader.load_document(self._document, self._path)
+        else:
+            config = self._loader.load_file(self._path)
         check_shareable(config, self._path, self._reactor)
         self.config = config
         self._mtime = self._file_mtime()
@@ -254,6 +284,64 @@ class WorkerPool(Service):
     def _config_message(self) -> dict[str, Any]:
         return {"type": "config", "document": self.config.raw, "source": self._path, "version": self.version}
 
+    def _identity_message(self) -> dict[str, Any] | None:
+        identity = self._link.identity if self._link is not None else None
+        if identity is None:
+            return None
+        return {"type": "identity", "spiffe_id": identity.spiffe_id, "material": identity.material()}
+
+    def _identity_changed(self, identity: Any) -> None:
+        message = self._identity_message()
+        for worker in self.workers:
+            if worker is not None:
+                worker.send(message)
+        log.info("workload certificate for {identity} sent to the workers", identity=identity.spiffe_id)
+
+    def _send_config(self) -> list[WorkerProcess]:
+        """
+        Send the current config to every running worker.
+
+        @return: the workers it was sent to.
+        """
+        message = self._config_message()
+        sent = [w for w in self.workers if w is not None]
+        for worker in sent:
+            worker.send(message)
+        log.info("config version {version} sent to {n} worker(s)", version=self.version, n=len(sent))
+        return sent
+
+    def _apply_pushed(self, document: dict, source: str) -> Deferred:
+        """
+        A push from the pilot, merged with the bootstrap: validate it as a
+        single proxy would, send it to the workers, and fire once every
+        worker has applied it.
+
+        @raise ConfigError: (or fail with it) the document is invalid, or a
+            worker refused it or did not apply it in time; the pilot is
+            told why.
+        """
+        try:
+            new = self._loader.load_document(document, source)
+            check_shareable(new, source, self._reactor)
+        except ConfigError:
+            self._reloads.labels("rejected").inc()
+            raise
+        self._log_warnings(new)
+        self.config = new
+        self.version += 1
+        self.loaded_at = self._reactor.seconds()
+        self._reloads.labels("applied").inc()
+        rollout = _Rollout(self.version, source, {w.index for w in self._send_config()})
+        self._rollouts[self.version] = rollout
+        rollout.done.addTimeout(ROLLOUT_TIMEOUT, self._reactor, onTimeoutCancel=rollout.timed_out)
+
+        def forget(result: Any) -> Any:
+            self._rollouts.pop(rollout.version, None)
+            return result
+
+        rollout.check()
+        return rollout.done.addBoth(forget)
+
     def reload(self) -> Deferred:
         """
         Re-read the file; if it is valid, send it to every worker.
@@ -263,6 +351,10 @@ class WorkerPool(Service):
             C{/config_dump} and C{/ready}.
         """
         self._mtime = self._file_mtime()
+        if self._link is not None:
+            # As a single proxy's: the file is only the pilot bootstrap.
+            log.warn("{path} changed; it is the pilot bootstrap, so changes need a restart", path=self._path)
+            return defer.succeed(False)
         try:
             new = self._loader.load_file(self._path)
             check_shareable(new, self._path, self._reactor)
@@ -280,12 +372,7 @@ class WorkerPool(Service):
         self.loaded_at = self._reactor.seconds()
         self._mtime = self._file_mtime()
         self._reloads.labels("applied").inc()
-        message = self._config_message()
-        for worker in self.workers:
-            if worker is not None:
-                worker.send(message)
-        log.info("config version {version} sent to {n} worker(s)", version=self.version,
-                 n=sum(w is not None for w in self.workers))
+        self._send_config()
         return defer.succeed(True)
 
     def _file_mtime(self) -> tuple[float | None, ...]:
@@ -304,6 +391,10 @@ class WorkerPool(Service):
             self.load_initial()
         self.version = 1
         self.loaded_at = self._reactor.seconds()
+        if self.config.pilot is not None:
+            self._link = PilotLink(self.config, self._reactor, self._apply_pushed, self._pilot_backoff)
+            if self._link.identity is not None:
+                self._link.identity.subscribe(self._identity_changed)
         for index in range(self._concurrency):
             self._spawn(index)
         if self.config.admin_address:
@@ -315,11 +406,15 @@ class WorkerPool(Service):
             self._watcher.clock = self._reactor
             self._watcher.start(self._watch_interval, now=False)
         log.info("txmesh-proxy: {n} worker processes from {path}", n=self._concurrency, path=self._path)
+        if self._link is not None:
+            self._link.start()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
         self._stopping = True
+        if self._link is not None:
+            self._link.stop()
         if self._watcher is not None and self._watcher.running:
             self._watcher.stop()
         self._restore_sighup()
@@ -355,7 +450,7 @@ class WorkerPool(Service):
                                    childFDs={0: "w", 1: "r", 2: "r", 3: "r"})
         worker.started_at = self._reactor.seconds()
         self.workers[index] = worker
-        worker.send(self._config_message())
+        worker.send({**self._config_message(), "identity": self._identity_message()})
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def ended(self, worker: WorkerProcess, reason: Any) -> None:
@@ -365,6 +460,9 @@ class WorkerPool(Service):
         """
         if self.workers[worker.index] is worker:
             self.workers[worker.index] = None
+        # Its replacement starts from the current config.
+        for rollout in list(self._rollouts.values()):
+            rollout.answered(worker.index)
         for key, (owner, d) in list(self._requests.items()):
             if owner is worker:
                 del self._requests[key]
@@ -398,6 +496,9 @@ class WorkerPool(Service):
             if worker.error is not None:
                 log.error("worker {index} refused config version {version}: {error}", index=worker.index,
                           version=worker.version, error=worker.error)
+            rollout = self._rollouts.get(worker.version)
+            if rollout is not None:
+                rollout.answered(worker.index, worker.error)
         elif kind == "admin":
             pending = self._requests.pop(message.get("id"), None)
             if pending is not None:
@@ -488,8 +589,12 @@ class WorkerPool(Service):
         d.addCallback(lambda answers: {"workers": {str(w.index): body for w, body in answers}})
         return d
 
-    def pilot_status(self) -> None:
-        return None
+    def pilot_status(self) -> dict | None:
+        """
+        @return: the pilot channel's status, held by the parent, or C{None}
+            without a pilot.
+        """
+        return self._link.status() if self._link is not None else None
 
     def metrics_text(self) -> Deferred:
         """
@@ -509,3 +614,56 @@ class WorkerPool(Service):
                 return CONTENT_TYPE_LATEST, texts[0].encode("utf-8")
 
         return self._gather("metrics").addCallback(merge)
+
+
+class _Rollout:
+    """
+    One pushed config on its way to the workers: the pilot's push is acked
+    once every worker it was sent to has applied it.
+
+    @ivar done: fires with C{None} when all have; fails with L{ConfigError}
+        when one refuses it (or, through L{timed_out}, when they are too
+        slow).
+    """
+
+    def __init__(self, version: int, source: str, waiting: set[int]):
+        self.version = version
+        self._source = source
+        self._waiting = waiting
+        self.done: Deferred = Deferred()
+
+    def answered(self, index: int, error: str | None = None) -> None:
+        """
+        Worker C{index} applied the config (C{error} is C{None}), refused it
+        (C{error} says why), or exited (its replacement starts from it).
+        """
+        if self.done.called or index not in self._waiting:
+            return
+        if error is not None:
+            self.done.errback(ConfigError(self._source, "", f"worker {index}: {error}"))
+            return
+        self._waiting.discard(index)
+        self.check()
+
+    def check(self) -> None:
+        if not self.done.called and not self._waiting:
+            self.done.callback(None)
+
+    def timed_out(self, result: Any, timeout: float) -> Failure:
+        """
+        C{addTimeout}'s hook: the reason instead of a C{CancelledError}.
+        """
+        waiting = ", ".join(str(i) for i in sorted(self._waiting))
+        return Failure(ConfigError(self._source, "", f"worker(s) {waiting} did not apply it within {timeout:g}s"))
+
+
+class _PilotCollector:
+    """
+    A prometheus-client collector of the pilot channel's state.
+    """
+
+    def __init__(self, status: Any):
+        self._status = status
+
+    def collect(self) -> Any:
+        return pilot_families(self._status())

@@ -149,6 +149,45 @@ class WorkloadIdentity:
             self._save()
             self._notify()
 
+    def material(self) -> dict[str, str] | None:
+        """
+        @return: the key, certificate chain and trust bundle (PEM text), for
+            L{adopt} in the worker processes of the same proxy; C{None}
+            before a certificate is installed.
+        """
+        if self._key is None or self.chain_pem is None or self.roots_pem is None:
+            return None
+        return {"key": self.key_pem.decode("ascii"), "chain": self.chain_pem.decode("ascii"),
+                "roots": self.roots_pem.decode("ascii")}
+
+    def adopt(self, material: dict[str, str], now: float) -> None:
+        """
+        Take the key and certificate another process of this proxy got from
+        the pilot (see L{material}): a worker of C{--concurrency} has no
+        channel of its own.
+
+        @raise IdentityError: the material does not parse, the key and
+            certificate do not match, or the certificate is not for
+            L{spiffe_id}; the current certificate stays.
+        """
+        try:
+            key = serialization.load_pem_private_key(material["key"].encode("ascii"), None)
+            chain_pem = material["chain"].encode("ascii")
+            roots_pem = material["roots"].encode("ascii")
+            leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+            x509.load_pem_x509_certificates(roots_pem)
+        except (KeyError, AttributeError, UnicodeEncodeError, ValueError, TypeError) as e:
+            raise IdentityError(f"the identity material does not parse ({e})") from None
+        if _public_der(leaf.public_key()) != _public_der(key.public_key()):
+            raise IdentityError("the certificate is not for the key given with it")
+        identity = certificate_identity(leaf)
+        if identity != self.spiffe_id:
+            raise IdentityError(f"the certificate names {identity}, not {self.spiffe_id}")
+        if chain_pem == self.chain_pem and roots_pem == self.roots_pem:
+            return
+        self._key = key
+        self._set(chain_pem, roots_pem, leaf, now)
+
     def _set(self, chain_pem: bytes, roots_pem: bytes, leaf: x509.Certificate, now: float) -> None:
         self.chain_pem = chain_pem
         self.roots_pem = roots_pem
