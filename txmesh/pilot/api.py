@@ -319,6 +319,9 @@ OPENAPI: dict[str, Any] = {
                     "config": {"type": "object", "properties": {
                         "ok": {"type": "boolean"}, "error": _NULLABLE_STR,
                         "documents": {"type": "integer"}, "generation": {"type": "integer"}}},
+                    "mesh": {"type": "object", "properties": {
+                        "ok": {"type": "boolean"}, "error": _NULLABLE_STR,
+                        "restart_needed": {"type": "array", "items": {"type": "string"}}}},
                     "registry": {"type": "object", "nullable": True},
                     "proxies": {"type": "integer"},
                 },
