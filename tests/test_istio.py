@@ -1029,8 +1029,7 @@ WARNINGS: dict[str, tuple[list[Any], list[tuple[int, str, str]]]] = {
                                                        "ports": [{"number": 80, "name": "http"}],
                                                        "endpoints": [{"address": "a.example.com", "network": "n1",
                                                                       "serviceAccount": "sa"}]}, name="api")],
-                            [(3, "spec.endpoints[0].network", "multi-network"),
-                             (3, "spec.endpoints[0].serviceAccount", "identities")]),
+                            [(3, "spec.endpoints[0].network", "multi-network")]),
     "several_ports": ([], [(3, "spec.http[0].route[0].destination.port",
                             "has several ports (9080, 9090); none given, using 9080")]),
 }
@@ -1552,6 +1551,7 @@ class GrpcPortTests(SynchronousTestCase):
 
 
 MESH_LABEL = {"security.istio.io/tlsMode": "istio"}
+MESH_PAIRS = tuple(MESH_LABEL.items())
 
 
 def labeled_entry(*labeled: bool) -> dict[str, Any]:
@@ -1677,8 +1677,68 @@ class UpstreamTLSTests(SynchronousTestCase):
 
     def test_service_entry_subject_alt_names(self) -> None:
         """
-        A ServiceEntry's subjectAltNames are not used, with a warning.
+        A ServiceEntry's subjectAltNames are the identities its ISTIO_MUTUAL
+        cluster accepts, as in Istio; a name that is not a SPIFFE ID is
+        ignored with a warning.
         """
-        config = run(service_entry(subjectAltNames=[SPIFFE]))
-        self.assertEqual([w.field for w in config.warnings], ["spec.subjectAltNames"])
-        self.assertIn("DestinationRule's tls.subjectAltNames", config.warnings[0].message)
+        other = "spiffe://cluster.local/ns/default/sa/reviews-v2"
+        config = run(service_entry(subjectAltNames=[SPIFFE, "reviews.example.com", other]),
+                     tls_rule({"mode": "ISTIO_MUTUAL"}), mtls=True)
+        self.assertEqual(cluster(config).tls, UpstreamTLS(mode="ISTIO_MUTUAL", subject_alt_names=(SPIFFE, other)))
+        self.assertEqual([w.field for w in config.warnings], ["spec.subjectAltNames[1]"])
+
+    def test_service_entry_endpoint_accounts(self) -> None:
+        """
+        The serviceAccounts of a ServiceEntry's endpoints, in its namespace,
+        are the SPIFFE IDs (of the translation's trust domain) an auto
+        mutual TLS cluster accepts.
+        """
+        entry = service_entry(endpoints=[
+            {"address": "10.0.0.1", "labels": MESH_LABEL, "serviceAccount": "reviews"},
+            {"address": "10.0.0.2", "labels": MESH_LABEL, "serviceAccount": "reviews-v2"}])
+        config = run(entry, mtls=True, trust_domain="example.org")
+        self.assertEqual(cluster(config).tls.subject_alt_names,
+                         ("spiffe://example.org/ns/default/sa/reviews", "spiffe://example.org/ns/default/sa/reviews-v2"))
+
+    def test_unknown_account_keeps_trust_domain_check(self) -> None:
+        """
+        When one endpoint's account is unknown (and the service declares
+        none), the cluster names no SANs: any peer of the trust domain,
+        rather than refusing that endpoint.
+        """
+        entry = service_entry(endpoints=[
+            {"address": "10.0.0.1", "labels": MESH_LABEL, "serviceAccount": "reviews"},
+            {"address": "10.0.0.2", "labels": MESH_LABEL}])
+        self.assertEqual(cluster(run(entry, mtls=True)).tls, ISTIO_MUTUAL)
+
+    def test_bad_service_account(self) -> None:
+        """
+        A ServiceEntry endpoint's serviceAccount is a name, not a path.
+        """
+        entry = service_entry(endpoints=[{"address": "10.0.0.1", "serviceAccount": "ns/reviews"}])
+        with self.assertRaises(ConfigError) as cm:
+            run(entry, mtls=True)
+        self.assertEqual(cm.exception.field, "spec.endpoints[0].serviceAccount")
+        self.assertIn("DNS label", cm.exception.reason)
+
+    def test_destination_rule_sans_win(self) -> None:
+        """
+        A DestinationRule's subjectAltNames replace the service's accounts.
+        """
+        entry = service_entry(endpoints=[{"address": "10.0.0.1", "serviceAccount": "reviews"}])
+        other = "spiffe://cluster.local/ns/default/sa/other"
+        config = run(entry, tls_rule({"mode": "ISTIO_MUTUAL", "subjectAltNames": [other]}), mtls=True)
+        self.assertEqual(cluster(config).tls.subject_alt_names, (other,))
+
+    def test_registry_accounts(self) -> None:
+        """
+        Endpoints from service discovery carry their accounts into the
+        cluster's SANs, as C{namespace/account} or a whole SPIFFE ID.
+        """
+        host = "ratings.shop.svc.cluster.local"
+        foreign = "spiffe://other.org/ns/x/sa/y"
+        endpoints = (Endpoint("10.0.0.1", 80, MESH_PAIRS, service_account="shop/ratings"),
+                     Endpoint("10.0.0.2", 80, MESH_PAIRS, service_account=foreign))
+        config = run(registry={host: endpoints}, registry_ports={host: (("http", 80, "HTTP"),)}, mtls=True)
+        self.assertEqual(cluster(config, f"outbound|80||{host}").tls.subject_alt_names,
+                         ("spiffe://cluster.local/ns/shop/sa/ratings", foreign))

@@ -268,6 +268,28 @@ class RemoteJwksFilterTests(SynchronousTestCase):
         self.assertEqual(response.body, b"Jwks remote fetch is failed")
         factory.stop()
 
+    def test_jwks_down_audited(self) -> None:
+        """
+        A request refused because the key server is down is an audit
+        record naming the reason; a request without a token is not.
+        """
+        fd, path = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+        self.addCleanup(os.remove, path)
+        client = FakeClient()
+        client.get = lambda url: fail(ConnectionRefusedError())  # type: ignore[method-assign]
+        factory = JwtAuthnFactory(client=client)
+        self.addCleanup(factory.stop)
+        h = FilterHarness([(factory, {"rules": [rule(jwks=None, jwks_uri=JWKS_URI)], "audit": {"path": path}})])
+        h.clock.advance(START)
+        self.assertEqual(h.request("GET", "/books", headers=self.bearer(token())).status, 401)
+        self.assertEqual(h.request("GET", "/books").status, 200)
+        with open(path) as f:
+            [record] = [json.loads(line) for line in f]
+        self.assertEqual((record["decision"], record["policy"], record["method"], record["path"]),
+                         ("DENY", "jwt", "GET", "/books"))
+        self.assertIn("Jwks remote fetch is failed", record["reason"])
+
     def test_unknown_kid_refetches(self) -> None:
         self.h.request("GET", "/", headers=self.bearer(token()))
         self.client.answer(default_jwks())

@@ -23,10 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, DeferredQueue, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import globalLogPublisher
@@ -35,8 +36,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from txmesh.config.model import ClusterConfig, Endpoint, UpstreamTLS
 from txmesh.identity import certificate_identity
 from txmesh.pilot.ca import CertificateAuthority, spiffe_id
+from txmesh.proxy.cluster import upstream_tls
 from txmesh.proxy.mesh_tls import (
     MeshClientCreator,
     MeshServerCreator,
@@ -406,6 +409,57 @@ class MutualTLSTests(MeshTLSTestCase):
         self.assertEqual(server.peer[0], "spiffe://cluster.local/ns/default/sa/client")
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class OnlyTLS11:
+    """
+    A client that offers TLS 1.1 and nothing newer (security level 0, so
+    this OpenSSL sends the hello at all).
+    """
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        context.set_min_proto_version(SSL.TLS1_1_VERSION)
+        context.set_max_proto_version(SSL.TLS1_1_VERSION)
+        connection = SSL.Connection(context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+class ProtocolTests(MeshTLSTestCase):
+    """
+    What a mesh listener agrees to: ALPN as offered, TLS 1.2 at least.
+    """
+
+    @inlineCallbacks
+    def test_alpn(self) -> Any:
+        """
+        A listener offering C{h2} and C{http/1.1} agrees on C{h2} with a
+        client that offers it, and on C{http/1.1} with one that offers only
+        that.
+        """
+        echo = EchoFactory()
+        self.factories.append(echo)
+        creator = MeshServerCreator(issue(self.ca, "server"), alpn=[b"h2", b"http/1.1"])
+        port = self.listen(TLSMemoryBIOFactory(creator, False, echo))
+        client_id = issue(self.ca, "client")
+        for offered, agreed in (([b"h2", b"http/1.1"], b"h2"), ([b"http/1.1"], b"http/1.1"), ([b"h2"], b"h2")):
+            client = yield self.connect(port, MeshClientCreator(client_id, offered))
+            self.assertEqual((yield client.exchange(b"x")), b"x")
+            self.assertEqual(client.transport.negotiatedProtocol, agreed, offered)
+
+    @inlineCallbacks
+    def test_tls11_refused(self) -> Any:
+        """
+        A client that speaks at most TLS 1.1 is refused at the handshake:
+        the app never sees it.
+        """
+        port, echo = self.strict(issue(self.ca, "server"))
+        client_reason, server_reason = yield self.refused(port, OnlyTLS11(), echo)
+        self.assertIn("unsupported protocol", server_reason)
+        self.assertIn("protocol version", client_reason)
+
+
 class StrictAndPermissiveTests(MeshTLSTestCase):
     @inlineCallbacks
     def test_strict_refuses_client_without_certificate(self) -> Any:
@@ -478,6 +532,30 @@ class RefusedPeerTests(MeshTLSTestCase):
         self.assertLogged(f"upstream refused: {expected}")
 
     @inlineCallbacks
+    def test_other_service_account_of_the_cluster(self) -> Any:
+        """
+        An C{ISTIO_MUTUAL} cluster whose SANs are its service's accounts (as
+        the pilot writes them from service discovery) refuses a server of
+        the same trust domain with another service account, through the
+        proxy's own L{upstream_tls}, and logs why.
+        """
+        expected = spiffe_id(TRUST_DOMAIN, "default", "reviews")
+        cluster = ClusterConfig("outbound|9080||reviews", (Endpoint("127.0.0.1", 9080),),
+                                tls=UpstreamTLS(mode="ISTIO_MUTUAL", subject_alt_names=(expected,)))
+        creator = upstream_tls(cluster, cluster.endpoints[0], b"http/1.1", issue(self.ca, "client"))
+        port, echo = self.strict(issue(self.ca, "ratings"))
+        client_reason, _ = yield self.refused(port, creator, echo)
+        reason = f"the peer is spiffe://cluster.local/ns/default/sa/ratings, not one of {expected}"
+        self.assertEqual(client_reason, reason)
+        self.assertLogged(f"upstream refused: {reason}")
+
+        # The service's own account is taken.
+        port, _ = self.strict(issue(self.ca, "reviews"))
+        client = yield self.connect(port, upstream_tls(cluster, cluster.endpoints[0], b"http/1.1",
+                                                       issue(self.ca, "client")))
+        self.assertEqual((yield client.exchange(b"x")), b"x")
+
+    @inlineCallbacks
     def test_other_trust_domain(self) -> Any:
         """
         With no C{allowed} list, a server whose SPIFFE ID is of another trust
@@ -522,6 +600,8 @@ class RefusedPeerTests(MeshTLSTestCase):
         self.assertIn("certificate verify failed", client_reason)
         # The refused end is told why, in the TLS alert.
         self.assertIn('bad certificate', server_reason)
+        self.assertLogged("peer certificate spiffe://cluster.local/ns/default/sa/server refused: "
+                          "it is not valid yet (depth 0)")
 
     @inlineCallbacks
     def test_not_yet_valid_client(self) -> Any:
@@ -532,6 +612,8 @@ class RefusedPeerTests(MeshTLSTestCase):
         self.assertIn("certificate verify failed", server_reason)
         # The refused end is told why, in the TLS alert.
         self.assertIn('bad certificate', client_reason)
+        self.assertLogged("peer certificate spiffe://cluster.local/ns/default/sa/client refused: "
+                          "it is not valid yet (depth 0)")
 
     @inlineCallbacks
     def test_foreign_ca_server(self) -> Any:
@@ -545,6 +627,9 @@ class RefusedPeerTests(MeshTLSTestCase):
         self.assertIn("certificate verify failed", client_reason)
         # The refused end is told why, in the TLS alert.
         self.assertIn('unknown ca', server_reason)
+        # The peer sends its (foreign) root after its leaf: the root is refused.
+        self.assertLogged("peer certificate txmesh root CA cluster.local refused: "
+                          "its chain ends in a root that is not trusted (depth 1)")
 
     @inlineCallbacks
     def test_foreign_ca_client(self) -> Any:
@@ -556,6 +641,9 @@ class RefusedPeerTests(MeshTLSTestCase):
         self.assertIn("certificate verify failed", server_reason)
         # The refused end is told why, in the TLS alert.
         self.assertIn('unknown ca', client_reason)
+        # The peer sends its (foreign) root after its leaf: the root is refused.
+        self.assertLogged("peer certificate txmesh root CA cluster.local refused: "
+                          "its chain ends in a root that is not trusted (depth 1)")
 
     @inlineCallbacks
     def test_refused_certificate_logged(self) -> Any:
@@ -595,12 +683,18 @@ class RefusedPeerTests(MeshTLSTestCase):
         server_id.update_roots(rotated.root_pem)
         _, server_reason = yield self.refused(port, MeshClientCreator(old_client), echo)
         self.assertIn("certificate verify failed", server_reason)
+        # The peer sends its (foreign) root after its leaf: the root is refused.
+        self.assertLogged("peer certificate txmesh root CA cluster.local refused: "
+                          "its chain ends in a root that is not trusted (depth 1)")
 
         # And a client trusting only the new root refuses an old server.
         new_client = issue(rotated, "client", roots_pem=rotated.root_pem)
         old_port, old_echo = self.strict(old_server)
         client_reason, _ = yield self.refused(old_port, MeshClientCreator(new_client), old_echo)
         self.assertIn("certificate verify failed", client_reason)
+        # The peer sends its (foreign) root after its leaf: the root is refused.
+        self.assertLogged("peer certificate txmesh root CA cluster.local refused: "
+                          "its chain ends in a root that is not trusted (depth 1)")
 
 
 class RotationTests(MeshTLSTestCase):

@@ -95,6 +95,30 @@ class FileRegistryTests(SynchronousTestCase):
         self.assertEqual((status["ok"], status["error"], status["services"]), (True, None, 1))
         self.assertEqual(status["last_update"], 0.0)
 
+    def test_service_accounts(self):
+        """
+        A service's C{service_account} is its endpoints' unless one names
+        its own (C{namespace/account} or a SPIFFE ID); without either an
+        endpoint's is unknown (empty).
+        """
+        path = os.path.join(self.dir, "services.yaml")
+        write(path, """
+            services:
+              - host: reviews.shop.svc.cluster.local
+                service_account: shop/reviews
+                endpoints:
+                  - {address: 127.0.0.1, port: 1}
+                  - {address: 127.0.0.2, port: 1, service_account: "spiffe://example.org/ns/x/sa/legacy"}
+              - host: ratings.shop.svc.cluster.local
+                endpoints: [{address: 127.0.0.3, port: 1}]
+            """)
+        reg = self.registry(path)
+        reg.start()
+        view = reg.services()
+        self.assertEqual([e.service_account for e in view["reviews.shop.svc.cluster.local"].endpoints],
+                         ["shop/reviews", "spiffe://example.org/ns/x/sa/legacy"])
+        self.assertEqual([e.service_account for e in view["ratings.shop.svc.cluster.local"].endpoints], [""])
+
     def test_change_notifies_once(self):
         path = os.path.join(self.dir, "services.yaml")
         write(path, REVIEWS)
@@ -169,6 +193,10 @@ class FileRegistryTests(SynchronousTestCase):
             ("services: [{host: a}, {host: a}]", "services[1].host", "registered twice"),
             ("services: [{host: a, endpoints: [{address: x, port: 1, labels: {v: 1}}]}]",
              "services[0].endpoints[0].labels", "quote them"),
+            ("services: [{host: a, service_account: reviews}]", "services[0].service_account",
+             "NAMESPACE/ACCOUNT"),
+            ("services: [{host: a, endpoints: [{address: x, port: 1, service_account: 'spiffe://td'}]}]",
+             "services[0].endpoints[0].service_account", "SPIFFE ID"),
         ]:
             write(path, text)
             reg = FileRegistry(path, self.clock)

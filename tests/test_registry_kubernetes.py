@@ -71,7 +71,8 @@ class BuildViewTests(SynchronousTestCase):
     def test_service_with_endpoints(self):
         """
         A Service and its slice give the FQDN, the ports and the ready
-        endpoints on the slice's (target) port, with pod labels and zone.
+        endpoints on the slice's (target) port, with pod labels, zone and
+        service account.
         """
         view = _view(
             [service("reviews", ports=[{"name": "http", "protocol": "TCP", "port": 9080, "targetPort": 8080}])],
@@ -87,11 +88,30 @@ class BuildViewTests(SynchronousTestCase):
         svc = view[REVIEWS]
         self.assertEqual(svc.ports, (ServicePort("http", 9080, "HTTP"),))
         self.assertEqual(svc.endpoints, (
-            Endpoint("10.1.0.1", 8080, (("app", "reviews"), ("version", "v1")), 1, "/eu-a"),
+            Endpoint("10.1.0.1", 8080, (("app", "reviews"), ("version", "v1")), 1, "/eu-a", "default/default"),
             Endpoint("10.1.0.2", 8080, (("app", "reviews"), ("topology.kubernetes.io/region", "eu"),
-                                        ("topology.kubernetes.io/zone", "eu-b"), ("version", "v2")), 1, "eu/eu-b"),
+                                        ("topology.kubernetes.io/zone", "eu-b"), ("version", "v2")), 1, "eu/eu-b",
+                     "default/default"),
         ))
         self.assertTrue(svc.healthy)
+
+    def test_service_accounts(self):
+        """
+        Each endpoint carries its Pod's C{spec.serviceAccountName} in the
+        Pod's namespace; an endpoint with no Pod, or a Pod without the
+        field, has none (unknown).
+        """
+        v1 = pod("reviews-v1", {}, "10.1.0.1", namespace="shop")
+        v1["spec"]["serviceAccountName"] = "bookinfo-reviews"
+        v2 = pod("reviews-v2", {}, "10.1.0.2", namespace="shop")
+        del v2["spec"]["serviceAccountName"]
+        view = _view([service("reviews", namespace="shop")],
+                     [endpoint_slice("s", "reviews", [endpoint("10.1.0.1", pod="reviews-v1", namespace="shop"),
+                                                      endpoint("10.1.0.2", pod="reviews-v2", namespace="shop"),
+                                                      endpoint("10.1.0.3")], namespace="shop")],
+                     [v1, v2])
+        self.assertEqual([e.service_account for e in view["reviews.shop.svc.cluster.local"].endpoints],
+                         ["shop/bookinfo-reviews", "", ""])
 
     def test_readiness(self):
         """
@@ -315,8 +335,8 @@ class WatchTests(TestCase):
         view = registry.services()
         self.assertEqual(sorted(view), [RATINGS, REVIEWS])
         self.assertEqual(view[REVIEWS].endpoints, (
-            Endpoint("10.1.0.1", 19080, (("app", "reviews"), ("version", "v1"))),
-            Endpoint("10.1.0.2", 19080, (("app", "reviews"), ("version", "v2"))),
+            Endpoint("10.1.0.1", 19080, (("app", "reviews"), ("version", "v1")), service_account="default/default"),
+            Endpoint("10.1.0.2", 19080, (("app", "reviews"), ("version", "v2")), service_account="default/default"),
         ))
         self.assertEqual(view[RATINGS].ports, (ServicePort("grpc", 9090, "GRPC"),))
         self.assertEqual(view[RATINGS].endpoints, (Endpoint("10.2.0.1", 19090),))

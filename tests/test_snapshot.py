@@ -641,6 +641,55 @@ class ZeroTrustTests(SynchronousTestCase):
             for text, got in zip(warnings, snapshot.warnings, strict=True):
                 self.assertIn(text, got, name)
 
+    def test_cluster_sans_from_registry_accounts(self) -> None:
+        """
+        The service accounts service discovery knows for a destination's
+        endpoints become the SPIFFE IDs (in the mesh's trust domain) its
+        ISTIO_MUTUAL cluster accepts, as Istio's pilot puts them in the
+        cluster's SAN match; the proxy's loader takes them, and the
+        endpoints are written without their accounts.
+        """
+        host = "cart.shop.svc.cluster.local"
+        eps = (Endpoint("10.1.0.1", 8080, tuple(TLS_LABEL.items()), service_account="shop/cart"),
+               Endpoint("10.1.0.2", 8080, tuple(TLS_LABEL.items()), service_account="shop/cart-canary"))
+        expected = ["spiffe://example.org/ns/shop/sa/cart", "spiffe://example.org/ns/shop/sa/cart-canary"]
+        for tls in (None, {"mode": "ISTIO_MUTUAL"}):
+            rule = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                    "metadata": {"name": "cart", "namespace": "shop"},
+                    "spec": {"host": host, **({"trafficPolicy": {"tls": tls}} if tls else {})}}
+            snapshot, config = zero_trust([rule], registry={host: eps},
+                                          registry_ports={host: (("http", 8080, "HTTP"),)},
+                                          trust_domain="example.org")
+            [cart] = [c for c in snapshot.resources["clusters"] if c["name"] == CART]
+            self.assertEqual(cart["tls"], {"mode": "ISTIO_MUTUAL", "subject_alt_names": expected}, tls)
+            self.assertEqual(list(config.cluster(CART).tls.subject_alt_names), expected)
+            self.assertNotIn("service_account", json.dumps(cart))
+
+    def test_cluster_sans_from_service_entry(self) -> None:
+        """
+        A ServiceEntry's endpoint serviceAccounts (in its namespace) and its
+        subjectAltNames are the accepted identities; with one endpoint's
+        account unknown and none declared, any peer of the trust domain
+        is (no SANs).
+        """
+        documents = shop_services()
+        documents[0]["spec"]["endpoints"][0]["serviceAccount"] = "cart"
+        documents[0]["spec"]["endpoints"][1]["serviceAccount"] = "cart"
+        snapshot, _ = zero_trust(documents)
+        [cart] = [c for c in snapshot.resources["clusters"] if c["name"] == CART]
+        self.assertEqual(cart["tls"]["subject_alt_names"], ["spiffe://cluster.local/ns/shop/sa/cart"])
+
+        del documents[0]["spec"]["endpoints"][1]["serviceAccount"]
+        snapshot, _ = zero_trust(documents)
+        [cart] = [c for c in snapshot.resources["clusters"] if c["name"] == CART]
+        self.assertEqual(cart["tls"], {"mode": "ISTIO_MUTUAL"})
+
+        documents[0]["spec"]["subjectAltNames"] = ["spiffe://cluster.local/ns/shop/sa/cart-v2"]
+        snapshot, _ = zero_trust(documents)
+        [cart] = [c for c in snapshot.resources["clusters"] if c["name"] == CART]
+        self.assertEqual(cart["tls"]["subject_alt_names"],
+                         ["spiffe://cluster.local/ns/shop/sa/cart", "spiffe://cluster.local/ns/shop/sa/cart-v2"])
+
     def test_authorization_policies(self) -> None:
         """
         The policies that apply to the node (mesh-wide, its namespace's,

@@ -78,7 +78,9 @@ __all__ = [
     "IstioWarning",
     "L4Route",
     "cluster_name",
+    "expected_identities",
     "resolve_host",
+    "spiffe_id_of",
     "translate",
 ]
 
@@ -107,6 +109,7 @@ _BROADER = "not supported by txmesh; ignored, so this match takes more requests 
 
 _HOST = re.compile(r"\*|(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -220,6 +223,7 @@ def translate(
     gateways: Collection[str] | None = None,
     gateway_port: int | None = None,
     registry_ports: Mapping[str, Sequence[tuple[str, int, str]]] | None = None,
+    trust_domain: str = "cluster.local",
 ) -> IstioConfig:
     """
     Translate Istio documents into txmesh clusters and virtual hosts.
@@ -255,10 +259,48 @@ def translate(
         by FQDN, as C{(name, number, protocol)}: each becomes a service as
         a ServiceEntry would (its clusters, default routes, and HTTP/2 for
         C{HTTP2}/C{GRPC} ports) unless a ServiceEntry defines the host.
+    @param trust_domain: the mesh's trust domain: an endpoint's
+        C{<namespace>/<service account>} (L{Endpoint.service_account}) is
+        the SPIFFE ID C{spiffe://<trust_domain>/ns/<namespace>/sa/<account>}.
+        An C{ISTIO_MUTUAL} cluster whose DestinationRule names no
+        C{subjectAltNames} accepts the SPIFFE IDs of its service (see
+        L{expected_identities}), as Istio's pilot puts the destination's
+        service accounts in the cluster's SAN match.
     @raise ConfigError: on the first invalid document (unless C{partial}).
     """
     return _Translation(namespace, domain_suffix, registry or {}, partial, mtls,
-                        accepts_mtls, gateways, gateway_port, registry_ports or {}).run(documents)
+                        accepts_mtls, gateways, gateway_port, registry_ports or {}, trust_domain).run(documents)
+
+
+def spiffe_id_of(service_account: str, trust_domain: str) -> str:
+    """
+    @param service_account: an L{Endpoint.service_account}:
+        C{<namespace>/<account>} or a whole SPIFFE ID.
+    @return: its SPIFFE ID.
+    """
+    if service_account.startswith("spiffe://"):
+        return service_account
+    namespace, _, account = service_account.partition("/")
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{account}"
+
+
+def expected_identities(endpoints: Sequence[Endpoint], declared: Sequence[str], trust_domain: str) -> tuple[str, ...]:
+    """
+    The SPIFFE IDs an C{ISTIO_MUTUAL} connection to a service accepts, as
+    Istio's pilot finds them: the service's declared identities (a
+    ServiceEntry's C{subjectAltNames}) and the service accounts of its
+    endpoints.
+
+    @param endpoints: the cluster's endpoints.
+    @param declared: SPIFFE IDs the service says its workloads have.
+    @return: the sorted IDs; empty (any peer of the trust domain) when
+        nothing is declared and some endpoint's account is unknown, since
+        a list without that endpoint's identity would refuse it.
+    """
+    known = {spiffe_id_of(ep.service_account, trust_domain) for ep in endpoints if ep.service_account}
+    if not declared and (not endpoints or any(not ep.service_account for ep in endpoints)):
+        return ()
+    return tuple(sorted(known.union(declared)))
 
 
 # --- reading values ---------------------------------------------------------
@@ -307,6 +349,13 @@ def _host(value: Any) -> str:
     if _HOST.fullmatch(host) is None:
         raise ValueError(f"not a valid host name (a lower-case DNS name, optionally starting with '*.'): {value!r}")
     return host
+
+
+def _account(value: Any) -> str:
+    name = _string(value)
+    if _DNS_LABEL.fullmatch(name) is None:
+        raise ValueError(f"a service account name is a DNS label (a-z, 0-9, '-', at most 63), got {value!r}")
+    return name
 
 
 def _is_wildcard(host: str) -> bool:
@@ -442,6 +491,7 @@ class _WorkloadEntry:
     labels: tuple[tuple[str, str], ...]
     weight: int
     locality: str
+    service_account: str = ""
 
 
 @attrs.define
@@ -451,6 +501,7 @@ class _ServiceEntry:
     ports: list[_Port]
     resolution: str
     endpoints: list[_WorkloadEntry]
+    subject_alt_names: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -507,6 +558,7 @@ class _Service:
     doc: _Doc
     ports: list[_Port]
     endpoints: dict[int, tuple[Endpoint, ...]]
+    subject_alt_names: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -522,8 +574,10 @@ class _Translation:
     def __init__(self, namespace: str, domain_suffix: str, registry: Mapping[str, Sequence[Endpoint]],
                  partial: bool, mtls: bool = False, accepts_mtls: Callable[[str], bool] | None = None,
                  gateways: Collection[str] | None = None, gateway_port: int | None = None,
-                 registry_ports: Mapping[str, Sequence[tuple[str, int, str]]] | None = None):
+                 registry_ports: Mapping[str, Sequence[tuple[str, int, str]]] | None = None,
+                 trust_domain: str = "cluster.local"):
         self.namespace = namespace
+        self.trust_domain = trust_domain
         self.registry_ports = registry_ports or {}
         self.bound = frozenset([MESH] if gateways is None else gateways)
         self.gateway_port = gateway_port if gateways is not None else None
@@ -659,14 +713,20 @@ class _Translation:
     # --- ServiceEntry -------------------------------------------------------
 
     def service_entry(self, doc: _Doc, value: Any) -> _ServiceEntry:
-        spec = _Obj(doc, "spec", value, ("hosts", "ports", "location", "resolution", "endpoints"), {
+        spec = _Obj(doc, "spec", value, ("hosts", "ports", "location", "resolution", "endpoints",
+                                         "subjectAltNames"), {
             "addresses": "virtual IPs are not supported by txmesh; ignored (route by host name)",
             "workloadSelector": "selecting workloads is not supported by txmesh; ignored (list endpoints)",
             "exportTo": "visibility is not supported by txmesh; the entry is visible to this proxy",
-            "subjectAltNames": "txmesh checks an ISTIO_MUTUAL upstream against the DestinationRule's "
-                               "tls.subjectAltNames (or any identity of the mesh), not the ServiceEntry's; "
-                               "ignored",
         })
+        subject_alt_names = []
+        for f, name in spec.list("subjectAltNames"):
+            name = spec.convert(f, name, _string)
+            if name.startswith("spiffe://"):
+                subject_alt_names.append(name)
+            else:
+                doc.warn(f, "txmesh uses subjectAltNames only as the SPIFFE IDs an ISTIO_MUTUAL upstream may "
+                            "have (spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/ACCOUNT); ignored")
         hosts = [(f, self.host(doc, f, v)) for f, v in spec.list("hosts", required=True)]
         if not hosts:
             raise doc.error("spec.hosts", "a ServiceEntry needs at least one host")
@@ -692,9 +752,8 @@ class _Translation:
             raise doc.error("spec.ports", "a ServiceEntry needs at least one port")
         endpoints = []
         for f, v in spec.list("endpoints"):
-            e = _Obj(doc, f, v, ("address", "ports", "labels", "weight", "locality"), {
+            e = _Obj(doc, f, v, ("address", "ports", "labels", "weight", "locality", "serviceAccount"), {
                 "network": "multi-network routing is not supported by txmesh; ignored",
-                "serviceAccount": "workload identities are not checked by txmesh yet; ignored",
             })
             address = e.get("address", _string, required=True)
             if address.startswith("unix://"):
@@ -714,7 +773,9 @@ class _Translation:
                                         f"(names: {', '.join(p.name for p in ports)})")
             endpoints.append(_WorkloadEntry(
                 address, endpoint_ports, e.get("labels", _labels, ()),
-                e.get("weight", _count, 0) or 1, e.get("locality", _text, "")))
+                e.get("weight", _count, 0) or 1, e.get("locality", _text, ""),
+                # As a WorkloadEntry's: an account in the entry's namespace.
+                f"{doc.namespace}/{account}" if (account := e.get("serviceAccount", _account)) else ""))
         if resolution == "NONE" and endpoints:
             raise doc.error("spec.endpoints", "endpoints need resolution STATIC or DNS")
         if resolution == "NONE":
@@ -724,7 +785,7 @@ class _Translation:
             for f, host in hosts:
                 if _is_wildcard(host):
                     raise doc.error(f, "a wildcard host with resolution DNS needs endpoints")
-        return _ServiceEntry(doc, hosts, ports, resolution, endpoints)
+        return _ServiceEntry(doc, hosts, ports, resolution, endpoints, tuple(subject_alt_names))
 
     def add_service(self, se: _ServiceEntry) -> None:
         for field, host in se.hosts:
@@ -737,13 +798,14 @@ class _Translation:
             for port in se.ports:
                 if se.endpoints:
                     eps = tuple(Endpoint(we.address, we.ports.get(port.name) or port.target_port or port.number,
-                                         we.labels, we.weight, we.locality) for we in se.endpoints)
+                                         we.labels, we.weight, we.locality, we.service_account)
+                                for we in se.endpoints)
                 elif se.resolution.startswith("DNS"):
                     eps = (Endpoint(host, port.target_port or port.number),)
                 else:
                     eps = ()
                 by_port[port.number] = eps
-            self.services[host] = _Service(se.doc, se.ports, by_port)
+            self.services[host] = _Service(se.doc, se.ports, by_port, se.subject_alt_names)
             for port in se.ports:
                 self.cluster_refs.setdefault((host, port.number), (se.doc, field))
 
@@ -1584,6 +1646,15 @@ class _Translation:
                 # workload certificate.
                 kwargs = dict(kwargs, tls=UpstreamTLS(mode="ISTIO_MUTUAL"))
             service = self.services.get(host)
+            tls = kwargs.get("tls")
+            if tls is not None and tls.mode == "ISTIO_MUTUAL" and not tls.subject_alt_names:
+                # As Istio's pilot: the destination's service accounts are the
+                # identities its servers may have (the DestinationRule's
+                # subjectAltNames, when given, win).
+                declared = service.subject_alt_names if service is not None else ()
+                names = expected_identities(endpoints, declared, self.trust_domain)
+                if names:
+                    kwargs = dict(kwargs, tls=attrs.evolve(tls, subject_alt_names=names))
             if service is not None and "http2" not in kwargs and any(
                     p.number == port and (p.protocol or "").upper() in ("HTTP2", "GRPC", "GRPC-WEB")
                     for p in service.ports):

@@ -21,6 +21,12 @@ class Endpoint:
     @ivar host: IP address or host name.
     @ivar port: TCP port.
     @ivar labels: endpoint labels (version, zone, ...).
+    @ivar service_account: the identity of the workload behind it, as
+        service discovery knows it: C{<namespace>/<service account>} (of
+        the mesh's trust domain) or a whole SPIFFE ID; empty when unknown.
+        Only the pilot reads it, to name the identities an C{ISTIO_MUTUAL}
+        cluster accepts (L{UpstreamTLS.subject_alt_names}); it is not part
+        of a proxy's config.
     """
 
     host: str
@@ -28,6 +34,7 @@ class Endpoint:
     labels: tuple[tuple[str, str], ...] = ()
     weight: int = 1
     locality: str = ""
+    service_account: str = ""
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"

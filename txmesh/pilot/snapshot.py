@@ -321,13 +321,18 @@ def translate_mesh(mesh: MeshConfig, namespace: str, peer_authentications: Seque
                    **options: Any) -> IstioConfig:
     """
     L{translate} the mesh's documents with its registry, mutual TLS and
-    auto mutual TLS settings, as seen from C{namespace}.
+    auto mutual TLS settings, as seen from C{namespace}.  An
+    C{ISTIO_MUTUAL} cluster accepts the SPIFFE IDs (in the mesh's trust
+    domain) of its service's accounts when service discovery or a
+    ServiceEntry knows them all, and any peer of the trust domain
+    otherwise.
 
     @param options: more of L{translate}'s options (a gateway's).
     """
     return translate(mesh.documents, namespace, mesh.domain_suffix, registry=mesh.registry,
                      registry_ports=mesh.registry_ports, mtls=mesh.mtls,
-                     accepts_mtls=auto_mtls_check(mesh, peer_authentications), **options)
+                     accepts_mtls=auto_mtls_check(mesh, peer_authentications),
+                     trust_domain=mesh.trust_domain, **options)
 
 
 def auto_mtls_check(mesh: MeshConfig, peer_authentications: Sequence[PeerAuthentication]) -> Callable[[str], bool]:

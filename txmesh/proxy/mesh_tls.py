@@ -91,9 +91,24 @@ class _IdentityContexts:
             context = _options(identity, self._alpn, self._require_peer).getContext()
             mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if self._require_peer else 0)
             context.set_verify(mode, _log_refusal)
+            # Twisted offers ALPN per connection it makes, and its server
+            # callback (set on every context) finds the protocols through
+            # the connection's app data; these connections are made here, so
+            # a client's offer would fail the handshake.  Both go on the
+            # context instead.
+            if self._alpn:
+                context.set_alpn_protos(list(self._alpn))
+            context.set_alpn_select_callback(self._select)
             self._context = context
             self._built_for = material
         return self._context
+
+    def _select(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in self._alpn:
+            if protocol in offered:
+                return protocol
+        # No ALPN answer, rather than a failed handshake, as Envoy does.
+        return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 # Verification errors (OpenSSL's X509_V_ERR_*) a mesh peer runs into.
@@ -152,12 +167,22 @@ class MeshClientCreator:
     """
     TLS for a connection to another proxy: present this proxy's certificate
     and accept only a peer whose SPIFFE ID is allowed.
+
+    The chain is verified by OpenSSL against the mesh trust bundle; the
+    identity is then the certificate's one SPIFFE URI SAN, compared whole
+    with the allowed IDs (the pilot writes the destination's service
+    accounts there).  C{service_identity} is not used: its C{URI_ID} is
+    RFC 6125's, which compares a URI's scheme and DNS name only and refuses
+    C{spiffe://td/ns/NS/sa/SA} (the path, which holds the namespace and the
+    account, is not a DNS name).  An exact comparison is what the SPIFFE
+    specification asks for.
     """
 
     def __init__(self, identity: WorkloadIdentity, alpn: Sequence[bytes] = (), allowed: Sequence[str] = ()):
         """
         @param allowed: the SPIFFE IDs the peer may have; empty for any in
-            this proxy's trust domain.
+            this proxy's trust domain (the pilot knows no accounts for the
+            destination).
         """
         self._identity = identity
         self._contexts = _IdentityContexts(identity, alpn, True)

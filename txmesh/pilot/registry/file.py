@@ -5,13 +5,21 @@ C{*.yaml} files, watched by polling their modification times.
     services:
       - host: reviews.default.svc.cluster.local
         ports: [{name: http, number: 9080, protocol: HTTP}]
+        service_account: default/bookinfo-reviews
         endpoints:
           - {address: 127.0.0.1, port: 19083, labels: {version: v1}, weight: 1, locality: eu/a/1}
+          - {address: 127.0.0.2, port: 19083, service_account: spiffe://cluster.local/ns/default/sa/legacy}
+
+C{service_account} (of the service, the default of its endpoints, or of one
+endpoint) is the workload's identity, C{<namespace>/<account>} or a whole
+SPIFFE ID: with it the pilot's mutual TLS accepts only those identities for
+the service (see C{docs/security.md}).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +43,27 @@ from txmesh.pilot.registry.base import (
 _port_number = values.int_in(1, 65535)
 _weight = values.int_in(1, 2**31 - 1)
 _protocol = values.one_of(PROTOCOLS)
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def service_account(value: Any) -> str:
+    """
+    Read a workload identity: C{<namespace>/<service account>} or a SPIFFE
+    ID (C{spiffe://<trust domain>/<path>}).
+
+    @return: it, as L{Endpoint.service_account} holds it.
+    @raise ValueError: it is neither.
+    """
+    text = values.string(value)
+    if text.startswith("spiffe://"):
+        domain, _, path = text[len("spiffe://"):].partition("/")
+        if not domain or not path:
+            raise ValueError(f"expected a SPIFFE ID like spiffe://cluster.local/ns/NAMESPACE/sa/ACCOUNT, got {text!r}")
+        return text
+    namespace, slash, account = text.partition("/")
+    if not slash or not _DNS_LABEL.fullmatch(namespace) or not _DNS_LABEL.fullmatch(account):
+        raise ValueError(f"expected NAMESPACE/ACCOUNT (DNS labels) or a spiffe:// ID, got {text!r}")
+    return text
 
 
 def _read(
@@ -76,7 +105,7 @@ def _at(field: str, key: str) -> str:
 def parse_service(body: Any, source: str, field: str = "") -> ServiceEndpoints:
     """
     Read one service registration (C{host}, C{ports}, C{endpoints},
-    C{healthy}); shared with the registries that keep one service per
+    C{healthy}, C{service_account}); shared with the registries that keep one service per
     entry (etcd).
 
     @param body: the parsed entry.
@@ -86,8 +115,9 @@ def parse_service(body: Any, source: str, field: str = "") -> ServiceEndpoints:
     @return: the service.
     @raise ConfigError: naming the field and the reason.
     """
-    svc = _mapping(source, field, body, {"host", "ports", "endpoints", "healthy"})
+    svc = _mapping(source, field, body, {"host", "ports", "endpoints", "healthy", "service_account"})
     host = _read(source, field, svc, "host", values.string)
+    account = _read(source, field, svc, "service_account", service_account, "")
     ports = []
     for j, pbody in enumerate(_list(source, _at(field, "ports"), svc.get("ports", []))):
         pfield = _at(field, f"ports[{j}]")
@@ -103,7 +133,7 @@ def parse_service(body: Any, source: str, field: str = "") -> ServiceEndpoints:
     endpoints = []
     for j, ebody in enumerate(_list(source, _at(field, "endpoints"), svc.get("endpoints", []))):
         efield = _at(field, f"endpoints[{j}]")
-        e = _mapping(source, efield, ebody, {"address", "port", "labels", "weight", "locality"})
+        e = _mapping(source, efield, ebody, {"address", "port", "labels", "weight", "locality", "service_account"})
         endpoints.append(
             Endpoint(
                 host=_read(source, efield, e, "address", values.string),
@@ -111,6 +141,7 @@ def parse_service(body: Any, source: str, field: str = "") -> ServiceEndpoints:
                 labels=_read(source, efield, e, "labels", values.labels, ()),
                 weight=_read(source, efield, e, "weight", _weight, 1),
                 locality=_read(source, efield, e, "locality", values.text, ""),
+                service_account=_read(source, efield, e, "service_account", service_account, account),
             )
         )
     return ServiceEndpoints(

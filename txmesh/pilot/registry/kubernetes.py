@@ -148,7 +148,7 @@ def _service_ports(service: Mapping[str, Any]) -> list[tuple[str, ServicePort]]:
 
 
 def _slice_endpoints(
-    slice_: Mapping[str, Any], port_name: str, pods: Mapping[tuple[str, str], Mapping[str, str]]
+    slice_: Mapping[str, Any], port_name: str, pods: Mapping[tuple[str, str], tuple[Mapping[str, str], str]]
 ) -> list[Endpoint]:
     numbers = []
     for body in _dig(slice_, "ports", kind=list, default=[]):
@@ -175,9 +175,10 @@ def _slice_endpoints(
         if not addresses or not isinstance(addresses[0], str) or not addresses[0]:
             continue
         pod_labels: Mapping[str, str] = {}
+        account = ""
         ref = _dig(endpoint, "targetRef", kind=Mapping, default={})
         if ref.get("kind") == "Pod" and isinstance(ref.get("name"), str):
-            pod_labels = pods.get((ref.get("namespace") or namespace, ref["name"]), {})
+            pod_labels, account = pods.get((ref.get("namespace") or namespace, ref["name"]), ({}, ""))
         for number in numbers:
             out.append(
                 Endpoint(
@@ -185,9 +186,17 @@ def _slice_endpoints(
                     port=number,
                     labels=tuple(sorted(pod_labels.items())),
                     locality=_locality(endpoint, pod_labels),
+                    service_account=account,
                 )
             )
     return out
+
+
+def _pod_account(pod: Mapping[str, Any], namespace: str) -> str:
+    account = _dig(pod, "spec", "serviceAccountName", kind=str)
+    # Unknown (not "default") when absent: a guess would refuse the pod's
+    # real identity.
+    return f"{namespace}/{account}" if account and namespace else ""
 
 
 def build_view(
@@ -206,7 +215,8 @@ def build_view(
     the same namespace: each ready endpoint's (first) address with the
     slice's port of the same name as the service port (the target port, not
     the service port), labelled with the labels of the Pod its C{targetRef}
-    names, located at C{region/zone}. An ExternalName Service gets its
+    names and carrying that Pod's C{spec.serviceAccountName} (as
+    C{<namespace>/<account>}), located at C{region/zone}. An ExternalName Service gets its
     external name as the endpoint on each port. Parts of objects that do
     not have the documented shape are skipped.
 
@@ -216,7 +226,8 @@ def build_view(
     @param domain_suffix: the cluster's DNS domain.
     @return: host name to L{ServiceEndpoints}.
     """
-    pod_labels = {key: _string_labels(pod) for pod in pods if (key := object_key(pod)) is not None}
+    pod_labels = {key: (_string_labels(pod), _pod_account(pod, key[0]))
+                  for pod in pods if (key := object_key(pod)) is not None}
     by_service: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for slice_ in slices:
         key = object_key(slice_)
