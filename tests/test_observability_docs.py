@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import yaml
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from txmesh.config.model import NodeConfig
+from txmesh.filters.tracing import TracingFactory
 from txmesh.observability.metrics import ProxyMetrics
 from txmesh.pilot.metrics import PilotMetrics
 
@@ -52,7 +54,12 @@ def exported() -> tuple[set[str], set[str]]:
         and the family names, of a proxy's and a pilot's registries.
     """
     samples, families = set(), set()
-    for registry in (ProxyMetrics(NodeConfig()).registry, PilotMetrics().registry):
+    proxy = ProxyMetrics(NodeConfig())
+    # The filters' own counters too: the tracing filter's, once it reports.
+    tracing = TracingFactory(client=object())
+    tracing.reporter("http://collector:9411/api/v2/spans", tracing.parse_config({}).reporter, Clock())
+    proxy.watch(filter_factories=lambda: [tracing])
+    for registry in (proxy.registry, PilotMetrics().registry):
         for family in registry.collect():
             families.add(family.name)
             suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
