@@ -78,6 +78,7 @@ BENCHMARKS = {
               lambda o: 60 + o.runs * 4 * (o.duration + 2)),
     "grpc": ("grpc_unary.py", "grpc-latest.json", (), load_args, lambda o: 90 + o.runs * 2 * (o.duration + 4)),
     "pilot": ("pilot_scale.py", "pilot_scale.json", (), pilot_args, lambda o: o.pilot_timeout + 30),
+    "rss": ("rss.py", "rss-latest.json", (), lambda o: ["--runs", str(o.runs)], lambda o: 60 + o.runs * 40),
 }
 
 
@@ -287,6 +288,14 @@ def report(results: dict) -> tuple[dict, dict, list[str]]:
         lines.append("gRPC unary (grpcio):")
         for key, value in doc["ratios"].items():
             line(f"grpc {key}", value)
+    doc = results.get("rss")
+    if doc:
+        lines.append("idle RSS (MB, median): what the sidecar holds above its floors:")
+        for key, value in doc["ratios"].items():
+            line(f"rss {key}", value)
+        summary = doc["summary"]
+        lines.append(f"  txmesh {summary['txmesh']['rss_mb']:.1f}, twistd web {summary['twistd']['rss_mb']:.1f}, "
+                     f"Python + reactor + pyOpenSSL {summary['reactor']['rss_mb']:.1f}")
     doc = results.get("pilot")
     if doc:
         lines.append("pilot push convergence (s, median; and pilot RSS per proxy):")

@@ -80,3 +80,23 @@ class BenchmarkSuiteSmokeTests(unittest.TestCase):
             for png in ("bench-http1.png", "bench-latency.png", "bench-l4.png"):
                 self.assertTrue((out_dir / png).read_bytes().startswith(b"\x89PNG"), png)
             self.assertEqual(len(suite["plots"]), 3)
+
+    def test_quick_rss(self):
+        """
+        The idle-memory benchmark measures the sidecar and its floors in one
+        run and prints their ratios (no figure is asserted).
+        """
+        if not TWISTD.exists():
+            raise unittest.SkipTest(f"{TWISTD} not found")
+        out_dir = Path(tempfile.mkdtemp(prefix="txmesh-suite-test-"))
+        self.addCleanup(shutil.rmtree, out_dir, True)
+        p = subprocess.run(
+            [sys.executable, "-m", "benchmarks.suite", "--quick", "--only", "rss", "--no-plots",
+             "--results", str(out_dir)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        for key in ("rss txmesh/twistd", "rss txmesh/reactor"):
+            self.assertRegex(p.stdout, rf"(?m)^  {key}\s+{RATIO}$")
+        result = json.loads((out_dir / "rss-latest.json").read_text())
+        self.assertEqual(set(result["summary"]) - {"nginx"}, {"python", "reactor", "twistd", "txmesh"})
