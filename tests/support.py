@@ -69,6 +69,25 @@ def sleep(seconds: float) -> defer.Deferred:
     return d
 
 
+@defer.inlineCallbacks
+def poll_until(check: Any, what: str, timeout: float = 15.0, every: float = 0.1) -> Any:
+    """
+    Call C{check} (which may return a Deferred) until its result is true;
+    only for tests that drive real external processes.
+
+    @return: a Deferred of that result, failing with C{AssertionError}
+        naming C{what} after C{timeout} seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = yield check()
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        yield sleep(every)
+
+
 class ProxyHarness:
     """
     A L{ProxyService} running in the test's reactor from a YAML template.

@@ -49,7 +49,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python import log
 from twisted.trial import unittest
 
-from tests.support import CURL, Nginx, curl, free_port, sleep
+from tests.support import CURL, Nginx, curl, free_port, poll_until, sleep
 from tests.test_mesh_processes import TXMESH, PilotProcess, join_token, run_txmesh
 from tests.test_proxy_process import TWISTD, ProxyProcess
 
@@ -196,16 +196,8 @@ class RotationUnderLoadTests(unittest.TestCase):
                 last[name] = ident
             yield sleep(0.5)
 
-    @defer.inlineCallbacks
     def until(self, check: Any, what: str, timeout: float = 15.0) -> Any:
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = yield check()
-            if result:
-                return result
-            if reactor.seconds() > deadline:
-                self.fail(f"{what}: not within {timeout} s")
-            yield sleep(0.1)
+        return poll_until(check, what, timeout)
 
     @defer.inlineCallbacks
     def get(self, url: str) -> Any:

@@ -29,11 +29,11 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
-from tests.support import curl, free_port, sleep
+from tests.support import curl, free_port, poll_until
 from tests.test_mesh_processes import TXMESH, PilotProcess, join_token, run_txmesh
 from tests.test_proxy_process import TWISTD, ProxyProcess
 from tests.test_workers import ProcessReactor
-from tests.test_zero_trust import SIDECAR, EchoApp
+from tests.test_zero_trust import SERVICES, SIDECAR, EchoApp
 from txmesh.config.errors import ConfigError
 from txmesh.pilot.ca import CertificateAuthority
 from txmesh.proxy.worker import WorkerChannel, worker_document, worker_identity
@@ -216,14 +216,6 @@ spec:
       headers: {{response: {{set: {{x-route: "{route}"}}}}}}
 """
 
-SERVICES = """\
-services:
-  - host: api.default.svc.cluster.local
-    ports: [{{name: http, number: 80, protocol: HTTP}}]
-    endpoints:
-      - {{address: 127.0.0.1, port: {inbound}, labels: {{app: api, security.istio.io/tlsMode: istio}}}}
-"""
-
 STRICT = """\
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -282,16 +274,8 @@ class WorkersWithPilotProcessTests(unittest.TestCase):
         results = yield defer.gatherResults([self.call(proxy) for _ in range(n)])
         return results
 
-    @defer.inlineCallbacks
     def until(self, check: Any, what: str, timeout: float = 20.0) -> Any:
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = yield check()
-            if result:
-                return result
-            if reactor.seconds() > deadline:
-                self.fail(f"{what}: not within {timeout} s")
-            yield sleep(0.1)
+        return poll_until(check, what, timeout)
 
     @defer.inlineCallbacks
     def admin_json(self, proxy: ProxyProcess, page: str) -> Any:
@@ -304,7 +288,7 @@ class WorkersWithPilotProcessTests(unittest.TestCase):
         app = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(EchoApp()))
         self.addCleanup(app.stopListening)
         inbound = free_port()
-        self.write("services/api.yaml", SERVICES.format(inbound=inbound))
+        self.write("services/api.yaml", SERVICES.format(api_endpoint=inbound))
         self.write("istio/routes.yaml", ROUTES.format(route="one"))
         self.write("istio/peer.yaml", STRICT)
         pilot = PilotProcess(self, self.dir, "pilot")

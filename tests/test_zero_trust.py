@@ -31,7 +31,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.support import curl, free_port, sleep
+from tests.support import curl, free_port, poll_until
 from tests.test_mesh_processes import TXMESH, PilotProcess, join_token, run_txmesh
 from tests.test_proxy_process import TWISTD, ProxyProcess
 
@@ -210,16 +210,8 @@ class ZeroTrustTests(unittest.TestCase):
         body, _, status = out.rpartition(b"\n")
         return int(status), body
 
-    @defer.inlineCallbacks
     def until(self, check: Any, what: str, timeout: float = 15.0) -> Any:
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = yield check()
-            if result:
-                return result
-            if reactor.seconds() > deadline:
-                self.fail(f"{what}: not within {timeout} s")
-            yield sleep(0.1)
+        return poll_until(check, what, timeout)
 
     @defer.inlineCallbacks
     def test_zero_trust(self) -> Any:
