@@ -18,6 +18,7 @@ import h2.events
 from prometheus_client.utils import floatToGoString
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -44,6 +45,7 @@ from txmesh.proxy.overload import (
     rss_bytes,
     thresholds_of,
 )
+from txmesh.proxy.service import ListenerPortFactory
 from txmesh.proxy.stream import Headers, ResponseHead
 
 MiB = 1 << 20
@@ -389,6 +391,8 @@ class InMemoryProxy:
         clusters = ClusterManager(self.clock).update(loaded.clusters)
         proxy = ProxyContext(NodeConfig(), self.clock, overload=self.overload)
         self.factory = HTTPListenerFactory(HTTPConnectionManager(loaded.listeners[0], clusters, proxy))
+        # What the listener's port accepts with: it refuses while overloaded.
+        self.port = ListenerPortFactory(self.factory, self.overload)
 
     def set(self, state: int) -> None:
         self.memory[0] = {NORMAL: 0, SHED_REQUESTS: 81 * MiB, REFUSE_CONNECTIONS: 96 * MiB}[state]
@@ -396,7 +400,7 @@ class InMemoryProxy:
         assert self.overload.state == state
 
     def connect(self) -> tuple[Any, StringTransport]:
-        protocol = self.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+        protocol = self.port.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
         protocol.makeConnection(transport)
         return protocol, transport
@@ -503,13 +507,37 @@ class HTTP1HookTests(unittest.TestCase):
         cert, key = make_server_cert(ca, ca_key)
         p = InMemoryProxy()
         tls = TLSListenerFactory(server_options(pem_cert(cert), pem_key(key), [b"h2", b"http/1.1"]),
-                                 p.factory, clock=p.clock)
+                                 p.port, clock=p.clock)
         p.set(REFUSE_CONNECTIONS)
         protocol = tls.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
         protocol.makeConnection(transport)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(p.overload.connections_refused, 1)
+
+    def test_refuse_any_listener(self) -> None:
+        """
+        A TCP or capture listener's connections are refused the same way:
+        the port refuses before its protocol is chosen.
+        """
+        p = InMemoryProxy()
+        built = []
+
+        class Inner(Factory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                built.append(addr)
+                return Protocol()
+
+        port = ListenerPortFactory(Inner(), p.overload)
+        p.set(REFUSE_CONNECTIONS)
+        protocol = port.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual((built, p.overload.connections_refused), ([], 1))
+        p.set(NORMAL)
+        port.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40001))
+        self.assertEqual(len(built), 1)
 
     def test_drain_still_drains(self) -> None:
         """

@@ -36,9 +36,10 @@ from twisted.test import iosim
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from tests.support import ProxyHarness, poll_until, raw_connect, sleep
 from txmesh.config.model import Endpoint, FilterConfig
 from txmesh.filters.api import CLOSE, INetworkFilter, INetworkFilterFactory
-from txmesh.proxy.tcp import TCPConnectionStats, TCPProxyFactory
+from txmesh.proxy.tcp import TCPConnectionStats, TCPProxyFactory, TCPSessions
 
 UPSTREAM = Endpoint("10.1.1.1", 9000)
 CLIENT_ADDRESS = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -209,6 +210,7 @@ def make_proxy(
     idle_timeout: float = 0.0,
     filters: tuple[ScriptedFilterFactory, ...] = (),
     connector: Callable[[Endpoint], IStreamClientEndpoint] | None = None,
+    sessions: TCPSessions | None = None,
 ) -> Proxy:
     clock = Clock()
     manual = ManualEndpoint()
@@ -227,6 +229,7 @@ def make_proxy(
         idle_timeout=idle_timeout,
         filters=[FilterConfig(name=f.name, factory=f) for f in filters],
         on_connection_closed=stats.append,
+        sessions=sessions,
     )
     return Proxy(factory, manual, clock, picked, stats)
 
@@ -539,6 +542,41 @@ class CloseTests(unittest.SynchronousTestCase):
         lose(c.down)
         lose(c.up)
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+
+class SessionsTests(unittest.SynchronousTestCase):
+    """
+    L{TCPSessions}: what a shutdown waits for, and ends.
+    """
+
+    def test_counted_while_open(self) -> None:
+        sessions = TCPSessions()
+        proxy = make_proxy(sessions=sessions)
+        self.successResultOf(sessions.when_idle())
+        first, second = proxy.open(), proxy.accept()
+        self.assertEqual(len(sessions), 2)
+        idle = sessions.when_idle()
+        lose(first.down)
+        lose(first.up)
+        self.assertNoResult(idle)
+        lose(second.down)  # before its upstream connected
+        self.assertEqual(len(sessions), 0)
+        self.successResultOf(idle)
+
+    def test_abort_all(self) -> None:
+        sessions = TCPSessions()
+        c = make_proxy(sessions=sessions).open()
+        c.up_transport.write(b"unsent")
+        sessions.abort_all()
+        self.assertTrue(c.down_transport.disconnected)
+        self.assertTrue(c.up_transport.disconnected)
+
+    def test_cancelled_wait(self) -> None:
+        sessions = TCPSessions()
+        make_proxy(sessions=sessions).open()
+        d = sessions.when_idle()
+        d.cancel()
+        self.failureResultOf(d)
 
 
 class IdleTimeoutTests(unittest.SynchronousTestCase):
@@ -1427,3 +1465,54 @@ class LoopbackTests(unittest.TestCase):
         yield self.upstream_lost.get()
         self.assertEqual(sink.count, total)
         self.assertEqual(sink.digest.hexdigest(), client.sender.digest.hexdigest())
+
+
+class ServiceDrainTests(unittest.TestCase):
+    """
+    A proxy's shutdown waits for its TCP listeners' sessions up to the
+    drain timeout, then aborts those still open.
+    """
+
+    timeout = 30
+
+    CONFIG = """
+        listeners:
+          - name: tcp
+            address: "tcp:0:interface=127.0.0.1"
+            protocol: tcp
+            cluster: echo
+        clusters:
+          - {name: echo, endpoints: [{address: 127.0.0.1, port: {echo}}]}
+    """
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        from twisted.protocols.wire import Echo
+
+        echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+        self.addCleanup(echo.stopListening)
+        h = ProxyHarness(self)
+        yield h.start(self.CONFIG, echo=echo.getHost().port)
+        client = yield raw_connect(self, h.port("tcp"))
+        client.transport.write(b"ping")
+        yield poll_until(lambda: defer.succeed(client.data == b"ping"), "the echo", 5)
+        return h.service, client
+
+    @defer.inlineCallbacks
+    def test_waits_for_the_session(self) -> Any:
+        service, client = yield self.start()
+        stopped = service.stopService()
+        yield sleep(0.3)
+        self.assertNoResult(stopped)
+        client.transport.loseConnection()
+        yield stopped
+
+    @defer.inlineCallbacks
+    def test_aborts_after_the_drain_timeout(self) -> Any:
+        service, client = yield self.start()
+        stopped = service.stopService()
+        yield sleep(0.3)
+        self.assertNoResult(stopped)
+        # ProxyHarness runs with a one-second drain timeout.
+        yield stopped
+        yield client.closed

@@ -19,7 +19,7 @@ from txmesh.proxy.connection_manager import HTTPConnectionManager
 from txmesh.proxy.http1_server import HTTP1ServerFactory, HTTP1ServerProtocol
 from txmesh.proxy.http2 import PREFACE, parse_h2c_upgrade
 from txmesh.proxy.http2_server import HTTP2ServerProtocol
-from txmesh.proxy.overload import REFUSE_CONNECTIONS, SHED_REQUESTS
+from txmesh.proxy.overload import SHED_REQUESTS
 from txmesh.proxy.tls import negotiated_protocol
 
 # How much of a request head is looked at for an h2c upgrade.
@@ -151,20 +151,9 @@ class HTTPListenerFactory(HTTP1ServerFactory):
     def __init__(self, manager: HTTPConnectionManager):
         super().__init__(manager)
         self.drain_requested = False
-        self._refusing = False
         self._overload = manager.proxy.overload
         if self._overload is not None:
             self._overload.subscribe(self)
-
-    def buildProtocol(self, addr: Any) -> Protocol | None:
-        """
-        A new connection: closed at once, and counted, while the overload
-        manager refuses connections.
-        """
-        if self._refusing:
-            self._overload.count_refused_connection()
-            return _Overloaded()
-        return super().buildProtocol(addr)
 
     def drain(self) -> None:
         self.drain_requested = True
@@ -180,7 +169,6 @@ class HTTPListenerFactory(HTTP1ServerFactory):
         GOAWAY): their new streams get C{503 OL}, which costs less than
         every client reconnecting.
         """
-        self._refusing = state >= REFUSE_CONNECTIONS
         self.draining = self.drain_requested or state >= SHED_REQUESTS
 
 
@@ -216,12 +204,3 @@ class _HTTP2View:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._factory, name)
-
-
-class _Overloaded(Protocol):
-    """
-    A connection refused by the overload manager: closed at once.
-    """
-
-    def connectionMade(self) -> None:
-        self.transport.abortConnection()

@@ -14,7 +14,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, serverFromString, wrapClientTLS
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -38,7 +38,7 @@ from txmesh.proxy.pilot_client import PilotClient
 from txmesh.proxy.pilot_link import PilotLink
 from txmesh.proxy.reuseport import listener_endpoint
 from txmesh.proxy.sni_router import SNIRouterFactory
-from txmesh.proxy.tcp import TCPProxyFactory
+from txmesh.proxy.tcp import TCPProxyFactory, TCPSessions
 from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, select_by_server_name, server_options
 from txmesh.proxy.workload_identity import WorkloadIdentity
 from txmesh.proxy.write_coalescer import WriteCoalescer
@@ -46,24 +46,40 @@ from txmesh.proxy.write_coalescer import WriteCoalescer
 log = Logger()
 
 
-class _ListenerFactory(Factory):
+class ListenerPortFactory(Factory):
     """
     The factory a port listens with; it hands each connection to the
     listener's current inner factory, so a reload changes what new
-    connections get without closing the port.
+    connections get without closing the port.  While the overload manager
+    refuses connections, it closes new ones at once, whatever the
+    listener's protocol (HTTP, TCP, capture).
     """
 
     noisy = False
 
-    def __init__(self, inner: Factory):
+    def __init__(self, inner: Factory, overload: OverloadManager | None = None):
         self.inner = inner
+        self._overload = overload
 
     def buildProtocol(self, addr: Any) -> Any:
+        overload = self._overload
+        if overload is not None and overload.refuse_connections:
+            overload.count_refused_connection()
+            return _Refused()
         return self.inner.buildProtocol(addr)
 
 
+class _Refused(Protocol):
+    """
+    A connection refused by the overload manager: closed at once.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 class _Listener:
-    def __init__(self, config: ListenerConfig, factory: _ListenerFactory):
+    def __init__(self, config: ListenerConfig, factory: ListenerPortFactory):
         self.config = config
         self.factory = factory
         self.port: Any = None
@@ -136,6 +152,8 @@ class ProxyService(Service):
         self._listeners: dict[str, _Listener] = {}
         # Factories of removed or replaced listeners whose connections drain.
         self._retired: set[HTTP1ServerFactory] = set()
+        # Every open L4 session, of any TCP or capture listener, for the drain.
+        self._tcp_sessions = TCPSessions()
         self._admin_port: Any = None
         self._watcher: LoopingCall | None = None
         self._mtime: float | None = None
@@ -236,7 +254,9 @@ class ProxyService(Service):
                 if isinstance(entry.factory.inner, HTTP1ServerFactory)] + list(self._retired)
         for f in http:
             f.drain()
-        idle = DeferredList([f.when_idle() for f in http])
+        # L4 sessions have no way to be told to end: like Envoy's, they get
+        # the drain time to end by themselves.
+        idle = DeferredList([f.when_idle() for f in http] + [self._tcp_sessions.when_idle()], consumeErrors=True)
         idle.addTimeout(self._drain_timeout, self._reactor)
         try:
             yield idle
@@ -245,6 +265,7 @@ class ProxyService(Service):
         for f in http:
             for conn in list(f.connections):
                 conn.transport.abortConnection()
+        self._tcp_sessions.abort_all()
         self._clusters.stop()
         self._deadlines.stop()
 
@@ -357,6 +378,7 @@ class ProxyService(Service):
             on_connection_closed=(TCPAccessLog(listener.access_log, cluster_name)
                                   if listener.access_log is not None else None),
             writes=self._writes,
+            sessions=self._tcp_sessions,
         )
 
     def _capture_relay(self, listener_name: str, destination: tuple[str, int]) -> TCPProxyFactory:
@@ -376,6 +398,7 @@ class ProxyService(Service):
             idle_timeout=self._listeners[listener_name].config.idle_timeout,
             observer=self.metrics.tcp_listener(listener_name, PASSTHROUGH_CLUSTER),
             writes=self._writes,
+            sessions=self._tcp_sessions,
         )
 
     def _tls_options(self, listener: ListenerConfig, inner: Factory) -> Any:
@@ -403,7 +426,7 @@ class ProxyService(Service):
 
     @inlineCallbacks
     def _open_listener(self, listener: ListenerConfig) -> Any:
-        entry = _Listener(listener, _ListenerFactory(self._inner_factory(listener, self.config)))
+        entry = _Listener(listener, ListenerPortFactory(self._inner_factory(listener, self.config), self.overload))
         factory: Factory = entry.factory
         if listener.tls is not None or listener.mtls is not None:
             entry.tls = factory = TLSListenerFactory(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
     IAddress,
@@ -98,6 +98,47 @@ class TCPConnectionStats:
     response_flags: tuple[str, ...] = ()
 
 
+class TCPSessions:
+    """
+    The open L4 sessions of a proxy, across its TCP listeners and their
+    reloads, so that a shutdown can wait for them and then end the rest.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[_ProxySession] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def opened(self, session: _ProxySession) -> None:
+        self._open.add(session)
+
+    def closed(self, session: _ProxySession) -> None:
+        self._open.discard(session)
+        if not self._open and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        @return: a L{Deferred} that fires once no session is open.
+        """
+        if not self._open:
+            return succeed(None)
+        d: Deferred[None] = Deferred(lambda d: self._idle_waiters.remove(d) if d in self._idle_waiters else None)
+        self._idle_waiters.append(d)
+        return d
+
+    def abort_all(self) -> None:
+        """
+        Abort every open session, both sides.
+        """
+        for session in list(self._open):
+            session.abort()
+
+
 class TCPProxyFactory(ServerFactory):
     """
     Builds one L4 proxy session per accepted downstream connection.
@@ -129,6 +170,7 @@ class TCPProxyFactory(ServerFactory):
         on_connection_closed: Callable[[TCPConnectionStats], None] | None = None,
         observer: Any = None,
         writes: Any = None,
+        sessions: TCPSessions | None = None,
     ) -> None:
         """
         @param listener_name: the listener's name, for logs, stats and
@@ -164,6 +206,8 @@ class TCPProxyFactory(ServerFactory):
             <txmesh.proxy.write_coalescer.WriteCoalescer>} that relayed bytes
             go through (one C{send} per transport per reactor iteration, no
             C{epoll_ctl} per write), or C{None} for plain C{transport.write}.
+        @param sessions: where sessions are counted while open (see
+            L{TCPSessions}), or C{None}.
 
         @raise ValueError: if C{idle_timeout} is negative.
         """
@@ -178,12 +222,15 @@ class TCPProxyFactory(ServerFactory):
         self.on_connection_closed = on_connection_closed
         self.observer = observer
         self.writes = writes
+        self.sessions = sessions
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """
         @return: the downstream protocol of a new proxy session.
         """
         session = _ProxySession(self)
+        if self.sessions is not None:
+            self.sessions.opened(session)
         protocol = session.downstream_protocol
         protocol.factory = self
         return protocol
@@ -685,10 +732,18 @@ class _ProxySession:
         self._down.close(abort)
         self._up.close(abort)
 
+    def abort(self) -> None:
+        """
+        End the session now, both sides, without flushing.
+        """
+        self._close(abort=True)
+
     def _finish(self) -> None:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        if self._factory.sessions is not None:
+            self._factory.sessions.closed(self)
         if self._idle_call is not None:
             if self._idle_call.active():
                 self._idle_call.cancel()
