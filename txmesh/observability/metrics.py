@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -406,7 +407,8 @@ def _put_own(headers: Any, own: bytes, _name: bytes = PEER_HEADER) -> None:
         if name == _name:
             headers.set(_name, own)
             return
-    headers.add(_name, own)
+    # Appended as is: Headers.add would normalise a name that already is.
+    headers.items().append((_name, own))
 
 
 class SourceMetricsFilter(_MetricsFilter):
@@ -494,8 +496,10 @@ class RequestMetrics:
             key = (reporter, cluster, grpc, code, status, flags, peer, principal, authority)
         series = self.table.keys.get(key)
         if series is None:
-            series = self.table.lookup(key, lambda: self._labels(reporter, stream, cluster, grpc, code, status,
-                                                                 flags, peer))
+            # A partial, not a lambda: a closure would make every argument
+            # a cell on each call, hit or miss.
+            series = self.table.lookup(key, partial(self._labels, reporter, stream, cluster, grpc, code, status,
+                                                    flags, peer))
         series.observe((stream.clock.seconds() - stream.start_time) * 1000.0, stream.bytes_received,
                        stream.bytes_sent)
 

@@ -378,20 +378,27 @@ def extract(headers: Headers) -> TraceContext | None:
     @param headers: the request headers.
     @return: the context, or C{None} when no format is present and valid.
     """
-    value = _one(headers, TRACEPARENT)
+    # One scan of the request's headers: the formats' many lookups then go
+    # over these few, and a request that carries none (a trace's first hop)
+    # is done here.
+    pairs = [(n, v) for n, v in headers.items() if n in PROPAGATION_HEADERS]
+    if not pairs:
+        return None
+    carried = Headers(pairs)
+    value = _one(carried, TRACEPARENT)
     if value is not None:
         context = parse_traceparent(value)
         if context is not None:
-            tracestate = parse_tracestate(headers.get_all(TRACESTATE))
+            tracestate = parse_tracestate(carried.get_all(TRACESTATE))
             if tracestate is not None:
                 context = attrs.evolve(context, tracestate=tracestate)
             return context
-    value = _one(headers, B3)
+    value = _one(carried, B3)
     if value is not None:
         context = parse_b3_single(value)
         if context is not None:
             return context
-    return parse_b3_multi(headers)
+    return parse_b3_multi(carried)
 
 
 def inject(headers: Headers, context: TraceContext, formats: Iterable[str] = (W3C, B3_MULTI)) -> None:
@@ -411,20 +418,24 @@ def inject(headers: Headers, context: TraceContext, formats: Iterable[str] = (W3
             raise ValueError(f"unknown propagation format {name!r} (expected one of: {', '.join(FORMATS)})")
     headers.remove_many(PROPAGATION_HEADERS)
     ids = context.has_ids
+    written: list[tuple[bytes, str]] = []
     if W3C in formats and ids:
-        headers.add(TRACEPARENT, format_traceparent(context))
+        written.append((TRACEPARENT, format_traceparent(context)))
         if context.tracestate:
-            headers.add(TRACESTATE, context.tracestate)
+            written.append((TRACESTATE, context.tracestate))
     if B3_SINGLE in formats and (ids or context.sampled is not None or context.debug):
-        headers.add(B3, format_b3_single(context))
+        written.append((B3, format_b3_single(context)))
     if B3_MULTI in formats:
         if ids:
-            headers.add(X_B3_TRACEID, context.trace_id or "")
-            headers.add(X_B3_SPANID, context.span_id or "")
+            written.append((X_B3_TRACEID, context.trace_id or ""))
+            written.append((X_B3_SPANID, context.span_id or ""))
             if context.parent_id is not None:
-                headers.add(X_B3_PARENTSPANID, context.parent_id)
+                written.append((X_B3_PARENTSPANID, context.parent_id))
         if context.debug:
             # Debug implies accept: the spec says not to send X-B3-Sampled too.
-            headers.add(X_B3_FLAGS, "1")
+            written.append((X_B3_FLAGS, "1"))
         elif context.sampled is not None:
-            headers.add(X_B3_SAMPLED, "1" if context.sampled else "0")
+            written.append((X_B3_SAMPLED, "1" if context.sampled else "0"))
+    # The names are lower-case constants: appended at once, not normalised
+    # one by one as Headers.add would.
+    headers.items().extend([(name, value.encode("latin-1")) for name, value in written])

@@ -207,6 +207,11 @@ _COMMON_TOKENS = {
 }
 
 
+# Connection options that name no header (every other token names a header
+# to drop, RFC 9110 7.6.1): checked first, as most heads carry only these.
+_CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade"))
+
+
 def _connection_tokens(value: bytes) -> list[bytes] | tuple[bytes, ...]:
     common = _COMMON_TOKENS.get(value)
     if common is not None:
@@ -411,10 +416,9 @@ class RequestParser:
             if len(codings) > 1:
                 raise ProtocolError(501, "transfer codings other than chunked are not supported")
             chunked = True
-        if connection:
-            drop = frozenset(t for t in connection if t not in (b"close", b"keep-alive", b"upgrade"))
-            if drop:
-                headers = [(n, v) for n, v in headers if n not in drop or n == b"upgrade"]
+        if connection and not _CONNECTION_OPTIONS.issuperset(connection):
+            drop = frozenset(connection) - _CONNECTION_OPTIONS
+            headers = [(n, v) for n, v in headers if n not in drop or n == b"upgrade"]
         if te_trailers:
             headers.append((b"te", b"trailers"))
         if upgrade and b"upgrade" not in connection:
@@ -674,10 +678,9 @@ class ResponseParser:
                     codings.extend(_connection_tokens(value))
                 elif name == b"upgrade" and status == 101:
                     headers.append((name, value))
-        if connection:
-            drop = frozenset(t for t in connection if t not in (b"close", b"keep-alive", b"upgrade"))
-            if drop:
-                headers = [(n, v) for n, v in headers if n not in drop]
+        if connection and not _CONNECTION_OPTIONS.issuperset(connection):
+            drop = frozenset(connection) - _CONNECTION_OPTIONS
+            headers = [(n, v) for n, v in headers if n not in drop]
         head = ResponseHead(status, Headers(headers), b"", version)
         if status < 200:
             if status == 101:

@@ -55,7 +55,8 @@ class Headers:
         """
         @return: the first value of C{name}, or C{default}.
         """
-        key = _b(name).lower()
+        # Names are nearly always bytes already: no call to _b for them.
+        key = name.lower() if isinstance(name, bytes) else _b(name).lower()
         for n, v in self._items:
             if n == key:
                 return v
