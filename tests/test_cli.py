@@ -17,8 +17,21 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_operator_api import TIMEOUT, LivePilot
-from txmesh.cli import DEFAULT_PILOT, PilotClient, main, parser, proxy_config, proxy_status, services, validate
+from txmesh.cli import (
+    DEFAULT_PILOT,
+    PilotClient,
+    main,
+    parser,
+    proxy_config,
+    proxy_status,
+    services,
+    token_create,
+    token_key_command,
+    validate,
+)
+from txmesh.pilot.channel_security import token_authority
 from txmesh.pilot.messages import Nack
+from txmesh.pilot.tokens import InvalidCredential
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -321,3 +334,74 @@ class AuthCommandTests(LivePilot, TestCase):
         code, out, err = yield self.run_status("t0ken")
         self.assertEqual((code, err), (0, ""))
         self.assertTrue(out.startswith("NAME"))
+
+
+class TokenKeyCommandTests(SynchronousTestCase):
+    """
+    C{txmesh token create}, C{rotate-key} and C{finish-key-rotation} on a
+    CA directory, offline.
+    """
+
+    NOW = 1_772_366_400.0
+
+    def setUp(self):
+        self.config_dir = self.mktemp()
+        self.ca_dir = os.path.join(self.config_dir, "ca")
+
+    def create(self):
+        s = Streams()
+        self.assertEqual(token_create(self.ca_dir, "default", "web", 3600, self.NOW, s.out, s.err), 0)
+        return s.out.getvalue().strip()
+
+    def run_key_command(self, command):
+        s = Streams()
+        code = token_key_command(command, self.ca_dir, s.out, s.err)
+        return code, s.out.getvalue(), s.err.getvalue()
+
+    def test_rotate_then_finish(self):
+        old_token = self.create()
+        old_kid = token_authority(self.ca_dir).key_id
+        code, out, err = self.run_key_command("rotate-key")
+        new_kid = token_authority(self.ca_dir).key_id
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, f"new token key {new_kid} in {self.ca_dir}; tokens signed by {old_kid} accepted "
+                              "until 'txmesh token finish-key-rotation'\n")
+        new_token = self.create()
+        self.assertEqual(token_authority(self.ca_dir).verify(old_token, self.NOW).key_id, old_kid)
+        self.assertEqual(token_authority(self.ca_dir).verify(new_token, self.NOW).key_id, new_kid)
+
+        self.assertEqual(self.run_key_command("finish-key-rotation"),
+                         (0, f"stopped accepting tokens signed by {old_kid}\n", ""))
+        e = self.assertRaises(InvalidCredential, token_authority(self.ca_dir).verify, old_token, self.NOW)
+        self.assertIn(f"join token signed by unknown key {old_kid}", e.reason)
+        self.assertEqual(token_authority(self.ca_dir).verify(new_token, self.NOW).key_id, new_kid)
+        self.assertEqual(self.run_key_command("finish-key-rotation"),
+                         (0, "no key rotation in progress: nothing to finish\n", ""))
+
+    def test_unusable_directory(self):
+        os.makedirs(self.ca_dir)
+        with open(os.path.join(self.ca_dir, "token.key"), "wb") as f:
+            f.write(b"tiny")
+        code, out, err = self.run_key_command("rotate-key")
+        self.assertEqual((code, out), (1, ""))
+        self.assertTrue(err.startswith("txmesh token rotate-key: ") and "holds 4 bytes" in err, err)
+        with open(os.path.join(self.ca_dir, "token-previous.keys"), "w") as f:
+            f.write("not hex\n")
+        code, out, err = self.run_key_command("finish-key-rotation")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("txmesh token finish-key-rotation: ", err)
+        self.assertIn("key 1 is not hex", err)
+
+    def test_main(self):
+        self.create()
+        old_kid = token_authority(self.ca_dir).key_id
+        self.assertEqual(main(["token", "rotate-key", "--config-dir", self.config_dir], environ={}), 0)
+        self.assertEqual(token_authority(self.ca_dir).previous_key_ids, (old_kid,))
+        other = os.path.join(self.config_dir, "other-ca")
+        self.assertEqual(main(["token", "finish-key-rotation", "--config-dir", "/nonexistent", "--ca-dir", other],
+                              environ={}), 0)
+        self.assertEqual(main(["token", "finish-key-rotation", "--config-dir", self.config_dir], environ={}), 0)
+        self.assertEqual(token_authority(self.ca_dir).previous_key_ids, ())
+        with self.assertRaises(SystemExit) as cm:
+            main(["token", "rotate-key"], environ={})
+        self.assertEqual(cm.exception.code, 2)

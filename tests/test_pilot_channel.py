@@ -21,7 +21,13 @@ from tests.test_pilot import SERVICE_ENTRY, SERVICES, VIRTUAL_SERVICE, ChannelCl
 from txmesh.identity import certificate_identity
 from txmesh.observability.audit import AuditLog
 from txmesh.pilot.ca import client_tls_options
-from txmesh.pilot.channel_security import ca_directory, load_channel_security, token_authority
+from txmesh.pilot.channel_security import (
+    PREVIOUS_TOKEN_KEYS_FILE,
+    TOKEN_KEY_FILE,
+    ca_directory,
+    load_channel_security,
+    token_authority,
+)
 from txmesh.pilot.keepalive import Keepalive
 from txmesh.pilot.messages import (
     Ack,
@@ -38,6 +44,7 @@ from txmesh.pilot.messages import (
 )
 from txmesh.pilot.server import APP_PORT_LABEL, INBOUND_PORT_LABEL, OUTBOUND_ADDRESS_LABEL
 from txmesh.pilot.service import PilotService
+from txmesh.pilot.tokens import finish_key_rotation, rotate_key
 from txmesh.proxy.pilot_client import pilot_tls_options
 from txmesh.proxy.workload_identity import WorkloadIdentity
 
@@ -311,6 +318,46 @@ class SecureChannelTests(_PilotCase):
         client, message = yield self.hello(self.token("payments"), namespace="default")
         self.assertIsInstance(message, Refused)
         self.assertIn("payments", message.reason)
+
+    @defer.inlineCallbacks
+    def test_previous_key_admitted_during_overlap_then_refused(self) -> Any:
+        """
+        A running pilot takes a token key rotation without a restart: a
+        token of the previous key is admitted during the overlap, new
+        tokens carry the new key, and after the overlap the previous key's
+        tokens are refused, naming the key.
+        """
+        ca_dir = ca_directory(self.dir)
+        old_kid = token_authority(ca_dir).key_id
+        during, after = self.token(), self.token()
+        new_kid, _ = rotate_key(os.path.join(ca_dir, TOKEN_KEY_FILE), os.path.join(ca_dir, PREVIOUS_TOKEN_KEYS_FILE))
+
+        client, message = yield self.hello(during)
+        self.assertIsInstance(message, Push)
+        client.transport.loseConnection()
+        yield client.closed()
+        fresh = self.token()
+        self.assertEqual(token_authority(ca_dir).verify(fresh, reactor.seconds()).key_id, new_kid)
+
+        self.assertEqual(finish_key_rotation(os.path.join(ca_dir, PREVIOUS_TOKEN_KEYS_FILE)), (old_kid,))
+        client, message = yield self.hello(after)
+        self.assertIsInstance(message, Refused)
+        self.assertIn(f"join token signed by unknown key {old_kid}", message.reason)
+        yield client.closed()
+        client, message = yield self.hello(fresh)
+        self.assertIsInstance(message, Push)
+
+    @defer.inlineCallbacks
+    def test_unusable_key_files_keep_the_old_keys(self) -> Any:
+        """
+        Token key files the pilot cannot use are logged, and the keys it
+        had still check tokens.
+        """
+        token = self.token()
+        with open(os.path.join(ca_directory(self.dir), PREVIOUS_TOKEN_KEYS_FILE), "w") as f:
+            f.write("not hex\n")
+        client, message = yield self.hello(token)
+        self.assertIsInstance(message, Push)
 
     @defer.inlineCallbacks
     def test_client_trusting_another_root_fails_handshake(self) -> Any:

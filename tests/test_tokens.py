@@ -20,7 +20,11 @@ from txmesh.pilot.tokens import (
     TokenAuthority,
     TokenClaims,
     TokenKeyError,
+    finish_key_rotation,
+    key_id,
     load_or_create_key,
+    load_previous_keys,
+    rotate_key,
 )
 
 KEY = bytes(range(32))
@@ -53,7 +57,7 @@ class CreateTests(unittest.SynchronousTestCase):
         token = self.authority.create("default", "reviews", NOW, 3600, token_id="t-1")
         self.assertRegex(token, r"\Atxm1\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}\Z")
         self.assertEqual(_payload(token), {"ns": "default", "sa": "reviews", "iat": 1_772_366_400,
-                                           "exp": 1_772_370_000, "jti": "t-1"})
+                                           "exp": 1_772_370_000, "jti": "t-1", "kid": key_id(KEY)})
         prefix, body, signature = token.split(".")
         expected = hmac.new(KEY, f"{prefix}.{body}".encode(), hashlib.sha256).digest()
         self.assertEqual(signature, _b64(expected))
@@ -108,7 +112,7 @@ class VerifyTests(unittest.SynchronousTestCase):
     def test_round_trip(self) -> None:
         claims = self.authority.verify(self.token, NOW + 1)
         self.assertEqual(claims, TokenClaims(namespace="default", service_account="reviews", expires=NOW + 600,
-                                             issued=NOW, token_id="abc"))
+                                             issued=NOW, token_id="abc", key_id=key_id(KEY)))
 
     def test_another_authority_with_the_same_key(self) -> None:
         self.assertEqual(TokenAuthority(bytes(KEY)).verify(self.token, NOW).token_id, "abc")
@@ -118,7 +122,7 @@ class VerifyTests(unittest.SynchronousTestCase):
 
     def test_wrong_key(self) -> None:
         other = TokenAuthority(b"k" * 32)
-        self.assertRefused(self.token, "bad signature", authority=other)
+        self.assertRefused(self.token, f"join token signed by unknown key {key_id(KEY)}", authority=other)
 
     def test_tampered_payload(self) -> None:
         prefix, body, signature = self.token.split(".")
@@ -210,8 +214,12 @@ class VerifyTests(unittest.SynchronousTestCase):
         self.assertEqual(self.authority.verify(_signed(json.dumps(good).encode()), NOW).namespace, "a")
 
     def test_reasons_hold_no_secret(self) -> None:
-        e = self.assertRefused(self.token, "bad signature", authority=TokenAuthority(b"k" * 32))
+        e = self.assertRefused(self.token, "unknown key", authority=TokenAuthority(b"k" * 32))
         self.assertNotIn(self.token.split(".")[2], e.reason)
+        prefix, body, signature = self.token.split(".")
+        flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+        e = self.assertRefused(f"{prefix}.{body}.{flipped}", "bad signature")
+        self.assertNotIn(signature, e.reason)
 
 
 class KeyFileTests(unittest.SynchronousTestCase):
@@ -250,3 +258,150 @@ class KeyFileTests(unittest.SynchronousTestCase):
         os.makedirs(self.path)
         e = self.assertRaises(TokenKeyError, load_or_create_key, self.path)
         self.assertIn("cannot read the key", e.reason)
+
+
+OLD_KEY = b"o" * 32
+NEW_KEY = b"n" * 32
+
+
+class KeyIdTests(unittest.SynchronousTestCase):
+    def test_derived_from_the_key(self) -> None:
+        self.assertRegex(key_id(KEY), r"\A[0-9a-f]{16}\Z")
+        self.assertEqual(key_id(bytes(KEY)), key_id(KEY))
+        self.assertNotEqual(key_id(OLD_KEY), key_id(NEW_KEY))
+        self.assertEqual(TokenAuthority(KEY).key_id, key_id(KEY))
+
+    def test_previous_keys_checked_and_hidden(self) -> None:
+        self.assertRaises(ValueError, TokenAuthority, KEY, previous=[b"short"])
+        self.assertRaises(TypeError, TokenAuthority, KEY, previous=["a text key of enough length"])
+        authority = TokenAuthority(NEW_KEY, previous=[OLD_KEY, NEW_KEY, OLD_KEY])
+        self.assertEqual(authority.previous_key_ids, (key_id(OLD_KEY),))
+        self.assertNotIn(repr(OLD_KEY), repr(authority))
+
+
+class OverlapTests(unittest.SynchronousTestCase):
+    """
+    Verification during a key rotation's overlap, and after it ends.
+    """
+
+    def setUp(self) -> None:
+        self.old = TokenAuthority(OLD_KEY)
+        self.overlap = TokenAuthority(NEW_KEY, previous=[OLD_KEY])
+        self.finished = TokenAuthority(NEW_KEY)
+
+    def test_old_tokens_verify_during_overlap(self) -> None:
+        token = self.old.create("default", "web", NOW, 600, token_id="old")
+        claims = self.overlap.verify(token, NOW)
+        self.assertEqual((claims.token_id, claims.key_id), ("old", key_id(OLD_KEY)))
+
+    def test_new_tokens_carry_the_new_key_id(self) -> None:
+        token = self.overlap.create("default", "web", NOW, 600)
+        self.assertEqual(_payload(token)["kid"], key_id(NEW_KEY))
+        prefix, body, signature = token.split(".")
+        expected = hmac.new(NEW_KEY, f"{prefix}.{body}".encode(), hashlib.sha256).digest()
+        self.assertEqual(signature, _b64(expected))
+        self.assertEqual(self.finished.verify(token, NOW).key_id, key_id(NEW_KEY))
+        self.assertRaises(InvalidCredential, self.old.verify, token, NOW)
+
+    def test_finished_refuses_old_tokens_naming_the_key(self) -> None:
+        token = self.old.create("default", "web", NOW, 600)
+        e = self.assertRaises(InvalidCredential, self.finished.verify, token, NOW)
+        self.assertTrue(e.reason.startswith(f"join token signed by unknown key {key_id(OLD_KEY)} "), e.reason)
+        self.assertIn(f"signs with {key_id(NEW_KEY)}", e.reason)
+        self.assertIn("finish-key-rotation", e.reason)
+        e = self.assertRaises(InvalidCredential, self.overlap.verify,
+                              TokenAuthority(KEY).create("default", "web", NOW, 600), NOW)
+        self.assertIn(f"accepts {key_id(OLD_KEY)}", e.reason)
+
+    def test_kid_picks_the_key(self) -> None:
+        """
+        A token is checked with the key its kid names only: the old key's
+        signature under the new key's id is refused.
+        """
+        payload = {"ns": "a", "sa": "b", "exp": NOW + 60, "iat": NOW, "jti": "x", "kid": key_id(NEW_KEY)}
+        e = self.assertRaises(InvalidCredential, self.overlap.verify,
+                              _signed(json.dumps(payload).encode(), OLD_KEY), NOW)
+        self.assertIn("bad signature", e.reason)
+
+    def test_one_comparison_with_a_kid(self) -> None:
+        calls = []
+        real = hmac.compare_digest
+        self.patch(hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+        self.overlap.verify(self.old.create("a", "b", NOW, 60), NOW)
+        self.assertEqual(len(calls), 1)
+
+    def test_legacy_tokens_without_kid(self) -> None:
+        legacy = {"ns": "a", "sa": "b", "exp": NOW + 60, "iat": NOW, "jti": "legacy"}
+        current = _signed(json.dumps(legacy).encode(), NEW_KEY)
+        self.assertEqual(self.finished.verify(current, NOW).key_id, None)
+        self.assertEqual(self.overlap.verify(current, NOW).token_id, "legacy")
+        previous = _signed(json.dumps(legacy).encode(), OLD_KEY)
+        self.assertEqual(self.overlap.verify(previous, NOW).token_id, "legacy")
+        e = self.assertRaises(InvalidCredential, self.finished.verify, previous, NOW)
+        self.assertIn("bad signature", e.reason)
+
+    def test_malformed_kid(self) -> None:
+        good = {"ns": "a", "sa": "b", "exp": NOW + 60, "iat": NOW, "jti": "x"}
+        for kid in [7, None, "", "has space", "k" * 65, "<script>"]:
+            e = self.assertRaises(InvalidCredential, self.overlap.verify,
+                                  _signed(json.dumps({**good, "kid": kid}).encode(), NEW_KEY), NOW)
+            self.assertEqual(e.reason, "malformed token: kid: not a key id")
+
+
+class RotateKeyTests(unittest.SynchronousTestCase):
+    """
+    L{rotate_key} and L{finish_key_rotation} on a key directory.
+    """
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "token.key")
+        self.previous = os.path.join(self.dir, "token-previous.keys")
+
+    def authority(self) -> TokenAuthority:
+        return TokenAuthority(load_or_create_key(self.path), previous=load_previous_keys(self.previous))
+
+    def test_rotate_and_finish(self) -> None:
+        before = self.authority()
+        token = before.create("default", "web", NOW, 600)
+        kid, previous = rotate_key(self.path, self.previous)
+        self.assertEqual(previous, (before.key_id,))
+        during = self.authority()
+        self.assertEqual((during.key_id, during.previous_key_ids), (kid, (before.key_id,)))
+        self.assertNotEqual(kid, before.key_id)
+        self.assertEqual(during.verify(token, NOW).key_id, before.key_id)
+        for path in (self.path, self.previous):
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["token-previous.keys", "token.key"])
+
+        self.assertEqual(finish_key_rotation(self.previous), (before.key_id,))
+        after = self.authority()
+        self.assertEqual((after.key_id, after.previous_key_ids), (kid, ()))
+        e = self.assertRaises(InvalidCredential, after.verify, token, NOW)
+        self.assertIn(f"join token signed by unknown key {before.key_id}", e.reason)
+        self.assertEqual(finish_key_rotation(self.previous), ())
+
+    def test_rotate_twice_keeps_both(self) -> None:
+        first = self.authority().key_id
+        second, _ = rotate_key(self.path, self.previous)
+        third, previous = rotate_key(self.path, self.previous)
+        self.assertEqual(previous, (second, first))
+        self.assertEqual(self.authority().previous_key_ids, (second, first))
+        self.assertEqual(finish_key_rotation(self.previous), (second, first))
+        self.assertEqual(self.authority().key_id, third)
+
+    def test_bad_previous_file(self) -> None:
+        for content, reason in [(b"zz\n", "key 1 is not hex"), (KEY.hex().encode() + b"\nabcd\n", "key 2 has 2 bytes"),
+                                (b"\xff", "cannot read the previous keys")]:
+            with open(self.previous, "wb") as f:
+                f.write(content)
+            e = self.assertRaises(TokenKeyError, load_previous_keys, self.previous)
+            self.assertEqual(e.path, self.previous)
+            self.assertIn(reason, e.reason)
+
+    def test_unwritable(self) -> None:
+        load_or_create_key(self.path)
+        os.makedirs(self.previous)
+        e = self.assertRaises(TokenKeyError, rotate_key, self.path, self.previous)
+        self.assertIn("cannot", e.reason)

@@ -18,6 +18,10 @@ The C{txmesh} command: operator tools.
     txmesh token create --config-dir DIR --namespace NS --service-account SA [--ttl 24h]
                                       a join token for a proxy (run on the pilot's host:
                                       it signs with the key in DIR/ca)
+    txmesh token rotate-key --config-dir DIR
+                                      a new join-token key; the old one still verifies (overlap)
+    txmesh token finish-key-rotation --config-dir DIR
+                                      stop accepting tokens signed by the previous keys
     txmesh kube-inject -f FILE [-o OUT] [--pilot ADDRESS] [--image IMAGE] [--proxy-uid UID]
                        [--native-sidecar {auto,always,never}]
                                       add the txmesh sidecar to Kubernetes YAML (offline)
@@ -456,6 +460,37 @@ def token_create(ca_dir: str, namespace: str, service_account: str, ttl: float, 
     return 0
 
 
+def token_key_command(command: str, ca_dir: str, out: Any = sys.stdout, err: Any = sys.stderr) -> int:
+    """
+    C{txmesh token rotate-key} and C{txmesh token finish-key-rotation}:
+    change the join-token key files in the pilot's CA directory; a running
+    pilot takes the change at the next join token it checks.
+
+    @param command: C{"rotate-key"} or C{"finish-key-rotation"}.
+    @return: the exit code.
+    """
+    from txmesh.pilot.channel_security import PREVIOUS_TOKEN_KEYS_FILE, TOKEN_KEY_FILE
+    from txmesh.pilot.tokens import TokenKeyError, finish_key_rotation, rotate_key
+
+    previous_path = os.path.join(ca_dir, PREVIOUS_TOKEN_KEYS_FILE)
+    try:
+        if command == "rotate-key":
+            os.makedirs(ca_dir, mode=0o700, exist_ok=True)
+            kid, previous = rotate_key(os.path.join(ca_dir, TOKEN_KEY_FILE), previous_path)
+            out.write(f"new token key {kid} in {ca_dir}; tokens signed by {', '.join(previous)} accepted "
+                      "until 'txmesh token finish-key-rotation'\n")
+        else:
+            dropped = finish_key_rotation(previous_path)
+            if dropped:
+                out.write(f"stopped accepting tokens signed by {', '.join(dropped)}\n")
+            else:
+                out.write("no key rotation in progress: nothing to finish\n")
+    except (TokenKeyError, OSError) as e:
+        err.write(f"txmesh token {command}: {e}\n")
+        return 1
+    return 0
+
+
 def ca_command(command: str, config_dir: str, ca_dir: str | None, trust_domain: str | None, now: float,
                out: Any = sys.stdout, err: Any = sys.stderr) -> int:
     """
@@ -677,6 +712,12 @@ def parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     tc.add_argument("--namespace", "-n", required=True, help="the proxy's namespace")
     tc.add_argument("--service-account", "-s", required=True, help="the workload's service account")
     tc.add_argument("--ttl", default="24h", help="how long the token is valid (default: 24h)")
+    for name, text in (("rotate-key", "make a new signing key; tokens of the old one are accepted until "
+                                      "finish-key-rotation"),
+                       ("finish-key-rotation", "stop accepting tokens signed by the keys a rotation kept")):
+        tk = token_commands.add_parser(name, help=text)
+        tk.add_argument("--config-dir", required=True, metavar="DIR", help="the pilot's config directory")
+        tk.add_argument("--ca-dir", metavar="DIR", help="the pilot's --ca-dir, if not DIR/ca")
     ki = commands.add_parser("kube-inject", help="add the txmesh sidecar to the pod templates of Kubernetes YAML "
                                                 "(offline, like istioctl kube-inject)")
     ki.add_argument("-f", "--filename", required=True, metavar="FILE", help="the YAML file ('-': standard input)")
@@ -731,6 +772,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "token":
         from txmesh.pilot.channel_security import ca_directory
 
+        if args.token_command != "create":
+            return token_key_command(args.token_command, args.ca_dir or ca_directory(args.config_dir))
         try:
             ttl = parse_duration(args.ttl)
         except ValueError as e:

@@ -8,6 +8,8 @@ the API server (L{txmesh.pilot.token_review}).
     CONFIG_DIR/ca/root-cert.pem   the mesh root: what proxies trust (pilot.ca_file)
     CONFIG_DIR/ca/root-key.pem    its key (0600), or ca-key.pem/ca-cert.pem from the operator
     CONFIG_DIR/ca/token.key       the key join tokens are signed with (0600)
+    CONFIG_DIR/ca/token-previous.keys
+                                  during a key rotation, the keys that still verify (0600)
     CONFIG_DIR/ca/used-tokens     join tokens already used (each is good once)
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmesh.identity import requested_identity
@@ -36,9 +39,19 @@ from txmesh.pilot.ca import (
 )
 from txmesh.pilot.messages import Hello
 from txmesh.pilot.token_review import ServiceAccount, TokenReviewer, TokenReviewError
-from txmesh.pilot.tokens import TOKEN_PREFIX, InvalidCredential, TokenAuthority, UsedTokens, load_or_create_key
+from txmesh.pilot.tokens import (
+    TOKEN_PREFIX,
+    InvalidCredential,
+    TokenAuthority,
+    TokenKeyError,
+    UsedTokens,
+    load_or_create_key,
+    load_previous_keys,
+)
 
 TOKEN_KEY_FILE = "token.key"
+PREVIOUS_TOKEN_KEYS_FILE = "token-previous.keys"
+"""During a token key rotation, the keys that verify but no longer sign."""
 USED_TOKENS_FILE = "used-tokens"
 DEFAULT_WORKLOAD_TTL = timedelta(hours=24)
 """How long a workload certificate lasts unless C{mesh.yaml} says (proxies renew at half-life)."""
@@ -62,7 +75,26 @@ def token_authority(ca_dir: str) -> TokenAuthority:
         in C{ca_dir} (created on first use).
     """
     os.makedirs(ca_dir, mode=0o700, exist_ok=True)
-    return TokenAuthority(load_or_create_key(os.path.join(ca_dir, TOKEN_KEY_FILE)))
+    return TokenAuthority(load_or_create_key(os.path.join(ca_dir, TOKEN_KEY_FILE)),
+                          previous=load_previous_keys(os.path.join(ca_dir, PREVIOUS_TOKEN_KEYS_FILE)))
+
+
+def token_keys_signature(ca_dir: str) -> object:
+    """
+    @return: what changes when C{txmesh token rotate-key} or
+        C{finish-key-rotation} changes the token key files (each is
+        replaced by a rename, so its inode changes even within one clock
+        tick).
+    """
+    stamp = []
+    for name in (TOKEN_KEY_FILE, PREVIOUS_TOKEN_KEYS_FILE):
+        try:
+            st = os.stat(os.path.join(ca_dir, name))
+        except OSError:
+            stamp.append(None)
+        else:
+            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
 
 
 @attrs.frozen
@@ -100,7 +132,9 @@ class ChannelSecurity:
 
     @ivar server_options: TLS server options with the pilot's certificate,
         asking clients for an optional certificate.
-    @ivar tokens: checks the proxies' join tokens.
+    @ivar tokens: checks the proxies' join tokens; read again from the CA
+        directory when its token key files change (a key rotation), so a
+        running pilot takes a rotation at the next join token.
     @ivar clock: the time tokens and certificates are checked and made at.
     @ivar ca: signs workload certificates.
     @ivar used_tokens: the join tokens already used.
@@ -118,17 +152,51 @@ class ChannelSecurity:
     workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL
     server_names: tuple[str, ...] = ()
     reviewer: TokenReviewer | None = None
+    _tokens_stamp: object = attrs.field(init=False)
+
+    _log = Logger()
+
+    @_tokens_stamp.default
+    def _initial_tokens_stamp(self) -> object:
+        return token_keys_signature(self.ca.directory)
+
+    def _current_tokens(self) -> TokenAuthority:
+        """
+        The token authority, read again if the key files changed.  Checked
+        at each join token rather than by the pilot's CA poll: a key
+        rotation needs no new serving certificate nor a push to proxies,
+        and the next token sees it at once.
+        """
+        stamp = token_keys_signature(self.ca.directory)
+        if stamp != self._tokens_stamp:
+            try:
+                self.tokens = token_authority(self.ca.directory)
+            except (TokenKeyError, OSError) as e:
+                self._log.error("the join-token key files changed but cannot be used, keeping the old keys: "
+                                "{error}", error=str(e))
+            else:
+                self._log.info("join-token keys reloaded: signing with {kid}, also accepting {previous}",
+                               kid=self.tokens.key_id, previous=list(self.tokens.previous_key_ids))
+            # Not retried until the files change again: one error a change.
+            self._tokens_stamp = stamp
+        return self.tokens
 
     def reload(self) -> ChannelSecurity:
         """
         Read the CA directory again (after C{txmesh ca rotate} or
         C{finish-rotation}) and issue the pilot a new serving certificate.
+        The token keys are read again too.
 
-        @raise txmesh.pilot.ca.CAError: the directory is unusable now; keep
-            using this one.
+        @raise txmesh.pilot.ca.CAError: the directory (or a token key file)
+            is unusable now; keep using this one.
         """
-        return load_channel_security(self.ca.directory, self.ca.trust_domain, self.clock, self.server_names,
-                                     self.workload_ttl, self.reviewer, create=False)
+        try:
+            return load_channel_security(self.ca.directory, self.ca.trust_domain, self.clock, self.server_names,
+                                         self.workload_ttl, self.reviewer, create=False)
+        except TokenKeyError as e:
+            # The pilot's CA poll handles CAError only; anything else would
+            # stop the poll for good.
+            raise CAError(e.reason, e.path) from None
 
     def ca_signature(self) -> object:
         """
@@ -187,7 +255,7 @@ class ChannelSecurity:
             return self._review(hello.credential, namespace)
         now = self.clock.seconds()
         try:
-            claims = self.tokens.verify(hello.credential, now)
+            claims = self._current_tokens().verify(hello.credential, now)
         except InvalidCredential as e:
             if not is_join_token and hello.credential.count(".") == 2:
                 return Admission(refusal="invalid credential: not a join token but a JWT (a Kubernetes "

@@ -7,10 +7,17 @@ shares::
 
     txm1.<base64url(JSON payload)>.<base64url(HMAC-SHA256)>
 
-The payload is C{{"exp", "iat", "jti", "ns", "sa"}}: expiry and issue time
-(POSIX seconds), a token id, and the namespace and service account whose
-identity the token grants.  The HMAC covers C{txm1.<payload>}, so the
-version prefix is authenticated too.  base64url is without padding.
+The payload is C{{"exp", "iat", "jti", "kid", "ns", "sa"}}: expiry and
+issue time (POSIX seconds), a token id, the id of the key that signed it,
+and the namespace and service account whose identity the token grants.
+C{kid} is optional: tokens made before key rotation existed lack it and are
+checked against every key the verifier holds.  The HMAC covers
+C{txm1.<payload>}, so the version prefix is authenticated too.  base64url is
+without padding.
+
+Key rotation keeps the previous keys (one hex key a line, in a file beside
+the current key) until the overlap is finished: L{rotate_key},
+L{finish_key_rotation}.
 
 No clock is read here: callers pass C{now} (POSIX seconds) from theirs.
 """
@@ -58,6 +65,7 @@ Seconds by which a token's issue time may be ahead of the verifier's clock
 """
 
 _TOKEN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*\Z")
 
 
@@ -98,6 +106,8 @@ class TokenClaims:
     @ivar expires: when the token stops being accepted (POSIX seconds).
     @ivar issued: when it was made (POSIX seconds).
     @ivar token_id: the token's id (C{jti}), for logs and audit.
+    @ivar key_id: the id (C{kid}) of the key that signed it, or C{None} for
+        a token made before tokens carried one.
     """
 
     namespace: str
@@ -105,6 +115,7 @@ class TokenClaims:
     expires: float
     issued: float
     token_id: str
+    key_id: str | None = None
 
 
 def _b64encode(data: bytes) -> str:
@@ -138,6 +149,109 @@ def _finite(field: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{field}: must be a finite number, got {value!r}")
     return float(value)
+
+
+def key_id(key: bytes) -> str:
+    """
+    The id a token names its key by: derived from the key, so every replica
+    sharing the key file agrees on it without storing it, and a rotation
+    needs no bookkeeping.  It is a hash, so it tells nothing of the key.
+
+    @return: 16 hex digits.
+    """
+    return hashlib.sha256(b"txmesh join-token key id\0" + key).hexdigest()[:16]
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """
+    Write C{data} to a new file readable by its owner only, then rename it
+    to C{path}: a pilot reading the keys meanwhile sees the old file or the
+    new one, never a partial one.
+    """
+    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise TokenKeyError(path, f"cannot write ({e.strerror})") from None
+
+
+def load_previous_keys(path: str) -> tuple[bytes, ...]:
+    """
+    Read the keys a rotation kept for verification: one hex key a line.
+
+    @return: the keys, newest first; none if there is no such file (no
+        rotation in progress).
+    @raise TokenKeyError: if the file cannot be read or a line is not a hex
+        key of at least L{MIN_KEY_BYTES} bytes.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().split()
+    except FileNotFoundError:
+        return ()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenKeyError(path, f"cannot read the previous keys ({getattr(e, 'strerror', None) or e})") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        try:
+            key = bytes.fromhex(line)
+        except ValueError:
+            raise TokenKeyError(path, f"key {number} is not hex") from None
+        if len(key) < MIN_KEY_BYTES:
+            raise TokenKeyError(path, f"key {number} has {len(key)} bytes; a key needs at least {MIN_KEY_BYTES}")
+        keys.append(key)
+    return tuple(keys)
+
+
+def rotate_key(path: str, previous_path: str) -> tuple[str, tuple[str, ...]]:
+    """
+    Make a new signing key in C{path}, keeping the key it replaces (and any
+    kept by an unfinished rotation) in C{previous_path} for verification:
+    tokens already handed out stay good until L{finish_key_rotation}.
+
+    @return: the new key's id, and the ids of the previous keys.
+    @raise TokenKeyError: if a file cannot be read or written.
+    """
+    old = load_or_create_key(path)
+    kept = [old, *(k for k in load_previous_keys(previous_path) if k != old)]
+    # The old key is kept before the new one signs, so a pilot reading the
+    # directory between the two renames never refuses a token it accepted.
+    _write_private(previous_path, "".join(f"{k.hex()}\n" for k in kept).encode("ascii"))
+    new = secrets.token_bytes(KEY_BYTES)
+    _write_private(path, new)
+    TokenAuthority._log.info("rotated the join-token key in {path}: new key {kid}; {n} previous key(s) accepted "
+                             "until finish-key-rotation", path=path, kid=key_id(new), n=len(kept))
+    return key_id(new), tuple(key_id(k) for k in kept)
+
+
+def finish_key_rotation(previous_path: str) -> tuple[str, ...]:
+    """
+    End a key rotation's overlap: forget the previous keys, so tokens they
+    signed are refused.
+
+    @return: the ids of the keys dropped (none if no rotation was in
+        progress).
+    @raise TokenKeyError: if the file cannot be read or removed.
+    """
+    dropped = load_previous_keys(previous_path)
+    if not dropped:
+        return ()
+    try:
+        os.remove(previous_path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise TokenKeyError(previous_path, f"cannot remove ({e.strerror})") from None
+    return tuple(key_id(k) for k in dropped)
 
 
 def load_or_create_key(path: str) -> bytes:
@@ -196,23 +310,53 @@ def _check_key(instance: object, attribute: object, value: object) -> None:
         raise ValueError(f"key: must be at least {MIN_KEY_BYTES} bytes, got {len(value)}")
 
 
+def _check_keys(instance: object, attribute: object, value: tuple[object, ...]) -> None:
+    for key in value:
+        _check_key(instance, attribute, key)
+
+
 @attrs.frozen
 class TokenAuthority:
     """
-    Makes and checks join tokens with one HMAC key.
+    Makes join tokens with its current HMAC key, and checks them with that
+    key or, during a key rotation's overlap, with a previous one.
 
     @ivar leeway: seconds by which a token's issue time may be ahead of
         C{now} in L{verify} (clock skew between the machine that made it
         and the verifier).  Expiry gets no leeway.
+    @ivar key_id: the current key's id, which new tokens carry as C{kid}.
     """
 
     _log = Logger()
 
     _key: bytes = attrs.field(validator=_check_key, repr=False)
     leeway: float = attrs.field(default=DEFAULT_LEEWAY, converter=float)
+    _previous: tuple[bytes, ...] = attrs.field(default=(), converter=tuple, validator=_check_keys, repr=False,
+                                               alias="previous")
+    key_id: str = attrs.field(init=False)
+    _keys: dict[str, bytes] = attrs.field(init=False, repr=False, eq=False)
 
-    def _sign(self, signed_part: str) -> bytes:
-        return hmac.new(self._key, signed_part.encode("ascii"), hashlib.sha256).digest()
+    @key_id.default
+    def _key_id(self) -> str:
+        return key_id(self._key)
+
+    @_keys.default
+    def _all_keys(self) -> dict[str, bytes]:
+        # Current first: a token without a kid is most likely its.
+        keys = {self.key_id: self._key}
+        for key in self._previous:
+            keys.setdefault(key_id(key), key)
+        return keys
+
+    @property
+    def previous_key_ids(self) -> tuple[str, ...]:
+        """
+        @return: the ids of the keys still accepted but no longer signing.
+        """
+        return tuple(kid for kid in self._keys if kid != self.key_id)
+
+    def _sign(self, signed_part: str, key: bytes | None = None) -> bytes:
+        return hmac.new(key or self._key, signed_part.encode("ascii"), hashlib.sha256).digest()
 
     def create(self, namespace: str, service_account: str, now: float, ttl: float,
                token_id: str | None = None) -> str:
@@ -239,22 +383,26 @@ class TokenAuthority:
         elif not isinstance(token_id, str) or not _TOKEN_ID.match(token_id):
             raise ValueError(f"token_id: {token_id!r} is not 1-128 characters of letters, digits, '.', '_' and '-'")
         payload = {"ns": namespace, "sa": service_account, "iat": _number(now), "exp": _number(now + ttl),
-                   "jti": token_id}
+                   "jti": token_id, "kid": self.key_id}
         body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
         signed_part = f"{TOKEN_PREFIX}.{_b64encode(body)}"
         return f"{signed_part}.{_b64encode(self._sign(signed_part))}"
 
     def verify(self, token: str, now: float) -> TokenClaims:
         """
-        Check a token made by L{create} with this key.
+        Check a token made by L{create} with the current key or a previous
+        one: the key its C{kid} names, or for a token without C{kid} any of
+        them.
 
         Surrounding whitespace is ignored (tokens are often read from files).
 
         @param now: the current time (POSIX seconds).
         @return: what the token grants.
         @raise InvalidCredential: saying why the token is refused: it is
-            malformed, its signature does not match (another key, or
-            altered), it has expired (and when), or it is not valid yet.
+            malformed, it names a key this authority does not hold (one a
+            finished rotation dropped, or another pilot's), its signature
+            does not match (another key, or altered), it has expired (and
+            when), or it is not valid yet.
         """
         if not isinstance(token, str):
             raise InvalidCredential(f"malformed token: expected text, got {type(token).__name__}")
@@ -271,9 +419,19 @@ class TokenAuthority:
             raise InvalidCredential(f"malformed token: unknown format {prefix[:16]!r} (expected {TOKEN_PREFIX!r})")
         body = _b64decode(payload_b64, "payload")
         signature = _b64decode(signature_b64, "signature")
-        # The signature is checked before anything in the payload is
-        # believed or even parsed.
-        if not hmac.compare_digest(signature, self._sign(f"{prefix}.{payload_b64}")):
+        # Only the key id is read before the signature is checked, to pick
+        # the key; nothing else in the payload is believed until then.
+        kid = _unverified_key_id(body)
+        if kid is None:
+            candidates = list(self._keys.values())
+        elif kid in self._keys:
+            candidates = [self._keys[kid]]
+        else:
+            raise InvalidCredential(f"join token signed by unknown key {kid} (this pilot signs with "
+                                    f"{self.key_id}{self._also()}; a key dropped by "
+                                    "'txmesh token finish-key-rotation', or another pilot's)")
+        signed_part = f"{prefix}.{payload_b64}"
+        if not any(hmac.compare_digest(signature, self._sign(signed_part, key)) for key in candidates):
             raise InvalidCredential("bad signature: the token was made with another key, or altered")
         claims = _claims(body)
         if now < claims.issued - self.leeway:
@@ -283,6 +441,31 @@ class TokenAuthority:
             raise InvalidCredential(f"token expired at {_when(claims.expires)} "
                                     f"({now - claims.expires:.0f}s ago)")
         return claims
+
+    def _also(self) -> str:
+        previous = self.previous_key_ids
+        return f" and accepts {', '.join(previous)}" if previous else ""
+
+
+def _unverified_key_id(body: bytes) -> str | None:
+    """
+    The C{kid} of a payload whose signature is not checked yet, or C{None}
+    when it has none (or is no JSON object: the signature check, then
+    L{_claims}, refuse it then).
+
+    @raise InvalidCredential: the C{kid} is not a key id (it is quoted in
+        refusals, so only a plain id is).
+    """
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(payload, dict) or "kid" not in payload:
+        return None
+    kid = payload["kid"]
+    if not isinstance(kid, str) or not _KEY_ID.match(kid):
+        raise InvalidCredential("malformed token: kid: not a key id")
+    return kid
 
 
 def _claims(body: bytes) -> TokenClaims:
@@ -310,7 +493,7 @@ def _claims(body: bytes) -> TokenClaims:
     except ValueError as e:
         raise InvalidCredential(f"malformed token: {e}") from None
     return TokenClaims(namespace=payload["ns"], service_account=payload["sa"], expires=expires, issued=issued,
-                       token_id=payload["jti"])
+                       token_id=payload["jti"], key_id=payload.get("kid"))
 
 
 class UsedTokens:
