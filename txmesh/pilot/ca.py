@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 
+from txmesh.pilot.private_files import write_private
 from txmesh.proxy.tls import TLSConfigError, client_options, server_options
 
 ROOT_KEY_FILE = "root-key.pem"
@@ -239,24 +240,6 @@ def _check_ca_certificate(cert: x509.Certificate, path: str) -> None:
         raise CAError("the certificate may not sign certificates (keyUsage lacks keyCertSign)", path)
 
 
-def _write_private(path: str, data: bytes) -> None:
-    """
-    Write C{data} to a new file readable by its owner only, then rename it
-    to C{path}, so a reader never sees a partial file.
-    """
-    tmp = f"{path}.tmp"
-    if os.path.exists(tmp):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _write_public(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
@@ -453,7 +436,7 @@ class CertificateAuthority:
         # The key first: a certificate without its key is refused on load,
         # never silently replaced.
         try:
-            _write_private(os.path.join(directory, ROOT_KEY_FILE), key_pem)
+            write_private(os.path.join(directory, ROOT_KEY_FILE), key_pem)
             _write_public(os.path.join(directory, ROOT_CERT_FILE), _pem(cert))
         except OSError as e:
             raise CAError(f"cannot write the new root ({e.strerror})", e.filename or directory) from None

@@ -40,6 +40,7 @@ import attrs
 from twisted.logger import Logger
 
 from txmesh.pilot.ca import check_dns_label
+from txmesh.pilot.private_files import write_private, write_temporary
 
 TOKEN_PREFIX = "txm1"
 """
@@ -164,23 +165,14 @@ def key_id(key: bytes) -> str:
 
 def _write_private(path: str, data: bytes) -> None:
     """
-    Write C{data} to a new file readable by its owner only, then rename it
-    to C{path}: a pilot reading the keys meanwhile sees the old file or the
-    new one, never a partial one.
+    Replace C{path} with an owner-only file holding C{data}: a pilot
+    reading the keys meanwhile sees the old file or the new one.
+
+    @raise TokenKeyError: it could not be written.
     """
-    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_private(path, data)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise TokenKeyError(path, f"cannot write ({e.strerror})") from None
 
 
@@ -269,15 +261,8 @@ def load_or_create_key(path: str) -> bytes:
     """
     if not os.path.exists(path):
         key = secrets.token_bytes(KEY_BYTES)
-        tmp = f"{path}.{secrets.token_hex(8)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, key)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp = write_temporary(path, key)
             try:
                 # link, unlike rename, fails if the name exists: a key
                 # written meanwhile by another process wins.
