@@ -74,6 +74,53 @@ class PilotSettingsTests(SynchronousTestCase):
         registries = build_registries(load_pilot_settings(self.dir), self.clock, self.dir)
         self.assertEqual([type(r) for r in registries], [FileRegistry, DNSRegistry])
 
+    def test_kubernetes_paths_relative_to_config_dir(self) -> None:
+        """
+        A relative C{token_file} or C{ca_file} is taken from CONFIG_DIR, as
+        the file registry's C{path} is; an absolute one is kept.
+        """
+        from tests.test_registry_kubernetes import _self_signed_pem
+
+        os.mkdir(os.path.join(self.dir, "k8s"))
+        with open(os.path.join(self.dir, "k8s", "ca.pem"), "w") as f:
+            f.write(_self_signed_pem())
+        self.write("registries:\n"
+                   "  - {type: kubernetes, api: 'https://10.0.0.1:443', token_file: k8s/token, ca_file: k8s/ca.pem}\n"
+                   "  - {type: kubernetes, api: 'http://127.0.0.1:8001', token_file: /run/token}\n")
+        cwd = os.getcwd()
+        self.addCleanup(os.chdir, cwd)
+        os.chdir("/")  # a path taken relative to the working directory would not be found
+        first, second = build_registries(load_pilot_settings(self.dir), self.clock, self.dir)
+        self.assertEqual(first._token_file, os.path.join(self.dir, "k8s", "token"))
+        self.assertEqual(second._token_file, "/run/token")
+        self.assertError("registries:\n  - {type: kubernetes, api: 'https://10.0.0.1:443', ca_file: nope.pem}\n",
+                         "registries[0].ca_file", f"cannot read {os.path.join(self.dir, 'nope.pem')}")
+
+    def test_etcd_tls_files(self) -> None:
+        """
+        The etcd registry's C{ca_file}, C{cert_file} and C{key_file} are
+        taken from CONFIG_DIR; a missing or bad one names its field.
+        """
+        from tests.test_registry_etcd import write_pki
+
+        write_pki(os.path.join(self.dir, "etcd"))
+        ok = "{type: etcd, endpoints: ['https://127.0.0.1:2379'], ca_file: etcd/ca.pem"
+        self.write(f"registries:\n  - {ok}, cert_file: etcd/client.pem, key_file: etcd/client-key.pem}}\n")
+        [registry] = build_registries(load_pilot_settings(self.dir), self.clock, self.dir)
+        self.assertEqual(registry.endpoints, ["https://127.0.0.1:2379"])
+        self.assertError(f"registries:\n  - {ok}, cert_file: etcd/nope.pem, key_file: etcd/client-key.pem}}\n",
+                         "registries[0].cert_file", f"cannot read {os.path.join(self.dir, 'etcd', 'nope.pem')}")
+        self.assertError(f"registries:\n  - {ok}, cert_file: etcd/client.pem}}\n",
+                         "registries[0].key_file", "is required with cert_file")
+        self.assertError(f"registries:\n  - {ok}, cert_file: etcd/client.pem, key_file: etcd/server-key.pem}}\n",
+                         "registries[0].key_file", "is not the key of the certificate")
+        self.assertError(f"registries:\n  - {ok}, cert_file: etcd/client-key.pem, key_file: etcd/client-key.pem}}\n",
+                         "registries[0].cert_file", "holds no PEM certificate")
+        self.assertError("registries:\n  - {type: etcd, endpoints: ['https://e:2379'], ca_file: etcd/client-key.pem}\n",
+                         "registries[0].ca_file", "holds no PEM certificate")
+        self.assertError("registries:\n  - {type: etcd, endpoints: ['http://e:2379'], ca_file: etcd/ca.pem}\n",
+                         "registries[0].ca_file", "only used with https")
+
     def assertError(self, text: str, field: str, reason: str) -> None:
         path = self.write(text)
         with self.assertRaises(ConfigError) as e:

@@ -4,7 +4,10 @@ and config validation as plain values; the registry's retry and compaction
 logic on a fake HTTP client and a L{Clock}; and the real thing against a
 real C{etcd} (Debian's etcd-server) on loopback ports: the first read, puts
 and deletes through the watch, a bad value, etcd killed and restarted,
-changes made while the registry was cut off, and a compaction.
+changes made while the registry was cut off, and a compaction; and a real
+etcd serving https with C{--client-cert-auth}, with certificates made in the
+test: read and watched with the right client certificate, refused without
+one or when trusting the wrong CA.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from txmesh.pilot.registry.etcd import (
     EtcdError,
     EtcdRegistry,
     ServiceTable,
+    TLSPolicy,
     WatchStreamParser,
     from_config,
     prefix_range_end,
@@ -306,7 +310,12 @@ class Etcd:
     A real single-member etcd on loopback ports, in a temporary data dir.
     """
 
-    def __init__(self, testcase: Any):
+    def __init__(self, testcase: Any, tls: bool = False):
+        """
+        @param tls: serve clients over https only, asking for a client
+            certificate signed by the test CA (C{--client-cert-auth}); the
+            files are in C{self.pki} (see L{write_pki}).
+        """
         if ETCD is None:
             raise SkipTest("etcd is not installed (apt-get install etcd-server etcd-client)")
         self.dir = tempfile.mkdtemp(prefix="txmesh-etcd-")
@@ -314,9 +323,19 @@ class Etcd:
         testcase.addCleanup(self.kill)
         self.port = free_port()
         self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
-        self.http = HTTPClient(Agent(reactor))
+        self.tls_args: list[str] = []
+        if tls:
+            self.pki = write_pki(os.path.join(self.dir, "pki"))
+            self.tls_args = ["--cert-file", self.pki["server"], "--key-file", self.pki["server-key"],
+                             "--trusted-ca-file", self.pki["ca"], "--client-cert-auth"]
+            with open(self.pki["ca"], "rb") as ca, open(self.pki["client"], "rb") as c, \
+                    open(self.pki["client-key"], "rb") as k:
+                policy = TLSPolicy.from_pem(ca.read(), c.read(), k.read())
+            self.http = HTTPClient(Agent(reactor, contextFactory=policy))
+        else:
+            self.http = HTTPClient(Agent(reactor))
 
     @defer.inlineCallbacks
     def start(self, timeout: float = 10.0) -> Any:
@@ -329,7 +348,7 @@ class Etcd:
                 [ETCD, "--name", "t", "--data-dir", os.path.join(self.dir, "data"),
                  "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"t={peer}", "--heartbeat-interval", "20", "--election-timeout", "200"],
+                 "--initial-cluster", f"t={peer}", "--heartbeat-interval", "20", "--election-timeout", "200", *self.tls_args],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = reactor.seconds() + timeout
         while True:
@@ -374,6 +393,69 @@ class Etcd:
         revision = answer["header"]["revision"]
         yield self.call("/v3/kv/compaction", {"revision": revision, "physical": True})
         return int(revision)
+
+
+def write_pki(directory: str) -> dict[str, str]:
+    """
+    Make a CA, a server certificate for 127.0.0.1 and a client certificate
+    signed by it, and a second CA that signed neither; write them as PEM
+    files in C{directory}.
+
+    @return: the paths, by name: C{ca}, C{server}, C{server-key}, C{client},
+        C{client-key}, C{other-ca}.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(cn, key, issuer_name, issuer_key, ca=False, san=None, usage=None):
+        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer_name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def key_pem(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key, other_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("test etcd CA", ca_key, name("test etcd CA"), ca_key, ca=True)
+    other = cert("another CA", other_key, name("another CA"), other_key, ca=True)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    server = cert("etcd", server_key, ca.subject, ca_key,
+                  san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+                  usage=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    client = cert("pilot", client_key, ca.subject, ca_key, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    files = {
+        "ca": ca.public_bytes(serialization.Encoding.PEM),
+        "other-ca": other.public_bytes(serialization.Encoding.PEM),
+        "server": server.public_bytes(serialization.Encoding.PEM),
+        "server-key": key_pem(server_key),
+        "client": client.public_bytes(serialization.Encoding.PEM),
+        "client-key": key_pem(client_key),
+    }
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for label, data in files.items():
+        paths[label] = os.path.join(directory, label + ".pem")
+        with open(paths[label], "wb") as f:
+            f.write(data)
+    return paths
 
 
 class _GateServer(portforward.ProxyServer):
@@ -589,3 +671,79 @@ class RealEtcdTests(TestCase):
                          "the second read")
         self.assertEqual(self.http.paths.count("v3/kv/range"), 2)
         self.assertGreaterEqual(reg.revision, compacted)
+
+
+class RealEtcdTLSTests(TestCase):
+    """
+    The registry against a real etcd that serves https only and requires a
+    client certificate signed by its CA.
+    """
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.etcd = Etcd(self, tls=True)
+        yield self.etcd.start()
+        self.pki = self.etcd.pki
+
+    def registry(self, **files: str) -> EtcdRegistry:
+        body = {"type": "etcd", "endpoints": [self.etcd.url], "prefix": PREFIX}
+        body.update({key: os.path.basename(self.pki[label]) for key, label in files.items()})
+        reg = from_config("mesh.yaml", "registries[0]", body, reactor, os.path.dirname(self.pki["ca"]))
+        reg._min_backoff, reg._max_backoff, reg._timeout = 0.05, 0.3, 2
+        self.addCleanup(reg.stop)
+        reg.start()
+        return reg
+
+    until = RealEtcdTests.until
+
+    @defer.inlineCallbacks
+    def test_client_certificate(self):
+        """
+        With the CA and a client certificate the registry reads the prefix
+        and follows changes through the watch.
+        """
+        yield self.etcd.put("reviews", service("reviews.default.svc", 19083))
+        reg = self.registry(ca_file="ca", cert_file="client", key_file="client-key")
+        yield self.until(reg, lambda r: r.status()["phase"] == "watching" and "reviews.default.svc" in r.services(),
+                         "the range over TLS")
+        self.assertTrue(reg.status()["ok"], reg.status())
+        yield self.etcd.put("ratings", service("ratings.default.svc", 19085))
+        yield self.until(reg, lambda r: "ratings.default.svc" in r.services(), "a put through the TLS watch")
+        yield self.etcd.delete("reviews")
+        yield self.until(reg, lambda r: "reviews.default.svc" not in r.services(), "a delete through the watch")
+
+    @defer.inlineCallbacks
+    def test_no_client_certificate(self):
+        """
+        Without a client certificate etcd refuses the connection: the
+        registry says so in its status and keeps retrying.
+        """
+        reg = self.registry(ca_file="ca")
+        yield self.until(reg, lambda r: r.status()["error"], "the refusal")
+        self.assertFalse(reg.status()["ok"])
+        self.assertIn(self.etcd.url, reg.status()["error"])
+        self.assertEqual(dict(reg.services()), {})
+
+    @defer.inlineCallbacks
+    def test_wrong_ca_keeps_last_view(self):
+        """
+        A registry that trusts another CA rejects etcd's certificate and
+        reports it; a view it had stays until etcd can be read again.
+        """
+        yield self.etcd.put("reviews", service("reviews.default.svc", 19083))
+        reg = self.registry(ca_file="ca", cert_file="client", key_file="client-key")
+        yield self.until(reg, lambda r: "reviews.default.svc" in r.services(), "the first view")
+        wrong = self.registry(ca_file="other-ca", cert_file="client", key_file="client-key")
+        # The same registry, now trusting the wrong CA on its next connection.
+        reg._http = wrong._http
+        self.etcd.kill()
+        yield self.until(reg, lambda r: r.status()["error"] and r.status()["phase"] == "waiting", "the lost watch")
+        yield self.etcd.start()
+        yield self.until(reg, lambda r: "certificate verify failed" in (r.status()["error"] or ""),
+                         "the certificate rejected")
+        self.assertFalse(wrong.status()["ok"])
+        self.assertIn("certificate verify failed", wrong.status()["error"])
+        self.assertEqual(wrong.services(), {})
+        self.assertIn("reviews.default.svc", reg.services())

@@ -273,7 +273,7 @@ def _dns_registry(source: str, field: str, body: Mapping[str, Any], reactor: Any
 def _etcd_registry(source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str) -> IRegistry:
     from txmesh.pilot.registry import etcd
 
-    return etcd.from_config(source, field, body, reactor)
+    return etcd.from_config(source, field, body, reactor, config_dir)
 
 
 def _kubernetes_registry(
@@ -281,7 +281,7 @@ def _kubernetes_registry(
 ) -> IRegistry:
     from txmesh.pilot.registry import kubernetes
 
-    return kubernetes.from_config(source, field, body, reactor)
+    return kubernetes.from_config(source, field, body, reactor, config_dir)
 
 
 def _positive(value: Any) -> float:

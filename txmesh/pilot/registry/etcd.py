@@ -28,6 +28,8 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -40,6 +42,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from txmesh.config import values
@@ -368,19 +371,33 @@ class ServiceTable:
 # --- config ----------------------------------------------------------------
 
 
-def from_config(source: str, field: str, body: Mapping[str, Any], reactor: Any) -> EtcdRegistry:
+def from_config(
+    source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str | None = None
+) -> EtcdRegistry:
     """
     Build an etcd registry from its entry in the mesh config's
-    C{registries} list: C{{type: etcd, endpoints: [http://host:2379, ...],
-    prefix: /txmesh/services/}} (C{type} is the caller's; C{prefix} is
-    optional).
+    C{registries} list::
+
+        type: etcd
+        endpoints: [https://10.0.0.5:2379]
+        prefix: /txmesh/services/     # the default
+        ca_file: etcd/ca.pem          # https: the CAs the server's certificate is checked with
+        cert_file: etcd/client.pem    # https: a client certificate (etcd's --client-cert-auth)
+        key_file: etcd/client-key.pem #   and its key
+
+    (C{type} is the caller's.)  Without C{ca_file} an C{https} server is
+    checked against the system's roots.
 
     @param source: the config file, for errors.
     @param field: the entry's path in it, e.g. C{registries[1]}.
     @param reactor: the reactor (time and TCP) the registry runs on.
-    @raise ConfigError: naming C{field.endpoints} or C{field.prefix}.
+    @param config_dir: the directory relative C{ca_file}, C{cert_file} and
+        C{key_file} paths are taken from (the pilot's C{CONFIG_DIR});
+        C{None} leaves them relative to the working directory.
+    @raise ConfigError: naming the field (C{field.endpoints},
+        C{field.cert_file}, ...) and the reason.
     """
-    known = {"type", "endpoints", "prefix"}
+    known = {"type", "endpoints", "prefix", "ca_file", "cert_file", "key_file"}
     if not isinstance(body, Mapping):
         raise ConfigError(source, field, f"expected a mapping, got {values.kind_of(body)}")
     for key in body:
@@ -404,7 +421,111 @@ def from_config(source: str, field: str, body: Mapping[str, Any], reactor: Any) 
     prefix = body.get("prefix", DEFAULT_PREFIX)
     if not isinstance(prefix, str) or not prefix:
         raise ConfigError(source, f"{field}.prefix", f"expected a non-empty string, got {values.kind_of(prefix)}")
-    return EtcdRegistry(urls, reactor, prefix=prefix)
+    pems: dict[str, bytes] = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        if key not in body:
+            continue
+        try:
+            name = values.string(body[key])
+        except ValueError as e:
+            raise ConfigError(source, f"{field}.{key}", str(e)) from None
+        # os.path.join keeps an absolute path as it is.
+        name = os.path.join(config_dir, name) if config_dir is not None else name
+        try:
+            with open(name, "rb") as f:
+                pems[key] = f.read()
+        except OSError as e:
+            raise ConfigError(source, f"{field}.{key}", f"cannot read {name}: {e.strerror or e}") from None
+    if pems and not any(url.startswith("https:") for url in urls):
+        key = sorted(pems)[0]
+        raise ConfigError(source, f"{field}.{key}", "only used with https:// endpoints")
+    if ("cert_file" in pems) != ("key_file" in pems):
+        given, missing = ("cert_file", "key_file") if "cert_file" in pems else ("key_file", "cert_file")
+        raise ConfigError(source, f"{field}.{missing}", f"is required with {given}")
+    tls = None
+    if pems:
+        try:
+            tls = TLSPolicy.from_pem(pems.get("ca_file", b""), pems.get("cert_file", b""), pems.get("key_file", b""))
+        except _BadPEM as e:
+            raise ConfigError(source, f"{field}.{e.key}", e.reason) from None
+    return EtcdRegistry(urls, reactor, prefix=prefix, tls=tls)
+
+
+class _BadPEM(Exception):
+    def __init__(self, key: str, reason: str):
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+
+@implementer(IPolicyForHTTPS)
+class TLSPolicy:
+    """
+    How the registry's HTTP client makes TLS connections to etcd: the
+    server's certificate checked against C{trust} (the system's roots when
+    C{None}) for the endpoint's host, and C{client} presented when etcd asks
+    for a certificate (C{--client-cert-auth}).
+    """
+
+    def __init__(self, trust: Any = None, client: Any = None):
+        """
+        @param trust: an C{IOpenSSLTrustRoot}, or C{None} for the system's.
+        @param client: a L{twisted.internet.ssl.PrivateCertificate}, or
+            C{None} to present none.
+        """
+        self._trust = trust
+        self._client = client
+
+    @classmethod
+    def from_pem(cls, ca_pem: bytes = b"", cert_pem: bytes = b"", key_pem: bytes = b"") -> TLSPolicy:
+        """
+        @param ca_pem: PEM certificates to trust; empty for the system's.
+        @param cert_pem: the client certificate chain (leaf first), or empty.
+        @param key_pem: its private key (required with C{cert_pem}).
+        @raise _BadPEM: naming the config key (C{ca_file}, ...) of the
+            input that does not parse.
+        """
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+
+        trust = None
+        if ca_pem:
+            blocks = _PEM_CERT.findall(ca_pem)
+            if not blocks:
+                raise _BadPEM("ca_file", "holds no PEM certificate")
+            try:
+                trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+            except Exception as e:
+                raise _BadPEM("ca_file", f"holds a certificate that cannot be loaded: {e}") from None
+        client = None
+        if cert_pem:
+            blocks = _PEM_CERT.findall(cert_pem)
+            if not blocks:
+                raise _BadPEM("cert_file", "holds no PEM certificate")
+            try:
+                key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
+            except Exception as e:
+                raise _BadPEM("key_file", f"holds no PEM private key that can be loaded: {e}") from None
+            try:
+                leaf = ssl.Certificate.loadPEM(blocks[0])
+            except Exception as e:
+                raise _BadPEM("cert_file", f"holds a certificate that cannot be loaded: {e}") from None
+            try:
+                client = ssl.PrivateCertificate.fromCertificateAndKeyPair(leaf, key)
+            except Exception:
+                raise _BadPEM("key_file", "is not the key of the certificate in cert_file") from None
+        return cls(trust, client)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        """
+        @return: the client TLS options for one etcd endpoint.
+        """
+        from twisted.internet.ssl import optionsForClientTLS
+
+        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust, clientCertificate=self._client)
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
 def check_endpoint(url: Any) -> str:
@@ -495,6 +616,7 @@ class EtcdRegistry(StateBackedRegistry):
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
         request_timeout: float = 10.0,
+        tls: IPolicyForHTTPS | None = None,
     ):
         """
         @param endpoints: etcd client URLs (C{http://127.0.0.1:2379});
@@ -509,6 +631,9 @@ class EtcdRegistry(StateBackedRegistry):
         @param max_backoff: the longest wait between retries; the wait
             doubles after each failure in a row.
         @param request_timeout: seconds to wait for a response's head.
+        @param tls: how the default HTTP client makes C{https} connections
+            (e.g. a L{TLSPolicy}); by default Twisted's, with the system's
+            roots and no client certificate.
         @raise ValueError: for no endpoints, a bad URL, an empty prefix or
             bad backoffs.
         """
@@ -527,7 +652,7 @@ class EtcdRegistry(StateBackedRegistry):
             from twisted.web.client import Agent
 
             # Agent's own pool is not persistent: nothing lingers after stop().
-            http = HTTPClient(Agent(reactor))
+            http = HTTPClient(Agent(reactor) if tls is None else Agent(reactor, contextFactory=tls))
         self._http = http
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff

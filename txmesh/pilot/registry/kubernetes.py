@@ -22,6 +22,7 @@ The objects are turned into services by L{build_view}, a pure function.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -816,7 +817,9 @@ def _suffix(value: Any) -> str:
     return value
 
 
-def from_config(source: str, field: str, body: Mapping[str, Any], reactor: Any) -> KubernetesRegistry:
+def from_config(
+    source: str, field: str, body: Mapping[str, Any], reactor: Any, config_dir: str | None = None
+) -> KubernetesRegistry:
     """
     Make a registry from its configuration::
 
@@ -836,8 +839,17 @@ def from_config(source: str, field: str, body: Mapping[str, Any], reactor: Any) 
     @param field: the dotted path of C{body} in it, e.g. C{registries[1]}.
     @param body: the mapping; C{type} is not checked here.
     @param reactor: the reactor the registry runs in.
+    @param config_dir: the directory relative C{token_file} and C{ca_file}
+        paths are taken from (the pilot's C{CONFIG_DIR}, as the C{file}
+        registry's C{path}); C{None} leaves them relative to the working
+        directory.
     @raise ConfigError: naming C{<field>.<key>} and what is wrong.
     """
+
+    def path(value: Any) -> str:
+        # os.path.join keeps an absolute path as it is.
+        text = values.string(value)
+        return os.path.join(config_dir, text) if config_dir is not None else text
 
     def where(key: str) -> str:
         return f"{field}.{key}" if field else key
@@ -858,8 +870,8 @@ def from_config(source: str, field: str, body: Mapping[str, Any], reactor: Any) 
 
     api = read("api", _url, IN_CLUSTER_API)
     https = api.startswith("https:")
-    token_file = read("token_file", values.string, IN_CLUSTER_TOKEN if https else None)
-    ca_file = read("ca_file", values.string, IN_CLUSTER_CA if https else None)
+    token_file = read("token_file", path, IN_CLUSTER_TOKEN if https else None)
+    ca_file = read("ca_file", path, IN_CLUSTER_CA if https else None)
     if ca_file is not None and not https:
         raise ConfigError(source, where("ca_file"), f"only used with an https api, and api is {api}")
     namespaces = read("namespaces", _namespaces, ())
