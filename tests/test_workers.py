@@ -30,7 +30,7 @@ from twisted.trial import unittest
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.support import ProxyHarness, free_port, sleep
+from tests.support import ProxyHarness, free_port, poll_until
 from txmesh.config.errors import ConfigError
 from txmesh.config.loader import ConfigLoader
 from txmesh.filters.registry import FilterRegistry
@@ -613,20 +613,16 @@ class ConcurrencyProcessTests(unittest.TestCase):
     def admin(self, page: str) -> defer.Deferred:
         return deferToThread(get, f"http://127.0.0.1:{self.ports['admin']}/{page}")
 
-    @defer.inlineCallbacks
-    def until(self, what: str, check: Any, timeout: float = 90.0) -> Any:
+    def until(self, what: str, check: Any, timeout: float = 90.0) -> defer.Deferred:
         """
         Poll C{check} (returning a Deferred of a true value when done) at
-        most C{timeout} seconds.
+        most C{timeout} seconds; a failure shows the proxy's log.
         """
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = yield check()
-            if result:
-                return result
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"{what}: not within {timeout}s; log:\n{self.log()}")
-            yield sleep(0.2)
+        def with_log(failure: Any) -> None:
+            failure.trap(AssertionError)
+            raise AssertionError(f"{failure.value}; log:\n{self.log()}")
+
+        return poll_until(check, what, timeout, every=0.2).addErrback(with_log)
 
     def log(self) -> str:
         try:
