@@ -596,7 +596,7 @@ class ServerProtocolTests(unittest.TestCase):
         [t] = s.terminal.streams
         s.protocol.connectionLost(None)
         self.assertTrue(t.completed)
-        self.assertEqual(s.factory.connections, set())
+        self.assertEqual(set(s.factory.connections), set())
 
     def test_http1_still_works(self) -> None:
         from txmesh.config.model import FilterConfig

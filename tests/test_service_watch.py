@@ -16,6 +16,7 @@ from txmesh.filters.registry import FilterRegistry
 from txmesh.filters.router import RouterFactory
 from txmesh.observability.metrics import MetricsFactory
 from txmesh.proxy.connection_manager import node_labels
+from txmesh.proxy.open_set import OpenSet
 from txmesh.proxy.service import ProxyService
 
 PROXY = """
@@ -107,12 +108,12 @@ class WhenIdleTests(TestCase):
         from txmesh.proxy.http1_server import HTTP1ServerFactory
 
         factory = HTTP1ServerFactory.__new__(HTTP1ServerFactory)
-        factory.connections = set()
-        factory._idle_waiters = []
+        factory.connections = OpenSet()
         factory._gauge = lambda delta: None
         self.assertIsNone(self.successResultOf(factory.when_idle()))
         a, b = object(), object()
-        factory.connections.update({a, b})
+        factory.connections.add(a)
+        factory.connections.add(b)
         d = factory.when_idle()
         factory.connection_closed(a)
         self.assertNoResult(d)
@@ -125,9 +126,14 @@ class WhenIdleTests(TestCase):
         from txmesh.proxy.http1_server import HTTP1ServerFactory
 
         factory = HTTP1ServerFactory.__new__(HTTP1ServerFactory)
-        factory.connections = {object()}
-        factory._idle_waiters = []
+        factory.connections = OpenSet()
+        factory._gauge = lambda delta: None
+        connection = object()
+        factory.connections.add(connection)
         d = factory.when_idle()
         d.cancel()
         self.failureResultOf(d, CancelledError)
-        self.assertEqual(factory._idle_waiters, [])
+        # The cancelled wait is forgotten: the last close fires nothing
+        # (firing it again would raise AlreadyCalledError).
+        factory.connection_closed(connection)
+        self.assertEqual(len(factory.connections), 0)

@@ -39,7 +39,8 @@ from zope.interface import implementer
 from tests.support import ProxyHarness, poll_until, raw_connect, sleep
 from txmesh.config.model import Endpoint, FilterConfig
 from txmesh.filters.api import CLOSE, INetworkFilter, INetworkFilterFactory
-from txmesh.proxy.tcp import TCPConnectionStats, TCPProxyFactory, TCPSessions
+from txmesh.proxy.open_set import OpenSet
+from txmesh.proxy.tcp import TCPConnectionStats, TCPProxyFactory
 
 UPSTREAM = Endpoint("10.1.1.1", 9000)
 CLIENT_ADDRESS = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -210,7 +211,7 @@ def make_proxy(
     idle_timeout: float = 0.0,
     filters: tuple[ScriptedFilterFactory, ...] = (),
     connector: Callable[[Endpoint], IStreamClientEndpoint] | None = None,
-    sessions: TCPSessions | None = None,
+    sessions: OpenSet | None = None,
 ) -> Proxy:
     clock = Clock()
     manual = ManualEndpoint()
@@ -546,16 +547,16 @@ class CloseTests(unittest.SynchronousTestCase):
 
 class SessionsTests(unittest.SynchronousTestCase):
     """
-    L{TCPSessions}: what a shutdown waits for, and ends.
+    The open sessions (an L{OpenSet}): what a shutdown waits for, and ends.
     """
 
     def test_counted_while_open(self) -> None:
-        sessions = TCPSessions()
+        sessions: OpenSet = OpenSet()
         proxy = make_proxy(sessions=sessions)
-        self.successResultOf(sessions.when_idle())
+        self.successResultOf(sessions.when_empty())
         first, second = proxy.open(), proxy.accept()
         self.assertEqual(len(sessions), 2)
-        idle = sessions.when_idle()
+        idle = sessions.when_empty()
         lose(first.down)
         lose(first.up)
         self.assertNoResult(idle)
@@ -564,17 +565,18 @@ class SessionsTests(unittest.SynchronousTestCase):
         self.successResultOf(idle)
 
     def test_abort_all(self) -> None:
-        sessions = TCPSessions()
+        sessions: OpenSet = OpenSet()
         c = make_proxy(sessions=sessions).open()
         c.up_transport.write(b"unsent")
-        sessions.abort_all()
+        for session in list(sessions):
+            session.abort()
         self.assertTrue(c.down_transport.disconnected)
         self.assertTrue(c.up_transport.disconnected)
 
     def test_cancelled_wait(self) -> None:
-        sessions = TCPSessions()
+        sessions: OpenSet = OpenSet()
         make_proxy(sessions=sessions).open()
-        d = sessions.when_idle()
+        d = sessions.when_empty()
         d.cancel()
         self.failureResultOf(d)
 

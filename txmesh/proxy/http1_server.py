@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -30,6 +30,7 @@ from txmesh.proxy.http1 import (
     encode_last_chunk,
     encode_response_head,
 )
+from txmesh.proxy.open_set import OpenSet
 from txmesh.proxy.stream import Headers, RequestHead, ResponseFlag, ResponseHead
 
 log = Logger()
@@ -84,9 +85,11 @@ def _check_interval(listener: Any) -> float:
     return min(enabled) if enabled else 0.0
 
 
-class _Refused(Protocol):
+class RefusedConnection(Protocol):
     """
-    A connection over the listener's C{max_connections}: closed at once.
+    A connection refused as it is accepted (over the listener's
+    C{max_connections}, or while the overload manager refuses): closed at
+    once, before any byte is read or written.
     """
 
     def connectionMade(self) -> None:
@@ -561,10 +564,9 @@ class HTTP1ServerFactory(Factory):
     def __init__(self, manager: HTTPConnectionManager):
         self.manager = manager
         self.draining = False
-        self.connections: set[HTTP1ServerProtocol] = set()
+        self.connections: OpenSet[HTTP1ServerProtocol] = OpenSet()
         # Accepted connections whose codec is not chosen yet (see listener).
         self.pending = 0
-        self._idle_waiters: list[Deferred] = []
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
@@ -578,7 +580,7 @@ class HTTP1ServerFactory(Factory):
             metrics = self.manager.proxy.metrics
             if metrics is not None:
                 metrics.downstream_connections_overflow.labels(listener.name).inc()
-            return _Refused()
+            return RefusedConnection()
         return super().buildProtocol(addr)
 
     def drain(self) -> None:
@@ -598,20 +600,12 @@ class HTTP1ServerFactory(Factory):
         if protocol in self.connections:
             self.connections.discard(protocol)
             self._gauge(-1)
-        if not self.connections and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
 
     def when_idle(self) -> Deferred:
         """
         @return: a L{Deferred} that fires once no connection is open.
         """
-        if not self.connections:
-            return succeed(None)
-        d: Deferred = Deferred(lambda d: self._idle_waiters.remove(d) if d in self._idle_waiters else None)
-        self._idle_waiters.append(d)
-        return d
+        return self.connections.when_empty()
 
     def _gauge(self, delta: int) -> None:
         metrics = self.manager.proxy.metrics

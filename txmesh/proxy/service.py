@@ -14,7 +14,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, serverFromString, wrapClientTLS
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -30,15 +30,16 @@ from txmesh.proxy.admin import AdminResource, AdminSite
 from txmesh.proxy.cluster import PASSTHROUGH_CLUSTER, ClusterManager, ClusterSet, NoHealthyUpstream, upstream_tls
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext
 from txmesh.proxy.deadlines import DeadlineWheel
-from txmesh.proxy.http1_server import HTTP1ServerFactory
+from txmesh.proxy.http1_server import HTTP1ServerFactory, RefusedConnection
 from txmesh.proxy.listener import HTTPListenerFactory
 from txmesh.proxy.mesh_tls import MeshServerCreator, PermissiveFactory
+from txmesh.proxy.open_set import OpenSet
 from txmesh.proxy.overload import OverloadManager
 from txmesh.proxy.pilot_client import PilotClient
 from txmesh.proxy.pilot_link import PilotLink
 from txmesh.proxy.reuseport import listener_endpoint
 from txmesh.proxy.sni_router import SNIRouterFactory
-from txmesh.proxy.tcp import TCPProxyFactory, TCPSessions
+from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, select_by_server_name, server_options
 from txmesh.proxy.workload_identity import WorkloadIdentity
 from txmesh.proxy.write_coalescer import WriteCoalescer
@@ -65,17 +66,8 @@ class ListenerPortFactory(Factory):
         overload = self._overload
         if overload is not None and overload.refuse_connections:
             overload.count_refused_connection()
-            return _Refused()
+            return RefusedConnection()
         return self.inner.buildProtocol(addr)
-
-
-class _Refused(Protocol):
-    """
-    A connection refused by the overload manager: closed at once.
-    """
-
-    def connectionMade(self) -> None:
-        self.transport.abortConnection()
 
 
 class _Listener:
@@ -153,7 +145,7 @@ class ProxyService(Service):
         # Factories of removed or replaced listeners whose connections drain.
         self._retired: set[HTTP1ServerFactory] = set()
         # Every open L4 session, of any TCP or capture listener, for the drain.
-        self._tcp_sessions = TCPSessions()
+        self._tcp_sessions: OpenSet = OpenSet()
         self._admin_port: Any = None
         self._watcher: LoopingCall | None = None
         self._mtime: float | None = None
@@ -256,7 +248,7 @@ class ProxyService(Service):
             f.drain()
         # L4 sessions have no way to be told to end: like Envoy's, they get
         # the drain time to end by themselves.
-        idle = DeferredList([f.when_idle() for f in http] + [self._tcp_sessions.when_idle()], consumeErrors=True)
+        idle = DeferredList([f.when_idle() for f in http] + [self._tcp_sessions.when_empty()], consumeErrors=True)
         idle.addTimeout(self._drain_timeout, self._reactor)
         try:
             yield idle
@@ -265,7 +257,8 @@ class ProxyService(Service):
         for f in http:
             for conn in list(f.connections):
                 conn.transport.abortConnection()
-        self._tcp_sessions.abort_all()
+        for session in list(self._tcp_sessions):
+            session.abort()
         self._clusters.stop()
         self._deadlines.stop()
 

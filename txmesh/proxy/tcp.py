@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import (
     IAddress,
@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from txmesh.config.model import Endpoint, FilterConfig
 from txmesh.filters.api import CLOSE, CONTINUE, ConnectionInfo, INetworkFilter
+from txmesh.proxy.open_set import OpenSet
 
 NO_HEALTHY_UPSTREAM = "UH"
 """
@@ -98,47 +99,6 @@ class TCPConnectionStats:
     response_flags: tuple[str, ...] = ()
 
 
-class TCPSessions:
-    """
-    The open L4 sessions of a proxy, across its TCP listeners and their
-    reloads, so that a shutdown can wait for them and then end the rest.
-    """
-
-    def __init__(self) -> None:
-        self._open: set[_ProxySession] = set()
-        self._idle_waiters: list[Deferred[None]] = []
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def opened(self, session: _ProxySession) -> None:
-        self._open.add(session)
-
-    def closed(self, session: _ProxySession) -> None:
-        self._open.discard(session)
-        if not self._open and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def when_idle(self) -> Deferred[None]:
-        """
-        @return: a L{Deferred} that fires once no session is open.
-        """
-        if not self._open:
-            return succeed(None)
-        d: Deferred[None] = Deferred(lambda d: self._idle_waiters.remove(d) if d in self._idle_waiters else None)
-        self._idle_waiters.append(d)
-        return d
-
-    def abort_all(self) -> None:
-        """
-        Abort every open session, both sides.
-        """
-        for session in list(self._open):
-            session.abort()
-
-
 class TCPProxyFactory(ServerFactory):
     """
     Builds one L4 proxy session per accepted downstream connection.
@@ -170,7 +130,7 @@ class TCPProxyFactory(ServerFactory):
         on_connection_closed: Callable[[TCPConnectionStats], None] | None = None,
         observer: Any = None,
         writes: Any = None,
-        sessions: TCPSessions | None = None,
+        sessions: OpenSet[_ProxySession] | None = None,
     ) -> None:
         """
         @param listener_name: the listener's name, for logs, stats and
@@ -206,8 +166,8 @@ class TCPProxyFactory(ServerFactory):
             <txmesh.proxy.write_coalescer.WriteCoalescer>} that relayed bytes
             go through (one C{send} per transport per reactor iteration, no
             C{epoll_ctl} per write), or C{None} for plain C{transport.write}.
-        @param sessions: where sessions are counted while open (see
-            L{TCPSessions}), or C{None}.
+        @param sessions: where sessions are kept while open (a shutdown
+            waits for them, then calls their C{abort}), or C{None}.
 
         @raise ValueError: if C{idle_timeout} is negative.
         """
@@ -230,7 +190,7 @@ class TCPProxyFactory(ServerFactory):
         """
         session = _ProxySession(self)
         if self.sessions is not None:
-            self.sessions.opened(session)
+            self.sessions.add(session)
         protocol = session.downstream_protocol
         protocol.factory = self
         return protocol
@@ -743,7 +703,7 @@ class _ProxySession:
             return
         self._state = _State.CLOSED
         if self._factory.sessions is not None:
-            self._factory.sessions.closed(self)
+            self._factory.sessions.discard(self)
         if self._idle_call is not None:
             if self._idle_call.active():
                 self._idle_call.cancel()
