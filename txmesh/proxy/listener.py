@@ -151,9 +151,9 @@ class HTTPListenerFactory(HTTP1ServerFactory):
     def __init__(self, manager: HTTPConnectionManager):
         super().__init__(manager)
         self.drain_requested = False
-        self._overload = manager.proxy.overload
-        if self._overload is not None:
-            self._overload.subscribe(self)
+        overload = manager.proxy.overload
+        if overload is not None:
+            overload.subscribe(self)
 
     def drain(self) -> None:
         self.drain_requested = True
