@@ -1681,9 +1681,6 @@ class _Pool:
     def release(self, connection: Any) -> None:
         self.released.append(connection)
 
-    def writer_for(self, transport: Any) -> Any:
-        return transport.write
-
 
 class _Handler:
     def __init__(self, connection: Any) -> None:

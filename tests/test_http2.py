@@ -467,6 +467,39 @@ class ServerProtocolTests(unittest.TestCase):
             [reset] = s.of(h2.events.StreamReset, sid)
             self.assertEqual(reset.error_code, ErrorCodes.REFUSED_STREAM)
 
+    def test_limit_waits_for_first_settings_ack(self) -> None:
+        """
+        Streams a client opens together with its acknowledgement of the
+        first SETTINGS (before it can know the limit) are refused one by
+        one, not treated as a connection error: the limit goes out only
+        after that acknowledgement.
+        """
+        s = InMemoryServer(max_concurrent_streams=3)
+        protocol = s.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        protocol.dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        transport.clear()
+        self.assertIsNone(client.remote_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS))
+        sids = []
+        for _ in range(5):
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
+                                      (b":authority", b"example.com"), (b":path", b"/")], end_stream=True)
+            sids.append(sid)
+        # The acknowledgement and the five streams in one write.
+        protocol.dataReceived(client.data_to_send())
+        events = client.receive_data(transport.value())
+        self.assertEqual([e for e in events if isinstance(e, h2.events.ConnectionTerminated)], [])
+        self.assertEqual(len(s.terminal.streams), 3)
+        refused = [e.stream_id for e in events
+                   if isinstance(e, h2.events.StreamReset) and e.error_code == ErrorCodes.REFUSED_STREAM]
+        self.assertEqual(refused, sids[3:])
+        self.assertEqual(client.remote_settings.max_concurrent_streams, 3)
+
     def test_response_flow_control(self) -> None:
         """
         A response larger than the client's window is buffered; past the
@@ -1141,6 +1174,58 @@ class UpstreamPoolTests(unittest.TestCase):
         u.pool.sweep(later + PING_TIMEOUT)
         self.assertEqual(u.pool._open, [])
         self.assertTrue(u.links[0][1].disconnecting or not conn.connected)
+
+    def test_closed_while_connecting(self) -> None:
+        """
+        A config change closes the pool while requests wait for its first
+        connection: the connection serves those it has room for, the rest
+        fail at once (none is left waiting for a connection that will never
+        be opened), and the connection closes after the ones it served.
+        """
+        from txmesh.proxy.connect import UpstreamConnectError
+
+        u = InMemoryUpstream()
+        waiters = [u.pool.acquire() for _ in range(101)]
+        u.pool.close()
+        u.accept()
+        streams = [self.successResultOf(d) for d in waiters[:100]]
+        self.failureResultOf(waiters[100], UpstreamConnectError)
+        self.assertEqual(u.pool.waiting, 0)
+        self.assertEqual(u.reactor.tcpClients, [])
+        transport = u.links[0][1]
+        for stream in streams:
+            self.assertFalse(transport.disconnecting)
+            u.pool.release(stream)
+        self.assertTrue(transport.disconnecting)
+
+    def test_closed_without_waiters(self) -> None:
+        """
+        A connection that completes after its pool closed, with nobody
+        waiting for it, is closed at once.
+        """
+        u = InMemoryUpstream()
+        d = u.pool.acquire()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        u.pool.close()
+        u.accept()
+        self.assertEqual(u.pool._open, [])
+
+    def test_new_connection_idle_from_its_start(self) -> None:
+        """
+        A connection nobody used is idle from when it connected, not from
+        the epoch: the next sweep keeps it.
+        """
+        u = InMemoryUpstream()
+        u.reactor.advance(1000)
+        d = u.pool.acquire()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        u.accept()
+        [conn] = u.pool._open
+        self.assertEqual(conn.idle_since, 1000)
+        u.pool.sweep(1001)
+        self.assertEqual(u.pool._open, [conn])
 
     def test_exchange(self) -> None:
         u = InMemoryUpstream()

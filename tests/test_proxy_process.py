@@ -488,6 +488,9 @@ class ProxyProcessTests(unittest.TestCase):
         with open(os.path.join(nginx.prefix, "www", "files", "blob"), "wb") as f:
             f.write(blob)
         proxy = yield self.start_proxy(app=port)
+        # Without -r, txmesh-proxy runs on its own reactor: the 256 kB blob
+        # takes its batched-write path past a full socket buffer.
+        self.assertIn("reactor class: txmesh.reactor.TxmeshReactor", proxy.log_text())
 
         out, err, code = yield curl("-D", "-", proxy.http + "/files/blob")
         self.assertEqual(code, 0, err)

@@ -108,7 +108,7 @@ class ProxyServiceMaker:
     options = ProxyOptions
 
     def makeService(self, options: ProxyOptions) -> object:
-        from twisted.internet import reactor
+        reactor = _proxy_reactor()
 
         from txmesh.config.errors import ConfigError
         from txmesh.proxy.service import ProxyService
@@ -129,6 +129,24 @@ class ProxyServiceMaker:
             sys.stderr.write(f"txmesh-proxy: invalid config: {e}\n")
             raise SystemExit(2) from None
         return service
+
+
+def _proxy_reactor() -> object:
+    """
+    The reactor C{txmesh-proxy} runs on: L{txmesh.reactor.TxmeshReactor}
+    (batched writes, lean dispatch) unless twistd was given one with C{-r}
+    or the platform has no epoll.
+    """
+    if "twisted.internet.reactor" not in sys.modules:
+        try:
+            from txmesh.reactor import install
+        except ImportError:  # no epoll: not Linux
+            pass
+        else:
+            install()
+    from twisted.internet import reactor
+
+    return reactor
 
 
 def _worker_pool(options: ProxyOptions, reactor: object, document: dict | None) -> object:

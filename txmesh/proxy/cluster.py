@@ -97,17 +97,13 @@ class EndpointPool:
     @ivar connections: open connections, idle or busy (and connecting).
     """
 
-    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any, writes: Any = None,
-                 cluster: Cluster | None = None):
+    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any, cluster: Cluster | None = None):
         """
-        @param writes: a L{WriteCoalescer} for the connections' writes, or
-            C{None} for plain C{transport.write}.
         @param cluster: the owning cluster (its breaker and connection count).
         """
         self.endpoint = endpoint
         self._config = config
         self._reactor = reactor
-        self._writes = writes
         self._cluster = cluster
         self._tls = upstream_tls(config, endpoint, b"http/1.1", cluster.identity if cluster is not None else None)
         self._idle: deque[HTTP1ClientConnection] = deque()
@@ -184,14 +180,6 @@ class EndpointPool:
         self.connections -= 1
         self.connect_failures += 1
         return failure
-
-    def writer_for(self, transport: Any) -> Callable[[bytes], None]:
-        """
-        @return: how a connection of this pool writes to C{transport}.
-        """
-        if self._writes is None:
-            return transport.write
-        return self._writes.writer_for(transport)
 
     def release(self, conn: HTTP1ClientConnection) -> None:
         """
@@ -299,14 +287,14 @@ class Cluster:
     """
 
     def __init__(self, config: ClusterConfig, reactor: Any, rng: random.Random | None = None,
-                 writes: Any = None, local_locality: str = "", identity: Any = None):
+                 local_locality: str = "", identity: Any = None):
         self.config = config
         # Read by the pools, made just below, for ISTIO_MUTUAL.
         self.identity = identity
         self.name = config.name
         self._reactor = reactor
         pool_class: Any = HTTP2EndpointPool if config.http2 else EndpointPool
-        self._pools = {ep: pool_class(ep, config, reactor, writes, self) for ep in config.endpoints}
+        self._pools = {ep: pool_class(ep, config, reactor, cluster=self) for ep in config.endpoints}
         self.breaker = CircuitBreaker(config.circuit_breaker)
         self.retry_budget = RetryBudget(min_concurrency=config.circuit_breaker.max_retries)
         self.outlier = (OutlierDetector(config.outlier_detection, config.endpoints)
@@ -460,14 +448,10 @@ class ClusterManager:
     of clusters whose definition did not change.
     """
 
-    def __init__(self, reactor: Any, sweep_interval: float = 1.0, writes: Any = None, local_locality: str = ""):
-        """
-        @param writes: a L{WriteCoalescer} shared by every upstream connection.
-        """
+    def __init__(self, reactor: Any, sweep_interval: float = 1.0, local_locality: str = ""):
         self._reactor = reactor
         # The proxy's workload identity, for ISTIO_MUTUAL clusters.
         self.identity: Any = None
-        self._writes = writes
         self.local_locality = local_locality
         self._clusters: dict[str, Cluster] = {}
         self._passthrough: dict[str, Cluster] = {}
@@ -505,7 +489,7 @@ class ClusterManager:
         if len(parts) != 4 or parts[0] != PASSTHROUGH_CLUSTER or not parts[3].isdigit():
             return None
         config = ClusterConfig(PASSTHROUGH_CLUSTER, (Endpoint(parts[2], int(parts[3])),))
-        cluster = Cluster(config, self._reactor, writes=self._writes)
+        cluster = Cluster(config, self._reactor)
         if len(self._passthrough) >= PASSTHROUGH_LIMIT:
             self._forget_idle_passthrough()
         if len(self._passthrough) < PASSTHROUGH_LIMIT:
@@ -531,7 +515,7 @@ class ClusterManager:
             if old is not None and old.config == cfg:
                 new[cfg.name] = old
             else:
-                new[cfg.name] = Cluster(cfg, self._reactor, writes=self._writes, local_locality=self.local_locality,
+                new[cfg.name] = Cluster(cfg, self._reactor, local_locality=self.local_locality,
                                         identity=self.identity)
                 if self._sweeper.running:
                     new[cfg.name].start()

@@ -114,8 +114,6 @@ class ProxyContext:
     @ivar node: who this proxy is.
     @ivar metrics: the proxy's metrics (L{txmesh.observability.metrics.ProxyMetrics}), or C{None}.
     @ivar clock: the proxy's C{IReactorTime}.
-    @ivar writes: the L{txmesh.proxy.write_coalescer.WriteCoalescer} codecs
-        write through, or C{None} for plain C{transport.write}.
     @ivar deadlines: the L{txmesh.proxy.deadlines.DeadlineWheel} for
         per-request timeouts, or C{None} for plain C{clock.callLater}.
     @ivar rng: the C{random.Random} for weighted choices, or C{None} for the
@@ -129,7 +127,6 @@ class ProxyContext:
     node: NodeConfig
     clock: Any
     metrics: Any = None
-    writes: Any = None
     deadlines: Any = None
     rng: Any = None
     identity: Any = None

@@ -58,8 +58,6 @@ class ConnectionReleaser(TypingProtocol):
 
     def connection_lost(self, connection: HTTP1ClientConnection) -> None: ...
 
-    def writer_for(self, transport: Any) -> Any: ...
-
 
 @implementer(IPushProducer)
 class HTTP1ClientConnection(Protocol):
@@ -98,7 +96,7 @@ class HTTP1ClientConnection(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass  # not TCP (in-memory transports, UNIX sockets)
-        self._write = self._pool.writer_for(self.transport)
+        self._write = self.transport.write
         if self.factory is not None:
             self.factory.connected(self)
 

@@ -163,8 +163,7 @@ class HTTP1ServerProtocol(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass  # not TCP (tests, UNIX sockets)
-        writes = manager.proxy.writes
-        self._write = writes.writer_for(self.transport) if writes is not None else self.transport.write
+        self._write = self.transport.write
         self._last_activity = self._message_started = self._clock.seconds()
         self._schedule_check(_check_interval(listener))
         self.factory.connection_opened(self)

@@ -372,7 +372,7 @@ class HTTP2ClientConnection(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass
-        self._write = self._pool.writer_for(self.transport)
+        self._write = self.transport.write
         h2conn = self.h2
         h2conn.local_settings = Settings(client=True, initial_values=local_settings())
         h2conn.initiate_connection()
@@ -549,12 +549,10 @@ class HTTP2EndpointPool:
     @ivar connections: open connections (and connecting).
     """
 
-    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any, writes: Any = None,
-                 cluster: Any = None):
+    def __init__(self, endpoint: Endpoint, config: ClusterConfig, reactor: Any, cluster: Any = None):
         self.endpoint = endpoint
         self._config = config
         self._reactor = reactor
-        self._writes = writes
         self._cluster = cluster
         from txmesh.proxy.cluster import upstream_tls
 
@@ -611,25 +609,33 @@ class HTTP2EndpointPool:
 
     def _connected(self, conn: HTTP2ClientConnection) -> None:
         self._connecting = None
-        if self.closed:
+        conn.idle_since = self.now()
+        if self.closed and not self._waiters:
             conn.close()
             return
         self._open.append(conn)
         self._serve()
+        if self.closed:
+            # A config change closed the pool while these requests waited
+            # for this connection: it serves what it can (and retires after
+            # them); the pool opens no other, so the rest fail now.
+            self._fail_waiters(UpstreamConnectError(f"{self.endpoint}: cluster closed while connecting"))
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         self.connections -= 1
         self.connect_failures += 1
+        self._fail_waiters(failure.value if failure.check(UpstreamConnectError) else UpstreamConnectError(
+            f"{self.endpoint}: {failure.getErrorMessage()}"))
+        if self._cluster is not None:
+            self._cluster.connection_closed()
+
+    def _fail_waiters(self, error: Exception) -> None:
         waiters, self._waiters = self._waiters, deque()
-        error = failure.value if failure.check(UpstreamConnectError) else UpstreamConnectError(
-            f"{self.endpoint}: {failure.getErrorMessage()}")
         for waiter in waiters:
             if self._cluster is not None:
                 self._cluster.breaker.remove_pending()
             waiter.errback(error)
-        if self._cluster is not None:
-            self._cluster.connection_closed()
 
     def _serve(self) -> None:
         """
@@ -647,11 +653,6 @@ class HTTP2EndpointPool:
             cluster = self._cluster
             if cluster is None or cluster.breaker.can_open_connection(cluster.open_connections()):
                 self._connect()
-
-    def writer_for(self, transport: Any) -> Callable[[bytes], None]:
-        if self._writes is None:
-            return transport.write
-        return self._writes.writer_for(transport)
 
     def release(self, stream: HTTP2Stream) -> None:
         """

@@ -23,6 +23,7 @@ from h2.events import (
     DataReceived,
     RemoteSettingsChanged,
     RequestReceived,
+    SettingsAcknowledged,
     StreamEnded,
     StreamReset,
     TrailersReceived,
@@ -322,8 +323,7 @@ class HTTP2ServerProtocol(Protocol):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass
-        writes = manager.proxy.writes
-        self._write = writes.writer_for(self.transport) if writes is not None else self.transport.write
+        self._write = self.transport.write
         conn = self._conn = GracefulH2Connection(server_config())
         self.max_concurrent_streams = manager.listener.max_concurrent_streams
         settings = local_settings(self.max_concurrent_streams)
@@ -336,11 +336,15 @@ class HTTP2ServerProtocol(Protocol):
             conn.initiate_upgrade_connection(value + b"=" * (-len(value) % 4))
         else:
             conn.initiate_connection()
-        # Announced separately: h2 enforces a limit (as a connection error)
-        # only once the client has acknowledged it; before that, streams
-        # over the limit are refused one by one (REFUSED_STREAM, in
-        # _request), as RFC 9113 5.1.2 allows.
-        conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: limit})
+        # The stream limit is announced after the client acknowledges these
+        # settings, in a SETTINGS frame of its own: h2 enforces a limit (as
+        # a connection error) once the client has acknowledged it, and it
+        # applies every pending change at the first acknowledgement, so a
+        # limit sent along with the first frame would be enforced before the
+        # client could know it.  Until then streams over the limit are
+        # refused one by one (REFUSED_STREAM, in _request), as RFC 9113
+        # 5.1.2 allows.
+        self._unannounced_limit: int | None = limit
         conn.increment_flow_control_window(CONNECTION_WINDOW_SIZE - _DEFAULT_WINDOW)
         self.transport.registerProducer(self, True)
         self._last_activity = self._clock.seconds()
@@ -412,6 +416,9 @@ class HTTP2ServerProtocol(Protocol):
                 self._reset_by_client(event.stream_id)
             elif kind is RemoteSettingsChanged:
                 self._window_updated(0)
+            elif kind is SettingsAcknowledged and self._unannounced_limit is not None:
+                self._conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self._unannounced_limit})
+                self._unannounced_limit = None
             elif kind is ConnectionTerminated:
                 if event.error_code != ErrorCodes.NO_ERROR or not self.streams:
                     self._flush()

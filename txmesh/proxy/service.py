@@ -42,7 +42,6 @@ from txmesh.proxy.sni_router import SNIRouterFactory
 from txmesh.proxy.tcp import TCPProxyFactory
 from txmesh.proxy.tls import TLSListenerFactory, add_server_name_certificates, select_by_server_name, server_options
 from txmesh.proxy.workload_identity import WorkloadIdentity
-from txmesh.proxy.write_coalescer import WriteCoalescer
 
 log = Logger()
 
@@ -138,9 +137,8 @@ class ProxyService(Service):
         self._watch_interval = watch_interval
         self._drain_timeout = drain_timeout
         self._pilot_backoff = (pilot_backoff_base, pilot_backoff_max)
-        self._writes = WriteCoalescer(reactor)
         self._deadlines = DeadlineWheel(reactor)
-        self._clusters = ClusterManager(reactor, writes=self._writes)
+        self._clusters = ClusterManager(reactor)
         self._listeners: dict[str, _Listener] = {}
         # Factories of removed or replaced listeners whose connections drain.
         self._retired: set[HTTP1ServerFactory] = set()
@@ -314,7 +312,7 @@ class ProxyService(Service):
                                   "(a pilot section without insecure)")
 
     def _proxy_context(self, config: ProxyConfig) -> ProxyContext:
-        return ProxyContext(config.node, self._reactor, self.metrics, self._writes, self._deadlines,
+        return ProxyContext(config.node, self._reactor, self.metrics, self._deadlines,
                             identity=self.identity, overload=self.overload)
 
     def _inner_factory(self, listener: ListenerConfig, config: ProxyConfig) -> Factory:
@@ -370,7 +368,6 @@ class ProxyService(Service):
                 upstream_mtls=cluster.config.tls is not None and cluster.config.tls.mode == "ISTIO_MUTUAL"),
             on_connection_closed=(TCPAccessLog(listener.access_log, cluster_name)
                                   if listener.access_log is not None else None),
-            writes=self._writes,
             sessions=self._tcp_sessions,
         )
 
@@ -390,7 +387,6 @@ class ProxyService(Service):
             clock=reactor,
             idle_timeout=self._listeners[listener_name].config.idle_timeout,
             observer=self.metrics.tcp_listener(listener_name, PASSTHROUGH_CLUSTER),
-            writes=self._writes,
             sessions=self._tcp_sessions,
         )
 

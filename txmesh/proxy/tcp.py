@@ -129,7 +129,6 @@ class TCPProxyFactory(ServerFactory):
         filters: Sequence[FilterConfig] = (),
         on_connection_closed: Callable[[TCPConnectionStats], None] | None = None,
         observer: Any = None,
-        writes: Any = None,
         sessions: OpenSet[_ProxySession] | None = None,
     ) -> None:
         """
@@ -162,10 +161,6 @@ class TCPProxyFactory(ServerFactory):
             it is closed, where C{connection} has C{bytes_received} and
             C{bytes_sent} (so far) and C{downstream_transport}, and C{stats}
             is the L{TCPConnectionStats}.
-        @param writes: a L{WriteCoalescer
-            <txmesh.proxy.write_coalescer.WriteCoalescer>} that relayed bytes
-            go through (one C{send} per transport per reactor iteration, no
-            C{epoll_ctl} per write), or C{None} for plain C{transport.write}.
         @param sessions: where sessions are kept while open (a shutdown
             waits for them, then calls their C{abort}), or C{None}.
 
@@ -181,7 +176,6 @@ class TCPProxyFactory(ServerFactory):
         self.filters = tuple(filters)
         self.on_connection_closed = on_connection_closed
         self.observer = observer
-        self.writes = writes
         self.sessions = sessions
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
@@ -389,8 +383,7 @@ class _ProxySession:
                 self._log.failure("{listener}: metrics observer failed", listener=factory.listener_name)
 
     def side_connected(self, side: _Side, transport: ITransport) -> None:
-        writes = self._factory.writes
-        side.write = writes.writer_for(transport) if writes is not None else transport.write
+        side.write = transport.write
         if side is self._down:
             self._downstream_connected(transport)
         else:
