@@ -322,6 +322,10 @@ class HTTP2Stream:
         if self._unacked:
             n, self._unacked = self._unacked, 0
             self.connection.acknowledge(n, self.stream_id)
+            # A release may come from the downstream side, outside the
+            # connection's dataReceived (which flushes): the connection's
+            # window must not wait for another stream's write.
+            self.connection.flush()
         self.connection.stream_closed(self)
 
 

@@ -272,6 +272,9 @@ class _ServerStream:
         if self._unacked:
             n, self._unacked = self._unacked, 0
             self._protocol._acknowledge(n, self.stream_id)
+            # Not necessarily inside dataReceived (which flushes): the
+            # connection's window must not wait for another stream's write.
+            self._protocol._flush()
         self._protocol._stream_done(self)
 
 
