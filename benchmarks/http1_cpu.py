@@ -31,6 +31,7 @@ from txmesh.config.loader import ConfigLoader  # noqa: E402
 from txmesh.config.model import NodeConfig  # noqa: E402
 from txmesh.filters.registry import FilterRegistry  # noqa: E402
 from txmesh.filters.router import RouterFactory  # noqa: E402
+from txmesh.filters.tracing import TracingFactory  # noqa: E402
 from txmesh.observability.metrics import MetricsFactory, ProxyMetrics  # noqa: E402
 from txmesh.proxy.cluster import ClusterManager  # noqa: E402
 from txmesh.proxy.connection_manager import HTTPConnectionManager, ProxyContext  # noqa: E402
@@ -42,7 +43,7 @@ CONFIG = b"""
 listeners:
   - name: http
     address: "tcp:0"
-    http_filters: [{name: metrics}]
+    http_filters: [{name: metrics}%(tracing)s]
     virtual_hosts:
       - name: bench
         domains: ["*"]
@@ -61,19 +62,29 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 25 Nov 2026 14:00:0
             b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n" + BODY)
 
 
-def txmesh_path(config: bytes = CONFIG, node: NodeConfig | None = None, request: bytes = REQUEST,
+def config_with(tracing: bool) -> bytes:
+    """
+    @return: L{CONFIG}, with the C{tracing} filter (propagation, 1% sampled,
+        no collector: the benchmarks' production chain) when C{tracing}.
+    """
+    return CONFIG % {b"tracing": b", {name: tracing, config: {kind: client}}" if tracing else b""}
+
+
+def txmesh_path(config: bytes | None = None, node: NodeConfig | None = None, request: bytes = REQUEST,
                 response: bytes = RESPONSE) -> callable:
     """
-    @param config: the proxy config (one HTTP listener, cluster C{app}).
+    @param config: the proxy config (one HTTP listener, cluster C{app});
+        by default L{config_with}C{(False)}.
     @param node: the proxy's node.
     @return: a function that runs one request through txmesh in memory;
         its C{first} attribute holds what went upstream and to the client
         in a first exchange made before returning.
     """
+    config = config_with(False) if config is None else config
     node = node or NodeConfig()
     # An uninstalled, unstarted reactor: real callLater and seconds().
     clock = EPollReactor()
-    registry = FilterRegistry(http=[RouterFactory(), MetricsFactory()])
+    registry = FilterRegistry(http=[RouterFactory(), MetricsFactory(), TracingFactory()])
     loaded = ConfigLoader(registry).load_bytes(config)
     clusters = ClusterManager(clock).update(loaded.clusters)
     proxy = ProxyContext(node, clock, ProxyMetrics(node), deadlines=DeadlineWheel(clock))
@@ -176,15 +187,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--profile", action="store_true", help="print the top functions of the txmesh path")
+    parser.add_argument("--tracing", action="store_true",
+                        help="add the tracing filter (propagation, 1%% sampled), as benchmarks/http1.py runs it")
     args = parser.parse_args()
-    tx_us, tx_calls = measure(txmesh_path(), args.requests)
+    config = config_with(args.tracing)
+    tx_us, tx_calls = measure(txmesh_path(config), args.requests)
     bare_us, bare_calls = measure(bare_path(), args.requests)
     print(f"per request, in memory, best of 5 x {args.requests}:")
-    print(f"  txmesh  {tx_us:7.2f} us  {tx_calls:6.1f} calls  (metrics + router, 3 routes)")
+    chain = "metrics + tracing + router" if args.tracing else "metrics + router"
+    print(f"  txmesh  {tx_us:7.2f} us  {tx_calls:6.1f} calls  ({chain}, 3 routes)")
     print(f"  bare    {bare_us:7.2f} us  {bare_calls:6.1f} calls  (parse + frame only)")
     print(f"  ratio   {tx_us / bare_us:7.2f}x cpu   {tx_calls / bare_calls:5.1f}x calls")
     if args.profile:
-        one = txmesh_path()
+        one = txmesh_path(config)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(5000):

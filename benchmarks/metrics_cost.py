@@ -65,7 +65,7 @@ def path(listener: str, filters: str, request: bytes, response: bytes) -> callab
         (benchmarks/http1_cpu.py's C{txmesh_path}, with this listener name
         and these filters).
     """
-    config_text = http1_cpu.CONFIG.replace(b"name: http\n", b"name: " + listener.encode() + b"\n").replace(
+    config_text = http1_cpu.config_with(False).replace(b"name: http\n", b"name: " + listener.encode() + b"\n").replace(
         b"http_filters: [{name: metrics}]", b"http_filters: " + filters.encode())
     return http1_cpu.txmesh_path(config_text, NODE, request, response)
 
