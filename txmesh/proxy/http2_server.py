@@ -23,7 +23,6 @@ from h2.events import (
     DataReceived,
     RemoteSettingsChanged,
     RequestReceived,
-    SettingsAcknowledged,
     StreamEnded,
     StreamReset,
     TrailersReceived,
@@ -339,15 +338,19 @@ class HTTP2ServerProtocol(Protocol):
             conn.initiate_upgrade_connection(value + b"=" * (-len(value) % 4))
         else:
             conn.initiate_connection()
-        # The stream limit is announced after the client acknowledges these
-        # settings, in a SETTINGS frame of its own: h2 enforces a limit (as
-        # a connection error) once the client has acknowledged it, and it
-        # applies every pending change at the first acknowledgement, so a
-        # limit sent along with the first frame would be enforced before the
-        # client could know it.  Until then streams over the limit are
-        # refused one by one (REFUSED_STREAM, in _request), as RFC 9113
-        # 5.1.2 allows.
-        self._unannounced_limit: int | None = limit
+        # Announced in a second SETTINGS frame, in the same write as the
+        # first: clients (grpcio among them) learn the limit before they
+        # start streams, and h2 enforces it (as a connection error) only
+        # once acknowledged, so a client that started streams before it saw
+        # our settings has them refused one by one (REFUSED_STREAM, in
+        # _request), as RFC 9113 5.1.2 allows.  (h2 applies all pending
+        # settings at the first acknowledgement: a client that acknowledges
+        # the first frame and opens more streams than the limit before it
+        # reads the second, which arrived with it, is the one case left to
+        # a connection error.  Announcing the limit only after that
+        # acknowledgement instead had grpcio open a thousand streams into
+        # an unlimited window and see most of them refused.)
+        conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: limit})
         conn.increment_flow_control_window(CONNECTION_WINDOW_SIZE - _DEFAULT_WINDOW)
         self.transport.registerProducer(self, True)
         self._last_activity = self._clock.seconds()
@@ -419,9 +422,6 @@ class HTTP2ServerProtocol(Protocol):
                 self._reset_by_client(event.stream_id)
             elif kind is RemoteSettingsChanged:
                 self._window_updated(0)
-            elif kind is SettingsAcknowledged and self._unannounced_limit is not None:
-                self._conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self._unannounced_limit})
-                self._unannounced_limit = None
             elif kind is ConnectionTerminated:
                 if event.error_code != ErrorCodes.NO_ERROR or not self.streams:
                     self._flush()
