@@ -7,7 +7,11 @@ and deletes through the watch, a bad value, etcd killed and restarted,
 changes made while the registry was cut off, and a compaction; and a real
 etcd serving https with C{--client-cert-auth}, with certificates made in the
 test: read and watched with the right client certificate, refused without
-one or when trusting the wrong CA.
+one or when trusting the wrong CA; and a real etcd with authentication on
+(simple tokens that expire after 2 s): read and watched as a user with a
+read-only role, refused without credentials or with a wrong password (and
+recovering when the password file is fixed), and a token that expired or
+that etcd forgot in a restart replaced without an error.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent
@@ -35,6 +40,7 @@ from txmesh.config.errors import ConfigError
 from txmesh.config.model import Endpoint
 from txmesh.pilot.registry import IRegistry, ServicePort
 from txmesh.pilot.registry.etcd import (
+    Credentials,
     EtcdError,
     EtcdRegistry,
     ServiceTable,
@@ -43,6 +49,7 @@ from txmesh.pilot.registry.etcd import (
     from_config,
     prefix_range_end,
     read_watch_message,
+    token_rejected,
 )
 
 ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
@@ -188,6 +195,59 @@ class FromConfigTests(SynchronousTestCase):
             self.assertEqual((e.source, e.field), ("mesh.yaml", field), body)
             self.assertIn(reason, e.reason)
 
+    def password_dir(self) -> str:
+        directory = self.mktemp()
+        os.makedirs(os.path.join(directory, "etcd"))
+        for name, data in (("password", b"s3cret pass\n"), ("empty", b"\n"), ("latin1", b"caf\xe9")):
+            with open(os.path.join(directory, "etcd", name), "wb") as f:
+                f.write(data)
+        return directory
+
+    def test_credentials(self):
+        """
+        C{username} and C{password_file} (relative to CONFIG_DIR) make the
+        registry authenticate; the file is read again for each
+        authentication, and its final line break is not part of the password.
+        """
+        directory = self.password_dir()
+        reg = from_config("mesh.yaml", "registries[1]", {"endpoints": "http://e:2379", "username": "txmesh",
+                                                         "password_file": "etcd/password"}, Clock(), directory)
+        credentials = reg._credentials
+        self.assertEqual(credentials, Credentials("txmesh", os.path.join(directory, "etcd", "password")))
+        self.assertEqual(credentials.request(), {"name": "txmesh", "password": "s3cret pass"})
+        with open(credentials.password_file, "w") as f:
+            f.write("rotated")
+        self.assertEqual(credentials.request()["password"], "rotated")
+        self.assertIsNone(self.build({"endpoints": "http://e:2379"})._credentials)
+
+    def test_credentials_errors(self):
+        directory = self.password_dir()
+        ok = {"endpoints": "http://e:2379"}
+        cases = [
+            ({"username": "txmesh"}, "registries[1].password_file", "is required with username"),
+            ({"password_file": "etcd/password"}, "registries[1].username", "is required with password_file"),
+            ({"username": 7, "password_file": "etcd/password"}, "registries[1].username",
+             "expected a non-empty string, got a number"),
+            ({"username": "", "password_file": "etcd/password"}, "registries[1].username", "non-empty string"),
+            ({"username": "txmesh", "password_file": ["etcd/password"]}, "registries[1].password_file",
+             "expected a non-empty string, got a list"),
+            ({"username": "txmesh", "password_file": "etcd/nope"}, "registries[1].password_file",
+             f"cannot read {os.path.join(directory, 'etcd', 'nope')}: No such file or directory"),
+            ({"username": "txmesh", "password_file": "etcd"}, "registries[1].password_file",
+             f"cannot read {os.path.join(directory, 'etcd')}: Is a directory"),
+            ({"username": "txmesh", "password_file": "etcd/empty"}, "registries[1].password_file",
+             "holds no password (it is empty)"),
+            ({"username": "txmesh", "password_file": "etcd/latin1"}, "registries[1].password_file",
+             "is not UTF-8 text"),
+            ({"username": "txmesh", "password": "s3cret"}, "registries[1].password", "unknown field"),
+        ]
+        for body, field, reason in cases:
+            e = self.assertRaises(ConfigError, from_config, "mesh.yaml", "registries[1]", {**ok, **body}, Clock(),
+                                  directory)
+            self.assertEqual((e.source, e.field), ("mesh.yaml", field), body)
+            self.assertIn(reason, e.reason)
+            self.assertNotIn("s3cret", str(e))
+
 
 # --- the registry on a fake client ------------------------------------------
 
@@ -221,10 +281,12 @@ class FakeHTTP:
 
     def __init__(self):
         self.requests: list[tuple[str, dict, defer.Deferred]] = []
+        self.headers: list[dict | None] = []
 
-    def post(self, url, json=None, **kw):
+    def post(self, url, json=None, headers=None, **kw):
         d: defer.Deferred = defer.Deferred()
         self.requests.append((url, json, d))
+        self.headers.append(headers)
         return d
 
     def answer(self, response):
@@ -302,6 +364,185 @@ class FakeClientRegistryTests(SynchronousTestCase):
         self.assertFalse(self.clock.getDelayedCalls())
 
 
+UNAUTHENTICATED = (b'{"result": {"header": {"revision": "5"}, "watch_id": "-1", "created": true, "canceled": true,'
+                   b' "cancel_reason": "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"}}\n')
+"""What etcd 3.4's gateway streams for a watch made with an expired or unknown token."""
+INVALID_TOKEN = (b'{"error": "etcdserver: invalid auth token", "message": "etcdserver: invalid auth token",'
+                 b' "code": 16}')
+"""What it answers (HTTP 401) to a range made with one."""
+AUTH_FAILED = (b'{"error": "etcdserver: authentication failed, invalid user ID or password",'
+               b' "message": "etcdserver: authentication failed, invalid user ID or password", "code": 3}')
+"""What it answers (HTTP 400) to a wrong password or an unknown user."""
+
+
+class FakeClientAuthTests(SynchronousTestCase):
+    """
+    The registry with credentials, on a fake client answering as etcd 3.4
+    does.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.http = FakeHTTP()
+        self.password_file = self.mktemp()
+        with open(self.password_file, "w") as f:
+            f.write("s3cret\n")
+        self.logged: list[str] = []
+
+        def observe(event):
+            self.logged.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.reg = EtcdRegistry(["http://a:2379", "http://b:2379"], self.clock, http=self.http,
+                                min_backoff=1, max_backoff=4, credentials=Credentials("txmesh", self.password_file))
+        self.reg.start()
+
+    def authenticate(self, token: str) -> tuple[str, dict]:
+        self.assertEqual(self.reg.status()["phase"], "authenticating")
+        self.assertIsNone(self.http.headers[-1])
+        return self.http.answer(FakeResponse(200, json.dumps({"header": {}, "token": token}).encode()))
+
+    def watching(self, revision: int = 5) -> FakeResponse:
+        watch = FakeResponse(200)
+        url, _ = self.http.answer(watch)
+        self.assertTrue(url.endswith("/v3/watch"))
+        watch.protocol.dataReceived(b'{"result": {"header": {"revision": "%d"}, "created": true}}\n' % revision)
+        return watch
+
+    def assertNoSecrets(self):
+        text = json.dumps(self.reg.status()) + "\n".join(self.logged)
+        for secret in ("s3cret", "rotated", "tok.1", "tok.2", "tok.3"):
+            self.assertNotIn(secret, text)
+
+    def test_token_on_every_request(self):
+        url, body = self.authenticate("tok.1")
+        self.assertEqual((url, body), ("http://a:2379/v3/auth/authenticate", {"name": "txmesh", "password": "s3cret"}))
+        self.assertEqual(self.http.requests[-1][0], "http://a:2379/v3/kv/range")
+        self.assertEqual(self.http.headers[-1], {"Authorization": ["tok.1"]})
+        self.http.answer(FakeResponse(200, range_body(5, a=service("a", 1))))
+        self.watching()
+        self.assertEqual(self.http.headers[-1], {"Authorization": ["tok.1"]})
+        self.assertEqual(list(self.reg.services()), ["a"])
+        self.assertTrue(self.reg.status()["ok"])
+        self.assertEqual(len(self.http.requests), 3)
+        self.assertNoSecrets()
+
+    def test_rejected_token_authenticates_again_once(self):
+        """
+        A token etcd rejects (expired, or etcd restarted) is replaced at
+        once, with the password file read again and no error shown; a new
+        token rejected too is an error, retried after the backoff.
+        """
+        self.authenticate("tok.1")
+        self.http.answer(FakeResponse(200, range_body(5, a=service("a", 1))))
+        watch = self.watching()
+        watch.protocol.connectionLost(None)
+        self.clock.advance(1)
+        self.assertEqual(self.http.headers[-1], {"Authorization": ["tok.1"]})
+        with open(self.password_file, "w") as f:
+            f.write("rotated")
+        watch = FakeResponse(200)
+        self.http.answer(watch)
+        watch.protocol.dataReceived(UNAUTHENTICATED)
+        self.assertTrue(watch.protocol.transport.closed)
+        url, body = self.authenticate("tok.2")
+        self.assertEqual((url, body["password"]), ("http://b:2379/v3/auth/authenticate", "rotated"))
+        url, body = self.http.requests[-1][:2]
+        self.assertEqual((url, body["create_request"]["start_revision"]), ("http://b:2379/v3/watch", "6"))
+        self.assertEqual(self.http.headers[-1], {"Authorization": ["tok.2"]})
+        self.watching()
+        self.assertTrue(self.reg.status()["ok"])
+
+        # A range answered 401 with a token just made: no second try at once.
+        self.reg.revision = None
+        self.reg._token_fresh = True
+        self.reg._connect()
+        count = len(self.http.requests)
+        self.http.answer(FakeResponse(401, INVALID_TOKEN))
+        status = self.reg.status()
+        self.assertEqual((status["ok"], status["phase"]), (False, "waiting"))
+        self.assertIn("range: HTTP 401: 'etcdserver: invalid auth token'", status["error"])
+        self.assertEqual(list(self.reg.services()), ["a"])
+        self.assertEqual(len(self.http.requests), count)
+        self.clock.advance(1)
+        self.authenticate("tok.3")
+        self.assertNoSecrets()
+
+    def test_wrong_password(self):
+        """
+        A wrong password is reported, the view kept, and retried after the
+        backoff with the file read again.
+        """
+        self.authenticate("tok.1")
+        self.http.answer(FakeResponse(200, range_body(5, a=service("a", 1))))
+        watch = self.watching()
+        watch.protocol.connectionLost(None)
+        self.clock.advance(1)
+        watch = FakeResponse(200)
+        self.http.answer(watch)
+        with open(self.password_file, "w") as f:
+            f.write("wrong")
+        watch.protocol.dataReceived(UNAUTHENTICATED)
+        count = len(self.http.requests)
+        self.http.answer(FakeResponse(400, AUTH_FAILED))
+        status = self.reg.status()
+        self.assertEqual((status["ok"], status["phase"], list(self.reg.services())), (False, "waiting", ["a"]))
+        self.assertIn("http://b:2379: authenticate as txmesh: HTTP 400: "
+                      "'etcdserver: authentication failed, invalid user ID or password'", status["error"])
+        for wait in (2, 4, 4):
+            self.clock.advance(wait - 0.01)
+            self.assertEqual(len(self.http.requests), count)
+            self.clock.advance(0.01)
+            self.assertEqual(len(self.http.requests), count + 1)
+            count += 1
+            self.http.answer(FakeResponse(400, AUTH_FAILED))
+        with open(self.password_file, "w") as f:
+            f.write("rotated\n")
+        self.clock.advance(4)
+        url, body = self.authenticate("tok.2")
+        self.assertEqual(body["password"], "rotated")
+        self.watching()
+        self.assertTrue(self.reg.status()["ok"])
+        self.assertNotIn("wrong", "\n".join(self.logged))
+        self.assertNoSecrets()
+
+    def test_password_file_gone(self):
+        """
+        A password file that cannot be read when authenticating again is
+        reported, and retried after the backoff.
+        """
+        self.http.answer(FakeResponse(400, AUTH_FAILED))
+        os.remove(self.password_file)
+        self.clock.advance(1)
+        self.assertEqual(len(self.http.requests), 1)
+        status = self.reg.status()
+        self.assertEqual(status["phase"], "waiting")
+        self.assertIn(f"http://b:2379: password_file: cannot read {self.password_file}: No such file",
+                      status["error"])
+        with open(self.password_file, "w") as f:
+            f.write("s3cret")
+        self.clock.advance(2)
+        self.authenticate("tok.1")
+
+    def test_auth_not_enabled(self):
+        """
+        As etcd's own client does, the registry goes on without a token when
+        etcd has authentication off, and asks again after an error.
+        """
+        self.http.answer(FakeResponse(412, b'{"error": "etcdserver: authentication is not enabled", "code": 9}'))
+        self.assertEqual(self.http.requests[-1][0], "http://a:2379/v3/kv/range")
+        self.assertIsNone(self.http.headers[-1])
+        self.http.answer(FakeResponse(400, b'{"message": "etcdserver: user name is empty", "code": 3}'))
+        self.clock.advance(1)
+        self.authenticate("tok.1")
+        self.assertEqual(self.http.headers[-1], {"Authorization": ["tok.1"]})
+
+    def test_token_rejected(self):
+        self.assertTrue(token_rejected("rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"))
+        self.assertTrue(token_rejected("etcdserver: invalid auth token"))
+        self.assertFalse(token_rejected("rpc error: code = PermissionDenied desc = etcdserver: permission denied"))
+
+
 # --- a real etcd -------------------------------------------------------------
 
 
@@ -310,11 +551,12 @@ class Etcd:
     A real single-member etcd on loopback ports, in a temporary data dir.
     """
 
-    def __init__(self, testcase: Any, tls: bool = False):
+    def __init__(self, testcase: Any, tls: bool = False, args: tuple[str, ...] = ()):
         """
         @param tls: serve clients over https only, asking for a client
             certificate signed by the test CA (C{--client-cert-auth}); the
             files are in C{self.pki} (see L{write_pki}).
+        @param args: more command-line flags for etcd.
         """
         if ETCD is None:
             raise SkipTest("etcd is not installed (apt-get install etcd-server etcd-client)")
@@ -325,7 +567,11 @@ class Etcd:
         self.peer_port = free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
-        self.tls_args: list[str] = []
+        self.tls_args: list[str] = [*args]
+        # With authentication on (see enable_auth), the test's own requests
+        # are made as root.
+        self.root_password: str | None = None
+        self.token: str | None = None
         if tls:
             self.pki = write_pki(os.path.join(self.dir, "pki"))
             self.tls_args = ["--cert-file", self.pki["server"], "--key-file", self.pki["server-key"],
@@ -356,6 +602,9 @@ class Etcd:
                 with open(os.path.join(self.dir, "etcd.log"), "rb") as f:
                     raise RuntimeError("etcd exited: " + f.read()[-2000:].decode("utf-8", "replace"))
             try:
+                if self.root_password is not None:
+                    # A restart forgets the simple tokens.
+                    yield self.login(timeout=1)
                 yield self.call("/v3/kv/range", {"key": b64("/")}, timeout=1)
                 return
             except Exception:
@@ -369,9 +618,48 @@ class Etcd:
             self.process.wait(10)
 
     @defer.inlineCallbacks
+    def login(self, timeout: float = 5) -> Any:
+        self.token = None
+        answer = yield self.call("/v3/auth/authenticate", {"name": "root", "password": self.root_password},
+                                 timeout=timeout)
+        self.token = answer["token"]
+
+    @defer.inlineCallbacks
+    def enable_auth(self, root_password: str) -> Any:
+        """
+        Add the user root, give it the role root, and turn authentication
+        on; the test's own requests are then made as root.
+        """
+        yield self.call("/v3/auth/user/add", {"name": "root", "password": root_password})
+        yield self.call("/v3/auth/role/add", {"name": "root"})
+        yield self.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        yield self.call("/v3/auth/enable", {})
+        self.root_password = root_password
+        yield self.login()
+
+    @defer.inlineCallbacks
+    def add_reader(self, user: str, password: str, prefix: str = PREFIX) -> Any:
+        """
+        Add a user with a role that may only read the keys under C{prefix}.
+        """
+        role = f"{user}-read"
+        yield self.call("/v3/auth/role/add", {"name": role})
+        yield self.call("/v3/auth/role/grant", {"name": role, "perm": {
+            "permType": "READ", "key": b64(prefix), "range_end": b64(prefix_range_end(prefix.encode()))}})
+        yield self.call("/v3/auth/user/add", {"name": user, "password": password})
+        yield self.call("/v3/auth/user/grant", {"user": user, "role": role})
+
+    @defer.inlineCallbacks
     def call(self, path: str, body: dict, timeout: float = 5) -> Any:
-        response = yield self.http.post(self.url + path, json=body, timeout=timeout)
+        headers = {"Authorization": [self.token]} if self.token else None
+        response = yield self.http.post(self.url + path, json=body, timeout=timeout, headers=headers)
         content = yield response.content()
+        if response.code == 401 and self.token:
+            # Root's token expired (the tests' etcd keeps them 2 s).
+            yield self.login(timeout=timeout)
+            response = yield self.http.post(self.url + path, json=body, timeout=timeout,
+                                            headers={"Authorization": [self.token]})
+            content = yield response.content()
         if response.code != 200:
             raise RuntimeError(f"etcd {path}: {response.code} {content!r}")
         return json.loads(content)
@@ -747,3 +1035,125 @@ class RealEtcdTLSTests(TestCase):
         self.assertIn("certificate verify failed", wrong.status()["error"])
         self.assertEqual(wrong.services(), {})
         self.assertIn("reviews.default.svc", reg.services())
+
+
+class RealEtcdAuthTests(TestCase):
+    """
+    The registry against a real etcd with authentication on and simple
+    tokens that expire after 2 s unused (C{--auth-token-ttl 2}); the
+    registry's user, C{txmesh}, may only read the prefix.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.etcd = Etcd(self, args=("--auth-token", "simple", "--auth-token-ttl", "2"))
+        yield self.etcd.start()
+        yield self.etcd.enable_auth("root-pw")
+        yield self.etcd.add_reader("txmesh", "s3cret pw")
+        self.dir = self.mktemp()
+        os.makedirs(os.path.join(self.dir, "etcd"))
+        self.set_password("s3cret pw\n")
+        self.http = CountingHTTP()
+
+    def set_password(self, password: str) -> None:
+        with open(os.path.join(self.dir, "etcd", "password"), "w") as f:
+            f.write(password)
+
+    def registry(self, url: str | None = None, credentials: bool = True) -> EtcdRegistry:
+        body = {"type": "etcd", "endpoints": [url or self.etcd.url], "prefix": PREFIX}
+        if credentials:
+            body.update(username="txmesh", password_file="etcd/password")
+        reg = from_config("mesh.yaml", "registries[0]", body, reactor, self.dir)
+        reg._http, reg._min_backoff, reg._max_backoff, reg._timeout = self.http, 0.05, 0.3, 2
+        self.addCleanup(reg.stop)
+        reg.start()
+        return reg
+
+    until = RealEtcdTests.until
+
+    @defer.inlineCallbacks
+    def test_password_reads_and_watches(self):
+        """
+        With the right password the registry authenticates once, reads the
+        prefix and follows a put made after it started.
+        """
+        yield self.etcd.put("reviews", service("reviews.default.svc", 19083))
+        reg = self.registry()
+        yield self.until(reg, lambda r: r.status()["phase"] == "watching" and "reviews.default.svc" in r.services(),
+                         "the range as txmesh")
+        yield self.etcd.put("ratings", service("ratings.default.svc", 19085))
+        yield self.until(reg, lambda r: "ratings.default.svc" in r.services(), "a put through the watch")
+        self.assertTrue(reg.status()["ok"], reg.status())
+        self.assertEqual(self.http.paths, ["v3/auth/authenticate", "v3/kv/range", "v3/watch"])
+
+    @defer.inlineCallbacks
+    def test_no_credentials(self):
+        """
+        Without credentials etcd refuses the read; the status says why.
+        """
+        reg = self.registry(credentials=False)
+        yield self.until(reg, lambda r: r.status()["error"], "the refusal")
+        status = reg.status()
+        self.assertEqual((status["ok"], status["phase"]), (False, "waiting"))
+        self.assertIn("range: HTTP 400: 'etcdserver: user name is empty' (etcd has authentication enabled: "
+                      "set username and password_file)", status["error"])
+
+    @defer.inlineCallbacks
+    def test_wrong_password_then_fixed(self):
+        """
+        The user's password changes in etcd and etcd restarts (forgetting
+        the registry's token): authenticating again with the old password
+        fails, is reported and retried with the backoff while the last view
+        stays; once the password file holds the new password the registry
+        recovers, and a change made meanwhile arrives.
+        """
+        yield self.etcd.put("a", service("a.svc", 1))
+        reg = self.registry()
+        yield self.until(reg, lambda r: "a.svc" in r.services() and r.status()["phase"] == "watching", "start")
+        yield self.etcd.call("/v3/auth/user/changepw", {"name": "txmesh", "password": "new pw"})
+        self.etcd.kill()
+        yield self.etcd.start()
+        yield self.until(reg, lambda r: "authentication failed" in (r.status()["error"] or ""),
+                         "the wrong password reported")
+        self.assertIn(f"{self.etcd.url}: authenticate as txmesh: HTTP 400: "
+                      "'etcdserver: authentication failed, invalid user ID or password'", reg.status()["error"])
+        yield self.etcd.put("b", service("b.svc", 2))
+        count = self.http.paths.count("v3/auth/authenticate")
+        yield sleep(1)
+        # The backoff (0.05 s doubling to 0.3 s) bounds the tries.
+        self.assertLessEqual(self.http.paths.count("v3/auth/authenticate") - count, 5)
+        self.assertEqual(list(reg.services()), ["a.svc"])
+        self.assertFalse(reg.status()["ok"])
+        self.set_password("new pw")
+        yield self.until(reg, lambda r: sorted(r.services()) == ["a.svc", "b.svc"] and r.status()["ok"],
+                         "the recovery")
+        self.assertEqual(self.http.paths.count("v3/kv/range"), 1)
+
+    @defer.inlineCallbacks
+    def test_expired_token(self):
+        """
+        A watch outlives its token; after the stream is lost, the watch
+        made again with the expired token is canceled by etcd, and the
+        registry authenticates again at once and resumes it, without an
+        error and without reading the prefix again.
+        """
+        gate = Gate(self, self.etcd.port)
+        yield self.etcd.put("a", service("a.svc", 1))
+        reg = self.registry(gate.url)
+        yield self.until(reg, lambda r: "a.svc" in r.services() and r.status()["phase"] == "watching", "start")
+        # etcd drops unused simple tokens once a second, so 2 s of TTL can
+        # take up to 3 s; an event sent through the watch keeps it alive.
+        yield sleep(3.5)
+        yield self.etcd.put("b", service("b.svc", 2))
+        yield self.until(reg, lambda r: "b.svc" in r.services(), "a put through the watch, the token expired")
+        gate.cut()
+        yield self.until(reg, lambda r: not r.status()["ok"], "the lost stream")
+        yield self.etcd.put("c", service("c.svc", 3))
+        yield sleep(3.5)
+        gate.heal()
+        yield self.until(reg, lambda r: "c.svc" in r.services() and r.status()["ok"], "the watch resumed")
+        self.assertEqual(self.http.paths.count("v3/auth/authenticate"), 2)
+        self.assertEqual(self.http.paths.count("v3/kv/range"), 1)
+        self.assertEqual(self.http.paths[-3:], ["v3/watch", "v3/auth/authenticate", "v3/watch"])

@@ -18,6 +18,12 @@ service (or none) and is reported in C{status()} and the log; the other keys
 are unaffected. While etcd cannot be reached the last view stays and the
 registry retries with a growing delay, going round the endpoints given.
 
+With L{Credentials} (etcd's user/password authentication) the registry asks
+C{/v3/auth/authenticate} for a token and sends it in the C{Authorization}
+header of every range and watch; when etcd rejects the token (it expired,
+or etcd restarted) the registry authenticates again at once, reading the
+password file again, and retries.
+
 The pure parts (L{WatchStreamParser}, L{read_watch_message},
 L{ServiceTable}) take and return plain values; L{EtcdRegistry} is the shell
 that does the I/O.
@@ -57,6 +63,13 @@ class EtcdError(Exception):
     """
     etcd answered with an error, or with something that is not an etcd
     answer.
+    """
+
+
+class TokenRejected(EtcdError):
+    """
+    etcd did not accept the auth token (it expired, or etcd restarted and
+    forgot it): authenticate again.
     """
 
 
@@ -272,6 +285,84 @@ def read_range_response(body: Any) -> tuple[int, list[tuple[str, bytes]]]:
     return revision, kvs
 
 
+# --- authentication ----------------------------------------------------------
+
+
+def read_password(path: str) -> str:
+    """
+    Read a password file: its text, without the line break that ends it.
+
+    @return: the password.
+    @raise ValueError: when the file cannot be read, is not UTF-8 or holds
+        no password; the reason names the file, never the password.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        # Editors and `echo >` end the file with a line break; a password
+        # may hold spaces, so only line breaks are stripped.
+        password = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not password:
+        raise ValueError(f"{path} holds no password (it is empty)")
+    return password
+
+
+@attrs.frozen
+class Credentials:
+    """
+    A user to authenticate to etcd as (etcd's C{--user}).
+
+    @ivar username: the etcd user.
+    @ivar password_file: the file holding the password; read each time the
+        registry authenticates, so a rotated password needs no restart.
+    """
+
+    username: str
+    password_file: str
+
+    def request(self) -> dict[str, str]:
+        """
+        @return: the body of a C{/v3/auth/authenticate} request, with the
+            password as the file holds it now.
+        @raise EtcdError: when the password file cannot be read.
+        """
+        try:
+            password = read_password(self.password_file)
+        except ValueError as e:
+            raise EtcdError(f"password_file: {e}") from None
+        return {"name": self.username, "password": password}
+
+
+def read_authenticate_response(body: Any) -> str:
+    """
+    Interpret a C{/v3/auth/authenticate} answer.
+
+    @return: the token.
+    @raise EtcdError: for an answer without one.
+    """
+    token = body.get("token") if isinstance(body, Mapping) else None
+    if not isinstance(token, str) or not token:
+        # The body is not quoted: it would be a token if it held one.
+        raise EtcdError("authenticate: no token in the answer")
+    return token
+
+
+def token_rejected(reason: str) -> bool:
+    """
+    @param reason: why etcd ended a watch (its C{cancel_reason}) or failed
+        a request (its error message).
+    @return: whether the reason is that the auth token is not valid: gRPC's
+        C{Unauthenticated} (an expired token, or one etcd forgot when it
+        restarted).
+    """
+    return "code = Unauthenticated" in reason or "invalid auth token" in reason
+
+
 # --- keys to services ------------------------------------------------------
 
 
@@ -384,20 +475,25 @@ def from_config(
         ca_file: etcd/ca.pem          # https: the CAs the server's certificate is checked with
         cert_file: etcd/client.pem    # https: a client certificate (etcd's --client-cert-auth)
         key_file: etcd/client-key.pem #   and its key
+        username: txmesh              # etcd's user/password authentication:
+        password_file: etcd/password  #   the file holding the user's password
 
     (C{type} is the caller's.)  Without C{ca_file} an C{https} server is
-    checked against the system's roots.
+    checked against the system's roots. C{username} and C{password_file}
+    go together; the password file is read here, to report a missing or
+    empty one now, and again each time the registry authenticates.
 
     @param source: the config file, for errors.
     @param field: the entry's path in it, e.g. C{registries[1]}.
     @param reactor: the reactor (time and TCP) the registry runs on.
-    @param config_dir: the directory relative C{ca_file}, C{cert_file} and
-        C{key_file} paths are taken from (the pilot's C{CONFIG_DIR});
-        C{None} leaves them relative to the working directory.
+    @param config_dir: the directory relative C{ca_file}, C{cert_file},
+        C{key_file} and C{password_file} paths are taken from (the pilot's
+        C{CONFIG_DIR}); C{None} leaves them relative to the working
+        directory.
     @raise ConfigError: naming the field (C{field.endpoints},
-        C{field.cert_file}, ...) and the reason.
+        C{field.cert_file}, C{field.password_file}, ...) and the reason.
     """
-    known = {"type", "endpoints", "prefix", "ca_file", "cert_file", "key_file"}
+    known = {"type", "endpoints", "prefix", "ca_file", "cert_file", "key_file", "username", "password_file"}
     if not isinstance(body, Mapping):
         raise ConfigError(source, field, f"expected a mapping, got {values.kind_of(body)}")
     for key in body:
@@ -448,7 +544,30 @@ def from_config(
             tls = TLSPolicy.from_pem(pems.get("ca_file", b""), pems.get("cert_file", b""), pems.get("key_file", b""))
         except _BadPEM as e:
             raise ConfigError(source, f"{field}.{e.key}", e.reason) from None
-    return EtcdRegistry(urls, reactor, prefix=prefix, tls=tls)
+    credentials = _credentials(source, field, body, config_dir)
+    return EtcdRegistry(urls, reactor, prefix=prefix, tls=tls, credentials=credentials)
+
+
+def _credentials(source: str, field: str, body: Mapping[str, Any], config_dir: str | None) -> Credentials | None:
+    for given, missing in (("username", "password_file"), ("password_file", "username")):
+        if given in body and missing not in body:
+            raise ConfigError(source, f"{field}.{missing}", f"is required with {given}")
+    if "username" not in body:
+        return None
+    given: dict[str, str] = {}
+    for key in ("username", "password_file"):
+        try:
+            given[key] = values.string(body[key])
+        except ValueError as e:
+            raise ConfigError(source, f"{field}.{key}", str(e)) from None
+    username = given["username"]
+    # os.path.join keeps an absolute path as it is.
+    name = os.path.join(config_dir, given["password_file"]) if config_dir is not None else given["password_file"]
+    try:
+        read_password(name)
+    except ValueError as e:
+        raise ConfigError(source, f"{field}.password_file", str(e)) from None
+    return Credentials(username, name)
 
 
 class _BadPEM(Exception):
@@ -591,7 +710,7 @@ class _WatchBody(Protocol):
             self.transport.loseConnection()  # type: ignore[attr-defined]
 
 
-Phase = Literal["stopped", "ranging", "watching", "waiting"]
+Phase = Literal["stopped", "authenticating", "ranging", "watching", "waiting"]
 
 
 @implementer(IRegistry)
@@ -601,8 +720,9 @@ class EtcdRegistry(StateBackedRegistry):
 
     @ivar revision: the etcd revision the view reflects (C{None} before the
         first read, or after a compaction until the next one).
-    @ivar phase: C{stopped}, C{ranging} (reading the prefix), C{watching},
-        or C{waiting} (to retry after an error).
+    @ivar phase: C{stopped}, C{authenticating} (asking etcd for a token),
+        C{ranging} (reading the prefix), C{watching}, or C{waiting} (to
+        retry after an error).
     """
 
     log = Logger()
@@ -617,6 +737,7 @@ class EtcdRegistry(StateBackedRegistry):
         max_backoff: float = 30.0,
         request_timeout: float = 10.0,
         tls: IPolicyForHTTPS | None = None,
+        credentials: Credentials | None = None,
     ):
         """
         @param endpoints: etcd client URLs (C{http://127.0.0.1:2379});
@@ -634,6 +755,8 @@ class EtcdRegistry(StateBackedRegistry):
         @param tls: how the default HTTP client makes C{https} connections
             (e.g. a L{TLSPolicy}); by default Twisted's, with the system's
             roots and no client certificate.
+        @param credentials: the etcd user to authenticate as, or C{None}
+            to send no token.
         @raise ValueError: for no endpoints, a bad URL, an empty prefix or
             bad backoffs.
         """
@@ -674,6 +797,13 @@ class EtcdRegistry(StateBackedRegistry):
         self._body: _WatchBody | None = None
         self._parser = WatchStreamParser()
         self._retry: IDelayedCall | None = None
+        self._credentials = credentials
+        # None: authenticate before the next request; "": etcd has
+        # authentication off, send no token.
+        self._token: str | None = None
+        # The token has not yet been accepted by etcd: if etcd rejects it,
+        # authenticating again at once would only loop.
+        self._token_fresh = False
 
     # IRegistry
 
@@ -728,9 +858,12 @@ class EtcdRegistry(StateBackedRegistry):
         return self.endpoints[self._index % len(self.endpoints)]
 
     def _post(self, path: str, payload: Mapping[str, Any], unbuffered: bool = False) -> defer.Deferred[Any]:
+        # etcd's gateway takes the bare token, without "Bearer".
+        headers = {"Authorization": [self._token]} if self._token else None
         d = self._http.post(
             self._endpoint() + path,
             json=dict(payload),
+            headers=headers,
             unbuffered=unbuffered,
             timeout=self._timeout,
             reactor=self._reactor,
@@ -740,10 +873,54 @@ class EtcdRegistry(StateBackedRegistry):
 
     def _connect(self) -> None:
         self._abandon()
+        if self._credentials is not None and self._token is None:
+            self._authenticate()
+        else:
+            self._read()
+
+    def _read(self) -> None:
         if self.revision is None:
             self._range()
         else:
             self._watch()
+
+    def _authenticate(self) -> None:
+        self.phase = "authenticating"
+        attempt = self._attempt
+        assert self._credentials is not None
+        try:
+            # Read now, not at start: a rotated password file takes effect.
+            request = self._credentials.request()
+        except EtcdError:
+            self._failed(Failure(), attempt)
+            return
+        d = self._post("/v3/auth/authenticate", request)
+        d.addCallback(self._json_answer, f"authenticate as {self._credentials.username}")
+        d.addCallback(read_authenticate_response)
+        d.addErrback(self._auth_not_enabled)
+        d.addCallback(self._authenticated, attempt)
+        d.addErrback(self._failed, attempt)
+
+    def _auth_not_enabled(self, failure: Failure) -> Any:
+        # As etcd's own client does: go on without a token, so the users can
+        # be set up before etcd's authentication is turned on.
+        if failure.check(EtcdError) and "authentication is not enabled" in failure.getErrorMessage():
+            return ""
+        return failure
+
+    def _authenticated(self, token: str, attempt: int) -> None:
+        if attempt != self._attempt:
+            return
+        self._request = None
+        self._token = token
+        self._token_fresh = True
+        assert self._credentials is not None
+        if token:
+            self.log.info("registry {name}: authenticated to etcd as {user}",
+                          name=self.name, user=self._credentials.username)
+        else:
+            self.log.info("registry {name}: etcd has authentication off; going on without a token", name=self.name)
+        self._read()
 
     def _range(self) -> None:
         self.phase = "ranging"
@@ -762,7 +939,9 @@ class EtcdRegistry(StateBackedRegistry):
             doc = None
         if response.code != 200:
             detail = doc.get("message") or doc.get("error") if isinstance(doc, Mapping) else body[:200]
-            raise EtcdError(f"{what}: HTTP {response.code}: {detail!r}")
+            # 401 is gRPC's Unauthenticated: the token expired or etcd forgot it.
+            error = TokenRejected if response.code == 401 else EtcdError
+            raise error(f"{what}: HTTP {response.code}: {detail!r}{self._auth_hint(str(detail))}")
         if doc is None:
             raise EtcdError(f"{what}: the answer is not JSON: {body[:200]!r}")
         return doc
@@ -775,6 +954,7 @@ class EtcdRegistry(StateBackedRegistry):
         self._table.reset(kvs)
         self.revision = revision
         self._connection_error = None
+        self._token_fresh = False
         self._publish()
         self._watch()
 
@@ -831,9 +1011,14 @@ class EtcdRegistry(StateBackedRegistry):
                 self.revision = None
                 self._connect()
                 return
-            raise EtcdError(f"watch canceled by etcd: {message.cancel_reason or 'no reason given'}")
+            reason = message.cancel_reason or "no reason given"
+            # An expired token does not end a watch, but a new watch (after
+            # a lost stream, or etcd restarting) with one is canceled at once.
+            error = TokenRejected if token_rejected(reason) else EtcdError
+            raise error(f"watch canceled by etcd: {reason}{self._auth_hint(reason)}")
         if message.created:
             self._failures = 0
+            self._token_fresh = False
             if self._connection_error is not None:
                 self.log.info("registry {name}: watching again from revision {revision}",
                               name=self.name, revision=(self.revision or 0) + 1)
@@ -853,9 +1038,29 @@ class EtcdRegistry(StateBackedRegistry):
         text = describe(reason) if reason is not None else "etcd closed it"
         self._failed(Failure(EtcdError(f"watch stream ended: {text}")), attempt)
 
+    def _auth_hint(self, reason: str) -> str:
+        if "user name is empty" in reason and self._credentials is None:
+            return " (etcd has authentication enabled: set username and password_file)"
+        if "permission denied" in reason and self._credentials is not None:
+            return f" (etcd user {self._credentials.username} may not read {self.prefix})"
+        return ""
+
     def _failed(self, failure: Failure, attempt: int) -> None:
         if attempt != self._attempt:
             return
+        if failure.check(TokenRejected) and self._credentials is not None:
+            fresh, self._token, self._token_fresh = self._token_fresh, None, False
+            if not fresh:
+                # A token that worked has expired, or etcd restarted: one
+                # new token at once, with no error shown; a new token that
+                # is rejected too is an error, retried after the backoff.
+                self.log.info("registry {name}: etcd rejected the auth token ({reason}); authenticating again",
+                              name=self.name, reason=describe(failure))
+                self._connect()
+                return
+        elif self._token == "":
+            # etcd had authentication off; it may be on by the next try.
+            self._token = None
         endpoint = self._endpoint()
         reason = describe(failure)
         self._connection_error = f"{endpoint}: {reason}"
