@@ -214,6 +214,19 @@ class DispatchTests(unittest.TestCase):
         self.reactor.runUntilCurrent()
         self.assertEqual(called, [True])
 
+    def test_flush_scheduling_nothing_keeps_timeout(self) -> None:
+        """
+        A flush that schedules nothing leaves the poll the timeout the main
+        loop computed.
+        """
+        a, _ = self.socketpair()
+        writer = _Writer(self.reactor, a)
+        self.reactor.addWriter(writer)
+        timeouts = self.poll_timeouts()
+        self.reactor.doPoll(0.25)
+        self.assertEqual(writer.writes, 1)
+        self.assertEqual(timeouts, [0.25])
+
     def test_writer_added_by_flush_does_not_wait(self) -> None:
         """
         A descriptor written to by another's flush is sent on the next

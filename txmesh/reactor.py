@@ -96,8 +96,9 @@ class TxmeshReactor(EPollReactor):
                 # Written to by the flush itself (a disconnection's
                 # callbacks): send on the next turn, without waiting.
                 timeout = 0
-            else:
-                # The flush may have scheduled calls (it ran protocol code).
+            elif self._newTimedCalls or self.threadCallQueue:
+                # The flush ran protocol code, which scheduled calls: the
+                # main loop's timeout was computed without them.
                 due = self.timeout()
                 if due is not None and (timeout is None or due < timeout):
                     timeout = due
