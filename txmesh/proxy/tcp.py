@@ -219,7 +219,6 @@ class _Side:
     name: str
     hooks: list[tuple[str, Callable[[bytes], Any]]] = attrs.Factory(list)
     transport: ITransport | None = None
-    write: Callable[[bytes], None] | None = None
     read_closed: bool = False
     lost: bool = False
     has_producer: bool = False
@@ -383,7 +382,6 @@ class _ProxySession:
                 self._log.failure("{listener}: metrics observer failed", listener=factory.listener_name)
 
     def side_connected(self, side: _Side, transport: ITransport) -> None:
-        side.write = transport.write
         if side is self._down:
             self._downstream_connected(transport)
         else:
@@ -590,8 +588,8 @@ class _ProxySession:
                 return
         target = self._up if source is self._down else self._down
         target.bytes_written += len(data)
-        assert target.write is not None
-        target.write(data)
+        assert target.transport is not None
+        target.transport.write(data)
 
     def _run_hooks(self, source: _Side, data: bytes) -> Any:
         """
